@@ -1,0 +1,42 @@
+"""Backend adapters. Each backend kind is one module here plus its entry in `BACKENDS`.
+
+Modules are imported on first use, so a backend whose optional dependencies are missing fails
+only for the models that use it, with a message that says what to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from adapters.base import LoadSpec, ModelAdapter
+from gateway.errors import ModelNotReady
+
+# backend name -> (module, class, the pip extra that brings its dependencies)
+BACKENDS: dict[str, tuple[str, str, str | None]] = {
+    "onnxruntime": ("adapters.onnxruntime", "OnnxRuntimeAdapter", None),
+}
+
+# Backends the config schema accepts whose adapters have not landed yet.
+PLANNED_BACKENDS = ("torchserve", "tfserving", "tensorflow")
+
+
+def adapter_class(backend: str) -> type[ModelAdapter]:
+    if backend not in BACKENDS:
+        if backend in PLANNED_BACKENDS:
+            raise ModelNotReady(f"backend '{backend}' is not available in this version of modelyard")
+        raise ModelNotReady(f"unknown backend '{backend}'; known: {', '.join(sorted(BACKENDS))}")
+    module_name, class_name, extra = BACKENDS[backend]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = f": install the '{extra}' extra (pip install 'modelyard[{extra}]')" if extra else ""
+        raise ModelNotReady(f"backend '{backend}' cannot be imported{hint} ({exc})") from exc
+    klass: type[ModelAdapter] = getattr(module, class_name)
+    return klass
+
+
+def create_adapter(backend: str, spec: LoadSpec) -> ModelAdapter:
+    return adapter_class(backend)(spec)
+
+
+__all__ = ["BACKENDS", "LoadSpec", "ModelAdapter", "adapter_class", "create_adapter"]

@@ -1,0 +1,77 @@
+"""The backend interface: every backend kind implements `ModelAdapter` in one module of its own."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, Self
+
+import numpy as np
+
+from gateway.config import ModelConfig
+from gateway.types import ModelSignature
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    """What an adapter needs to load one version of one model."""
+
+    model_name: str
+    version: int
+    version_dir: Path
+    artifact: Path | None
+    config: ModelConfig
+
+    @property
+    def label(self) -> str:
+        return f"model '{self.model_name}' version {self.version}"
+
+
+class ModelAdapter(ABC):
+    """One loaded model version on one backend.
+
+    Adapters raise only `GatewayError` subclasses; backend exceptions are translated at this
+    boundary with `raise ... from exc`.
+    """
+
+    backend: ClassVar[str]
+
+    def __init__(self, spec: LoadSpec) -> None:
+        self.spec = spec
+
+    @abstractmethod
+    async def load(self) -> None:
+        """Make the version ready to serve, or raise with the reason it cannot be."""
+
+    @abstractmethod
+    async def metadata(self) -> ModelSignature:
+        """Inputs and outputs as the backend reports them, -1 for dynamic dimensions."""
+
+    @abstractmethod
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str]
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        """Run one request; inputs are already checked against `metadata()`."""
+
+    @abstractmethod
+    async def ready(self) -> bool:
+        """Whether the backend can take a request for this version now."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Release the version's resources. Safe to call more than once."""
+
+    async def __aenter__(self) -> Self:
+        await self.load()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,182 @@
+"""ONNX Runtime, in-process: the embedded default backend.
+
+Sessions run in a thread pool of their own: ONNX Runtime releases the GIL while it computes, so
+the event loop keeps serving while a request runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+from adapters.base import LoadSpec, ModelAdapter
+from gateway.errors import BackendError, InvalidInput, ModelNotReady
+from gateway.types import Datatype, ModelSignature, TensorSpec
+
+_DATATYPE_OF_ORT: dict[str, Datatype] = {
+    "tensor(bool)": Datatype.BOOL,
+    "tensor(uint8)": Datatype.UINT8,
+    "tensor(uint16)": Datatype.UINT16,
+    "tensor(uint32)": Datatype.UINT32,
+    "tensor(uint64)": Datatype.UINT64,
+    "tensor(int8)": Datatype.INT8,
+    "tensor(int16)": Datatype.INT16,
+    "tensor(int32)": Datatype.INT32,
+    "tensor(int64)": Datatype.INT64,
+    "tensor(float16)": Datatype.FP16,
+    "tensor(float)": Datatype.FP32,
+    "tensor(double)": Datatype.FP64,
+    "tensor(string)": Datatype.BYTES,
+}
+_GRAPH_OPTIMIZATION = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+# ONNX Runtime's own error classes that mean "this input does not fit the graph".
+_INPUT_ERRORS = (ort_errors.InvalidArgument,)
+
+
+def default_providers() -> list[str]:
+    """CUDA first where onnxruntime-gpu provides it, then the CPU."""
+    available = ort.get_available_providers()
+    preferred = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return preferred or ["CPUExecutionProvider"]
+
+
+def _tensor_spec(node: Any, label: str) -> TensorSpec:
+    try:
+        datatype = _DATATYPE_OF_ORT[node.type]
+    except KeyError:
+        raise ModelNotReady(f"{label}: tensor '{node.name}' has type {node.type}, which modelyard cannot serve")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (node.shape or ()))
+    return TensorSpec(node.name, datatype, shape)
+
+
+def _to_ort(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    # ONNX Runtime takes strings as str objects; the gateway carries BYTES as bytes.
+    if array.dtype == object:
+        try:
+            return np.array([v.decode("utf-8") for v in array.ravel()], dtype=object).reshape(array.shape)
+        except UnicodeDecodeError as exc:
+            raise InvalidInput("ONNX Runtime string tensors must hold UTF-8 text") from exc
+    return array
+
+
+def _from_ort(array: Any) -> np.ndarray[Any, Any]:
+    result = np.asarray(array)
+    if result.dtype.kind in "OU":
+        return np.array([str(v).encode("utf-8") for v in result.ravel()], dtype=object).reshape(result.shape)
+    return result
+
+
+class OnnxRuntimeAdapter(ModelAdapter):
+    backend: ClassVar[str] = "onnxruntime"
+
+    def __init__(self, spec: LoadSpec) -> None:
+        super().__init__(spec)
+        self._session: ort.InferenceSession | None = None
+        self._signature: ModelSignature | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def load(self) -> None:
+        if self.spec.artifact is None:
+            raise ModelNotReady(f"{self.spec.label}: no model.onnx in {self.spec.version_dir}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=max(2, os.cpu_count() or 2),
+            thread_name_prefix=f"ort-{self.spec.model_name}-{self.spec.version}",
+        )
+        loop = asyncio.get_running_loop()
+        self._session = await loop.run_in_executor(self._executor, self._create_session)
+        self._signature = self._read_signature(self._session)
+
+    def _create_session(self) -> ort.InferenceSession:
+        options = self.spec.config.onnxruntime
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.intra_op_threads
+        session_options.inter_op_num_threads = options.inter_op_threads
+        session_options.graph_optimization_level = _GRAPH_OPTIMIZATION[options.graph_optimization]
+        providers = list(options.providers) if options.providers else default_providers()
+        unknown = [p for p in providers if p not in ort.get_available_providers()]
+        if unknown:
+            raise ModelNotReady(
+                f"{self.spec.label}: execution providers {unknown} are not available; "
+                f"this onnxruntime offers {ort.get_available_providers()}"
+            )
+        try:
+            return ort.InferenceSession(str(self.spec.artifact), session_options, providers=providers)
+        except Exception as exc:  # onnxruntime raises several unrelated classes for a bad file
+            raise ModelNotReady(f"{self.spec.label}: onnxruntime cannot load {self.spec.artifact.name}: {exc}") from exc
+
+    def _read_signature(self, session: ort.InferenceSession) -> ModelSignature:
+        inputs = tuple(_tensor_spec(node, self.spec.label) for node in session.get_inputs())
+        outputs = tuple(_tensor_spec(node, self.spec.label) for node in session.get_outputs())
+        return ModelSignature(
+            inputs=_override(inputs, self.spec.config.inputs, self.spec.label),
+            outputs=_override(outputs, self.spec.config.outputs, self.spec.label),
+            platform="onnxruntime_onnx",
+        )
+
+    async def metadata(self) -> ModelSignature:
+        if self._signature is None:
+            raise ModelNotReady(f"{self.spec.label} is not loaded")
+        return self._signature
+
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str]
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        session, executor = self._session, self._executor
+        if session is None or executor is None:
+            raise ModelNotReady(f"{self.spec.label} is not loaded")
+        feeds = {name: _to_ort(array) for name, array in inputs.items()}
+        names = list(output_names)
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(executor, session.run, names, feeds)
+        except _INPUT_ERRORS as exc:
+            raise InvalidInput(f"{self.spec.label}: onnxruntime rejected the input: {exc}") from exc
+        except Exception as exc:  # any other failure inside the runtime is the backend's
+            raise BackendError(f"{self.spec.label}: onnxruntime failed: {exc}") from exc
+        return {name: _from_ort(value) for name, value in zip(names, results, strict=True)}
+
+    async def ready(self) -> bool:
+        return self._session is not None
+
+    async def aclose(self) -> None:
+        executor, self._executor = self._executor, None
+        self._session = None
+        if executor is not None:
+            # Requests already running keep their session alive and finish on their own.
+            executor.shutdown(wait=False)
+
+
+def _override(
+    found: tuple[TensorSpec, ...], declared: Sequence[Any] | None, label: str
+) -> tuple[TensorSpec, ...]:
+    """Where config.yaml declares tensors, its shapes fill in what the artifact leaves open."""
+    if not declared:
+        return found
+    by_name = {spec.name: spec for spec in found}
+    merged = dict(by_name)
+    for decl in declared:
+        spec = decl.spec()
+        if spec.name not in by_name:
+            raise ModelNotReady(
+                f"{label}: config.yaml declares tensor '{spec.name}', which the model does not have "
+                f"(it has {', '.join(by_name)})"
+            )
+        actual = by_name[spec.name]
+        if spec.datatype != actual.datatype:
+            raise ModelNotReady(
+                f"{label}: config.yaml says '{spec.name}' is {spec.datatype}, the model says {actual.datatype}"
+            )
+        merged[spec.name] = spec
+    return tuple(merged[spec.name] for spec in found)

@@ -1,0 +1,89 @@
+"""The `modelyard` command."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gateway.registry import Registry, State
+from gateway.repository import scan
+from gateway.settings import Settings
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="modelyard: one front door for inference.")
+repo_app = typer.Typer(no_args_is_help=True, help="Work with a model repository.")
+app.add_typer(repo_app, name="repo")
+
+
+@app.command()
+def serve(
+    model_repo: Annotated[Path | None, typer.Option(help="Model repository folder [env MODELYARD_MODEL_REPO].")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind [env MODELYARD_HOST].")] = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port, default 8000 [env MODELYARD_HTTP_PORT].")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port, default 8001 [env MODELYARD_GRPC_PORT].")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error [env MODELYARD_LOG_LEVEL].")] = None,
+) -> None:
+    """Serve a model repository over REST and gRPC."""
+    from gateway.server import run
+
+    given: dict[str, Any] = {
+        "model_repo": model_repo, "host": host, "http_port": http_port, "grpc_port": grpc_port, "log_level": log_level,
+    }
+    run(Settings(**{k: v for k, v in given.items() if v is not None}))
+
+
+@repo_app.command("check")
+def check(
+    directory: Annotated[Path, typer.Argument(help="The model repository to check.")],
+    load: Annotated[bool, typer.Option(help="Also load every version with its backend.")] = True,
+) -> None:
+    """Validate a repository: layout, config.yaml, and (by default) that every version loads."""
+    logging.basicConfig(level=logging.CRITICAL)
+    if not directory.is_dir():
+        typer.echo(f"error: {directory} is not a folder", err=True)
+        raise typer.Exit(2)
+    problems = asyncio.run(_check(directory, load))
+    if problems:
+        typer.echo(f"\n{problems} problem(s) found in {directory}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"\n{directory}: all models valid")
+
+
+async def _check(directory: Path, load: bool) -> int:
+    entries = scan(directory)
+    if not entries:
+        typer.echo(f"FAIL  {directory}: no model folders")
+        return 1
+    problems = 0
+    registry = Registry(directory)
+    try:
+        for name, entry in entries.items():
+            if not entry.ok:
+                problems += len(entry.problems)
+                for problem in entry.problems:
+                    typer.echo(f"FAIL  {problem}")
+                continue
+            versions = ", ".join(str(v.version) for v in entry.versions)
+            if not load:
+                typer.echo(f"ok    model '{name}': versions {versions} ({entry.backend})")
+                continue
+            try:
+                model = await registry.load(name)
+            except Exception:
+                model = registry.get(name)
+            failed = [v for v in model.versions.values() if v.state is not State.READY]
+            for version in failed:
+                typer.echo(f"FAIL  model '{name}' version {version.version}: {version.reason}")
+            problems += len(failed)
+            if not failed:
+                typer.echo(f"ok    model '{name}': versions {versions} ({entry.backend}), loaded")
+    finally:
+        await registry.aclose()
+    return problems

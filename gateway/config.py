@@ -1,0 +1,138 @@
+"""The schema of a model's optional `config.yaml`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway.types import Datatype, TensorSpec
+
+BackendName = Literal["onnxruntime", "torchserve", "tfserving", "tensorflow"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VersionPolicy(_Strict):
+    """Which numeric version folders load, as in Triton: the latest N, a specific list, or all."""
+
+    latest: int | None = Field(default=None, ge=1)
+    specific: tuple[int, ...] | None = None
+    all: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_yaml(cls, value: Any) -> Any:
+        if value == "all":
+            return {"all": True}
+        if isinstance(value, dict) and "all" in value and value["all"] in ({}, None):
+            return {**value, "all": True}
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> VersionPolicy:
+        chosen = sum([self.latest is not None, self.specific is not None, self.all])
+        if chosen > 1:
+            raise ValueError("give one of latest, specific or all")
+        return self
+
+    def select(self, available: list[int]) -> list[int]:
+        ordered = sorted(available)
+        if self.all:
+            return ordered
+        if self.specific is not None:
+            return [v for v in ordered if v in self.specific]
+        return ordered[-(self.latest or 1) :]
+
+
+class TensorDecl(_Strict):
+    name: str
+    datatype: Datatype
+    shape: tuple[int, ...]
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d < -1 for d in shape):
+            raise ValueError("dimensions are -1 (any size) or non-negative")
+        return shape
+
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.datatype, self.shape)
+
+
+class Batching(_Strict):
+    max_batch_size: int = Field(default=0, ge=0)
+    max_queue_delay_us: int = Field(default=0, ge=0)
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+
+class Limits(_Strict):
+    max_inflight: int = Field(default=64, ge=1)
+    max_queue: int = Field(default=256, ge=0)
+    timeout_ms: int | None = Field(default=None, ge=1)
+
+
+class OnnxRuntimeOptions(_Strict):
+    intra_op_threads: int = Field(default=1, ge=0)
+    inter_op_threads: int = Field(default=1, ge=0)
+    # None means: CUDA where onnxruntime-gpu offers it, then CPU.
+    providers: tuple[str, ...] | None = None
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+
+
+class ModelConfig(_Strict):
+    backend: BackendName | None = None
+    version_policy: VersionPolicy = VersionPolicy(latest=1)
+    labels: dict[str, int] = Field(default_factory=dict)
+    traffic: dict[int, float] = Field(default_factory=dict)
+    inputs: tuple[TensorDecl, ...] | None = None
+    outputs: tuple[TensorDecl, ...] | None = None
+    batching: Batching = Batching()
+    limits: Limits = Limits()
+    onnxruntime: OnnxRuntimeOptions = OnnxRuntimeOptions()
+    # The other backends' sections belong to their adapters, which validate them on load.
+    torchserve: dict[str, Any] = Field(default_factory=dict)
+    tfserving: dict[str, Any] = Field(default_factory=dict)
+    tensorflow: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, labels: dict[str, int]) -> dict[str, int]:
+        for label in labels:
+            if label.isdigit() or not label:
+                raise ValueError(f"label {label!r} must be a non-numeric name")
+        return labels
+
+    @field_validator("traffic")
+    @classmethod
+    def _weights(cls, traffic: dict[int, float]) -> dict[int, float]:
+        if any(w < 0 for w in traffic.values()):
+            raise ValueError("traffic weights must be non-negative")
+        if traffic and sum(traffic.values()) <= 0:
+            raise ValueError("traffic weights must not all be zero")
+        return traffic
+
+
+class ConfigError(ValueError):
+    """A config.yaml that cannot be read or does not fit the schema."""
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return ModelConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from exc

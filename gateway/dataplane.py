@@ -1,0 +1,307 @@
+"""The one data plane: inference, metadata, health, statistics and repository control.
+
+REST and gRPC both call these methods, so the two protocols cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import gateway
+from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, ModelNotReady, status_for
+from gateway.metrics import Metrics
+from gateway.registry import LoadedModel, LoadedVersion, Registry, VersionStats
+from gateway.routing import Router
+from gateway.types import (
+    Datatype,
+    IndexEntry,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    Tensor,
+    TensorSpec,
+    datatype_of,
+)
+
+EXTENSIONS = ("binary_tensor_data", "model_repository", "statistics", "model_configuration")
+_TRITON_TYPE = {d: f"TYPE_{'STRING' if d is Datatype.BYTES else d.value}" for d in Datatype}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerMetadata:
+    name: str
+    version: str
+    extensions: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatistics:
+    name: str
+    version: str
+    stats: VersionStats
+
+
+class DataPlane:
+    def __init__(self, registry: Registry, router: Router, metrics: Metrics) -> None:
+        self.registry = registry
+        self.router = router
+        self.metrics = metrics
+        self._started = False
+        self._draining = False
+
+    # Health -----------------------------------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self._started and not self._draining
+
+    def mark_started(self) -> None:
+        self._started = True
+
+    def begin_drain(self) -> None:
+        self._draining = True
+
+    async def model_ready(self, name: str, version: str | None) -> bool:
+        try:
+            model = self.registry.get(name)
+            self.router.select(model, version)
+        except ModelNotReady:
+            return False
+        return True
+
+    # Metadata ---------------------------------------------------------------------------------
+
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata("modelyard", gateway.__version__, EXTENSIONS)
+
+    async def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
+        model, loaded = self._for_metadata(name, version)
+        assert loaded.signature is not None
+        return ModelMetadata(
+            name=name,
+            versions=tuple(str(v) for v in model.ready_versions),
+            platform=loaded.signature.platform,
+            inputs=loaded.signature.inputs,
+            outputs=loaded.signature.outputs,
+        )
+
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        """The model's configuration in the shape of Triton's model configuration extension."""
+        model, loaded = self._for_metadata(name, version)
+        assert loaded.signature is not None
+        policy = model.entry.config.version_policy
+        if policy.all:
+            version_policy: dict[str, Any] = {"all": {}}
+        elif policy.specific is not None:
+            version_policy = {"specific": {"versions": list(policy.specific)}}
+        else:
+            version_policy = {"latest": {"num_versions": policy.latest or 1}}
+        return {
+            "name": name,
+            "platform": loaded.signature.platform,
+            "backend": loaded.backend,
+            "version_policy": version_policy,
+            "max_batch_size": model.entry.config.batching.max_batch_size,
+            "input": [_triton_tensor(spec) for spec in loaded.signature.inputs],
+            "output": [_triton_tensor(spec) for spec in loaded.signature.outputs],
+        }
+
+    def _for_metadata(self, name: str, version: str | None) -> tuple[LoadedModel, LoadedVersion]:
+        model = self.registry.get(name)
+        if version:
+            return model, self.router.select(model, version)
+        # Metadata must not depend on a traffic draw: describe the default label or the newest.
+        ready = model.ready_versions
+        if not ready:
+            return model, self.router.select(model, None)
+        labels = model.entry.config.labels
+        chosen = next((labels[lb] for lb in ("default", "stable") if labels.get(lb) in ready), ready[-1])
+        return model, model.versions[chosen]
+
+    # Inference --------------------------------------------------------------------------------
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        arrived = time.perf_counter_ns()
+        model = self.registry.get(request.model_name)
+        loaded = self.router.select(model, request.model_version)
+        labels = (model.name, str(loaded.version), loaded.backend, request.protocol)
+        stats = loaded.stats
+        try:
+            response = await self._infer(model, loaded, request, stats, labels)
+        except GatewayError as exc:
+            self._count(labels, str(status_for(exc)[0]), arrived, stats, ok=False)
+            raise
+        except Exception:
+            self._count(labels, "500", arrived, stats, ok=False)
+            raise
+        self._count(labels, "200", arrived, stats, ok=True)
+        return response
+
+    async def _infer(
+        self,
+        model: LoadedModel,
+        loaded: LoadedVersion,
+        request: InferRequest,
+        stats: VersionStats,
+        labels: tuple[str, str, str, str],
+    ) -> InferResponse:
+        assert loaded.signature is not None and loaded.adapter is not None
+        started = time.perf_counter_ns()
+        inputs = _check_inputs(model.name, loaded, request)
+        output_names = _check_outputs(model.name, loaded, request)
+        stats.compute_input.add(time.perf_counter_ns() - started)
+
+        deadline = _deadline(request, model)
+        limiter = model.limiter
+        queued_at = time.perf_counter_ns()
+        self.metrics.queued.labels(model.name).set(limiter.queued + 1)
+        try:
+            await limiter.acquire(deadline)
+        finally:
+            self.metrics.queued.labels(model.name).set(limiter.queued)
+        queue_ns = time.perf_counter_ns() - queued_at
+        stats.queue.add(queue_ns)
+        self.metrics.queue_duration.labels(*labels).observe(queue_ns / 1e9)
+        self.metrics.inflight.labels(model.name).set(limiter.inflight)
+
+        compute_started = time.perf_counter_ns()
+        task = asyncio.ensure_future(loaded.adapter.infer(inputs, output_names))
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            # The backend call cannot be recalled; its slot frees when it really finishes.
+            task.add_done_callback(lambda t: (limiter.release(), t.cancelled() or t.exception()))
+            raise DeadlineExceeded(
+                f"model '{model.name}' version {loaded.version}: no answer before the deadline"
+            )
+        limiter.release()
+        self.metrics.inflight.labels(model.name).set(limiter.inflight)
+        results = task.result()
+        compute_ns = time.perf_counter_ns() - compute_started
+        stats.compute_infer.add(compute_ns)
+        self.metrics.compute_duration.labels(*labels).observe(compute_ns / 1e9)
+        stats.inference_count += _batch_size(request)
+        stats.execution_count += 1
+
+        requested = {o.name: o.parameters for o in request.outputs or ()}
+        outputs = [
+            Tensor(name, datatype_of(array.dtype), tuple(array.shape), array, dict(requested.get(name, {})))
+            for name, array in results.items()
+        ]
+        return InferResponse(
+            model_name=model.name,
+            model_version=str(loaded.version),
+            outputs=outputs,
+            id=request.id,
+        )
+
+    def _count(self, labels: tuple[str, str, str, str], code: str, arrived: int, stats: VersionStats, ok: bool) -> None:
+        elapsed = time.perf_counter_ns() - arrived
+        self.metrics.requests.labels(*labels, code).inc()
+        self.metrics.request_duration.labels(*labels).observe(elapsed / 1e9)
+        (stats.success if ok else stats.fail).add(elapsed)
+        stats.last_inference_ms = int(time.time() * 1000)
+
+    # Statistics and repository ----------------------------------------------------------------
+
+    def statistics(self, name: str | None, version: str | None) -> list[ModelStatistics]:
+        if not name:
+            models = self.registry.models()
+        else:
+            models = [self.registry.get(name)]
+        rows = []
+        for model in models:
+            versions = sorted(model.versions.values(), key=lambda v: v.version)
+            if name and version:
+                versions = [self.router.select(model, version)]
+            rows.extend(ModelStatistics(model.name, str(v.version), v.stats) for v in versions)
+        return rows
+
+    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        return self.registry.index(ready_only)
+
+    async def load_model(self, name: str) -> None:
+        model = await self.registry.load(name)
+        self._publish_readiness(model)
+
+    async def unload_model(self, name: str) -> None:
+        await self.registry.unload(name)
+        for sample in list(self.metrics.model_ready.collect()[0].samples):
+            if sample.labels["model"] == name:
+                self.metrics.model_ready.labels(**sample.labels).set(0)
+
+    async def load_all(self) -> None:
+        await self.registry.load_all()
+        for model in self.registry.models():
+            self._publish_readiness(model)
+
+    def _publish_readiness(self, model: LoadedModel) -> None:
+        for loaded in model.versions.values():
+            self.metrics.model_ready.labels(model.name, str(loaded.version), loaded.backend).set(int(loaded.ready))
+
+
+def _triton_tensor(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "data_type": _TRITON_TYPE[spec.datatype], "dims": list(spec.shape)}
+
+
+def _check_inputs(name: str, loaded: LoadedVersion, request: InferRequest) -> dict[str, np.ndarray[Any, Any]]:
+    assert loaded.signature is not None
+    label = f"model '{name}' version {loaded.version}"
+    specs = {spec.name: spec for spec in loaded.signature.inputs}
+    inputs: dict[str, np.ndarray[Any, Any]] = {}
+    for tensor in request.inputs:
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise InvalidInput(f"{label} has no input '{tensor.name}'; its inputs are {', '.join(specs)}")
+        if tensor.name in inputs:
+            raise InvalidInput(f"{label}: input '{tensor.name}' is given twice")
+        if tensor.datatype != spec.datatype:
+            raise InvalidInput(
+                f"{label}: input '{tensor.name}' has datatype {tensor.datatype}, the model expects {spec.datatype}"
+            )
+        if not spec.accepts_shape(tensor.shape):
+            raise InvalidInput(
+                f"{label}: input '{tensor.name}' has shape {list(tensor.shape)}, the model expects "
+                f"{list(spec.shape)} (-1 is any size)"
+            )
+        inputs[tensor.name] = tensor.data
+    missing = [n for n in specs if n not in inputs]
+    if missing:
+        raise InvalidInput(f"{label}: missing input(s) {', '.join(missing)}")
+    return inputs
+
+
+def _check_outputs(name: str, loaded: LoadedVersion, request: InferRequest) -> list[str]:
+    assert loaded.signature is not None
+    known = [spec.name for spec in loaded.signature.outputs]
+    if not request.outputs:
+        return known
+    names = [o.name for o in request.outputs]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InvalidInput(
+            f"model '{name}' version {loaded.version} has no output(s) {', '.join(unknown)}; "
+            f"its outputs are {', '.join(known)}"
+        )
+    if len(set(names)) != len(names):
+        raise InvalidInput(f"model '{name}' version {loaded.version}: an output is requested twice")
+    return names
+
+
+def _deadline(request: InferRequest, model: LoadedModel) -> float | None:
+    timeout_ms = model.entry.config.limits.timeout_ms
+    own = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+    candidates = [d for d in (request.deadline, own) if d is not None]
+    return min(candidates) if candidates else None
+
+
+def _batch_size(request: InferRequest) -> int:
+    first = request.inputs[0] if request.inputs else None
+    return first.shape[0] if first is not None and first.shape else 1

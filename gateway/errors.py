@@ -1,0 +1,87 @@
+"""The gateway's errors and the one table that maps them to HTTP statuses and gRPC codes.
+
+Every layer raises a `GatewayError` subclass. The REST exception handler and the gRPC interceptor
+both read `ERROR_TABLE`, so the two protocols cannot disagree about a status.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway reports to a client."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ModelNotFound(GatewayError):
+    """No such model, version or label in the repository."""
+
+
+class InvalidInput(GatewayError):
+    """The request is well formed but does not fit the model: a wrong name, shape or datatype."""
+
+
+class MalformedRequest(GatewayError):
+    """The request cannot be decoded: bad JSON, truncated binary data, a missing field."""
+
+
+class ModelNotReady(GatewayError):
+    """The model or version exists but is not loaded, or failed to load."""
+
+
+class BackendUnavailable(GatewayError):
+    """The backend that serves the model cannot be reached."""
+
+
+class Overloaded(GatewayError):
+    """Over the model's concurrency or queue limit."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(GatewayError):
+    """The request's deadline passed before an answer was ready."""
+
+
+class BackendError(GatewayError):
+    """The backend failed while running a request that the gateway had accepted."""
+
+
+class Unsupported(GatewayError):
+    """The request asks for something this gateway does not implement."""
+
+
+ERROR_TABLE: dict[type[GatewayError], tuple[int, grpc.StatusCode]] = {
+    ModelNotFound: (404, grpc.StatusCode.NOT_FOUND),
+    InvalidInput: (400, grpc.StatusCode.INVALID_ARGUMENT),
+    MalformedRequest: (400, grpc.StatusCode.INVALID_ARGUMENT),
+    ModelNotReady: (503, grpc.StatusCode.UNAVAILABLE),
+    BackendUnavailable: (503, grpc.StatusCode.UNAVAILABLE),
+    Overloaded: (429, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    DeadlineExceeded: (504, grpc.StatusCode.DEADLINE_EXCEEDED),
+    Unsupported: (501, grpc.StatusCode.UNIMPLEMENTED),
+    BackendError: (500, grpc.StatusCode.INTERNAL),
+    GatewayError: (500, grpc.StatusCode.INTERNAL),
+}
+
+
+def status_for(error: GatewayError) -> tuple[int, grpc.StatusCode]:
+    """The (HTTP status, gRPC code) of an error: the entry of its nearest class in the table."""
+    for klass in type(error).__mro__:
+        if klass in ERROR_TABLE:
+            return ERROR_TABLE[klass]  # type: ignore[index]
+    raise AssertionError("GatewayError is always in the table")
+
+
+def retry_after(error: GatewayError) -> int | None:
+    """Seconds a client should wait before retrying, for errors that have such a hint."""
+    return error.retry_after_s if isinstance(error, Overloaded) else None

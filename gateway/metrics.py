@@ -1,0 +1,56 @@
+"""Prometheus metrics, defined once and injected; each gateway owns its own registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LABELS = ("model", "version", "backend", "protocol")
+# From 100 µs to 10 s: in-process ONNX calls sit at the low end, remote backends higher up.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "modelyard_requests", "Inference requests by outcome.", (*LABELS, "code"), registry=self.registry
+        )
+        self.request_duration = Histogram(
+            "modelyard_request_duration_seconds",
+            "Time from the request's arrival at the data plane to its answer.",
+            LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_duration = Histogram(
+            "modelyard_queue_duration_seconds",
+            "Time a request waited for an in-flight slot.",
+            LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.compute_duration = Histogram(
+            "modelyard_compute_duration_seconds",
+            "Time the backend spent on a request.",
+            LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "modelyard_inflight_requests", "Requests running on the backend now.", ("model",), registry=self.registry
+        )
+        self.queued = Gauge(
+            "modelyard_queued_requests", "Requests waiting for a slot now.", ("model",), registry=self.registry
+        )
+        self.model_ready = Gauge(
+            "modelyard_model_ready", "1 when the version is ready to serve.", ("model", "version", "backend"),
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,162 @@
+"""Tensor data on the wire, shared by the v2 REST and gRPC codecs.
+
+JSON data goes to numpy in one call; binary and raw contents go through `numpy.frombuffer`
+without a copy. Every length is checked against the shape before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from gateway.errors import InvalidInput, MalformedRequest
+from gateway.types import Datatype, Tensor, numpy_dtype, parse_datatype
+
+# A guard on declared shapes, far above any real request, so a hostile shape cannot make the
+# gateway allocate before the data's length has been checked.
+MAX_ELEMENTS = 1 << 31
+_LENGTH = struct.Struct("<I")
+_FLOAT_KINDS = "iuf"
+_INT_KINDS = "iu"
+
+
+def parse_datatype_field(name: str, value: Any) -> Datatype:
+    if not isinstance(value, str):
+        raise MalformedRequest(f"input '{name}': 'datatype' must be a string")
+    try:
+        return parse_datatype(value)
+    except ValueError as exc:
+        raise InvalidInput(f"input '{name}': {exc}") from None
+
+
+def parse_shape(name: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+        raise MalformedRequest(f"input '{name}': 'shape' must be a list of integers")
+    if any(d < 0 for d in value):
+        raise InvalidInput(f"input '{name}': shape {list(value)} has a negative dimension")
+    shape = tuple(value)
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise InvalidInput(f"input '{name}': shape {list(shape)} has more than {MAX_ELEMENTS} elements")
+    return shape
+
+
+def tensor_from_values(name: str, datatype: Datatype, shape: tuple[int, ...], values: Any) -> Tensor:
+    """A tensor from JSON values (flat or nested lists) or a gRPC contents field."""
+    count = math.prod(shape)
+    if datatype is Datatype.BYTES:
+        array = _bytes_from_values(name, values)
+    else:
+        array = _numbers_from_values(name, datatype, values)
+    if array.size != count:
+        raise InvalidInput(
+            f"input '{name}': shape {list(shape)} needs {count} elements, the data has {array.size}"
+        )
+    return Tensor(name, datatype, shape, array.reshape(shape))
+
+
+def _numbers_from_values(name: str, datatype: Datatype, values: Any) -> np.ndarray[Any, Any]:
+    if not isinstance(values, list | tuple | np.ndarray) and not hasattr(values, "__len__"):
+        raise MalformedRequest(f"input '{name}': 'data' must be a list")
+    try:
+        raw = np.asarray(values)
+    except ValueError as exc:
+        raise InvalidInput(f"input '{name}': the data is not a regular nested list ({exc})") from None
+    dtype = numpy_dtype(datatype)
+    if raw.size == 0:
+        return np.empty(0, dtype=dtype)
+    kind = raw.dtype.kind
+    if datatype is Datatype.BOOL:
+        if kind != "b":
+            raise InvalidInput(f"input '{name}': BOOL data must be true/false values")
+    elif dtype.kind in _INT_KINDS:
+        if kind not in _INT_KINDS:
+            raise InvalidInput(f"input '{name}': {datatype} data must be integers")
+        info = np.iinfo(dtype)
+        if int(raw.min()) < info.min or int(raw.max()) > info.max:
+            raise InvalidInput(f"input '{name}': a value is out of range for {datatype}")
+    elif kind not in _FLOAT_KINDS:
+        raise InvalidInput(f"input '{name}': {datatype} data must be numbers")
+    return raw.astype(dtype, copy=False).ravel()
+
+
+def _bytes_from_values(name: str, values: Any) -> np.ndarray[Any, Any]:
+    try:
+        nested = np.array(values, dtype=object)
+    except ValueError as exc:
+        raise InvalidInput(f"input '{name}': the data is not a regular nested list ({exc})") from None
+    flat = nested.ravel()
+    out = np.empty(flat.size, dtype=object)
+    for index, value in enumerate(flat):
+        if isinstance(value, str):
+            out[index] = value.encode("utf-8")
+        elif isinstance(value, bytes):
+            out[index] = value
+        else:
+            raise InvalidInput(f"input '{name}': BYTES data must be strings")
+    return out
+
+
+def tensor_from_buffer(name: str, datatype: Datatype, shape: tuple[int, ...], buffer: memoryview | bytes) -> Tensor:
+    """A tensor from raw little-endian bytes (Triton's binary extension, gRPC raw contents)."""
+    count = math.prod(shape)
+    if datatype is Datatype.BYTES:
+        array = deserialize_bytes(name, buffer, count)
+    else:
+        dtype = numpy_dtype(datatype)
+        expected = count * dtype.itemsize
+        if len(buffer) != expected:
+            raise InvalidInput(
+                f"input '{name}': shape {list(shape)} of {datatype} needs {expected} bytes, got {len(buffer)}"
+            )
+        array = np.frombuffer(buffer, dtype=dtype)
+    return Tensor(name, datatype, shape, array.reshape(shape))
+
+
+def deserialize_bytes(name: str, buffer: memoryview | bytes, count: int) -> np.ndarray[Any, Any]:
+    """BYTES elements, each a 4-byte little-endian length and then its bytes."""
+    view = memoryview(buffer)
+    out = np.empty(count, dtype=object)
+    offset = 0
+    for index in range(count):
+        if offset + 4 > len(view):
+            raise InvalidInput(f"input '{name}': BYTES data ends after {index} of {count} elements")
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise InvalidInput(f"input '{name}': BYTES element {index} is truncated")
+        out[index] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != len(view):
+        raise InvalidInput(f"input '{name}': {len(view) - offset} bytes left over after {count} BYTES elements")
+    return out
+
+
+def serialize_bytes(array: np.ndarray[Any, Any]) -> bytes:
+    parts = []
+    for value in array.ravel():
+        item = value if isinstance(value, bytes) else str(value).encode("utf-8")
+        parts.append(_LENGTH.pack(len(item)))
+        parts.append(item)
+    return b"".join(parts)
+
+
+def tensor_to_bytes(tensor: Tensor) -> bytes:
+    if tensor.datatype is Datatype.BYTES:
+        return serialize_bytes(tensor.data)
+    return np.ascontiguousarray(tensor.data, dtype=numpy_dtype(tensor.datatype)).tobytes()
+
+
+def tensor_to_values(tensor: Tensor) -> Sequence[Any] | np.ndarray[Any, Any]:
+    """Flat row-major values for JSON: a numpy array orjson can write, or a list of str."""
+    if tensor.datatype is Datatype.BYTES:
+        try:
+            return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in tensor.data.ravel()]
+        except UnicodeDecodeError:
+            raise InvalidInput(
+                f"output '{tensor.name}' holds bytes that are not UTF-8 text; request it as binary data"
+            ) from None
+    return np.ascontiguousarray(tensor.data).ravel()

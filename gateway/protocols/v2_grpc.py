@@ -1,0 +1,234 @@
+"""Open Inference Protocol v2 over gRPC: service `inference.GRPCInferenceService`.
+
+Uses the generated code that tritonclient ships. Protobuf stops here: requests become the data
+plane's types, and its answers become protobuf again. Errors are mapped by `ErrorInterceptor`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from gateway.dataplane import DataPlane, ModelStatistics
+from gateway.errors import GatewayError, MalformedRequest, Unsupported, retry_after, status_for
+from gateway.protocols.tensors import (
+    parse_datatype_field,
+    parse_shape,
+    tensor_from_buffer,
+    tensor_from_values,
+    tensor_to_bytes,
+)
+from gateway.registry import Duration
+from gateway.types import Datatype, InferRequest, InferResponse, RequestedOutput, Tensor, TensorSpec
+
+log = logging.getLogger("modelyard.grpc")
+
+SERVICE_NAME: str = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+_CONTENTS_FIELD = {
+    Datatype.BOOL: "bool_contents",
+    Datatype.INT8: "int_contents",
+    Datatype.INT16: "int_contents",
+    Datatype.INT32: "int_contents",
+    Datatype.INT64: "int64_contents",
+    Datatype.UINT8: "uint_contents",
+    Datatype.UINT16: "uint_contents",
+    Datatype.UINT32: "uint_contents",
+    Datatype.UINT64: "uint64_contents",
+    Datatype.FP32: "fp32_contents",
+    Datatype.FP64: "fp64_contents",
+    Datatype.BYTES: "bytes_contents",
+}
+_UNSUPPORTED_PARAMETERS = ("shared_memory_region", "classification")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """The gRPC side of the error table: every unary method's GatewayError becomes its status code."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = handler_call_details.method
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await inner(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except GatewayError as exc:
+                _, code = status_for(exc)
+                wait = retry_after(exc)
+                if wait is not None:
+                    context.set_trailing_metadata((("retry-after", str(wait)),))
+                await context.abort(code, str(exc))
+            except Exception as exc:
+                log.exception("unexpected error in %s", method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return service_pb2.ServerLiveResponse(live=self.dataplane.live())
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return service_pb2.ServerReadyResponse(ready=self.dataplane.ready())
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        ready = await self.dataplane.model_ready(request.name, request.version or None)
+        return service_pb2.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        meta = self.dataplane.server_metadata()
+        return service_pb2.ServerMetadataResponse(name=meta.name, version=meta.version, extensions=meta.extensions)
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        meta = await self.dataplane.model_metadata(request.name, request.version or None)
+        return service_pb2.ModelMetadataResponse(
+            name=meta.name,
+            versions=meta.versions,
+            platform=meta.platform,
+            inputs=[_tensor_metadata(s) for s in meta.inputs],
+            outputs=[_tensor_metadata(s) for s in meta.outputs],
+        )
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        config = self.dataplane.model_config(request.name, request.version or None)
+        return service_pb2.ModelConfigResponse(config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        rows = self.dataplane.statistics(request.name or None, request.version or None)
+        return service_pb2.ModelStatisticsResponse(model_stats=[_statistics(row) for row in rows])
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        remaining = context.time_remaining()
+        infer_request = decode_infer_request(request, remaining)
+        return encode_infer_response(await self.dataplane.infer(infer_request))
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        entries = self.dataplane.repository_index(request.ready)
+        return service_pb2.RepositoryIndexResponse(
+            models=[
+                service_pb2.RepositoryIndexResponse.ModelIndex(
+                    name=e.name, version=e.version, state=e.state, reason=e.reason
+                )
+                for e in entries
+            ]
+        )
+
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        await self.dataplane.load_model(request.model_name)
+        return service_pb2.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        await self.dataplane.unload_model(request.model_name)
+        return service_pb2.RepositoryModelUnloadResponse()
+
+
+def _tensor_metadata(spec: TensorSpec) -> Any:
+    return service_pb2.ModelMetadataResponse.TensorMetadata(
+        name=spec.name, datatype=spec.datatype.value, shape=spec.shape
+    )
+
+
+def _duration(d: Duration) -> Any:
+    return service_pb2.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def _statistics(row: ModelStatistics) -> Any:
+    s = row.stats
+    return service_pb2.ModelStatistics(
+        name=row.name,
+        version=row.version,
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=service_pb2.InferStatistics(
+            success=_duration(s.success),
+            fail=_duration(s.fail),
+            queue=_duration(s.queue),
+            compute_input=_duration(s.compute_input),
+            compute_infer=_duration(s.compute_infer),
+            compute_output=_duration(s.compute_output),
+        ),
+    )
+
+
+def _parameters(owner: str, params: Any) -> dict[str, Any]:
+    result = {}
+    for key, value in params.items():
+        if key in _UNSUPPORTED_PARAMETERS:
+            raise Unsupported(f"{owner}: parameter '{key}' is not supported by modelyard")
+        choice = value.WhichOneof("parameter_choice")
+        result[key] = getattr(value, choice) if choice else None
+    return result
+
+
+def decode_infer_request(request: Any, time_remaining: float | None) -> InferRequest:
+    if not request.inputs:
+        raise MalformedRequest("the request needs at least one input")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise MalformedRequest(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; give one per input"
+        )
+    inputs = []
+    for index, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if not name:
+            raise MalformedRequest(f"inputs[{index}] needs a name")
+        datatype = parse_datatype_field(name, tensor.datatype)
+        shape = parse_shape(name, list(tensor.shape))
+        if raw:
+            decoded = tensor_from_buffer(name, datatype, shape, raw[index])
+        else:
+            decoded = _from_contents(name, datatype, shape, tensor.contents)
+        decoded.parameters = _parameters(f"input '{name}'", tensor.parameters)
+        inputs.append(decoded)
+    outputs = [RequestedOutput(o.name, _parameters(f"output '{o.name}'", o.parameters)) for o in request.outputs]
+    return InferRequest(
+        model_name=request.model_name,
+        model_version=request.model_version or None,
+        inputs=inputs,
+        outputs=outputs or None,
+        id=request.id or None,
+        parameters=_parameters("request", request.parameters),
+        protocol="grpc",
+        deadline=None if time_remaining is None else time.monotonic() + time_remaining,
+    )
+
+
+def _from_contents(name: str, datatype: Datatype, shape: tuple[int, ...], contents: Any) -> Tensor:
+    field = _CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise MalformedRequest(f"input '{name}': {datatype} data can only be sent in raw_input_contents")
+    return tensor_from_values(name, datatype, shape, list(getattr(contents, field)))
+
+
+def encode_infer_response(response: InferResponse) -> Any:
+    message = service_pb2.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id or ""
+    )
+    for tensor in response.outputs:
+        message.outputs.add(name=tensor.name, datatype=tensor.datatype.value, shape=tensor.shape)
+        message.raw_output_contents.append(tensor_to_bytes(tensor))
+    return message

@@ -1,0 +1,306 @@
+"""Open Inference Protocol v2 over REST, with Triton's binary tensor data extension.
+
+This module only translates between HTTP and the data plane's types.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+
+from gateway.dataplane import DataPlane, ModelStatistics
+from gateway.errors import MalformedRequest, Unsupported
+from gateway.registry import Duration
+from gateway.types import InferRequest, InferResponse, RequestedOutput, Tensor
+from gateway.protocols.tensors import (
+    parse_datatype_field,
+    parse_shape,
+    tensor_from_buffer,
+    tensor_from_values,
+    tensor_to_bytes,
+    tensor_to_values,
+)
+
+HEADER_LENGTH = "inference-header-content-length"
+JSON_TYPE = "application/json"
+BINARY_TYPE = "application/octet-stream"
+_NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
+# Parameters that ask for features this gateway does not implement: refuse them, never ignore.
+_UNSUPPORTED_PARAMETERS = ("shared_memory_region", "classification")
+
+
+def json_response(content: Any, status_code: int = 200) -> Response:
+    return Response(orjson.dumps(content, option=_NUMPY_JSON), status_code=status_code, media_type=JSON_TYPE)
+
+
+def v2_router(dataplane: DataPlane) -> APIRouter:
+    router = APIRouter()
+
+    def route(method: str, path: str, versioned: bool = True) -> Any:
+        def register(endpoint: Any) -> Any:
+            router.add_api_route(path.replace("{model}", "/v2/models/{model_name}"), endpoint, methods=[method])
+            if versioned:
+                versioned_path = path.replace("{model}", "/v2/models/{model_name}/versions/{model_version}")
+                router.add_api_route(versioned_path, endpoint, methods=[method])
+            return endpoint
+
+        return register
+
+    @route("GET", "/v2/health/live", versioned=False)
+    async def live() -> Response:
+        live = dataplane.live()
+        return json_response({"live": live}, 200 if live else 503)
+
+    @route("GET", "/v2/health/ready", versioned=False)
+    async def ready() -> Response:
+        ready = dataplane.ready()
+        return json_response({"ready": ready}, 200 if ready else 503)
+
+    @route("GET", "/v2", versioned=False)
+    async def server_metadata() -> Response:
+        meta = dataplane.server_metadata()
+        return json_response({"name": meta.name, "version": meta.version, "extensions": list(meta.extensions)})
+
+    @route("GET", "{model}/ready")
+    async def model_ready(model_name: str, model_version: str | None = None) -> Response:
+        ready = await dataplane.model_ready(model_name, model_version)
+        return json_response({"name": model_name, "ready": ready}, 200 if ready else 503)
+
+    @route("GET", "{model}")
+    async def model_metadata(model_name: str, model_version: str | None = None) -> Response:
+        meta = await dataplane.model_metadata(model_name, model_version)
+        return json_response(
+            {
+                "name": meta.name,
+                "versions": list(meta.versions),
+                "platform": meta.platform,
+                "inputs": [_tensor_metadata(s) for s in meta.inputs],
+                "outputs": [_tensor_metadata(s) for s in meta.outputs],
+            }
+        )
+
+    @route("GET", "{model}/config")
+    async def model_config(model_name: str, model_version: str | None = None) -> Response:
+        return json_response(dataplane.model_config(model_name, model_version))
+
+    @route("GET", "{model}/stats")
+    async def model_stats(model_name: str, model_version: str | None = None) -> Response:
+        return json_response(_statistics(dataplane.statistics(model_name, model_version)))
+
+    @route("GET", "/v2/models/stats", versioned=False)
+    async def all_stats() -> Response:
+        return json_response(_statistics(dataplane.statistics(None, None)))
+
+    @route("POST", "{model}/infer")
+    async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
+        body = _decompress(await request.body(), request.headers.get("content-encoding"))
+        infer_request = decode_infer_request(body, request.headers.get(HEADER_LENGTH), model_name, model_version)
+        return encode_infer_response(await dataplane.infer(infer_request), infer_request)
+
+    @route("POST", "/v2/repository/index", versioned=False)
+    async def repository_index(request: Request) -> Response:
+        body = await request.body()
+        options = _json_object(body) if body.strip() else {}
+        entries = dataplane.repository_index(bool(options.get("ready", False)))
+        return json_response(
+            [
+                {"name": e.name, "version": e.version, "state": e.state, **({"reason": e.reason} if e.reason else {})}
+                for e in entries
+            ]
+        )
+
+    @route("POST", "/v2/repository/models/{model_name}/load", versioned=False)
+    async def repository_load(model_name: str) -> Response:
+        await dataplane.load_model(model_name)
+        return json_response({})
+
+    @route("POST", "/v2/repository/models/{model_name}/unload", versioned=False)
+    async def repository_unload(model_name: str) -> Response:
+        await dataplane.unload_model(model_name)
+        return json_response({})
+
+    return router
+
+
+def _tensor_metadata(spec: Any) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": spec.datatype.value, "shape": list(spec.shape)}
+
+
+def _duration(d: Duration) -> dict[str, int]:
+    return {"count": d.count, "ns": d.ns}
+
+
+def _statistics(rows: list[ModelStatistics]) -> dict[str, Any]:
+    return {
+        "model_stats": [
+            {
+                "name": row.name,
+                "version": row.version,
+                "last_inference": row.stats.last_inference_ms,
+                "inference_count": row.stats.inference_count,
+                "execution_count": row.stats.execution_count,
+                "inference_stats": {
+                    "success": _duration(row.stats.success),
+                    "fail": _duration(row.stats.fail),
+                    "queue": _duration(row.stats.queue),
+                    "compute_input": _duration(row.stats.compute_input),
+                    "compute_infer": _duration(row.stats.compute_infer),
+                    "compute_output": _duration(row.stats.compute_output),
+                    "cache_hit": _duration(Duration()),
+                    "cache_miss": _duration(Duration()),
+                },
+                "batch_stats": [],
+            }
+            for row in rows
+        ]
+    }
+
+
+def _decompress(body: bytes, encoding: str | None) -> bytes:
+    if not encoding or encoding == "identity":
+        return body
+    try:
+        if encoding == "gzip":
+            return gzip.decompress(body)
+        if encoding == "deflate":
+            return zlib.decompress(body)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise MalformedRequest(f"the body is not valid {encoding} data: {exc}") from None
+    raise Unsupported(f"Content-Encoding '{encoding}' is not supported; use gzip or deflate")
+
+
+def _json_object(data: bytes | memoryview) -> dict[str, Any]:
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise MalformedRequest("the body must be a JSON object")
+    return parsed
+
+
+def _parameters(owner: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MalformedRequest(f"{owner}: 'parameters' must be an object")
+    for name in _UNSUPPORTED_PARAMETERS:
+        if name in value:
+            raise Unsupported(f"{owner}: parameter '{name}' is not supported by modelyard")
+    return value
+
+
+def decode_infer_request(
+    body: bytes, header_length: str | None, model_name: str, model_version: str | None
+) -> InferRequest:
+    """A v2 infer request from JSON, or from a JSON header followed by binary tensor data."""
+    if header_length is None:
+        header, binary = _json_object(body), memoryview(b"")
+    else:
+        try:
+            length = int(header_length)
+        except ValueError:
+            raise MalformedRequest("Inference-Header-Content-Length must be an integer") from None
+        if not 0 <= length <= len(body):
+            raise MalformedRequest(
+                f"Inference-Header-Content-Length is {length} but the body has only {len(body)} bytes"
+            )
+        view = memoryview(body)
+        header, binary = _json_object(view[:length]), view[length:]
+
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise MalformedRequest("the request needs a non-empty 'inputs' list")
+    inputs: list[Tensor] = []
+    offset = 0
+    for index, raw in enumerate(raw_inputs):
+        tensor, offset = _decode_input(index, raw, binary, offset)
+        inputs.append(tensor)
+    if offset != len(binary):
+        raise MalformedRequest(f"{len(binary) - offset} bytes of binary data follow the last input")
+
+    outputs = None
+    raw_outputs = header.get("outputs")
+    if raw_outputs is not None:
+        if not isinstance(raw_outputs, list):
+            raise MalformedRequest("'outputs' must be a list")
+        outputs = [_decode_output(index, raw) for index, raw in enumerate(raw_outputs)]
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise MalformedRequest("'id' must be a string")
+    return InferRequest(
+        model_name=model_name,
+        model_version=model_version,
+        inputs=inputs,
+        outputs=outputs,
+        id=request_id,
+        parameters=_parameters("request", header.get("parameters")),
+        protocol="rest",
+    )
+
+
+def _decode_input(index: int, raw: Any, binary: memoryview, offset: int) -> tuple[Tensor, int]:
+    if not isinstance(raw, dict):
+        raise MalformedRequest(f"inputs[{index}] must be an object")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise MalformedRequest(f"inputs[{index}] needs a 'name' string")
+    datatype = parse_datatype_field(name, raw.get("datatype"))
+    shape = parse_shape(name, raw.get("shape"))
+    parameters = _parameters(f"input '{name}'", raw.get("parameters"))
+    size = parameters.get("binary_data_size")
+    if size is None:
+        if "data" not in raw:
+            raise MalformedRequest(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
+        tensor = tensor_from_values(name, datatype, shape, raw["data"])
+    else:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise MalformedRequest(f"input '{name}': binary_data_size must be a non-negative integer")
+        if offset + size > len(binary):
+            raise MalformedRequest(
+                f"input '{name}': binary_data_size is {size} but only {len(binary) - offset} bytes of "
+                "binary data remain: the body is truncated"
+            )
+        tensor = tensor_from_buffer(name, datatype, shape, binary[offset : offset + size])
+        offset += size
+    tensor.parameters = parameters
+    return tensor, offset
+
+
+def _decode_output(index: int, raw: Any) -> RequestedOutput:
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        raise MalformedRequest(f"outputs[{index}] must be an object with a 'name'")
+    return RequestedOutput(raw["name"], _parameters(f"output '{raw['name']}'", raw.get("parameters")))
+
+
+def encode_infer_response(response: InferResponse, request: InferRequest) -> Response:
+    binary_default = bool(request.parameters.get("binary_data_output", False))
+    outputs: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for tensor in response.outputs:
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype.value, "shape": list(tensor.shape)}
+        if bool(tensor.parameters.get("binary_data", binary_default)):
+            chunk = tensor_to_bytes(tensor)
+            chunks.append(chunk)
+            entry["parameters"] = {"binary_data_size": len(chunk)}
+        else:
+            entry["data"] = tensor_to_values(tensor)
+        outputs.append(entry)
+    header: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id is not None:
+        header["id"] = response.id
+    if response.parameters:
+        header["parameters"] = response.parameters
+    header["outputs"] = outputs
+    encoded = orjson.dumps(header, option=_NUMPY_JSON)
+    if not chunks:
+        return Response(encoded, media_type=JSON_TYPE)
+    return Response(
+        b"".join([encoded, *chunks]),
+        media_type=BINARY_TYPE,
+        headers={"Inference-Header-Content-Length": str(len(encoded))},
+    )

@@ -1,0 +1,212 @@
+"""What is loaded: each model's versions, their adapters, readiness and statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from adapters import LoadSpec, ModelAdapter, create_adapter
+from gateway.errors import GatewayError, ModelNotFound, ModelNotReady
+from gateway.limits import Limiter
+from gateway.repository import ModelEntry, is_model_name, model_names, scan_model
+from gateway.types import IndexEntry, ModelSignature
+
+log = logging.getLogger("modelyard.registry")
+
+AdapterFactory = Callable[[str, LoadSpec], ModelAdapter]
+
+
+class State(StrEnum):
+    READY = "READY"
+    LOADING = "LOADING"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(slots=True)
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += ns
+
+
+@dataclass(slots=True)
+class VersionStats:
+    """Counters in the shape of Triton's statistics extension."""
+
+    last_inference_ms: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass(slots=True)
+class LoadedVersion:
+    version: int
+    backend: str
+    state: State
+    reason: str = ""
+    adapter: ModelAdapter | None = None
+    signature: ModelSignature | None = None
+    stats: VersionStats = field(default_factory=VersionStats)
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.READY and self.adapter is not None and self.signature is not None
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    name: str
+    entry: ModelEntry
+    versions: dict[int, LoadedVersion]
+    limiter: Limiter
+    state: State = State.READY
+    reason: str = ""
+
+    @property
+    def ready_versions(self) -> list[int]:
+        return sorted(v for v, loaded in self.versions.items() if loaded.ready)
+
+
+class Registry:
+    """Loads models from the repository and owns their adapters.
+
+    Loading a model that is already loaded builds the new versions first and swaps them in whole,
+    so requests keep being served by the old versions until the new ones are ready.
+    """
+
+    def __init__(self, root: Path, adapter_factory: AdapterFactory = create_adapter) -> None:
+        self.root = root
+        self._adapter_factory = adapter_factory
+        self._models: dict[str, LoadedModel] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def get(self, name: str) -> LoadedModel:
+        model = self._models.get(name)
+        if model is not None:
+            return model
+        if is_model_name(name) and (self.root / name).is_dir():
+            raise ModelNotReady(f"model '{name}' is in the repository but not loaded")
+        raise ModelNotFound(f"model '{name}' is not in the repository")
+
+    def models(self) -> list[LoadedModel]:
+        return [self._models[name] for name in sorted(self._models)]
+
+    async def load_all(self) -> None:
+        await asyncio.gather(*(self.load(name) for name in model_names(self.root)))
+
+    async def load(self, name: str) -> LoadedModel:
+        if not is_model_name(name) or not (self.root / name).is_dir():
+            raise ModelNotFound(f"model '{name}' is not in the repository {self.root}")
+        async with self._lock(name):
+            entry = scan_model(self.root, name)
+            if not entry.ok:
+                for problem in entry.problems:
+                    log.error("cannot load %s", problem)
+                failed = LoadedModel(name, entry, {}, self._limiter(entry), State.UNAVAILABLE, "; ".join(entry.problems))
+                await self._replace(name, failed)
+                raise ModelNotReady(failed.reason)
+            versions = dict(
+                zip(
+                    [v.version for v in entry.versions],
+                    await asyncio.gather(*(self._load_version(entry, v.version) for v in entry.versions)),
+                    strict=True,
+                )
+            )
+            model = LoadedModel(name, entry, versions, self._limiter(entry))
+            if not model.ready_versions:
+                model.state = State.UNAVAILABLE
+                model.reason = "; ".join(v.reason for v in versions.values())
+            await self._replace(name, model)
+            if model.state is State.UNAVAILABLE:
+                raise ModelNotReady(f"model '{name}' failed to load: {model.reason}")
+            log.info("model '%s' ready: versions %s (%s)", name, model.ready_versions, entry.backend)
+            return model
+
+    async def unload(self, name: str) -> None:
+        if name not in self._models:
+            self.get(name)  # raises the right error for an unknown or never-loaded model
+            return
+        async with self._lock(name):
+            model = self._models.pop(name, None)
+            if model is not None:
+                await self._close(model)
+                log.info("model '%s' unloaded", name)
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        entries: list[IndexEntry] = []
+        for name in sorted(set(model_names(self.root)) | set(self._models)):
+            model = self._models.get(name)
+            if model is None:
+                entries.append(IndexEntry(name, "", State.UNAVAILABLE.value, "not loaded"))
+            elif not model.versions:
+                entries.append(IndexEntry(name, "", model.state.value, model.reason))
+            else:
+                entries.extend(
+                    IndexEntry(name, str(v.version), v.state.value, v.reason)
+                    for v in sorted(model.versions.values(), key=lambda v: v.version)
+                )
+        if ready_only:
+            entries = [e for e in entries if e.state == State.READY.value]
+        return entries
+
+    async def aclose(self) -> None:
+        models, self._models = list(self._models.values()), {}
+        await asyncio.gather(*(self._close(model) for model in models))
+
+    async def _load_version(self, entry: ModelEntry, version: int) -> LoadedVersion:
+        found = next(v for v in entry.versions if v.version == version)
+        backend = entry.backend or "onnxruntime"
+        spec = LoadSpec(entry.name, version, found.path, found.artifact, entry.config)
+        loaded = LoadedVersion(version, backend, State.LOADING)
+        try:
+            adapter = self._adapter_factory(backend, spec)
+            await adapter.load()
+            loaded.signature = await adapter.metadata()
+            loaded.adapter = adapter
+            loaded.state = State.READY
+        except GatewayError as exc:
+            log.error("cannot load %s: %s", spec.label, exc)
+            loaded.state, loaded.reason = State.UNAVAILABLE, str(exc)
+        except Exception as exc:  # an adapter bug must not take the other models down
+            log.exception("cannot load %s", spec.label)
+            loaded.state, loaded.reason = State.UNAVAILABLE, f"{type(exc).__name__}: {exc}"
+        return loaded
+
+    async def _replace(self, name: str, model: LoadedModel) -> None:
+        old = self._models.get(name)
+        self._models[name] = model
+        if old is not None:
+            await self._close(old)
+
+    async def _close(self, model: LoadedModel) -> None:
+        for version in model.versions.values():
+            adapter, version.adapter = version.adapter, None
+            version.state = State.UNAVAILABLE
+            version.reason = "unloaded"
+            if adapter is not None:
+                try:
+                    await adapter.aclose()
+                except Exception:
+                    log.exception("closing model '%s' version %d", model.name, version.version)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    @staticmethod
+    def _limiter(entry: ModelEntry) -> Limiter:
+        limits = entry.config.limits
+        return Limiter(limits.max_inflight, limits.max_queue, f"model '{entry.name}'")

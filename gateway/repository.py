@@ -1,0 +1,126 @@
+"""Reads a model repository in Triton's shape: DIR/<model>/<numeric version>/<artifact>."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.config import ConfigError, ModelConfig, load_model_config
+
+# First match wins, in this order, when config.yaml names no backend.
+ARTIFACT_BACKENDS: tuple[tuple[str, str], ...] = (
+    ("model.onnx", "onnxruntime"),
+    ("model.savedmodel", "tensorflow"),
+    ("saved_model.pb", "tensorflow"),
+    ("model.mar", "torchserve"),
+    ("model.pt", "torchserve"),
+)
+ARTIFACTS_OF_BACKEND: dict[str, tuple[str, ...]] = {
+    "onnxruntime": ("model.onnx",),
+    "tensorflow": ("model.savedmodel", "saved_model.pb"),
+    "torchserve": ("model.mar", "model.pt"),
+    "tfserving": (),
+}
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionEntry:
+    version: int
+    path: Path
+    artifact: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    """One model folder as found on disk. `problems` lists why it cannot be served, if it cannot."""
+
+    name: str
+    path: Path
+    config: ModelConfig
+    backend: str | None
+    versions: tuple[VersionEntry, ...]
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def is_model_name(name: str) -> bool:
+    return bool(MODEL_NAME.match(name))
+
+
+def model_names(root: Path) -> list[str]:
+    """Folders that look like models: a valid name, not hidden."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and is_model_name(p.name))
+
+
+def _find_artifact(version_dir: Path, backend: str | None) -> Path | None:
+    names = ARTIFACTS_OF_BACKEND.get(backend, ()) if backend else tuple(n for n, _ in ARTIFACT_BACKENDS)
+    for name in names:
+        candidate = version_dir / name
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _backend_of(artifact: Path) -> str:
+    return next(backend for name, backend in ARTIFACT_BACKENDS if artifact.name == name)
+
+
+def scan_model(root: Path, name: str) -> ModelEntry:
+    path = root / name
+    problems: list[str] = []
+    config = ModelConfig()
+    config_path = path / CONFIG_FILE
+    if config_path.exists():
+        try:
+            config = load_model_config(config_path)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if not path.is_dir():
+        return ModelEntry(name, path, config, None, (), (f"model '{name}': no folder {path}",))
+
+    found = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+    selected = config.version_policy.select(found)
+    backend = config.backend
+    versions = []
+    for version in selected:
+        version_dir = path / str(version)
+        artifact = _find_artifact(version_dir, backend)
+        if artifact is None and backend is None:
+            problems.append(
+                f"model '{name}' version {version}: no model artifact in {version_dir} "
+                f"(expected one of {', '.join(n for n, _ in ARTIFACT_BACKENDS)})"
+            )
+        elif artifact is not None and backend is None:
+            backend = _backend_of(artifact)
+        elif artifact is None and ARTIFACTS_OF_BACKEND.get(backend or "", ()):
+            expected = " or ".join(ARTIFACTS_OF_BACKEND[backend or ""])
+            problems.append(f"model '{name}' version {version}: backend '{backend}' needs {expected} in {version_dir}")
+        versions.append(VersionEntry(version, version_dir, artifact))
+
+    if not found:
+        problems.append(f"model '{name}': no numeric version folders in {path}")
+    elif not selected:
+        problems.append(f"model '{name}': version_policy selects none of the versions {found}")
+    mixed = {_backend_of(v.artifact) for v in versions if v.artifact is not None} - {backend}
+    if mixed and config.backend is None:
+        problems.append(f"model '{name}': versions mix backends {sorted(mixed | {backend or ''})}; set backend in config.yaml")
+    loaded = {v.version for v in versions}
+    for label, version in config.labels.items():
+        if version not in loaded:
+            problems.append(f"model '{name}': label '{label}' points at version {version}, which is not loaded")
+    for version in config.traffic:
+        if version not in loaded:
+            problems.append(f"model '{name}': traffic names version {version}, which is not loaded")
+    return ModelEntry(name, path, config, backend, tuple(versions), tuple(problems))
+
+
+def scan(root: Path) -> dict[str, ModelEntry]:
+    return {name: scan_model(root, name) for name in model_names(root)}

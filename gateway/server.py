@@ -1,0 +1,150 @@
+"""The composition root: builds every part from one Settings object and runs REST and gRPC
+in one event loop, with a graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tritonclient.grpc import service_pb2_grpc
+
+from gateway.dataplane import DataPlane
+from gateway.metrics import Metrics
+from gateway.protocols.http import create_app
+from gateway.protocols.v2_grpc import SERVICE_NAME, ErrorInterceptor, InferenceServicer
+from gateway.registry import Registry
+from gateway.routing import Router
+from gateway.settings import Settings
+
+log = logging.getLogger("modelyard")
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the gateway stops REST and gRPC together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.registry = Registry(settings.model_repo)
+        self.dataplane = DataPlane(self.registry, Router(), self.metrics)
+        self.app = create_app(self.dataplane, self.metrics)
+        self._health = health.aio.HealthServicer()
+        self._grpc: grpc.aio.Server | None = None
+        self._http: _UvicornServer | None = None
+        self._http_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        if not settings.model_repo.is_dir():
+            raise SystemExit(f"modelyard: model repository {settings.model_repo} is not a folder")
+        await self.dataplane.load_all()
+        await self._start_grpc()
+        await self._start_http()
+        self.dataplane.mark_started()
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "modelyard ready: HTTP on %s:%d, gRPC on %s:%d, models from %s",
+            settings.host, settings.http_port, settings.host, settings.grpc_port, settings.model_repo,
+        )
+
+    async def _start_grpc(self) -> None:
+        limit = self.settings.grpc_max_message_mb * 1024 * 1024
+        server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        )
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        address = f"{self.settings.host}:{self.settings.grpc_port}"
+        try:
+            server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise SystemExit(f"modelyard: cannot listen for gRPC on {address}: {exc}") from exc
+        await server.start()
+        self._grpc = server
+
+    async def _start_http(self) -> None:
+        config = uvicorn.Config(
+            self.app,
+            host=self.settings.host,
+            port=self.settings.http_port,
+            log_level=self.settings.log_level,
+            access_log=False,
+            lifespan="off",
+            loop="none",
+            http="httptools",
+        )
+        self._http = _UvicornServer(config)
+        self._http_task = asyncio.create_task(self._http.serve())
+        while not self._http.started:
+            if self._http_task.done():
+                raise SystemExit(
+                    f"modelyard: cannot listen for HTTP on {self.settings.host}:{self.settings.http_port}"
+                )
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        """Readiness turns false first, in-flight requests finish, then the backends close."""
+        self.dataplane.begin_drain()
+        await self._health.enter_graceful_shutdown()
+        grace = self.settings.shutdown_grace_s
+        if self._http is not None:
+            self._http.should_exit = True
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self._http_task is not None:
+            with contextlib.suppress(asyncio.TimeoutError, SystemExit):
+                await asyncio.wait_for(self._http_task, grace + 1)
+        await self.registry.aclose()
+        log.info("modelyard stopped")
+
+
+async def serve(settings: Settings) -> None:
+    gateway = Gateway(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await gateway.start()
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await gateway.stop()
+
+
+def run(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    use_uvloop = settings.event_loop != "asyncio"
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            if settings.event_loop == "uvloop":
+                raise
+            use_uvloop = False
+    if use_uvloop:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(settings))
+    else:
+        asyncio.run(serve(settings))

@@ -1,0 +1,24 @@
+"""The gateway's settings, read once: flags first, then MODELYARD_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELYARD_", protected_namespaces=(), extra="ignore")
+
+    model_repo: Path = Path("model_repo")
+    host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int = Field(default=8001, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # gRPC messages carry whole tensors: allow far more than gRPC's 4 MiB default.
+    grpc_max_message_mb: int = Field(default=256, ge=1)
+    # How long in-flight requests may run on after a shutdown signal.
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
