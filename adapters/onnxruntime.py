@@ -56,7 +56,9 @@ def _tensor_spec(node: Any, label: str) -> TensorSpec:
     try:
         datatype = _DATATYPE_OF_ORT[node.type]
     except KeyError:
-        raise ModelNotReady(f"{label}: tensor '{node.name}' has type {node.type}, which modelyard cannot serve")
+        raise ModelNotReady(
+            f"{label}: tensor '{node.name}' has type {node.type}, which modelyard cannot serve"
+        ) from None
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (node.shape or ()))
     return TensorSpec(node.name, datatype, shape)
 
@@ -111,10 +113,12 @@ class OnnxRuntimeAdapter(ModelAdapter):
                 f"{self.spec.label}: execution providers {unknown} are not available; "
                 f"this onnxruntime offers {ort.get_available_providers()}"
             )
+        artifact = self.spec.artifact
+        assert artifact is not None
         try:
-            return ort.InferenceSession(str(self.spec.artifact), session_options, providers=providers)
+            return ort.InferenceSession(str(artifact), session_options, providers=providers)
         except Exception as exc:  # onnxruntime raises several unrelated classes for a bad file
-            raise ModelNotReady(f"{self.spec.label}: onnxruntime cannot load {self.spec.artifact.name}: {exc}") from exc
+            raise ModelNotReady(f"{self.spec.label}: onnxruntime cannot load {artifact.name}: {exc}") from exc
 
     def _read_signature(self, session: ort.InferenceSession) -> ModelSignature:
         inputs = tuple(_tensor_spec(node, self.spec.label) for node in session.get_inputs())

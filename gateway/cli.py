@@ -17,24 +17,37 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    help="modelyard: one front door for inference.")
+    help="modelyard: one front door for inference.",
+)
 repo_app = typer.Typer(no_args_is_help=True, help="Work with a model repository.")
 app.add_typer(repo_app, name="repo")
 
 
 @app.command()
 def serve(
-    model_repo: Annotated[Path | None, typer.Option(help="Model repository folder [env MODELYARD_MODEL_REPO].")] = None,
+    model_repo: Annotated[
+        Path | None, typer.Option(help="Model repository folder [env MODELYARD_MODEL_REPO].")
+    ] = None,
     host: Annotated[str | None, typer.Option(help="Address to bind [env MODELYARD_HOST].")] = None,
-    http_port: Annotated[int | None, typer.Option(help="HTTP port, default 8000 [env MODELYARD_HTTP_PORT].")] = None,
-    grpc_port: Annotated[int | None, typer.Option(help="gRPC port, default 8001 [env MODELYARD_GRPC_PORT].")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error [env MODELYARD_LOG_LEVEL].")] = None,
+    http_port: Annotated[
+        int | None, typer.Option(help="HTTP port, default 8000 [env MODELYARD_HTTP_PORT].")
+    ] = None,
+    grpc_port: Annotated[
+        int | None, typer.Option(help="gRPC port, default 8001 [env MODELYARD_GRPC_PORT].")
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug|info|warning|error [env MODELYARD_LOG_LEVEL].")
+    ] = None,
 ) -> None:
     """Serve a model repository over REST and gRPC."""
     from gateway.server import run
 
     given: dict[str, Any] = {
-        "model_repo": model_repo, "host": host, "http_port": http_port, "grpc_port": grpc_port, "log_level": log_level,
+        "model_repo": model_repo,
+        "host": host,
+        "http_port": http_port,
+        "grpc_port": grpc_port,
+        "log_level": log_level,
     }
     run(Settings(**{k: v for k, v in given.items() if v is not None}))
 

@@ -14,6 +14,7 @@ import numpy as np
 
 import gateway
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, ModelNotReady, status_for
+from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.registry import LoadedModel, LoadedVersion, Registry, VersionStats
 from gateway.routing import Router
@@ -177,7 +178,7 @@ class DataPlane:
         done, _ = await asyncio.wait({task}, timeout=timeout)
         if not done:
             # The backend call cannot be recalled; its slot frees when it really finishes.
-            task.add_done_callback(lambda t: (limiter.release(), t.cancelled() or t.exception()))
+            task.add_done_callback(lambda finished: _release_late(limiter, finished))
             raise DeadlineExceeded(
                 f"model '{model.name}' version {loaded.version}: no answer before the deadline"
             )
@@ -202,7 +203,9 @@ class DataPlane:
             id=request.id,
         )
 
-    def _count(self, labels: tuple[str, str, str, str], code: str, arrived: int, stats: VersionStats, ok: bool) -> None:
+    def _count(
+        self, labels: tuple[str, str, str, str], code: str, arrived: int, stats: VersionStats, ok: bool
+    ) -> None:
         elapsed = time.perf_counter_ns() - arrived
         self.metrics.requests.labels(*labels, code).inc()
         self.metrics.request_duration.labels(*labels).observe(elapsed / 1e9)
@@ -212,11 +215,8 @@ class DataPlane:
     # Statistics and repository ----------------------------------------------------------------
 
     def statistics(self, name: str | None, version: str | None) -> list[ModelStatistics]:
-        if not name:
-            models = self.registry.models()
-        else:
-            models = [self.registry.get(name)]
-        rows = []
+        models = [self.registry.get(name)] if name else self.registry.models()
+        rows: list[ModelStatistics] = []
         for model in models:
             versions = sorted(model.versions.values(), key=lambda v: v.version)
             if name and version:
@@ -233,9 +233,10 @@ class DataPlane:
 
     async def unload_model(self, name: str) -> None:
         await self.registry.unload(name)
-        for sample in list(self.metrics.model_ready.collect()[0].samples):
-            if sample.labels["model"] == name:
-                self.metrics.model_ready.labels(**sample.labels).set(0)
+        for metric in self.metrics.model_ready.collect():
+            for sample in metric.samples:
+                if sample.labels["model"] == name:
+                    self.metrics.model_ready.labels(**sample.labels).set(0)
 
     async def load_all(self) -> None:
         await self.registry.load_all()
@@ -244,7 +245,15 @@ class DataPlane:
 
     def _publish_readiness(self, model: LoadedModel) -> None:
         for loaded in model.versions.values():
-            self.metrics.model_ready.labels(model.name, str(loaded.version), loaded.backend).set(int(loaded.ready))
+            self.metrics.model_ready.labels(model.name, str(loaded.version), loaded.backend).set(
+                int(loaded.ready)
+            )
+
+
+def _release_late(limiter: Limiter, task: asyncio.Future[Any]) -> None:
+    limiter.release()
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it as lost
 
 
 def _triton_tensor(spec: TensorSpec) -> dict[str, Any]:

@@ -78,7 +78,7 @@ def status_for(error: GatewayError) -> tuple[int, grpc.StatusCode]:
     """The (HTTP status, gRPC code) of an error: the entry of its nearest class in the table."""
     for klass in type(error).__mro__:
         if klass in ERROR_TABLE:
-            return ERROR_TABLE[klass]  # type: ignore[index]
+            return ERROR_TABLE[klass]
     raise AssertionError("GatewayError is always in the table")
 
 

@@ -44,7 +44,9 @@ class Limiter:
                 waiter.cancel()
                 self._waiters.remove(waiter)
             if isinstance(exc, TimeoutError):
-                raise DeadlineExceeded(f"{self.label}: the deadline passed while the request was queued") from None
+                raise DeadlineExceeded(
+                    f"{self.label}: the deadline passed while the request was queued"
+                ) from None
             raise
 
     def release(self) -> None:

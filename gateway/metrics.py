@@ -8,7 +8,22 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LABELS = ("model", "version", "backend", "protocol")
 # From 100 µs to 10 s: in-process ONNX calls sit at the low end, remote backends higher up.
 LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 
 
@@ -42,13 +57,21 @@ class Metrics:
             registry=self.registry,
         )
         self.inflight = Gauge(
-            "modelyard_inflight_requests", "Requests running on the backend now.", ("model",), registry=self.registry
+            "modelyard_inflight_requests",
+            "Requests running on the backend now.",
+            ("model",),
+            registry=self.registry,
         )
         self.queued = Gauge(
-            "modelyard_queued_requests", "Requests waiting for a slot now.", ("model",), registry=self.registry
+            "modelyard_queued_requests",
+            "Requests waiting for a slot now.",
+            ("model",),
+            registry=self.registry,
         )
         self.model_ready = Gauge(
-            "modelyard_model_ready", "1 when the version is ready to serve.", ("model", "version", "backend"),
+            "modelyard_model_ready",
+            "1 when the version is ready to serve.",
+            ("model", "version", "backend"),
             registry=self.registry,
         )
 

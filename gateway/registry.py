@@ -106,7 +106,11 @@ class Registry:
         return [self._models[name] for name in sorted(self._models)]
 
     async def load_all(self) -> None:
-        await asyncio.gather(*(self.load(name) for name in model_names(self.root)))
+        """Load every model in the repository; one that fails is logged and left UNAVAILABLE."""
+        results = await asyncio.gather(*(self.load(name) for name in model_names(self.root)), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, GatewayError):
+                raise result
 
     async def load(self, name: str) -> LoadedModel:
         if not is_model_name(name) or not (self.root / name).is_dir():
@@ -116,7 +120,9 @@ class Registry:
             if not entry.ok:
                 for problem in entry.problems:
                     log.error("cannot load %s", problem)
-                failed = LoadedModel(name, entry, {}, self._limiter(entry), State.UNAVAILABLE, "; ".join(entry.problems))
+                failed = LoadedModel(
+                    name, entry, {}, self._limiter(entry), State.UNAVAILABLE, "; ".join(entry.problems)
+                )
                 await self._replace(name, failed)
                 raise ModelNotReady(failed.reason)
             versions = dict(

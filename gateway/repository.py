@@ -88,7 +88,7 @@ def scan_model(root: Path, name: str) -> ModelEntry:
 
     found = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
     selected = config.version_policy.select(found)
-    backend = config.backend
+    backend: str | None = config.backend
     versions = []
     for version in selected:
         version_dir = path / str(version)
@@ -102,7 +102,9 @@ def scan_model(root: Path, name: str) -> ModelEntry:
             backend = _backend_of(artifact)
         elif artifact is None and ARTIFACTS_OF_BACKEND.get(backend or "", ()):
             expected = " or ".join(ARTIFACTS_OF_BACKEND[backend or ""])
-            problems.append(f"model '{name}' version {version}: backend '{backend}' needs {expected} in {version_dir}")
+            problems.append(
+                f"model '{name}' version {version}: backend '{backend}' needs {expected} in {version_dir}"
+            )
         versions.append(VersionEntry(version, version_dir, artifact))
 
     if not found:
@@ -111,11 +113,15 @@ def scan_model(root: Path, name: str) -> ModelEntry:
         problems.append(f"model '{name}': version_policy selects none of the versions {found}")
     mixed = {_backend_of(v.artifact) for v in versions if v.artifact is not None} - {backend}
     if mixed and config.backend is None:
-        problems.append(f"model '{name}': versions mix backends {sorted(mixed | {backend or ''})}; set backend in config.yaml")
+        problems.append(
+            f"model '{name}': versions mix backends {sorted(mixed | {backend or ''})}; set backend in config.yaml"
+        )
     loaded = {v.version for v in versions}
     for label, version in config.labels.items():
         if version not in loaded:
-            problems.append(f"model '{name}': label '{label}' points at version {version}, which is not loaded")
+            problems.append(
+                f"model '{name}': label '{label}' points at version {version}, which is not loaded"
+            )
     for version in config.traffic:
         if version not in loaded:
             problems.append(f"model '{name}': traffic names version {version}, which is not loaded")

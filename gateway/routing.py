@@ -31,7 +31,8 @@ class Router:
         weighted = [(v, w) for v, w in config.traffic.items() if v in ready and w > 0]
         if weighted:
             versions, weights = zip(*weighted, strict=True)
-            return self._rng.choices(versions, weights)[0]
+            chosen: int = self._rng.choices(versions, weights)[0]
+            return chosen
         for label in DEFAULT_LABELS:
             if config.labels.get(label) in ready:
                 return config.labels[label]
@@ -48,7 +49,9 @@ class Router:
         labels = model.entry.config.labels
         if requested not in labels:
             known = ", ".join(sorted(labels)) or "none"
-            raise ModelNotFound(f"model '{model.name}' has no version or label '{requested}' (labels: {known})")
+            raise ModelNotFound(
+                f"model '{model.name}' has no version or label '{requested}' (labels: {known})"
+            )
         return labels[requested]
 
     @staticmethod
@@ -58,5 +61,7 @@ class Router:
             raise ModelNotFound(f"model '{model.name}' has no version {version}")
         if not loaded.ready:
             reason = f": {loaded.reason}" if loaded.reason else ""
-            raise ModelNotReady(f"model '{model.name}' version {version} is not ready ({loaded.state}){reason}")
+            raise ModelNotReady(
+                f"model '{model.name}' version {version} is not ready ({loaded.state}){reason}"
+            )
         return loaded

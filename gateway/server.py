@@ -58,7 +58,11 @@ class Gateway:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "modelyard ready: HTTP on %s:%d, gRPC on %s:%d, models from %s",
-            settings.host, settings.http_port, settings.host, settings.grpc_port, settings.model_repo,
+            settings.host,
+            settings.http_port,
+            settings.host,
+            settings.grpc_port,
+            settings.model_repo,
         )
 
     async def _start_grpc(self) -> None:
@@ -70,7 +74,11 @@ class Gateway:
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         address = f"{self.settings.host}:{self.settings.grpc_port}"

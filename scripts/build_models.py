@@ -9,6 +9,7 @@ writes byte-identical files.
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -62,14 +63,16 @@ def build_affine(version: int) -> onnx.ModelProto:
 def mlp_weights(sizes: tuple[int, ...], seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
     layers = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+    for fan_in, fan_out in itertools.pairwise(sizes):
         scale = np.sqrt(2.0 / fan_in)
         weight = (rng.standard_normal((fan_in, fan_out)) * scale).astype(np.float32)
         layers.append((weight, np.zeros(fan_out, dtype=np.float32)))
     return layers
 
 
-def build_mlp(sizes: tuple[int, ...] = (64, 256, 256, 10), seed: int = 7, name: str = "mlp") -> onnx.ModelProto:
+def build_mlp(
+    sizes: tuple[int, ...] = (64, 256, 256, 10), seed: int = 7, name: str = "mlp"
+) -> onnx.ModelProto:
     """A ReLU MLP, input `input` FP32 [-1, sizes[0]] -> output `logits` FP32 [-1, sizes[-1]]."""
     nodes, initializers = [], []
     current = "input"
@@ -131,7 +134,9 @@ def build_repository(repo: Path) -> list[Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent / "model_repo")
     args = parser.parse_args()
     for path in build_repository(args.repo):

@@ -34,7 +34,9 @@ def parse_datatype_field(name: str, value: Any) -> Datatype:
 
 
 def parse_shape(name: str, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list | tuple) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in value
+    ):
         raise MalformedRequest(f"input '{name}': 'shape' must be a list of integers")
     if any(d < 0 for d in value):
         raise InvalidInput(f"input '{name}': shape {list(value)} has a negative dimension")
@@ -74,13 +76,25 @@ def _numbers_from_values(name: str, datatype: Datatype, values: Any) -> np.ndarr
             raise InvalidInput(f"input '{name}': BOOL data must be true/false values")
     elif dtype.kind in _INT_KINDS:
         if kind not in _INT_KINDS:
-            raise InvalidInput(f"input '{name}': {datatype} data must be integers")
+            # numpy turns integers beyond int64 (large UINT64 values) into floats or objects:
+            # look at the values themselves before refusing them.
+            return _big_integers(name, datatype, np.array(values, dtype=object))
         info = np.iinfo(dtype)
         if int(raw.min()) < info.min or int(raw.max()) > info.max:
             raise InvalidInput(f"input '{name}': a value is out of range for {datatype}")
     elif kind not in _FLOAT_KINDS:
         raise InvalidInput(f"input '{name}': {datatype} data must be numbers")
     return raw.astype(dtype, copy=False).ravel()
+
+
+def _big_integers(name: str, datatype: Datatype, raw: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    flat = raw.ravel()
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+        raise InvalidInput(f"input '{name}': {datatype} data must be integers")
+    try:
+        return np.array(flat.tolist(), dtype=numpy_dtype(datatype))
+    except OverflowError:
+        raise InvalidInput(f"input '{name}': a value is out of range for {datatype}") from None
 
 
 def _bytes_from_values(name: str, values: Any) -> np.ndarray[Any, Any]:
@@ -100,7 +114,9 @@ def _bytes_from_values(name: str, values: Any) -> np.ndarray[Any, Any]:
     return out
 
 
-def tensor_from_buffer(name: str, datatype: Datatype, shape: tuple[int, ...], buffer: memoryview | bytes) -> Tensor:
+def tensor_from_buffer(
+    name: str, datatype: Datatype, shape: tuple[int, ...], buffer: memoryview | bytes
+) -> Tensor:
     """A tensor from raw little-endian bytes (Triton's binary extension, gRPC raw contents)."""
     count = math.prod(shape)
     if datatype is Datatype.BYTES:
@@ -131,7 +147,9 @@ def deserialize_bytes(name: str, buffer: memoryview | bytes, count: int) -> np.n
         out[index] = bytes(view[offset : offset + length])
         offset += length
     if offset != len(view):
-        raise InvalidInput(f"input '{name}': {len(view) - offset} bytes left over after {count} BYTES elements")
+        raise InvalidInput(
+            f"input '{name}': {len(view) - offset} bytes left over after {count} BYTES elements"
+        )
     return out
 
 

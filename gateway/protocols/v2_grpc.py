@@ -99,7 +99,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
         meta = self.dataplane.server_metadata()
-        return service_pb2.ServerMetadataResponse(name=meta.name, version=meta.version, extensions=meta.extensions)
+        return service_pb2.ServerMetadataResponse(
+            name=meta.name, version=meta.version, extensions=meta.extensions
+        )
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         meta = await self.dataplane.model_metadata(request.name, request.version or None)
@@ -113,7 +115,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         config = self.dataplane.model_config(request.name, request.version or None)
-        return service_pb2.ModelConfigResponse(config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
+        return service_pb2.ModelConfigResponse(
+            config=json_format.ParseDict(config, model_config_pb2.ModelConfig())
+        )
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
         rows = self.dataplane.statistics(request.name or None, request.version or None)
@@ -204,7 +208,9 @@ def decode_infer_request(request: Any, time_remaining: float | None) -> InferReq
             decoded = _from_contents(name, datatype, shape, tensor.contents)
         decoded.parameters = _parameters(f"input '{name}'", tensor.parameters)
         inputs.append(decoded)
-    outputs = [RequestedOutput(o.name, _parameters(f"output '{o.name}'", o.parameters)) for o in request.outputs]
+    outputs = [
+        RequestedOutput(o.name, _parameters(f"output '{o.name}'", o.parameters)) for o in request.outputs
+    ]
     return InferRequest(
         model_name=request.model_name,
         model_version=request.model_version or None,

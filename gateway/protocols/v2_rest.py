@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Request, Response
 
 from gateway.dataplane import DataPlane, ModelStatistics
 from gateway.errors import MalformedRequest, Unsupported
-from gateway.registry import Duration
-from gateway.types import InferRequest, InferResponse, RequestedOutput, Tensor
 from gateway.protocols.tensors import (
     parse_datatype_field,
     parse_shape,
@@ -24,7 +23,10 @@ from gateway.protocols.tensors import (
     tensor_to_bytes,
     tensor_to_values,
 )
+from gateway.registry import Duration
+from gateway.types import InferRequest, InferResponse, RequestedOutput, Tensor
 
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
 HEADER_LENGTH = "inference-header-content-length"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
@@ -40,9 +42,11 @@ def json_response(content: Any, status_code: int = 200) -> Response:
 def v2_router(dataplane: DataPlane) -> APIRouter:
     router = APIRouter()
 
-    def route(method: str, path: str, versioned: bool = True) -> Any:
-        def register(endpoint: Any) -> Any:
-            router.add_api_route(path.replace("{model}", "/v2/models/{model_name}"), endpoint, methods=[method])
+    def route(method: str, path: str, versioned: bool = True) -> Callable[[Endpoint], Endpoint]:
+        def register(endpoint: Endpoint) -> Endpoint:
+            router.add_api_route(
+                path.replace("{model}", "/v2/models/{model_name}"), endpoint, methods=[method]
+            )
             if versioned:
                 versioned_path = path.replace("{model}", "/v2/models/{model_name}/versions/{model_version}")
                 router.add_api_route(versioned_path, endpoint, methods=[method])
@@ -63,7 +67,9 @@ def v2_router(dataplane: DataPlane) -> APIRouter:
     @route("GET", "/v2", versioned=False)
     async def server_metadata() -> Response:
         meta = dataplane.server_metadata()
-        return json_response({"name": meta.name, "version": meta.version, "extensions": list(meta.extensions)})
+        return json_response(
+            {"name": meta.name, "version": meta.version, "extensions": list(meta.extensions)}
+        )
 
     @route("GET", "{model}/ready")
     async def model_ready(model_name: str, model_version: str | None = None) -> Response:
@@ -98,7 +104,9 @@ def v2_router(dataplane: DataPlane) -> APIRouter:
     @route("POST", "{model}/infer")
     async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
         body = _decompress(await request.body(), request.headers.get("content-encoding"))
-        infer_request = decode_infer_request(body, request.headers.get(HEADER_LENGTH), model_name, model_version)
+        infer_request = decode_infer_request(
+            body, request.headers.get(HEADER_LENGTH), model_name, model_version
+        )
         return encode_infer_response(await dataplane.infer(infer_request), infer_request)
 
     @route("POST", "/v2/repository/index", versioned=False)
@@ -108,7 +116,12 @@ def v2_router(dataplane: DataPlane) -> APIRouter:
         entries = dataplane.repository_index(bool(options.get("ready", False)))
         return json_response(
             [
-                {"name": e.name, "version": e.version, "state": e.state, **({"reason": e.reason} if e.reason else {})}
+                {
+                    "name": e.name,
+                    "version": e.version,
+                    "state": e.state,
+                    **({"reason": e.reason} if e.reason else {}),
+                }
                 for e in entries
             ]
         )
@@ -282,7 +295,11 @@ def encode_infer_response(response: InferResponse, request: InferRequest) -> Res
     outputs: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for tensor in response.outputs:
-        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype.value, "shape": list(tensor.shape)}
+        entry: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype.value,
+            "shape": list(tensor.shape),
+        }
         if bool(tensor.parameters.get("binary_data", binary_default)):
             chunk = tensor_to_bytes(tensor)
             chunks.append(chunk)

@@ -1,0 +1,153 @@
+"""Shared fixtures: a real gateway process on free loopback ports, and the clients users use."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+
+from tests.model_builders import build_test_repository
+
+ROOT = Path(__file__).resolve().parent
+STARTUP_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunningGateway:
+    process: subprocess.Popen[bytes]
+    http_port: int
+    grpc_port: int
+    repo: Path
+    log: Path
+
+    @property
+    def http(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.http}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_gateway(repo: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> RunningGateway:
+    """Run `modelyard serve` as users do, and wait until it answers ready."""
+    http_port, grpc_port = free_port(), free_port()
+    command = [
+        sys.executable, "-m", "gateway", "serve", "--model-repo", str(repo),
+        "--http-port", str(http_port), "--grpc-port", str(grpc_port), *args,
+    ]  # fmt: skip
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
+        )
+    gateway = RunningGateway(process, http_port, grpc_port, repo, log)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the gateway exited with {process.returncode}:\n{gateway.output()}")
+        try:
+            if httpx.get(f"{gateway.url}/v2/health/ready", timeout=1).status_code == 200:
+                return gateway
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    gateway.stop()
+    raise RuntimeError(f"the gateway was not ready within {STARTUP_TIMEOUT_S}s:\n{gateway.output()}")
+
+
+@pytest.fixture(scope="session")
+def test_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("model_repo")
+    build_test_repository(repo)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def gateway(test_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    running = start_gateway(test_repo, tmp_path_factory.mktemp("logs") / "gateway.log")
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def http(gateway: RunningGateway) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        yield client
+
+
+@dataclass
+class Protocol:
+    """One of tritonclient's two transports, so a test body runs the same case over both."""
+
+    name: str
+    module: ModuleType
+    client: Any
+
+    @property
+    def is_grpc(self) -> bool:
+        return self.name == "grpc"
+
+    def input(self, name: str, data: Any, datatype: str, binary: bool = True) -> Any:
+        tensor = self.module.InferInput(name, list(data.shape), datatype)
+        if self.is_grpc:
+            tensor.set_data_from_numpy(data)
+        else:
+            tensor.set_data_from_numpy(data, binary_data=binary)
+        return tensor
+
+    def output(self, name: str, binary: bool = True) -> Any:
+        if self.is_grpc:
+            return self.module.InferRequestedOutput(name)
+        return self.module.InferRequestedOutput(name, binary_data=binary)
+
+    def error_code(self, error: Exception) -> str:
+        """The status in the form the table uses: an HTTP status over REST, a gRPC code name over gRPC."""
+        status = str(error.status())  # type: ignore[attr-defined]
+        return status.removeprefix("StatusCode.")
+
+
+@pytest.fixture(params=["rest", "grpc"])
+def protocol(request: pytest.FixtureRequest, gateway: RunningGateway) -> Iterator[Protocol]:
+    if request.param == "rest":
+        client = triton_http.InferenceServerClient(gateway.http, network_timeout=60)
+        yield Protocol("rest", triton_http, client)
+    else:
+        client = triton_grpc.InferenceServerClient(gateway.grpc)
+        yield Protocol("grpc", triton_grpc, client)
+    client.close()

@@ -1,0 +1,92 @@
+"""Small ONNX models that exist only to test the gateway: every datatype, slow work, a failing op."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+from gateway.types import Datatype
+from scripts.build_models import _model, _save, build_repository
+
+ONNX_TYPE = {
+    Datatype.BOOL: TensorProto.BOOL,
+    Datatype.UINT8: TensorProto.UINT8,
+    Datatype.UINT16: TensorProto.UINT16,
+    Datatype.UINT32: TensorProto.UINT32,
+    Datatype.UINT64: TensorProto.UINT64,
+    Datatype.INT8: TensorProto.INT8,
+    Datatype.INT16: TensorProto.INT16,
+    Datatype.INT32: TensorProto.INT32,
+    Datatype.INT64: TensorProto.INT64,
+    Datatype.FP16: TensorProto.FLOAT16,
+    Datatype.FP32: TensorProto.FLOAT,
+    Datatype.FP64: TensorProto.DOUBLE,
+    Datatype.BYTES: TensorProto.STRING,
+}
+
+
+def build_identity(datatype: Datatype) -> onnx.ModelProto:
+    """INPUT [-1, -1] -> OUTPUT, the same values, of one datatype."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["INPUT"], ["OUTPUT"])],
+        f"identity_{datatype.value.lower()}",
+        [helper.make_tensor_value_info("INPUT", ONNX_TYPE[datatype], ["a", "b"])],
+        [helper.make_tensor_value_info("OUTPUT", ONNX_TYPE[datatype], ["a", "b"])],
+    )
+    return _model(graph)
+
+
+def build_spin() -> onnx.ModelProto:
+    """n INT64 [1] -> sum FP32 [1]: an n x n matrix product, so the client decides how long it runs."""
+    nodes = [
+        helper.make_node("Concat", ["n", "n"], ["dims"], axis=0),
+        helper.make_node(
+            "ConstantOfShape", ["dims"], ["ones"], value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+        ),
+        helper.make_node("MatMul", ["ones", "ones"], ["square"]),
+        helper.make_node("ReduceSum", ["square"], ["total"], keepdims=0),
+        helper.make_node("Reshape", ["total", "one_dim"], ["sum"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "spin",
+        [helper.make_tensor_value_info("n", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("sum", TensorProto.FLOAT, [1])],
+        initializer=[helper.make_tensor("one_dim", TensorProto.INT64, [1], [1])],
+    )
+    return _model(graph)
+
+
+def build_reshape() -> onnx.ModelProto:
+    """x FP32 [-1] reshaped to `shape`: a shape that does not fit makes ONNX Runtime fail at run time."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "reshape",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
+    )
+    return _model(graph)
+
+
+SPIN_LIMITED = "backend: onnxruntime\nlimits: {max_inflight: 1, max_queue: 0}\n"
+SPIN_DEADLINE = "backend: onnxruntime\nlimits: {timeout_ms: 50}\n"
+
+
+def build_test_repository(repo: Path) -> None:
+    """The example models plus the test-only ones, and two that must fail to load."""
+    build_repository(repo)
+    for datatype in Datatype:
+        _save(build_identity(datatype), repo / f"identity_{datatype.value.lower()}" / "1" / "model.onnx")
+    for name, config in (("spin_limited", SPIN_LIMITED), ("spin_deadline", SPIN_DEADLINE)):
+        _save(build_spin(), repo / name / "1" / "model.onnx")
+        (repo / name / "config.yaml").write_text(config)
+    _save(build_reshape(), repo / "reshape" / "1" / "model.onnx")
+    (repo / "broken_artifact" / "1").mkdir(parents=True)
+    (repo / "broken_artifact" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
+    _save(build_identity(Datatype.FP32), repo / "broken_config" / "1" / "model.onnx")
+    (repo / "broken_config" / "config.yaml").write_text("backend: onnxruntime\nlabelz: {stable: 1}\n")
