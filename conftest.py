@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -151,3 +153,52 @@ def protocol(request: pytest.FixtureRequest, gateway: RunningGateway) -> Iterato
         client = triton_grpc.InferenceServerClient(gateway.grpc)
         yield Protocol("grpc", triton_grpc, client)
     client.close()
+
+
+class InProcessGateway:
+    """The real Gateway in a thread of this process, for tests that give it their own adapters."""
+
+    def __init__(self, repo: Path, adapter_factory: Any) -> None:
+        from gateway.settings import Settings
+
+        self.settings = Settings(model_repo=repo, http_port=free_port(), grpc_port=free_port(), log_level="warning")
+        self._factory = adapter_factory
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    @property
+    def http(self) -> str:
+        return f"127.0.0.1:{self.settings.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"127.0.0.1:{self.settings.grpc_port}"
+
+    async def _main(self) -> None:
+        from gateway.server import Gateway
+
+        gateway = Gateway(self.settings, self._factory)
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        try:
+            await gateway.start()
+        except BaseException as exc:
+            self._error = exc
+            self._started.set()
+            raise
+        self._started.set()
+        await self._stop.wait()
+        await gateway.stop()
+
+    def __enter__(self) -> InProcessGateway:
+        self._thread.start()
+        if not self._started.wait(STARTUP_TIMEOUT_S) or self._error is not None:
+            raise RuntimeError(f"in-process gateway did not start: {self._error!r}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)

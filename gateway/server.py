@@ -15,11 +15,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2_grpc
 
+from adapters import create_adapter
 from gateway.dataplane import DataPlane
 from gateway.metrics import Metrics
 from gateway.protocols.http import create_app
 from gateway.protocols.v2_grpc import SERVICE_NAME, ErrorInterceptor, InferenceServicer
-from gateway.registry import Registry
+from gateway.registry import AdapterFactory, Registry
 from gateway.routing import Router
 from gateway.settings import Settings
 
@@ -35,10 +36,10 @@ class _UvicornServer(uvicorn.Server):
 
 
 class Gateway:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, adapter_factory: AdapterFactory = create_adapter) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.registry = Registry(settings.model_repo)
+        self.registry = Registry(settings.model_repo, adapter_factory)
         self.dataplane = DataPlane(self.registry, Router(), self.metrics)
         self.app = create_app(self.dataplane, self.metrics)
         self._health = health.aio.HealthServicer()

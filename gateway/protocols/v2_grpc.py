@@ -202,11 +202,12 @@ def decode_infer_request(request: Any, time_remaining: float | None) -> InferReq
             raise MalformedRequest(f"inputs[{index}] needs a name")
         datatype = parse_datatype_field(name, tensor.datatype)
         shape = parse_shape(name, list(tensor.shape))
+        parameters = _parameters(f"input '{name}'", tensor.parameters)
         if raw:
             decoded = tensor_from_buffer(name, datatype, shape, raw[index])
         else:
             decoded = _from_contents(name, datatype, shape, tensor.contents)
-        decoded.parameters = _parameters(f"input '{name}'", tensor.parameters)
+        decoded.parameters = parameters
         inputs.append(decoded)
     outputs = [
         RequestedOutput(o.name, _parameters(f"output '{o.name}'", o.parameters)) for o in request.outputs

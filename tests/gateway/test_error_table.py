@@ -1,0 +1,93 @@
+"""Every row of the error table, raised by a backend, reaches REST and gRPC clients as the table says.
+
+The backend here is the real ONNX Runtime adapter made to raise one error class per model, so that
+rows no real fault can reach on this machine yet (a remote backend being down) are covered too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
+
+from adapters.base import LoadSpec, ModelAdapter
+from adapters.onnxruntime import OnnxRuntimeAdapter
+from conftest import InProcessGateway
+from gateway.errors import ERROR_TABLE, GatewayError, Overloaded
+from gateway.types import Datatype
+from scripts.build_models import _save
+from tests.model_builders import build_identity
+
+ROWS = list(ERROR_TABLE.items())
+
+
+def model_name(error: type[GatewayError]) -> str:
+    return f"raises_{error.__name__.lower()}"
+
+
+class RaisingAdapter(OnnxRuntimeAdapter):
+    """Loads and describes the model for real, then fails every request with one gateway error."""
+
+    error: type[GatewayError]
+
+    async def infer(self, inputs: Mapping[str, Any], output_names: Sequence[str]) -> dict[str, Any]:
+        raise self.error(f"{self.spec.label}: {self.error.__name__} raised by the backend")
+
+
+def raising_factory(backend: str, spec: LoadSpec) -> ModelAdapter:
+    adapter = RaisingAdapter(spec)
+    adapter.error = next(error for error, _ in ROWS if model_name(error) == spec.model_name)
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def table_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessGateway]:
+    repo: Path = tmp_path_factory.mktemp("table_repo")
+    for error, _ in ROWS:
+        _save(build_identity(Datatype.FP32), repo / model_name(error) / "1" / "model.onnx")
+    with InProcessGateway(repo, raising_factory) as running:
+        yield running
+
+
+BODY = {"inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 2.0]}]}
+
+
+@pytest.mark.parametrize(("error", "expected"), ROWS, ids=[error.__name__ for error, _ in ROWS])
+def test_rest_status_follows_the_table(table_gateway: InProcessGateway, error: type[GatewayError], expected: Any) -> None:
+    status, _ = expected
+    response = httpx.post(f"http://{table_gateway.http}/v2/models/{model_name(error)}/infer", json=BODY)
+    assert response.status_code == status
+    assert response.json() == {"error": f"model '{model_name(error)}' version 1: {error.__name__} raised by the backend"}
+    assert ("Retry-After" in response.headers) == issubclass(error, Overloaded)
+
+
+@pytest.mark.parametrize(("error", "expected"), ROWS, ids=[error.__name__ for error, _ in ROWS])
+def test_grpc_code_follows_the_table(table_gateway: InProcessGateway, error: type[GatewayError], expected: Any) -> None:
+    _, code = expected
+    client = triton_grpc.InferenceServerClient(table_gateway.grpc)
+    tensor = triton_grpc.InferInput("INPUT", [1, 2], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 2), np.float32))
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer(model_name(error), [tensor])
+    client.close()
+    assert caught.value.status() == str(code)
+    assert f"{error.__name__} raised by the backend" in caught.value.message()
+
+
+def test_grpc_overload_carries_retry_after(table_gateway: InProcessGateway) -> None:
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    request = service_pb2.ModelInferRequest(model_name=model_name(Overloaded))
+    request.inputs.add(name="INPUT", datatype="FP32", shape=[1, 2]).contents.fp32_contents.extend([1.0, 2.0])
+    with grpc.insecure_channel(table_gateway.grpc) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ("retry-after", "1") in tuple(caught.value.trailing_metadata())

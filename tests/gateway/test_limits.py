@@ -1,0 +1,62 @@
+"""The per-model admission limiter: a bounded FIFO queue in front of a concurrency cap."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gateway.errors import DeadlineExceeded, Overloaded
+from gateway.limits import Limiter
+
+
+async def test_admits_up_to_the_cap_then_queues_in_order() -> None:
+    limiter = Limiter(max_inflight=2, max_queue=2, label="model 'm'")
+    await limiter.acquire(None)
+    await limiter.acquire(None)
+    order: list[int] = []
+
+    async def waiter(index: int) -> None:
+        await limiter.acquire(None)
+        order.append(index)
+
+    tasks = [asyncio.create_task(waiter(i)) for i in range(2)]
+    await asyncio.sleep(0)
+    assert limiter.queued == 2 and order == []
+    limiter.release()
+    limiter.release()
+    await asyncio.gather(*tasks)
+    assert order == [0, 1]
+    assert limiter.inflight == 2
+
+
+async def test_refuses_at_once_when_the_queue_is_full() -> None:
+    limiter = Limiter(max_inflight=1, max_queue=0, label="model 'm'")
+    await limiter.acquire(None)
+    with pytest.raises(Overloaded, match="max_inflight 1, max_queue 0"):
+        await limiter.acquire(None)
+    limiter.release()
+    assert limiter.inflight == 0
+
+
+async def test_deadline_while_queued_leaves_the_queue() -> None:
+    limiter = Limiter(max_inflight=1, max_queue=4, label="model 'm'")
+    await limiter.acquire(None)
+    with pytest.raises(DeadlineExceeded):
+        await limiter.acquire(time.monotonic() + 0.01)
+    assert limiter.queued == 0
+    limiter.release()
+    assert limiter.inflight == 0
+
+
+async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
+    limiter = Limiter(max_inflight=1, max_queue=4, label="model 'm'")
+    await limiter.acquire(None)
+    task = asyncio.create_task(limiter.acquire(None))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    limiter.release()
+    assert limiter.inflight == 0 and limiter.queued == 0
