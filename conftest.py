@@ -161,7 +161,9 @@ class InProcessGateway:
     def __init__(self, repo: Path, adapter_factory: Any) -> None:
         from gateway.settings import Settings
 
-        self.settings = Settings(model_repo=repo, http_port=free_port(), grpc_port=free_port(), log_level="warning")
+        self.settings = Settings(
+            model_repo=repo, http_port=free_port(), grpc_port=free_port(), log_level="warning"
+        )
         self._factory = adapter_factory
         self._started = threading.Event()
         self._error: BaseException | None = None

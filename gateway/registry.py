@@ -107,7 +107,9 @@ class Registry:
 
     async def load_all(self) -> None:
         """Load every model in the repository; one that fails is logged and left UNAVAILABLE."""
-        results = await asyncio.gather(*(self.load(name) for name in model_names(self.root)), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self.load(name) for name in model_names(self.root)), return_exceptions=True
+        )
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, GatewayError):
                 raise result

@@ -8,7 +8,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from gateway.types import Datatype
-from scripts.build_models import _model, _save, build_repository
+from scripts.build_models import _model, _save, build_affine, build_repository
 
 ONNX_TYPE = {
     Datatype.BOOL: TensorProto.BOOL,
@@ -43,7 +43,10 @@ def build_spin() -> onnx.ModelProto:
     nodes = [
         helper.make_node("Concat", ["n", "n"], ["dims"], axis=0),
         helper.make_node(
-            "ConstantOfShape", ["dims"], ["ones"], value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+            "ConstantOfShape",
+            ["dims"],
+            ["ones"],
+            value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]),
         ),
         helper.make_node("MatMul", ["ones", "ones"], ["square"]),
         helper.make_node("ReduceSum", ["square"], ["total"], keepdims=0),
@@ -86,6 +89,8 @@ def build_test_repository(repo: Path) -> None:
         _save(build_spin(), repo / name / "1" / "model.onnx")
         (repo / name / "config.yaml").write_text(config)
     _save(build_reshape(), repo / "reshape" / "1" / "model.onnx")
+    # Loaded, unloaded and reloaded by the repository tests, so no other test depends on it.
+    _save(build_affine(1), repo / "reloadable" / "1" / "model.onnx")
     (repo / "broken_artifact" / "1").mkdir(parents=True)
     (repo / "broken_artifact" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
     _save(build_identity(Datatype.FP32), repo / "broken_config" / "1" / "model.onnx")

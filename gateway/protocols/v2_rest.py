@@ -71,6 +71,11 @@ def v2_router(dataplane: DataPlane) -> APIRouter:
             {"name": meta.name, "version": meta.version, "extensions": list(meta.extensions)}
         )
 
+    # Before the model routes, which would take 'stats' for a model name.
+    @route("GET", "/v2/models/stats", versioned=False)
+    async def all_stats() -> Response:
+        return json_response(_statistics(dataplane.statistics(None, None)))
+
     @route("GET", "{model}/ready")
     async def model_ready(model_name: str, model_version: str | None = None) -> Response:
         ready = await dataplane.model_ready(model_name, model_version)
@@ -96,10 +101,6 @@ def v2_router(dataplane: DataPlane) -> APIRouter:
     @route("GET", "{model}/stats")
     async def model_stats(model_name: str, model_version: str | None = None) -> Response:
         return json_response(_statistics(dataplane.statistics(model_name, model_version)))
-
-    @route("GET", "/v2/models/stats", versioned=False)
-    async def all_stats() -> Response:
-        return json_response(_statistics(dataplane.statistics(None, None)))
 
     @route("POST", "{model}/infer")
     async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:

@@ -60,16 +60,22 @@ BODY = {"inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [1, 2], "data"
 
 
 @pytest.mark.parametrize(("error", "expected"), ROWS, ids=[error.__name__ for error, _ in ROWS])
-def test_rest_status_follows_the_table(table_gateway: InProcessGateway, error: type[GatewayError], expected: Any) -> None:
+def test_rest_status_follows_the_table(
+    table_gateway: InProcessGateway, error: type[GatewayError], expected: Any
+) -> None:
     status, _ = expected
     response = httpx.post(f"http://{table_gateway.http}/v2/models/{model_name(error)}/infer", json=BODY)
     assert response.status_code == status
-    assert response.json() == {"error": f"model '{model_name(error)}' version 1: {error.__name__} raised by the backend"}
+    assert response.json() == {
+        "error": f"model '{model_name(error)}' version 1: {error.__name__} raised by the backend"
+    }
     assert ("Retry-After" in response.headers) == issubclass(error, Overloaded)
 
 
 @pytest.mark.parametrize(("error", "expected"), ROWS, ids=[error.__name__ for error, _ in ROWS])
-def test_grpc_code_follows_the_table(table_gateway: InProcessGateway, error: type[GatewayError], expected: Any) -> None:
+def test_grpc_code_follows_the_table(
+    table_gateway: InProcessGateway, error: type[GatewayError], expected: Any
+) -> None:
     _, code = expected
     client = triton_grpc.InferenceServerClient(table_gateway.grpc)
     tensor = triton_grpc.InferInput("INPUT", [1, 2], "FP32")
@@ -86,8 +92,7 @@ def test_grpc_overload_carries_retry_after(table_gateway: InProcessGateway) -> N
 
     request = service_pb2.ModelInferRequest(model_name=model_name(Overloaded))
     request.inputs.add(name="INPUT", datatype="FP32", shape=[1, 2]).contents.fp32_contents.extend([1.0, 2.0])
-    with grpc.insecure_channel(table_gateway.grpc) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    with grpc.insecure_channel(table_gateway.grpc) as channel, pytest.raises(grpc.RpcError) as caught:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
     assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert ("retry-after", "1") in tuple(caught.value.trailing_metadata())

@@ -22,9 +22,13 @@ X = np.ones((1, 4), dtype=np.float32)
 Call = Callable[[Protocol], Any]
 
 
-def infer(model: str, name: str = "x", data: Any = X, datatype: str = "FP32", version: str = "", **kw: Any) -> Call:
+def infer(
+    model: str, name: str = "x", data: Any = X, datatype: str = "FP32", version: str = "", **kw: Any
+) -> Call:
     def call(protocol: Protocol) -> Any:
-        return protocol.client.infer(model, [protocol.input(name, data, datatype)], model_version=version, **kw)
+        return protocol.client.infer(
+            model, [protocol.input(name, data, datatype)], model_version=version, **kw
+        )
 
     return call
 
@@ -36,7 +40,9 @@ def with_shared_memory(protocol: Protocol) -> Any:
 
 
 def unknown_output(protocol: Protocol) -> Any:
-    return protocol.client.infer("affine", [protocol.input("x", X, "FP32")], outputs=[protocol.output("nope")])
+    return protocol.client.infer(
+        "affine", [protocol.input("x", X, "FP32")], outputs=[protocol.output("nope")]
+    )
 
 
 CASES: list[tuple[str, Call, int, str]] = [
@@ -50,9 +56,15 @@ CASES: list[tuple[str, Call, int, str]] = [
     ("unknown output", unknown_output, 400, "INVALID_ARGUMENT"),
     ("model that failed to load", infer("broken_artifact", name="INPUT"), 503, "UNAVAILABLE"),
     ("model whose config is invalid", infer("broken_config", name="INPUT"), 503, "UNAVAILABLE"),
-    ("backend failure at run time", lambda p: p.client.infer("reshape", [
-        p.input("x", np.ones(6, np.float32), "FP32"), p.input("shape", np.array([4, 4]), "INT64")]),
-     500, "INTERNAL"),  # fmt: skip
+    (
+        "backend failure at run time",
+        lambda p: p.client.infer(
+            "reshape",
+            [p.input("x", np.ones(6, np.float32), "FP32"), p.input("shape", np.array([4, 4]), "INT64")],
+        ),
+        500,
+        "INTERNAL",
+    ),
     ("unsupported feature", with_shared_memory, 501, "UNIMPLEMENTED"),
 ]
 
@@ -92,23 +104,44 @@ MALFORMED_REST: list[tuple[str, bytes, dict[str, str]]] = [
     ("shape that is not a list", orjson.dumps({"inputs": [good_input(shape="1,4")]}), {}),
     ("huge shape", orjson.dumps({"inputs": [good_input(shape=[1 << 40, 1 << 40])]}), {}),
     ("missing data", orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4]}]}), {}),
-    ("header length past the body", orjson.dumps({"inputs": [good_input()]}), {"Inference-Header-Content-Length": "9999"}),
-    ("header length not a number", orjson.dumps({"inputs": [good_input()]}), {"Inference-Header-Content-Length": "ten"}),
+    (
+        "header length past the body",
+        orjson.dumps({"inputs": [good_input()]}),
+        {"Inference-Header-Content-Length": "9999"},
+    ),
+    (
+        "header length not a number",
+        orjson.dumps({"inputs": [good_input()]}),
+        {"Inference-Header-Content-Length": "ten"},
+    ),
     ("bad gzip", b"not gzip", {"Content-Encoding": "gzip"}),
 ]
 
 
 @pytest.mark.parametrize(("case", "body", "headers"), MALFORMED_REST, ids=[c[0] for c in MALFORMED_REST])
-def test_malformed_rest_request_is_a_clear_400(http: httpx.Client, case: str, body: bytes, headers: dict[str, str]) -> None:
+def test_malformed_rest_request_is_a_clear_400(
+    http: httpx.Client, case: str, body: bytes, headers: dict[str, str]
+) -> None:
     response = http.post("/v2/models/affine/infer", content=body, headers=headers)
     assert response.status_code == 400, response.text
     assert set(response.json()) == {"error"}
     assert response.json()["error"]
 
 
-def binary_request(size: int, payload: bytes, datatype: str = "FP32", shape: list[int] | None = None) -> tuple[bytes, dict[str, str]]:
+def binary_request(
+    size: int, payload: bytes, datatype: str = "FP32", shape: list[int] | None = None
+) -> tuple[bytes, dict[str, str]]:
     header = orjson.dumps(
-        {"inputs": [{"name": "x", "datatype": datatype, "shape": shape or [1, 4], "parameters": {"binary_data_size": size}}]}
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": datatype,
+                    "shape": shape or [1, 4],
+                    "parameters": {"binary_data_size": size},
+                }
+            ]
+        }
     )
     return header + payload, {"Inference-Header-Content-Length": str(len(header))}
 
@@ -121,7 +154,9 @@ def binary_request(size: int, payload: bytes, datatype: str = "FP32", shape: lis
         ("bytes left over after the inputs", 16, b"\x00" * 20),
     ],
 )
-def test_malformed_binary_request_is_a_clear_400(http: httpx.Client, case: str, size: int, payload: bytes) -> None:
+def test_malformed_binary_request_is_a_clear_400(
+    http: httpx.Client, case: str, size: int, payload: bytes
+) -> None:
     body, headers = binary_request(size, payload)
     response = http.post("/v2/models/affine/infer", content=body, headers=headers)
     assert response.status_code == 400, response.text
@@ -130,7 +165,18 @@ def test_malformed_binary_request_is_a_clear_400(http: httpx.Client, case: str, 
 
 def test_truncated_bytes_element_is_a_clear_400(http: httpx.Client) -> None:
     payload = (10).to_bytes(4, "little") + b"abc"  # says 10 bytes, holds 3
-    header = orjson.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(payload)}}]})
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "text",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": len(payload)},
+                }
+            ]
+        }
+    )
     response = http.post(
         "/v2/models/text_normalizer/infer",
         content=header + payload,
@@ -168,7 +214,9 @@ MALFORMED_GRPC = [
 
 
 @pytest.mark.parametrize(("case", "request_message"), MALFORMED_GRPC, ids=[c[0] for c in MALFORMED_GRPC])
-def test_malformed_grpc_request_is_invalid_argument(gateway: RunningGateway, case: str, request_message: Any) -> None:
+def test_malformed_grpc_request_is_invalid_argument(
+    gateway: RunningGateway, case: str, request_message: Any
+) -> None:
     with grpc.insecure_channel(gateway.grpc) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
@@ -192,12 +240,16 @@ def wait_for_inflight(http: httpx.Client, model: str, count: int) -> None:
     raise AssertionError(f"{model} never had {count} request(s) in flight")
 
 
-def test_over_the_limit_is_429_with_retry_after(protocol: Protocol, gateway: RunningGateway, http: httpx.Client) -> None:
+def test_over_the_limit_is_429_with_retry_after(
+    protocol: Protocol, gateway: RunningGateway, http: httpx.Client
+) -> None:
     """spin_limited allows one request at a time and queues none; a long one holds the slot."""
     long_request = {"inputs": [{"name": "n", "datatype": "INT64", "shape": [1], "data": [4000]}]}
     results: list[httpx.Response] = []
     holder = threading.Thread(
-        target=lambda: results.append(httpx.post(f"{gateway.url}/v2/models/spin_limited/infer", json=long_request, timeout=120))
+        target=lambda: results.append(
+            httpx.post(f"{gateway.url}/v2/models/spin_limited/infer", json=long_request, timeout=120)
+        )
     )
     holder.start()
     try:
@@ -207,7 +259,10 @@ def test_over_the_limit_is_429_with_retry_after(protocol: Protocol, gateway: Run
                 infer("spin_limited", name="n", data=np.array([1]), datatype="INT64")(protocol)
             assert protocol.error_code(caught.value) == "RESOURCE_EXHAUSTED"
         else:
-            response = http.post("/v2/models/spin_limited/infer", json={"inputs": [{"name": "n", "datatype": "INT64", "shape": [1], "data": [1]}]})
+            response = http.post(
+                "/v2/models/spin_limited/infer",
+                json={"inputs": [{"name": "n", "datatype": "INT64", "shape": [1], "data": [1]}]},
+            )
             assert response.status_code == 429
             assert response.headers["Retry-After"] == "1"
             assert "limit" in response.json()["error"]

@@ -20,9 +20,7 @@ def reference(repo: Path, model: str, version: int, feeds: dict[str, Any]) -> li
     return session.run(None, feeds)
 
 
-@pytest.mark.parametrize(
-    ("requested", "served"), [("", 1), ("1", 1), ("2", 2), ("stable", 1), ("canary", 2)]
-)
+@pytest.mark.parametrize(("requested", "served"), [("", 1), ("1", 1), ("2", 2), ("stable", 1), ("canary", 2)])
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_versions_give_their_own_outputs(
     protocol: Protocol, test_repo: Path, requested: str, served: int, binary: bool
@@ -90,7 +88,9 @@ def test_every_datatype_round_trips(protocol: Protocol, datatype: Datatype) -> N
     # REST carries tensors as JSON or as binary; tritonclient's gRPC client always sends raw contents.
     for binary in (True,) if protocol.is_grpc else (False, True):
         result = protocol.client.infer(
-            model, [protocol.input("INPUT", data, datatype.value, binary)], outputs=[protocol.output("OUTPUT", binary)]
+            model,
+            [protocol.input("INPUT", data, datatype.value, binary)],
+            outputs=[protocol.output("OUTPUT", binary)],
         )
         got = result.as_numpy("OUTPUT")
         assert got.shape == data.shape
@@ -101,9 +101,7 @@ def test_every_datatype_round_trips(protocol: Protocol, datatype: Datatype) -> N
             np.testing.assert_array_equal(got, data)
 
 
-@pytest.mark.parametrize(
-    "datatype", [d for d in Datatype if d is not Datatype.FP16], ids=lambda d: d.value
-)
+@pytest.mark.parametrize("datatype", [d for d in Datatype if d is not Datatype.FP16], ids=lambda d: d.value)
 def test_every_datatype_in_grpc_typed_contents(gateway: Any, datatype: Datatype) -> None:
     """gRPC clients other than tritonclient send typed `contents` fields instead of raw bytes."""
     import grpc
@@ -134,7 +132,9 @@ def test_every_datatype_in_grpc_typed_contents(gateway: Any, datatype: Datatype)
 def test_strings_model(protocol: Protocol, test_repo: Path) -> None:
     text = np.array([b"The Cat", b"of", b"Hello WORLD"], dtype=object)
     result = protocol.client.infer("text_normalizer", [protocol.input("text", text, "BYTES")])
-    (expected,) = reference(test_repo, "text_normalizer", 1, {"text": np.array([t.decode() for t in text], dtype=object)})
+    (expected,) = reference(
+        test_repo, "text_normalizer", 1, {"text": np.array([t.decode() for t in text], dtype=object)}
+    )
     assert [bytes(v) for v in result.as_numpy("normalized")] == [e.encode() for e in expected]
 
 
@@ -175,6 +175,8 @@ def test_gzip_request_body(http: Any) -> None:
 
     body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
     response = http.post(
-        "/v2/models/affine/infer", content=gzip.compress(orjson.dumps(body)), headers={"Content-Encoding": "gzip"}
+        "/v2/models/affine/infer",
+        content=gzip.compress(orjson.dumps(body)),
+        headers={"Content-Encoding": "gzip"},
     )
     assert response.status_code == 200, response.text

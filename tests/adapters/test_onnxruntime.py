@@ -1,0 +1,118 @@
+"""The ONNX Runtime adapter on its own: loading, metadata, inference, and errors at its boundary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from adapters import adapter_class
+from adapters.base import LoadSpec
+from adapters.onnxruntime import OnnxRuntimeAdapter, default_providers
+from gateway.config import ModelConfig
+from gateway.errors import BackendError, InvalidInput, ModelNotReady
+from gateway.types import Datatype, TensorSpec
+from scripts.build_models import _save, build_affine, build_text_normalizer
+from tests.model_builders import build_reshape
+
+
+def spec_for(path: Path, config: ModelConfig | None = None, name: str = "m") -> LoadSpec:
+    return LoadSpec(name, 1, path.parent, path, config or ModelConfig())
+
+
+@pytest.fixture
+def affine_path(tmp_path: Path) -> Path:
+    path = tmp_path / "m" / "1" / "model.onnx"
+    _save(build_affine(1), path)
+    return path
+
+
+async def test_load_describe_infer(affine_path: Path) -> None:
+    async with OnnxRuntimeAdapter(spec_for(affine_path)) as adapter:
+        assert await adapter.ready()
+        signature = await adapter.metadata()
+        assert signature.inputs == (TensorSpec("x", Datatype.FP32, (-1, 4)),)
+        assert signature.outputs == (TensorSpec("y", Datatype.FP32, (-1, 3)),)
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        result = await adapter.infer({"x": x}, ["y"])
+    expected = ort.InferenceSession(str(affine_path)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(result["y"], expected)
+    assert not await adapter.ready()
+
+
+async def test_strings_cross_as_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "t" / "1" / "model.onnx"
+    _save(build_text_normalizer(), path)
+    async with OnnxRuntimeAdapter(spec_for(path)) as adapter:
+        result = await adapter.infer({"text": np.array([b"ABC", b"the"], dtype=object)}, ["normalized"])
+        assert list(result["normalized"]) == [b"abc"]
+        with pytest.raises(InvalidInput, match="UTF-8"):
+            await adapter.infer({"text": np.array([b"\xff\xfe"], dtype=object)}, ["normalized"])
+
+
+async def test_unreadable_artifact_is_not_ready(tmp_path: Path) -> None:
+    path = tmp_path / "m" / "1" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"garbage")
+    with pytest.raises(ModelNotReady, match=r"model 'm' version 1: onnxruntime cannot load model\.onnx"):
+        await OnnxRuntimeAdapter(spec_for(path)).load()
+
+
+async def test_unavailable_provider_is_a_clear_error(affine_path: Path) -> None:
+    config = ModelConfig.model_validate({"onnxruntime": {"providers": ["TensorrtExecutionProvider"]}})
+    adapter = OnnxRuntimeAdapter(spec_for(affine_path, config))
+    with pytest.raises(ModelNotReady, match="TensorrtExecutionProvider"):
+        await adapter.load()
+    await adapter.aclose()
+
+
+def test_default_providers_prefer_cuda_where_present() -> None:
+    providers = default_providers()
+    assert providers[-1] == "CPUExecutionProvider"
+    assert ("CUDAExecutionProvider" in providers) == (
+        "CUDAExecutionProvider" in ort.get_available_providers()
+    )
+
+
+async def test_config_fills_in_shapes_and_must_agree_on_names(affine_path: Path) -> None:
+    narrowed = ModelConfig.model_validate({"inputs": [{"name": "x", "datatype": "FP32", "shape": [8, 4]}]})
+    async with OnnxRuntimeAdapter(spec_for(affine_path, narrowed)) as adapter:
+        assert (await adapter.metadata()).inputs == (TensorSpec("x", Datatype.FP32, (8, 4)),)
+    for wrong, message in (
+        ({"name": "z", "datatype": "FP32", "shape": [-1, 4]}, "declares tensor 'z'"),
+        ({"name": "x", "datatype": "INT32", "shape": [-1, 4]}, "config.yaml says 'x' is INT32"),
+    ):
+        adapter = OnnxRuntimeAdapter(spec_for(affine_path, ModelConfig.model_validate({"inputs": [wrong]})))
+        with pytest.raises(ModelNotReady, match=message):
+            await adapter.load()
+        await adapter.aclose()
+
+
+async def test_runtime_failures_become_gateway_errors(affine_path: Path, tmp_path: Path) -> None:
+    async with OnnxRuntimeAdapter(spec_for(affine_path)) as adapter:
+        with pytest.raises(InvalidInput, match="onnxruntime rejected the input"):
+            await adapter.infer({"x": np.ones((1, 4), dtype=np.float64)}, ["y"])
+    path = tmp_path / "r" / "1" / "model.onnx"
+    _save(build_reshape(), path)
+    async with OnnxRuntimeAdapter(spec_for(path)) as adapter:
+        with pytest.raises(BackendError, match="onnxruntime failed") as caught:
+            await adapter.infer({"x": np.ones(6, np.float32), "shape": np.array([4, 4])}, ["y"])
+        assert caught.value.__cause__ is not None
+
+
+async def test_infer_after_close_is_not_ready(affine_path: Path) -> None:
+    adapter = OnnxRuntimeAdapter(spec_for(affine_path))
+    await adapter.load()
+    await adapter.aclose()
+    await adapter.aclose()
+    with pytest.raises(ModelNotReady):
+        await adapter.infer({"x": np.ones((1, 4), np.float32)}, ["y"])
+
+
+def test_planned_and_unknown_backends_say_so() -> None:
+    with pytest.raises(ModelNotReady, match="not available in this version"):
+        adapter_class("torchserve")
+    with pytest.raises(ModelNotReady, match="unknown backend 'caffe'"):
+        adapter_class("caffe")
