@@ -32,8 +32,8 @@ models: dev
 	$(BIN)/python scripts/build_models.py --repo $(MODEL_REPO)
 
 lint: dev
-	$(BIN)/ruff check gateway adapters tests scripts benchmarks
-	$(BIN)/ruff format --check gateway adapters tests scripts benchmarks
+	$(BIN)/ruff check gateway adapters tests scripts benchmarks conftest.py
+	$(BIN)/ruff format --check gateway adapters tests scripts benchmarks conftest.py
 
 typecheck: dev
 	$(BIN)/mypy
