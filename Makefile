@@ -43,8 +43,8 @@ pytest: dev
 
 test: lint typecheck pytest
 
-bench: install
-	$(BIN)/python benchmarks/load.py --duration 10 --concurrency 8
+bench: dev
+	benchmarks/run.sh --duration 10 --concurrency 8 --json-out benchmarks/results/load.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
