@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import importlib
 
-from adapters.base import LoadSpec, ModelAdapter
+from adapters.base import LoadSpec, ModelAdapter, SharedResources
 from gateway.errors import ModelNotReady
 
 # backend name -> (module, class, the pip extra that brings its dependencies)
 BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "onnxruntime": ("adapters.onnxruntime", "OnnxRuntimeAdapter", None),
+    "torchserve": ("adapters.torchserve", "TorchServeAdapter", "torchserve"),
 }
 
 # Backends the config schema accepts whose adapters have not landed yet.
-PLANNED_BACKENDS = ("torchserve", "tfserving", "tensorflow")
+PLANNED_BACKENDS = ("tfserving", "tensorflow")
 
 
 def adapter_class(backend: str) -> type[ModelAdapter]:
@@ -39,4 +40,4 @@ def create_adapter(backend: str, spec: LoadSpec) -> ModelAdapter:
     return adapter_class(backend)(spec)
 
 
-__all__ = ["BACKENDS", "LoadSpec", "ModelAdapter", "adapter_class", "create_adapter"]
+__all__ = ["BACKENDS", "LoadSpec", "ModelAdapter", "SharedResources", "adapter_class", "create_adapter"]

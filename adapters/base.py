@@ -2,17 +2,53 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 import numpy as np
 
 from gateway.config import ModelConfig
 from gateway.types import ModelSignature
+
+log = logging.getLogger("modelyard.adapters")
+
+
+class SharedResource(Protocol):
+    async def aclose(self) -> None: ...
+
+
+Resource = TypeVar("Resource", bound=SharedResource)
+
+
+class SharedResources:
+    """Backend resources that several model versions share: a managed server, a connection pool.
+
+    Created once by the registry; each is built on first use and closed when the registry closes.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[str, SharedResource] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, key: str, factory: Callable[[], Awaitable[Resource]]) -> Resource:
+        async with self._lock:
+            if key not in self._items:
+                self._items[key] = await factory()
+            return self._items[key]  # type: ignore[return-value]
+
+    async def aclose(self) -> None:
+        items, self._items = list(self._items.items()), {}
+        for key, item in reversed(items):
+            try:
+                await item.aclose()
+            except Exception:
+                log.exception("closing shared resource %s", key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +60,13 @@ class LoadSpec:
     version_dir: Path
     artifact: Path | None
     config: ModelConfig
+    # The version the gateway serves when a request names none, for backends that keep their own default.
+    default_version: int | None = None
+    shared: SharedResources = field(default_factory=SharedResources)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.version_dir.parent
 
     @property
     def label(self) -> str:

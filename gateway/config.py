@@ -118,6 +118,23 @@ class ModelConfig(_Strict):
         return traffic
 
 
+# Labels that name the default version, in this order, when the config has no traffic split.
+DEFAULT_LABELS = ("default", "stable")
+
+
+def preferred_version(config: ModelConfig, versions: list[int]) -> int | None:
+    """The one version that stands for the model when no draw is made: for metadata, and for
+    backends that keep a default of their own. The heaviest traffic weight, else the default or
+    stable label, else the highest version."""
+    weighted = {v: w for v, w in config.traffic.items() if v in versions and w > 0}
+    if weighted:
+        return max(sorted(weighted), key=lambda v: weighted[v])
+    for label in DEFAULT_LABELS:
+        if config.labels.get(label) in versions:
+            return config.labels[label]
+    return max(versions) if versions else None
+
+
 class ConfigError(ValueError):
     """A config.yaml that cannot be read or does not fit the schema."""
 

@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 
 import gateway
+from gateway.config import preferred_version
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, ModelNotReady, status_for
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
-from gateway.registry import LoadedModel, LoadedVersion, Registry, VersionStats
+from gateway.registry import LoadedModel, LoadedVersion, Registry, State, VersionStats
 from gateway.routing import Router
 from gateway.types import (
     Datatype,
@@ -72,10 +73,10 @@ class DataPlane:
     async def model_ready(self, name: str, version: str | None) -> bool:
         try:
             model = self.registry.get(name)
-            self.router.select(model, version)
+            loaded = self.router.select(model, version)
         except ModelNotReady:
             return False
-        return True
+        return await _backend_ready(loaded)
 
     # Metadata ---------------------------------------------------------------------------------
 
@@ -118,12 +119,10 @@ class DataPlane:
         model = self.registry.get(name)
         if version:
             return model, self.router.select(model, version)
-        # Metadata must not depend on a traffic draw: describe the default label or the newest.
-        ready = model.ready_versions
-        if not ready:
+        # Metadata must not depend on a traffic draw.
+        chosen = preferred_version(model.entry.config, model.ready_versions)
+        if chosen is None:
             return model, self.router.select(model, None)
-        labels = model.entry.config.labels
-        chosen = next((labels[lb] for lb in ("default", "stable") if labels.get(lb) in ready), ready[-1])
         return model, model.versions[chosen]
 
     # Inference --------------------------------------------------------------------------------
@@ -132,6 +131,10 @@ class DataPlane:
         arrived = time.perf_counter_ns()
         model = self.registry.get(request.model_name)
         loaded = self.router.select(model, request.model_version)
+        if not await _backend_ready(loaded):
+            raise ModelNotReady(
+                f"model '{model.name}' version {loaded.version}: its {loaded.backend} backend is not ready"
+            )
         labels = (model.name, str(loaded.version), loaded.backend, request.protocol)
         stats = loaded.stats
         try:
@@ -224,8 +227,22 @@ class DataPlane:
             rows.extend(ModelStatistics(model.name, str(v.version), v.stats) for v in versions)
         return rows
 
-    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
-        return self.registry.index(ready_only)
+    async def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """The registry's index, with loaded versions whose backend is down shown UNAVAILABLE."""
+        entries = []
+        for entry in self.registry.index():
+            if entry.state == State.READY.value and entry.version:
+                loaded = self.registry.get(entry.name).versions[int(entry.version)]
+                if not await _backend_ready(loaded):
+                    entry = IndexEntry(
+                        entry.name,
+                        entry.version,
+                        State.UNAVAILABLE.value,
+                        f"{loaded.backend} backend is not ready",
+                    )
+            if not ready_only or entry.state == State.READY.value:
+                entries.append(entry)
+        return entries
 
     async def load_model(self, name: str) -> None:
         model = await self.registry.load(name)
@@ -248,6 +265,10 @@ class DataPlane:
             self.metrics.model_ready.labels(model.name, str(loaded.version), loaded.backend).set(
                 int(loaded.ready)
             )
+
+
+async def _backend_ready(loaded: LoadedVersion) -> bool:
+    return loaded.ready and loaded.adapter is not None and await loaded.adapter.ready()
 
 
 def _release_late(limiter: Limiter, task: asyncio.Future[Any]) -> None:

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from adapters import LoadSpec, ModelAdapter, create_adapter
+from adapters import LoadSpec, ModelAdapter, SharedResources, create_adapter
+from gateway.config import preferred_version
 from gateway.errors import GatewayError, ModelNotFound, ModelNotReady
 from gateway.limits import Limiter
 from gateway.repository import ModelEntry, is_model_name, model_names, scan_model
@@ -93,6 +94,7 @@ class Registry:
         self._adapter_factory = adapter_factory
         self._models: dict[str, LoadedModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.shared = SharedResources()
 
     def get(self, name: str) -> LoadedModel:
         model = self._models.get(name)
@@ -174,11 +176,13 @@ class Registry:
     async def aclose(self) -> None:
         models, self._models = list(self._models.values()), {}
         await asyncio.gather(*(self._close(model) for model in models))
+        await self.shared.aclose()
 
     async def _load_version(self, entry: ModelEntry, version: int) -> LoadedVersion:
         found = next(v for v in entry.versions if v.version == version)
         backend = entry.backend or "onnxruntime"
-        spec = LoadSpec(entry.name, version, found.path, found.artifact, entry.config)
+        default = preferred_version(entry.config, [v.version for v in entry.versions])
+        spec = LoadSpec(entry.name, version, found.path, found.artifact, entry.config, default, self.shared)
         loaded = LoadedVersion(version, backend, State.LOADING)
         try:
             adapter = self._adapter_factory(backend, spec)

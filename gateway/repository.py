@@ -60,6 +60,11 @@ def model_names(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and is_model_name(p.name))
 
 
+def _is_remote(config: ModelConfig, backend: str | None) -> bool:
+    """Remote backends serve from elsewhere: their version folders need no artifact, or may be absent."""
+    return backend == "tfserving" or (backend == "torchserve" and config.torchserve.get("mode") == "remote")
+
+
 def _find_artifact(version_dir: Path, backend: str | None) -> Path | None:
     names = ARTIFACTS_OF_BACKEND.get(backend, ()) if backend else tuple(n for n, _ in ARTIFACT_BACKENDS)
     for name in names:
@@ -87,8 +92,11 @@ def scan_model(root: Path, name: str) -> ModelEntry:
         return ModelEntry(name, path, config, None, (), (f"model '{name}': no folder {path}",))
 
     found = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
-    selected = config.version_policy.select(found)
     backend: str | None = config.backend
+    remote = _is_remote(config, backend)
+    if remote and not found:
+        found = [1]
+    selected = config.version_policy.select(found)
     versions = []
     for version in selected:
         version_dir = path / str(version)
@@ -100,7 +108,7 @@ def scan_model(root: Path, name: str) -> ModelEntry:
             )
         elif artifact is not None and backend is None:
             backend = _backend_of(artifact)
-        elif artifact is None and ARTIFACTS_OF_BACKEND.get(backend or "", ()):
+        elif artifact is None and not remote and ARTIFACTS_OF_BACKEND.get(backend or "", ()):
             expected = " or ".join(ARTIFACTS_OF_BACKEND[backend or ""])
             problems.append(
                 f"model '{name}' version {version}: backend '{backend}' needs {expected} in {version_dir}"

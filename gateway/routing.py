@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import random
 
+from gateway.config import DEFAULT_LABELS
 from gateway.errors import ModelNotFound, ModelNotReady
 from gateway.registry import LoadedModel, LoadedVersion
-
-# Labels that name the default version, in this order, when the config has no traffic split.
-DEFAULT_LABELS = ("default", "stable")
 
 
 class Router:

@@ -144,6 +144,8 @@ def run(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every backend request at INFO: far too loud for a gateway's hot path.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     use_uvloop = settings.event_loop != "asyncio"
     if use_uvloop:
         try:

@@ -129,7 +129,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         return encode_infer_response(await self.dataplane.infer(infer_request))
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
-        entries = self.dataplane.repository_index(request.ready)
+        entries = await self.dataplane.repository_index(request.ready)
         return service_pb2.RepositoryIndexResponse(
             models=[
                 service_pb2.RepositoryIndexResponse.ModelIndex(

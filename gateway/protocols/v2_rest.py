@@ -114,7 +114,7 @@ def v2_router(dataplane: DataPlane) -> APIRouter:
     async def repository_index(request: Request) -> Response:
         body = await request.body()
         options = _json_object(body) if body.strip() else {}
-        entries = dataplane.repository_index(bool(options.get("ready", False)))
+        entries = await dataplane.repository_index(bool(options.get("ready", False)))
         return json_response(
             [
                 {
