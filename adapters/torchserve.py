@@ -237,6 +237,12 @@ class ManagedTorchServe:
                     f"inference_address=http://127.0.0.1:{inference}",
                     f"management_address=http://127.0.0.1:{management}",
                     f"metrics_address=http://127.0.0.1:{metrics}",
+                    # TorchServe also opens gRPC on fixed ports 7070/7071 unless told otherwise:
+                    # two TorchServes on one machine would then collide.
+                    "grpc_inference_address=127.0.0.1",
+                    "grpc_management_address=127.0.0.1",
+                    f"grpc_inference_port={_free_port()}",
+                    f"grpc_management_port={_free_port()}",
                     f"model_store={self.store}",
                     "default_workers_per_model=1",
                     "install_py_dep_per_model=false",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,12 @@ class ModelyardHandler:
         self.output_names: list[str] = settings.get("outputs") or []
         torch.set_num_threads(int(settings.get("threads", 1)))
         serialized = context.manifest["model"]["serializedFile"]
-        self.module = torch.jit.load(str(model_dir / serialized), map_location="cpu").eval()  # type: ignore[no-untyped-call]
+        with warnings.catch_warnings():
+            # TorchScript is what a model.pt archive holds, whatever torch thinks of it now.
+            warnings.filterwarnings(
+                "ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning
+            )
+            self.module = torch.jit.load(str(model_dir / serialized), map_location="cpu").eval()  # type: ignore[no-untyped-call]
         self.initialized = True
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
@@ -162,7 +168,9 @@ class ModelyardHandler:
 
     @staticmethod
     def _fail(context: Any, index: int, status: int, message: str) -> bytes:
-        context.set_response_status(status, message[:200], index)
+        # The reason phrase travels in TorchServe's own framing: one short line, plain ASCII.
+        phrase = " ".join(message.split())[:200].encode("ascii", "replace").decode()
+        context.set_response_status(status, phrase, index)
         return encode({"error": message}, [])
 
 

@@ -10,6 +10,8 @@ example (scripts/build_models.py), so the two deployments of one model can be co
 from __future__ import annotations
 
 import argparse
+import itertools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ class MLP(torch.nn.Module):
     def __init__(self, sizes: tuple[int, ...]) -> None:
         super().__init__()
         self.layers = torch.nn.ModuleList(
-            torch.nn.Linear(fan_in, fan_out) for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True)
+            torch.nn.Linear(fan_in, fan_out) for fan_in, fan_out in itertools.pairwise(sizes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +60,12 @@ def mlp_module(seed: int, sizes: tuple[int, ...] = MLP_SIZES) -> MLP:
 
 def save_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    # torch 2.13 deprecates TorchScript tracing in favour of torch.export, but TorchScript is the
+    # artifact TorchServe's model.pt path loads: keep it, without the warning.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning
+        )
         traced = torch.jit.trace(module, example)
     traced.save(str(path))
 
@@ -76,7 +83,9 @@ def build_repository(repo: Path) -> list[Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent / "model_repo")
     for path in build_repository(parser.parse_args().repo):
         print(path)

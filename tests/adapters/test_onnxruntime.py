@@ -113,6 +113,6 @@ async def test_infer_after_close_is_not_ready(affine_path: Path) -> None:
 
 def test_planned_and_unknown_backends_say_so() -> None:
     with pytest.raises(ModelNotReady, match="not available in this version"):
-        adapter_class("torchserve")
+        adapter_class("tensorflow")
     with pytest.raises(ModelNotReady, match="unknown backend 'caffe'"):
         adapter_class("caffe")
