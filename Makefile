@@ -12,9 +12,11 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The example repository has a TorchServe model, so serving it takes the torchserve extra
+# (torch's CPU wheel, TorchServe, the model archiver; TorchServe runs on the machine's Java 17).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) --upgrade pip
-	$(PIP) -e .
+	$(PIP) -e ".[torchserve]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
