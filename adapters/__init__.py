@@ -14,10 +14,12 @@ from gateway.errors import ModelNotReady
 # backend name -> (module, class, the pip extra that brings its dependencies)
 BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "onnxruntime": ("adapters.onnxruntime", "OnnxRuntimeAdapter", None),
+    "tensorflow": ("adapters.tensorflow", "TensorFlowAdapter", "tensorflow"),
+    "tfserving": ("adapters.tfserving", "TfServingAdapter", "tensorflow"),
 }
 
 # Backends the config schema accepts whose adapters have not landed yet.
-PLANNED_BACKENDS = ("torchserve", "tfserving", "tensorflow")
+PLANNED_BACKENDS = ("torchserve",)
 
 
 def adapter_class(backend: str) -> type[ModelAdapter]:
