@@ -16,7 +16,7 @@ import gateway
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, ModelNotReady, status_for
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
-from gateway.registry import LoadedModel, LoadedVersion, Registry, VersionStats
+from gateway.registry import LoadedModel, LoadedVersion, Registry, State, VersionStats
 from gateway.routing import Router
 from gateway.types import (
     Datatype,
@@ -72,10 +72,29 @@ class DataPlane:
     async def model_ready(self, name: str, version: str | None) -> bool:
         try:
             model = self.registry.get(name)
-            self.router.select(model, version)
+            loaded = self.router.select(model, version)
         except ModelNotReady:
             return False
-        return True
+        # A remote backend can go away after loading: ask the adapter, not only the registry.
+        return loaded.adapter is not None and await loaded.adapter.ready()
+
+    async def model_status(self, name: str, version: str | None) -> list[IndexEntry]:
+        """Each version's state, or only the one a version number or label names.
+
+        A version the registry holds as ready whose backend says otherwise is reported UNAVAILABLE.
+        """
+        model = self.registry.get(name)
+        if not model.versions:
+            raise ModelNotReady(f"model '{name}' is not ready: {model.reason or 'no version loaded'}")
+        numbers = [self.router.resolve(model, version)] if version else sorted(model.versions)
+        entries = []
+        for number in numbers:
+            loaded = model.versions[number]
+            state, reason = loaded.state.value, loaded.reason
+            if loaded.ready and not (loaded.adapter is not None and await loaded.adapter.ready()):
+                state, reason = State.UNAVAILABLE.value, "the backend reports the version is not ready"
+            entries.append(IndexEntry(name, str(number), state, reason))
+        return entries
 
     # Metadata ---------------------------------------------------------------------------------
 
