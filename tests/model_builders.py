@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import onnx
@@ -76,6 +77,7 @@ def build_reshape() -> onnx.ModelProto:
     return _model(graph)
 
 
+EXAMPLE_REPO = Path(__file__).resolve().parent.parent / "model_repo"
 SPIN_LIMITED = "backend: onnxruntime\nlimits: {max_inflight: 1, max_queue: 0}\n"
 SPIN_DEADLINE = "backend: onnxruntime\nlimits: {timeout_ms: 50}\n"
 
@@ -95,3 +97,33 @@ def build_test_repository(repo: Path) -> None:
     (repo / "broken_artifact" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
     _save(build_identity(Datatype.FP32), repo / "broken_config" / "1" / "model.onnx")
     (repo / "broken_config" / "config.yaml").write_text("backend: onnxruntime\nlabelz: {stable: 1}\n")
+    # The TensorFlow example as committed, and a copy that the readiness tests unload and reload.
+    shutil.copytree(EXAMPLE_REPO / "affine_tf", repo / "affine_tf")
+    shutil.copytree(EXAMPLE_REPO / "affine_tf" / "1", repo / "toggle_tf" / "1")
+    (repo / "toggle_tf" / "config.yaml").write_text("backend: tensorflow\n")
+
+
+def tfserving_config(model_name: str, grpc_address: str | None, rest_url: str | None, **extra: str) -> str:
+    section = {"model_name": model_name, **extra}
+    if grpc_address:
+        section["grpc"] = grpc_address
+    if rest_url:
+        section["rest"] = rest_url
+    fields = ", ".join(f"{key}: {value!r}" for key, value in section.items())
+    return f"backend: tfserving\nversion_policy: all\ntfserving: {{{fields}}}\n"
+
+
+def build_tfserving_repository(repo: Path, grpc_address: str, rest_url: str) -> None:
+    """`backend: tfserving` models with empty version folders, each remote over gRPC and over REST."""
+    remotes = {
+        "affine": ("affine_tf", (1, 2), "labels: {stable: 1, canary: 2}\n"),
+        "text": ("text_normalizer", (1,), ""),
+        "toggle": ("toggle_tf", (1,), ""),
+        "missing": ("no_such_model", (1,), ""),
+    }
+    for local, (remote, versions, extra) in remotes.items():
+        for transport, address in (("grpc", (grpc_address, None)), ("rest", (None, rest_url))):
+            folder = repo / f"remote_{local}_{transport}"
+            for version in versions:
+                (folder / str(version)).mkdir(parents=True)
+            (folder / "config.yaml").write_text(tfserving_config(remote, *address) + extra)
