@@ -265,10 +265,12 @@ class TfServingAdapter(ModelAdapter):
             raise BackendError(
                 f"{self._where}: HTTP {response.status_code} with a body that is not JSON"
             ) from exc
-        if response.status_code != 200:
+        try:
+            response.raise_for_status()
+        except httpx.HTTPStatusError as exc:
             error = _ERROR_OF_STATUS.get(response.status_code, BackendError)
             detail = answer.get("error", answer) if isinstance(answer, dict) else answer
-            raise error(f"{self._where}: HTTP {response.status_code}: {detail}") from None
+            raise error(f"{self._where}: HTTP {response.status_code}: {detail}") from exc
         if not isinstance(answer, dict):
             raise BackendError(f"{self._where}: the answer is not a JSON object")
         return answer
