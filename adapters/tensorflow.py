@@ -141,9 +141,11 @@ class TensorFlowAdapter(ModelAdapter):
         signatures = meta_graph.signature_def
         if options.signature not in signatures:
             session.close()
+            # Names like __saved_model_init_op are TensorFlow's own, not servable signatures.
+            servable = sorted(name for name in signatures if not name.startswith("__"))
             raise ModelNotReady(
                 f"{self.spec.label}: the SavedModel has no signature '{options.signature}'; "
-                f"it has {', '.join(sorted(signatures)) or 'none'}"
+                f"it has {', '.join(servable) or 'none'}"
             )
         return session, signatures[options.signature]
 
@@ -165,6 +167,8 @@ class TensorFlowAdapter(ModelAdapter):
             results: dict[str, Any] = await loop.run_in_executor(executor, session.run, fetches, feeds)
         except tf.errors.InvalidArgumentError as exc:
             raise InvalidInput(f"{self.spec.label}: TensorFlow rejected the input: {exc.message}") from exc
+        except (ValueError, TypeError) as exc:  # Session.run checks feeds against the graph first
+            raise InvalidInput(f"{self.spec.label}: TensorFlow rejected the input: {exc}") from exc
         except Exception as exc:  # any other failure inside the runtime is the backend's
             raise BackendError(f"{self.spec.label}: TensorFlow failed: {exc}") from exc
         return {name: np.asarray(value) for name, value in results.items()}
