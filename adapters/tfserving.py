@@ -7,10 +7,11 @@ Serving's status codes become gateway errors at this boundary, with `raise ... f
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import grpc
@@ -65,6 +66,39 @@ _ERROR_OF_STATUS: dict[int, type[GatewayError]] = {
 }
 
 
+class _Pool:
+    """One gRPC channel or HTTP client per TF Serving address, shared by every model version served
+    there and closed with the last of them. Keyed by event loop too, since a grpc.aio channel
+    belongs to the loop that made it."""
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple[Any, ...], Any] = {}
+        self._users: dict[int, tuple[tuple[Any, ...], int]] = {}
+
+    async def acquire(self, address: tuple[Any, ...], open_client: Callable[[], Any]) -> Any:
+        key = (asyncio.get_running_loop(), *address)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = open_client()
+        _, users = self._users.get(id(client), (key, 0))
+        self._users[id(client)] = (key, users + 1)
+        return client
+
+    async def release(self, client: Any) -> None:
+        key, users = self._users.pop(id(client))
+        if users > 1:
+            self._users[id(client)] = (key, users - 1)
+            return
+        del self._clients[key]
+        if isinstance(client, httpx.AsyncClient):
+            await client.aclose()
+        else:
+            await client.close()
+
+
+_POOL = _Pool()
+
+
 class TfServingOptions(BaseModel):
     """The `tfserving:` section of config.yaml."""
 
@@ -75,6 +109,9 @@ class TfServingOptions(BaseModel):
     model_name: str | None = None  # default: the gateway's own name for the model
     signature_name: str = "serving_default"
     timeout_s: float = Field(default=30.0, gt=0)
+    # Local version -> the TF Serving version number or label it stands for; unlisted ones are
+    # the same number there. A label is resolved by TF Serving on each request.
+    versions: dict[int, int | str] = Field(default_factory=dict)
     # gRPC messages carry whole tensors: far more than gRPC's 4 MiB default.
     max_message_mb: int = Field(default=256, ge=1)
 
@@ -92,6 +129,7 @@ class TfServingAdapter(ModelAdapter):
         super().__init__(spec)
         self._options: TfServingOptions = read_options(spec, spec.config.tfserving, TfServingOptions)
         self.remote_name = self._options.model_name or spec.model_name
+        self.remote_version: int | str = self._options.versions.get(spec.version, spec.version)
         self._channel: grpc.aio.Channel | None = None
         self._predict: prediction_service_pb2_grpc.PredictionServiceStub | None = None
         self._models: model_service_pb2_grpc.ModelServiceStub | None = None
@@ -101,23 +139,21 @@ class TfServingAdapter(ModelAdapter):
     @property
     def _where(self) -> str:
         transport = f"gRPC {self._options.grpc}" if self._options.grpc else f"REST {self._options.rest}"
-        return f"{self.spec.label}: TF Serving model '{self.remote_name}' version {self.spec.version} at {transport}"
+        return f"{self.spec.label}: TF Serving model '{self.remote_name}' version {self.remote_version} at {transport}"
 
     # Lifecycle --------------------------------------------------------------------------------
 
     async def load(self) -> None:
         options = self._options
         if options.grpc:
-            limit = options.max_message_mb * 1024 * 1024
-            self._channel = grpc.aio.insecure_channel(
-                options.grpc,
-                options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            self._channel = await _POOL.acquire(
+                ("grpc", options.grpc, options.max_message_mb), self._open_channel
             )
             self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
             self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
         else:
             assert options.rest is not None
-            self._http = httpx.AsyncClient(base_url=options.rest.rstrip("/"), timeout=options.timeout_s)
+            self._http = await _POOL.acquire(("rest", options.rest.rstrip("/"), 0), self._open_client)
         try:
             if not await self._available():
                 raise ModelNotReady(f"{self._where} is not AVAILABLE there")
@@ -126,14 +162,26 @@ class TfServingAdapter(ModelAdapter):
             await self.aclose()
             raise
 
+    def _open_channel(self) -> grpc.aio.Channel:
+        assert self._options.grpc is not None
+        limit = self._options.max_message_mb * 1024 * 1024
+        return grpc.aio.insecure_channel(
+            self._options.grpc,
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        )
+
+    def _open_client(self) -> httpx.AsyncClient:
+        assert self._options.rest is not None
+        return httpx.AsyncClient(base_url=self._options.rest.rstrip("/"))
+
     async def aclose(self) -> None:
         channel, self._channel = self._channel, None
         http, self._http = self._http, None
         self._predict = self._models = None
         if channel is not None:
-            await channel.close()
+            await _POOL.release(channel)
         if http is not None:
-            await http.aclose()
+            await _POOL.release(http)
 
     async def ready(self) -> bool:
         if self._predict is None and self._http is None:
@@ -151,17 +199,16 @@ class TfServingAdapter(ModelAdapter):
     # Status and metadata ----------------------------------------------------------------------
 
     async def _available(self) -> bool:
+        # The request names one version (or label), so the answer holds that version alone.
         if self._models is not None:
             request = get_model_status_pb2.GetModelStatusRequest()
             self._model_spec(request.model_spec)
             response = await self._call_grpc(self._models.GetModelStatus, request)
-            states = [s.state for s in response.model_version_status if s.version == self.spec.version]
-            return states == [_AVAILABLE]
-        body = await self._call_rest("GET", self._rest_path(""))
-        statuses = body.get("model_version_status", [])
-        return [s.get("state") for s in statuses if str(s.get("version")) == str(self.spec.version)] == [
-            "AVAILABLE"
-        ]
+            states = [s.state == _AVAILABLE for s in response.model_version_status]
+        else:
+            body = await self._call_rest("GET", self._rest_path(""))
+            states = [s.get("state") == "AVAILABLE" for s in body.get("model_version_status", [])]
+        return bool(states) and all(states)
 
     async def _read_signature(self) -> ModelSignature:
         signatures = get_model_metadata_pb2.SignatureDefMap()
@@ -237,10 +284,14 @@ class TfServingAdapter(ModelAdapter):
     def _model_spec(self, model_spec: Any) -> None:
         model_spec.name = self.remote_name
         model_spec.signature_name = self._options.signature_name
-        model_spec.version.value = self.spec.version
+        if isinstance(self.remote_version, int):
+            model_spec.version.value = self.remote_version
+        else:
+            model_spec.version_label = self.remote_version
 
     def _rest_path(self, suffix: str) -> str:
-        return f"/v1/models/{self.remote_name}/versions/{self.spec.version}{suffix}"
+        kind = "versions" if isinstance(self.remote_version, int) else "labels"
+        return f"/v1/models/{self.remote_name}/{kind}/{self.remote_version}{suffix}"
 
     async def _call_grpc(self, method: Any, request: Any) -> Any:
         try:
@@ -254,7 +305,9 @@ class TfServingAdapter(ModelAdapter):
             raise ModelNotReady(f"{self.spec.label} is not loaded")
         content = None if body is None else orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
         try:
-            response = await self._http.request(method, path, content=content)
+            response = await self._http.request(
+                method, path, content=content, timeout=self._options.timeout_s
+            )
         except httpx.TimeoutException as exc:
             raise DeadlineExceeded(f"{self._where}: no answer within {self._options.timeout_s}s") from exc
         except httpx.TransportError as exc:

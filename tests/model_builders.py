@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import onnx
 from onnx import TensorProto, helper
@@ -103,8 +104,8 @@ def build_test_repository(repo: Path) -> None:
     (repo / "toggle_tf" / "config.yaml").write_text("backend: tensorflow\n")
 
 
-def tfserving_config(model_name: str, grpc_address: str | None, rest_url: str | None, **extra: str) -> str:
-    section = {"model_name": model_name, **extra}
+def tfserving_config(model_name: str, grpc_address: str | None, rest_url: str | None, **extra: Any) -> str:
+    section: dict[str, Any] = {"model_name": model_name, **extra}
     if grpc_address:
         section["grpc"] = grpc_address
     if rest_url:
@@ -115,15 +116,17 @@ def tfserving_config(model_name: str, grpc_address: str | None, rest_url: str | 
 
 def build_tfserving_repository(repo: Path, grpc_address: str, rest_url: str) -> None:
     """`backend: tfserving` models with empty version folders, each remote over gRPC and over REST."""
-    remotes = {
-        "affine": ("affine_tf", (1, 2), "labels: {stable: 1, canary: 2}\n"),
-        "text": ("text_normalizer", (1,), ""),
-        "toggle": ("toggle_tf", (1,), ""),
-        "missing": ("no_such_model", (1,), ""),
+    remotes: dict[str, tuple[str, tuple[int, ...], dict[str, Any], str]] = {
+        "affine": ("affine_tf", (1, 2), {}, "labels: {stable: 1, canary: 2}\n"),
+        # Local version 1 stands for whatever the remote labels canary.
+        "pinned": ("affine_tf", (1,), {"versions": {1: "canary"}}, ""),
+        "text": ("text_normalizer", (1,), {}, ""),
+        "toggle": ("toggle_tf", (1,), {}, ""),
+        "missing": ("no_such_model", (1,), {}, ""),
     }
-    for local, (remote, versions, extra) in remotes.items():
+    for local, (remote, versions, options, extra) in remotes.items():
         for transport, address in (("grpc", (grpc_address, None)), ("rest", (None, rest_url))):
             folder = repo / f"remote_{local}_{transport}"
             for version in versions:
                 (folder / str(version)).mkdir(parents=True)
-            (folder / "config.yaml").write_text(tfserving_config(remote, *address) + extra)
+            (folder / "config.yaml").write_text(tfserving_config(remote, *address, **options) + extra)

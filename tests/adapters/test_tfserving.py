@@ -159,6 +159,26 @@ def test_gateway_over_tfserving(
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_local_version_can_stand_for_a_remote_label(proxy: Any, test_repo: Path, transport: str) -> None:
+    tensor = proxy.module.InferInput("x", list(X.shape), "FP32")
+    tensor.set_data_from_numpy(X)
+    result = proxy.infer(f"remote_pinned_{transport}", [tensor], model_version="1")
+    np.testing.assert_allclose(result.as_numpy("y"), affine_reference(test_repo, 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_versions_of_one_address_share_one_connection(gateway: RunningGateway, transport: str) -> None:
+    first = TfServingAdapter(spec_for(gateway, transport, "affine_tf", 1))
+    second = TfServingAdapter(spec_for(gateway, transport, "affine_tf", 2))
+    async with first, second:
+        assert (first._channel, first._http) == (second._channel, second._http)
+        assert (first._channel or first._http) is not None
+        await first.aclose()
+        # The other version's connection stays open while it is in use.
+        assert (await second.infer({"x": X}, ["y"]))["y"].shape == (3, 3)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_unknown_remote_model_is_unavailable_with_the_reason(
     tfserving_gateway: RunningGateway, transport: str
 ) -> None:
