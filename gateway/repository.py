@@ -87,6 +87,10 @@ def scan_model(root: Path, name: str) -> ModelEntry:
         return ModelEntry(name, path, config, None, (), (f"model '{name}': no folder {path}",))
 
     found = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+    if not found and config.backend == "tfserving":
+        # A remote model has no files here: its versions may be listed in config.yaml instead of
+        # as empty folders (which git cannot hold).
+        found = sorted(int(v) for v in config.tfserving.get("versions", {}) if str(v).isdigit())
     selected = config.version_policy.select(found)
     backend: str | None = config.backend
     versions = []

@@ -123,10 +123,13 @@ def build_tfserving_repository(repo: Path, grpc_address: str, rest_url: str) -> 
         "text": ("text_normalizer", (1,), {}, ""),
         "toggle": ("toggle_tf", (1,), {}, ""),
         "missing": ("no_such_model", (1,), {}, ""),
+        # No version folders: the versions come from tfserving.versions.
+        "listed": ("affine_tf", (), {"versions": {1: 1, 2: "canary"}}, ""),
     }
     for local, (remote, versions, options, extra) in remotes.items():
         for transport, address in (("grpc", (grpc_address, None)), ("rest", (None, rest_url))):
             folder = repo / f"remote_{local}_{transport}"
+            folder.mkdir(parents=True)
             for version in versions:
-                (folder / str(version)).mkdir(parents=True)
+                (folder / str(version)).mkdir()
             (folder / "config.yaml").write_text(tfserving_config(remote, *address, **options) + extra)

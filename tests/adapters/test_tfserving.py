@@ -167,6 +167,31 @@ def test_a_local_version_can_stand_for_a_remote_label(proxy: Any, test_repo: Pat
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_versions_listed_in_config_need_no_folders(proxy: Any, test_repo: Path, transport: str) -> None:
+    tensor = proxy.module.InferInput("x", list(X.shape), "FP32")
+    tensor.set_data_from_numpy(X)
+    for local, remote in (("1", 1), ("2", 2)):
+        result = proxy.infer(f"remote_listed_{transport}", [tensor], model_version=local)
+        np.testing.assert_allclose(
+            result.as_numpy("y"), affine_reference(test_repo, remote), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_scan_lists_config_versions_only_for_tfserving(tmp_path: Path) -> None:
+    from gateway.repository import scan_model
+
+    for name, backend in (("remote", "tfserving"), ("local", "onnxruntime")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(
+            f"backend: {backend}\nversion_policy: all\ntfserving: {{grpc: 'h:1', versions: {{3: 3, 5: stable}}}}\n"
+        )
+    remote = scan_model(tmp_path, "remote")
+    assert remote.ok, remote.problems
+    assert [(v.version, v.artifact) for v in remote.versions] == [(3, None), (5, None)]
+    assert "no numeric version folders" in " ".join(scan_model(tmp_path, "local").problems)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_versions_of_one_address_share_one_connection(gateway: RunningGateway, transport: str) -> None:
     first = TfServingAdapter(spec_for(gateway, transport, "affine_tf", 1))
     second = TfServingAdapter(spec_for(gateway, transport, "affine_tf", 2))
