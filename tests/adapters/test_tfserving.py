@@ -148,11 +148,21 @@ def proxy(request: pytest.FixtureRequest, tfserving_gateway: RunningGateway) -> 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize(("requested", "served"), [("", 1), ("1", 1), ("2", 2), ("stable", 1), ("canary", 2)])
 def test_gateway_over_tfserving(
-    proxy: Any, test_repo: Path, transport: str, requested: str, served: int
+    proxy: Any, gateway: RunningGateway, test_repo: Path, transport: str, requested: str, served: int
 ) -> None:
     tensor = proxy.module.InferInput("x", list(X.shape), "FP32")
     tensor.set_data_from_numpy(X)
     result = proxy.infer(f"remote_affine_{transport}", [tensor], model_version=requested)
+    response = result.get_response()
+    is_grpc = proxy.module is triton_grpc
+    assert (response.model_version if is_grpc else response["model_version"]) == str(served)
+    # The same TensorFlow model asked directly gives the very same floats.
+    direct = triton_http.InferenceServerClient(gateway.http)
+    direct_input = triton_http.InferInput("x", list(X.shape), "FP32")
+    direct_input.set_data_from_numpy(X)
+    expected = direct.infer("affine_tf", [direct_input], model_version=str(served)).as_numpy("y")
+    direct.close()
+    np.testing.assert_array_equal(result.as_numpy("y"), expected)
     np.testing.assert_allclose(
         result.as_numpy("y"), affine_reference(test_repo, served), rtol=1e-5, atol=1e-6
     )
