@@ -18,7 +18,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from gateway.dataplane import DataPlane
-from gateway.errors import InvalidInput, MalformedRequest, Unsupported
+from gateway.errors import InvalidInput, MalformedRequest, ModelNotFound, Unsupported
 from gateway.protocols.tensors import tensor_from_values
 from gateway.protocols.v2_rest import json_response
 from gateway.types import Datatype, IndexEntry, InferRequest, InferResponse, Tensor, TensorSpec
@@ -71,14 +71,14 @@ def tfserving_router(dataplane: DataPlane) -> APIRouter:
     async def status(
         model_name: str, model_version: str | None = None, model_label: str | None = None
     ) -> Response:
-        entries = await dataplane.model_status(model_name, model_version or model_label)
+        entries = await dataplane.model_status(model_name, requested(model_name, model_version, model_label))
         return json_response({"model_version_status": [version_status(e) for e in entries]})
 
     @route("GET", "/metadata")
     async def metadata(
         model_name: str, model_version: str | None = None, model_label: str | None = None
     ) -> Response:
-        meta = await dataplane.model_metadata(model_name, model_version or model_label)
+        meta = await dataplane.model_metadata(model_name, requested(model_name, model_version, model_label))
         signature = {
             "inputs": {s.name: tensor_info(s) for s in meta.inputs},
             "outputs": {s.name: tensor_info(s) for s in meta.outputs},
@@ -95,7 +95,7 @@ def tfserving_router(dataplane: DataPlane) -> APIRouter:
     async def predict(
         request: Request, model_name: str, model_version: str | None = None, model_label: str | None = None
     ) -> Response:
-        version = model_version or model_label
+        version = requested(model_name, model_version, model_label)
         body = _json_object(await request.body())
         meta = await dataplane.model_metadata(model_name, version)
         infer_request, columnar = decode_predict(body, model_name, version, meta.inputs)
@@ -113,6 +113,16 @@ def tfserving_router(dataplane: DataPlane) -> APIRouter:
     route("POST", ":classify")(unsupported)
     route("POST", ":regress")(unsupported)
     return router
+
+
+def requested(model_name: str, version: str | None, label: str | None) -> str | None:
+    """The version or label a URL names; /versions/ takes numbers only, as in TF Serving."""
+    if version is not None and not version.isdigit():
+        raise ModelNotFound(
+            f"model '{model_name}' has no version '{version}': versions are numbers; "
+            f"a label goes in /labels/{version}"
+        )
+    return version or label
 
 
 def version_status(entry: IndexEntry) -> dict[str, Any]:

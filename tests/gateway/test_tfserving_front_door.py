@@ -99,6 +99,13 @@ def test_status_follows_unload_and_load(tf_protocol: TfServingProtocol, http: ht
     assert tf_protocol.status("toggle_tf") == [("1", "AVAILABLE")]
 
 
+def test_rest_versions_are_numbers(http: httpx.Client) -> None:
+    response = http.get("/v1/models/affine_tf/versions/canary")
+    assert response.status_code == 404
+    assert "a label goes in /labels/canary" in response.json()["error"]
+    assert http.get("/v1/models/affine_tf/labels/canary").status_code == 200
+
+
 def test_rows_and_columns_answer_in_their_own_format(http: httpx.Client, test_repo: Path) -> None:
     expected = affine_reference(test_repo, 2, X)
     rows = http.post("/v1/models/affine_tf/versions/2:predict", json={"instances": X.tolist()})
