@@ -65,7 +65,8 @@ async def test_saved_model_files_straight_in_the_version_folder(tmp_path: Path) 
 
 @pytest.fixture(scope="module")
 def two_signatures(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A SavedModel with serving_default (x + 1) and `scaled` (z = 2 * x, INT32), built here."""
+    """A SavedModel built here: serving_default (y = x + 1), `scaled` (z = 2 * x, INT32) and
+    `any_rank` (upper-cased strings of any rank)."""
     import tensorflow as tf
 
     class Module(tf.Module):
@@ -77,10 +78,16 @@ def two_signatures(tmp_path_factory: pytest.TempPathFactory) -> Path:
         def scaled(self, x: Any) -> dict[str, Any]:
             return {"z": x * 2}
 
+        @tf.function(input_signature=[tf.TensorSpec(None, tf.string, name="s")])
+        def any_rank(self, s: Any) -> dict[str, Any]:
+            return {"upper": tf.strings.upper(s)}
+
     module = Module()
     path = tmp_path_factory.mktemp("two_signatures") / "1" / "model.savedmodel"
     tf.saved_model.save(
-        module, str(path), signatures={"serving_default": module.plus_one, "scaled": module.scaled}
+        module,
+        str(path),
+        signatures={"serving_default": module.plus_one, "scaled": module.scaled, "any_rank": module.any_rank},
     )
     return path
 
@@ -99,9 +106,30 @@ async def test_config_picks_the_signature(two_signatures: Path) -> None:
 async def test_unknown_signature_names_the_ones_there(two_signatures: Path) -> None:
     config = ModelConfig(backend="tensorflow", tensorflow={"signature": "nope"})
     with pytest.raises(
-        ModelNotReady, match=r"model 'm' version 1: .*no signature 'nope'; it has scaled, serving_default"
+        ModelNotReady,
+        match=r"model 'm' version 1: .*no signature 'nope'; it has any_rank, scaled, serving_default",
     ):
         await TensorFlowAdapter(spec_for(two_signatures, config)).load()
+
+
+async def test_unknown_rank_must_be_declared(two_signatures: Path) -> None:
+    section = {"signature": "any_rank"}
+    with pytest.raises(ModelNotReady, match=r"model 'm' version 1: tensor\(s\) s have no known rank"):
+        await TensorFlowAdapter(
+            spec_for(two_signatures, ModelConfig(backend="tensorflow", tensorflow=section))
+        ).load()
+    declared = ModelConfig.model_validate(
+        {
+            "backend": "tensorflow",
+            "tensorflow": section,
+            "inputs": [{"name": "s", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": "upper", "datatype": "BYTES", "shape": [-1]}],
+        }
+    )
+    async with TensorFlowAdapter(spec_for(two_signatures, declared)) as adapter:
+        assert (await adapter.metadata()).inputs == (TensorSpec("s", Datatype.BYTES, (-1,)),)
+        result = await adapter.infer({"s": np.array([b"abc", "caf\u00e9".encode()], dtype=object)}, ["upper"])
+    assert list(result["upper"]) == [b"ABC", "CAF\u00e9".encode()]
 
 
 async def test_input_the_graph_rejects_is_invalid(two_signatures: Path) -> None:
