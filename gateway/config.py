@@ -75,6 +75,32 @@ class Batching(_Strict):
     max_concurrent_batches: int = Field(default=2, ge=1)
 
 
+class CanaryRule(_Strict):
+    """Requests whose header matches go to a given version or label."""
+
+    header: str
+    # The header's value that matches; without one, any value does.
+    equals: str | None = None
+    version: int | None = None
+    label: str | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> CanaryRule:
+        if (self.version is None) == (self.label is None):
+            raise ValueError("a canary rule names one of version or label")
+        return self
+
+
+class Routing(_Strict):
+    """How requests that name no version find one, beyond labels and traffic weights."""
+
+    # A request may name a label in this header (or in its `label` parameter).
+    label_header: str = "x-model-label"
+    # With traffic weights, the same value of this header always gets the same version.
+    sticky_header: str | None = None
+    canary: tuple[CanaryRule, ...] = ()
+
+
 class Limits(_Strict):
     max_inflight: int = Field(default=64, ge=1)
     max_queue: int = Field(default=256, ge=0)
@@ -98,6 +124,7 @@ class ModelConfig(_Strict):
     outputs: tuple[TensorDecl, ...] | None = None
     batching: Batching = Batching()
     limits: Limits = Limits()
+    routing: Routing = Routing()
     onnxruntime: OnnxRuntimeOptions = OnnxRuntimeOptions()
     # The other backends' sections belong to their adapters, which validate them on load.
     torchserve: dict[str, Any] = Field(default_factory=dict)

@@ -148,7 +148,7 @@ class DataPlane:
     async def infer(self, request: InferRequest) -> InferResponse:
         arrived = time.perf_counter_ns()
         model = self.registry.get(request.model_name)
-        loaded = self.router.select(model, request.model_version)
+        loaded = self.router.select(model, request.model_version, request.headers, request.parameters)
         if not await _backend_ready(loaded):
             raise ModelNotReady(
                 f"model '{model.name}' version {loaded.version}: its {loaded.backend} backend is not ready"

@@ -137,6 +137,15 @@ def scan_model(root: Path, name: str) -> ModelEntry:
     for version in config.traffic:
         if version not in loaded:
             problems.append(f"model '{name}': traffic names version {version}, which is not loaded")
+    for rule in config.routing.canary:
+        if rule.version is not None and rule.version not in loaded:
+            problems.append(
+                f"model '{name}': the canary rule on header {rule.header} names version {rule.version}, which is not loaded"
+            )
+        if rule.label is not None and rule.label not in config.labels:
+            problems.append(
+                f"model '{name}': the canary rule on header {rule.header} names label '{rule.label}', which config.yaml does not define"
+            )
     return ModelEntry(name, path, config, backend, tuple(versions), tuple(problems))
 
 

@@ -1,8 +1,17 @@
-"""Picks the version that serves a request: a number, a label, or the model's default."""
+"""Picks the version that serves a request.
+
+In order: the version or label the request names (in the URL or `model_version`, then in the label
+header or the `label` parameter); then the first canary rule whose header matches; then the traffic
+split, sticky by a header's hash where configured; then the default or stable label; then the
+highest ready version.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import random
+from collections.abc import Mapping
+from typing import Any
 
 from gateway.config import DEFAULT_LABELS
 from gateway.errors import ModelNotFound, ModelNotReady
@@ -13,28 +22,50 @@ class Router:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def select(self, model: LoadedModel, requested: str | None) -> LoadedVersion:
-        """The version for `requested`: a version number, a label, or None/"" for the default."""
+    def select(
+        self,
+        model: LoadedModel,
+        requested: str | None,
+        headers: Mapping[str, str] | None = None,
+        parameters: Mapping[str, Any] | None = None,
+    ) -> LoadedVersion:
+        """The version for `requested` (a version number, a label, or None/"" for the default),
+        with the request's headers and parameters for the rules that read them."""
         if model.reason and not model.versions:
             raise ModelNotReady(f"model '{model.name}' is not ready: {model.reason}")
-        if requested:
-            return self._ready(model, self.resolve(model, requested))
-        return self._ready(model, self.default_version(model))
+        routing = model.entry.config.routing
+        headers = headers or {}
+        label = (parameters or {}).get("label") or headers.get(routing.label_header.lower())
+        named = requested or (str(label) if label else None)
+        if named:
+            return self._ready(model, self.resolve(model, named))
+        for rule in routing.canary:
+            value = headers.get(rule.header.lower())
+            if value is not None and (rule.equals is None or value == rule.equals):
+                target = rule.version if rule.version is not None else self.resolve(model, str(rule.label))
+                return self._ready(model, target)
+        sticky = headers.get(routing.sticky_header.lower()) if routing.sticky_header else None
+        return self._ready(model, self.default_version(model, sticky))
 
-    def default_version(self, model: LoadedModel) -> int:
+    def default_version(self, model: LoadedModel, sticky_key: str | None = None) -> int:
         ready = model.ready_versions
         if not ready:
             raise ModelNotReady(f"model '{model.name}' has no ready version: {model.reason or 'none loaded'}")
         config = model.entry.config
-        weighted = [(v, w) for v, w in config.traffic.items() if v in ready and w > 0]
+        weighted = [(v, w) for v, w in sorted(config.traffic.items()) if v in ready and w > 0]
         if weighted:
-            versions, weights = zip(*weighted, strict=True)
-            chosen: int = self._rng.choices(versions, weights)[0]
-            return chosen
+            return _weighted_choice(weighted, self._draw(model.name, sticky_key))
         for label in DEFAULT_LABELS:
             if config.labels.get(label) in ready:
                 return config.labels[label]
         return ready[-1]
+
+    def _draw(self, model_name: str, sticky_key: str | None) -> float:
+        """A number in [0, 1): random, or fixed by the sticky key so one key keeps one version."""
+        if sticky_key is None:
+            return self._rng.random()
+        digest = hashlib.sha256(f"{model_name}\0{sticky_key}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
 
     @staticmethod
     def resolve(model: LoadedModel, requested: str) -> int:
@@ -64,3 +95,13 @@ class Router:
                 f"model '{model.name}' version {version} is not ready ({loaded.state}){reason}"
             )
         return loaded
+
+
+def _weighted_choice(weighted: list[tuple[int, float]], draw: float) -> int:
+    total = sum(w for _, w in weighted)
+    point = draw * total
+    for version, weight in weighted:
+        point -= weight
+        if point < 0:
+            return version
+    return weighted[-1][0]

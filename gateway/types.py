@@ -6,6 +6,7 @@ BYTES tensors are numpy object arrays of `bytes`. Protobuf never appears here.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -124,6 +125,8 @@ class InferRequest:
     protocol: str = "rest"
     # Absolute time.monotonic() by which the answer is due, from the client's own deadline.
     deadline: float | None = None
+    # HTTP headers or gRPC metadata, names in lower case: routing rules may read them.
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -93,6 +93,17 @@ def build_gather() -> onnx.ModelProto:
     return _model(graph)
 
 
+ROUTED = """\
+backend: onnxruntime
+version_policy: all
+labels: {stable: 1, canary: 2}
+traffic: {1: 50, 2: 50}
+routing:
+  sticky_header: X-User-Id
+  canary:
+    - {header: x-canary, equals: "yes", version: 2}
+    - {header: x-beta-tester, label: stable}
+"""
 MLP_BATCHED = "backend: onnxruntime\nbatching: {max_batch_size: 16, max_queue_delay_us: 2000}\n"
 
 EXAMPLE_REPO = Path(__file__).resolve().parent.parent / "model_repo"
@@ -109,6 +120,9 @@ def build_test_repository(repo: Path) -> None:
         _save(build_spin(), repo / name / "1" / "model.onnx")
         (repo / name / "config.yaml").write_text(config)
     _save(build_reshape(), repo / "reshape" / "1" / "model.onnx")
+    for version in (1, 2):
+        _save(build_affine(version), repo / "routed" / str(version) / "model.onnx")
+    (repo / "routed" / "config.yaml").write_text(ROUTED)
     _save(build_mlp(), repo / "mlp_batched" / "1" / "model.onnx")
     (repo / "mlp_batched" / "config.yaml").write_text(MLP_BATCHED)
     # Loaded, unloaded and reloaded by the repository tests, so no other test depends on it.

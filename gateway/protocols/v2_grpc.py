@@ -126,7 +126,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         remaining = context.time_remaining()
         infer_request = decode_infer_request(request, remaining)
-        return encode_infer_response(await self.dataplane.infer(infer_request))
+        infer_request.headers = {
+            key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
+        }
+        response = await self.dataplane.infer(infer_request)
+        context.set_trailing_metadata((("model-version", response.model_version),))
+        return encode_infer_response(response)
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         entries = await self.dataplane.repository_index(request.ready)

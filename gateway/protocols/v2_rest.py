@@ -28,6 +28,7 @@ from gateway.types import InferRequest, InferResponse, RequestedOutput, Tensor
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
 HEADER_LENGTH = "inference-header-content-length"
+VERSION_HEADER = "X-Model-Version"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
 _NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
@@ -108,6 +109,7 @@ def v2_router(dataplane: DataPlane) -> APIRouter:
         infer_request = decode_infer_request(
             body, request.headers.get(HEADER_LENGTH), model_name, model_version
         )
+        infer_request.headers = request.headers
         return encode_infer_response(await dataplane.infer(infer_request), infer_request)
 
     @route("POST", "/v2/repository/index", versioned=False)
@@ -315,10 +317,9 @@ def encode_infer_response(response: InferResponse, request: InferRequest) -> Res
         header["parameters"] = response.parameters
     header["outputs"] = outputs
     encoded = orjson.dumps(header, option=_NUMPY_JSON)
+    # The version that answered, for clients that route by header or traffic split.
+    headers = {VERSION_HEADER: response.model_version}
     if not chunks:
-        return Response(encoded, media_type=JSON_TYPE)
-    return Response(
-        b"".join([encoded, *chunks]),
-        media_type=BINARY_TYPE,
-        headers={"Inference-Header-Content-Length": str(len(encoded))},
-    )
+        return Response(encoded, media_type=JSON_TYPE, headers=headers)
+    headers["Inference-Header-Content-Length"] = str(len(encoded))
+    return Response(b"".join([encoded, *chunks]), media_type=BINARY_TYPE, headers=headers)
