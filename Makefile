@@ -7,7 +7,8 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: serve test install dev lint typecheck pytest models bench clean
+.PHONY: serve test install dev lint typecheck pytest models bench clean \
+	deploy-tools torchserve-store compose-up compose-down compose-smoke
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,19 +35,52 @@ models: dev
 	$(BIN)/python scripts/build_models.py --repo $(MODEL_REPO)
 
 lint: dev
-	$(BIN)/ruff check gateway adapters tests scripts benchmarks conftest.py
-	$(BIN)/ruff format --check gateway adapters tests scripts benchmarks conftest.py
+	$(BIN)/ruff check gateway adapters tests scripts benchmarks deploy conftest.py
+	$(BIN)/ruff format --check gateway adapters tests scripts benchmarks deploy conftest.py
 
 typecheck: dev
 	$(BIN)/mypy
 
-pytest: dev
+pytest: dev deploy-tools
 	$(BIN)/python -m pytest
 
 test: lint typecheck pytest
 
 bench: dev
 	benchmarks/run.sh --duration 10 --concurrency 8 --json-out benchmarks/results/load.json
+
+# tests/deploy validate docker-compose.yml with `docker-compose config` (Debian's docker-compose;
+# kubectl is already on these machines). Installs it only when missing, and only as root, where
+# apt can; elsewhere those tests say what is missing and skip.
+deploy-tools:
+	@if ! command -v docker-compose >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing docker-compose (Debian package) for the compose checks"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
+	fi
+
+# The compose stack's TorchServe model store: the mlp_torch example archived with modelyard's
+# handler, as README's "TorchServe" section shows for any remote TorchServe.
+TS_STORE := deploy/torchserve/model-store
+COMPOSE ?= docker-compose -p modelyard
+
+torchserve-store: $(TS_STORE)/mlp_torch.mar
+
+$(TS_STORE)/mlp_torch.mar: model_repo/mlp_torch/1/model.pt adapters/torchserve_handler.py | $(VENV)/.installed
+	echo '{"inputs": ["input"], "outputs": ["logits"], "threads": 1}' > $(TS_STORE)/modelyard.json
+	$(BIN)/torch-model-archiver --model-name mlp_torch --version 1 --serialized-file model_repo/mlp_torch/1/model.pt \
+		--handler adapters/torchserve_handler.py --extra-files $(TS_STORE)/modelyard.json \
+		--export-path $(TS_STORE) --force
+	rm -f $(TS_STORE)/modelyard.json
+
+compose-up: torchserve-store
+	$(COMPOSE) up -d --build
+
+compose-down:
+	$(COMPOSE) down --remove-orphans
+
+# One request per backend through the gateway, once the stack answers ready.
+compose-smoke: install
+	$(BIN)/python deploy/smoke.py --url http://127.0.0.1:$(HTTP_PORT) --wait-s 300
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
