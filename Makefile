@@ -58,19 +58,24 @@ deploy-tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
 	fi
 
-# The compose stack's TorchServe model store: the mlp_torch example archived with modelyard's
-# handler, as README's "TorchServe" section shows for any remote TorchServe.
+# The compose stack's TorchServe model store: each version of the mlp_torch example archived with
+# modelyard's handler, as README's "TorchServe" section shows for any remote TorchServe. TorchServe
+# (load_models=all) registers both archives as versions 1 and 2 of one model.
 TS_STORE := deploy/torchserve/model-store
+TS_MODEL := mlp_torch
+TS_VERSIONS := 1 2
 COMPOSE ?= docker-compose -p modelyard
 
-torchserve-store: $(TS_STORE)/mlp_torch.mar
+torchserve-store: $(foreach v,$(TS_VERSIONS),$(TS_STORE)/$(TS_MODEL)-v$(v).mar)
 
-$(TS_STORE)/mlp_torch.mar: model_repo/mlp_torch/1/model.pt adapters/torchserve_handler.py | $(VENV)/.installed
-	echo '{"inputs": ["input"], "outputs": ["logits"], "threads": 1}' > $(TS_STORE)/modelyard.json
-	$(BIN)/torch-model-archiver --model-name mlp_torch --version 1 --serialized-file model_repo/mlp_torch/1/model.pt \
-		--handler adapters/torchserve_handler.py --extra-files $(TS_STORE)/modelyard.json \
-		--export-path $(TS_STORE) --force
-	rm -f $(TS_STORE)/modelyard.json
+$(TS_STORE)/$(TS_MODEL)-v%.mar: model_repo/$(TS_MODEL)/%/model.pt adapters/torchserve_handler.py | $(VENV)/.installed
+	mkdir -p $(TS_STORE)/build-v$*
+	echo '{"inputs": ["input"], "outputs": ["logits"], "threads": 1}' > $(TS_STORE)/build-v$*/modelyard.json
+	$(BIN)/torch-model-archiver --model-name $(TS_MODEL) --version $* --serialized-file $< \
+		--handler adapters/torchserve_handler.py --extra-files $(TS_STORE)/build-v$*/modelyard.json \
+		--export-path $(TS_STORE)/build-v$* --force
+	mv $(TS_STORE)/build-v$*/$(TS_MODEL).mar $@
+	rm -rf $(TS_STORE)/build-v$*
 
 compose-up: torchserve-store
 	$(COMPOSE) up -d --build

@@ -16,7 +16,7 @@ COPY deploy/compose-model-repo/affine_tf /bundle/gateway/affine_tf
 # model_repo keeps each SavedModel in <version>/model.savedmodel/; TF Serving wants it at <version>/.
 COPY model_repo/affine_tf/1/model.savedmodel /bundle/tfserving/affine_tf/1
 COPY model_repo/affine_tf/2/model.savedmodel /bundle/tfserving/affine_tf/2
-COPY deploy/torchserve/model-store/mlp_torch.mar /bundle/torchserve/mlp_torch.mar
+COPY deploy/torchserve/model-store/mlp_torch-v1.mar deploy/torchserve/model-store/mlp_torch-v2.mar /bundle/torchserve/
 # Any user may read it: each pod's init container runs as that pod's own non-root user.
 RUN chmod -R a+rX /bundle
 USER 65534:65534

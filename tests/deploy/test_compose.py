@@ -8,12 +8,17 @@ gateway really reads, and the ports line up between services, Prometheus and the
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,7 +27,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import RunningGateway
+from conftest import RunningGateway, free_port, start_gateway, torchserve_missing
 from gateway.repository import scan
 from gateway.settings import Settings
 
@@ -292,3 +297,112 @@ def test_the_smoke_script_passes_on_a_served_model_and_fails_on_a_missing_one(
     failed = subprocess.run([*script, "--only", "affine_tf", "--wait-s", "2"], capture_output=True, text=True)
     assert failed.returncode == 1
     assert failed.stdout.startswith("FAIL  affine_tf (tfserving): GET /v2/models/affine_tf/ready")
+
+
+@pytest.fixture(scope="module")
+def stack_torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The stack's TorchServe, run here: deploy/torchserve/config.properties over the store that
+    `make torchserve-store` builds, with only its addresses moved to free loopback ports."""
+    reason = torchserve_missing()
+    if reason:
+        pytest.skip(reason)
+    workdir = tmp_path_factory.mktemp("stack-torchserve")
+    store = workdir / "model-store"
+    store.mkdir()
+    built = subprocess.run(
+        ["make", "--no-print-directory", "torchserve-store", f"TS_STORE={store}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert sorted(p.name for p in store.iterdir()) == ["mlp_torch-v1.mar", "mlp_torch-v2.mar"]
+    ports = {name: free_port() for name in ("inference", "management", "metrics", "grpc", "grpc_management")}
+    # enable_envvars_config=true in the file lets TS_* variables move the addresses.
+    env = {
+        **os.environ,
+        "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{ports['inference']}",
+        "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{ports['management']}",
+        "TS_METRICS_ADDRESS": f"http://127.0.0.1:{ports['metrics']}",
+        "TS_GRPC_INFERENCE_PORT": str(ports["grpc"]),
+        "TS_GRPC_MANAGEMENT_PORT": str(ports["grpc_management"]),
+        "TMPDIR": str(workdir),
+        "LOG_LOCATION": str(workdir),
+    }
+    command = [str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground", "--ncs",
+               "--ts-config", str(DEPLOY / "torchserve" / "config.properties"), "--model-store", str(store)]  # fmt: skip
+    log = workdir / "torchserve.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            command, cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, f"TorchServe exited:\n{log.read_text(errors='replace')[-3000:]}"
+            assert time.monotonic() < deadline, (
+                f"TorchServe not ready:\n{log.read_text(errors='replace')[-3000:]}"
+            )
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                versions = httpx.get(f"{urls['management']}/models/mlp_torch/all", timeout=2).json()
+                if len(versions) == 2 and all(w["status"] == "READY" for v in versions for w in v["workers"]):
+                    break
+            time.sleep(0.5)
+        yield urls
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_the_stack_torchserve_serves_the_store_to_the_gateway_in_remote_mode(
+    stack_torchserve: dict[str, str], tmp_path: Path
+) -> None:
+    import numpy as np
+    import torch
+
+    urls = stack_torchserve
+    # What the compose healthcheck and Prometheus rely on, and what the file turns off.
+    assert httpx.get(f"{urls['metrics']}/metrics").text.startswith("# HELP")
+    assert httpx.post(f"{urls['management']}/models", params={"url": "x.mar"}).status_code == 405
+    # The compose gateway's own config for mlp_torch, with the service names swapped for loopback.
+    repo = tmp_path / "repo"
+    shutil.copytree(DEPLOY / "compose-model-repo" / "mlp_torch", repo / "mlp_torch")
+    config = repo / "mlp_torch" / "config.yaml"
+    text = config.read_text()
+    for service, address in (
+        ("http://torchserve:8080", "inference"),
+        ("http://torchserve:8081", "management"),
+    ):
+        assert service in text
+        text = text.replace(service, urls[address])
+    config.write_text(text)
+    running = start_gateway(repo, tmp_path / "gateway.log")
+    try:
+        x = np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32)
+        body = {
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [3, 64], "data": x.ravel().tolist()}]
+        }
+        for version in (1, 2):
+            answer = httpx.post(f"{running.url}/v2/models/mlp_torch/versions/{version}/infer", json=body)
+            assert answer.status_code == 200, answer.text
+            (output,) = answer.json()["outputs"]
+            module = torch.jit.load(str(ROOT / "model_repo" / "mlp_torch" / str(version) / "model.pt"))
+            with torch.no_grad():
+                expected = module(torch.from_numpy(x)).numpy()
+            got = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        smoke = subprocess.run(
+            [sys.executable, str(DEPLOY / "smoke.py"), "--url", running.url, "--only", "mlp_torch"],
+            capture_output=True,
+            text=True,
+        )
+        assert smoke.returncode == 0, smoke.stdout + smoke.stderr
+        assert smoke.stdout.startswith("ok    mlp_torch (torchserve)")
+    finally:
+        assert running.stop() == 0
