@@ -8,7 +8,7 @@ GRPC_PORT ?= 8001
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
 .PHONY: serve test install dev lint typecheck pytest models bench clean \
-	deploy-tools torchserve-store compose-up compose-down compose-smoke
+	deploy-tools torchserve-store images compose-up compose-down compose-smoke
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,13 @@ $(TS_STORE)/$(TS_MODEL)-v%.mar: model_repo/$(TS_MODEL)/%/model.pt adapters/torch
 		--export-path $(TS_STORE)/build-v$* --force
 	mv $(TS_STORE)/build-v$*/$(TS_MODEL).mar $@
 	rm -rf $(TS_STORE)/build-v$*
+
+# The gateway image (with the extras the compose stack needs) and the model bundle image that
+# Kubernetes' dev overlay copies models from. Tag them for your registry and set `images:` in an overlay.
+IMAGE_TAG ?= 0.1.0
+images: torchserve-store
+	docker build -f deploy/Dockerfile --build-arg EXTRAS=torchserve,tensorflow -t modelyard:$(IMAGE_TAG) .
+	docker build -f deploy/models.Dockerfile -t modelyard-models:$(IMAGE_TAG) .
 
 compose-up: torchserve-store
 	$(COMPOSE) up -d --build

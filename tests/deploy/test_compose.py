@@ -9,6 +9,7 @@ gateway really reads, and the ports line up between services, Prometheus and the
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import re
@@ -123,13 +124,28 @@ def test_the_dockerfile_is_multi_stage_non_root_and_pinned() -> None:
     assert "MODELYARD_HOST=0.0.0.0" in dockerfile
 
 
-def test_the_dockerignore_lets_in_what_the_build_copies() -> None:
-    ignored = (ROOT / ".dockerignore").read_text().split()
-    copied = re.findall(r"^COPY (?!--from)(.+) \S+$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE)
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "models.Dockerfile"])
+def test_the_build_context_holds_what_each_dockerfile_copies(dockerfile: str) -> None:
+    let_in = [line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().split() if line[0] == "!"]
+    copied = re.findall(r"^COPY (?!--from)(.+) \S+$", (DEPLOY / dockerfile).read_text(), re.MULTILINE)
+    assert copied
+    pending = []
     for sources in copied:
         for source in sources.split():
-            assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which is not in the repo"
-            assert f"!{source}" in ignored or f"!{source}/" in ignored, f".dockerignore leaves out {source}"
+            assert any(fnmatch.fnmatch(source, rule) or source.startswith(rule + "/") for rule in let_in), (
+                f".dockerignore leaves out {source}"
+            )
+            if source.startswith("deploy/torchserve/model-store/"):
+                # Built by `make torchserve-store`, under the name its pattern rule gives.
+                assert re.fullmatch(r"deploy/torchserve/model-store/mlp_torch-v[12]\.mar", source)
+                continue
+            reason = pending_reason(ROOT / source)
+            if reason:
+                pending.append(f"{source} ({reason})")
+                continue
+            assert (ROOT / source).exists(), f"{dockerfile} copies {source}, which is not in the repo"
+    if pending:
+        pytest.skip("not in this tree yet: " + "; ".join(pending))
 
 
 def test_every_mounted_path_exists(services: dict[str, Any]) -> None:
