@@ -66,9 +66,13 @@ class TensorDecl(_Strict):
 
 
 class Batching(_Strict):
+    """Dynamic batching in the gateway; off while max_batch_size is 0."""
+
     max_batch_size: int = Field(default=0, ge=0)
     max_queue_delay_us: int = Field(default=0, ge=0)
     preferred_batch_sizes: tuple[int, ...] = ()
+    # Batches running at once: more than one keeps several cores busy while the next batch fills.
+    max_concurrent_batches: int = Field(default=2, ge=1)
 
 
 class Limits(_Strict):

@@ -56,6 +56,20 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.batch_size = Histogram(
+            "modelyard_batch_size",
+            "Rows in each batch that dynamic batching ran.",
+            ("model", "version", "backend"),
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
+        self.batch_queue_duration = Histogram(
+            "modelyard_batch_queue_duration_seconds",
+            "Time the first request of each batch waited for the batch to fill.",
+            ("model", "version", "backend"),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.inflight = Gauge(
             "modelyard_inflight_requests",
             "Requests running on the backend now.",

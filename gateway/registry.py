@@ -10,9 +10,11 @@ from enum import StrEnum
 from pathlib import Path
 
 from adapters import LoadSpec, ModelAdapter, SharedResources, create_adapter
+from gateway.batching import BatchingAdapter, BatchObserver
 from gateway.config import preferred_version
 from gateway.errors import GatewayError, ModelNotFound, ModelNotReady
 from gateway.limits import Limiter
+from gateway.metrics import Metrics
 from gateway.repository import ModelEntry, is_model_name, model_names, scan_model
 from gateway.types import IndexEntry, ModelSignature
 
@@ -89,9 +91,12 @@ class Registry:
     so requests keep being served by the old versions until the new ones are ready.
     """
 
-    def __init__(self, root: Path, adapter_factory: AdapterFactory = create_adapter) -> None:
+    def __init__(
+        self, root: Path, adapter_factory: AdapterFactory = create_adapter, metrics: Metrics | None = None
+    ) -> None:
         self.root = root
         self._adapter_factory = adapter_factory
+        self._metrics = metrics
         self._models: dict[str, LoadedModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.shared = SharedResources()
@@ -186,6 +191,8 @@ class Registry:
         loaded = LoadedVersion(version, backend, State.LOADING)
         try:
             adapter = self._adapter_factory(backend, spec)
+            if entry.config.batching.max_batch_size > 0:
+                adapter = BatchingAdapter(adapter, entry.config.batching, self._batch_observer(spec, backend))
             await adapter.load()
             loaded.signature = await adapter.metadata()
             loaded.adapter = adapter
@@ -214,6 +221,19 @@ class Registry:
                     await adapter.aclose()
                 except Exception:
                     log.exception("closing model '%s' version %d", model.name, version.version)
+
+    def _batch_observer(self, spec: LoadSpec, backend: str) -> BatchObserver | None:
+        metrics = self._metrics
+        if metrics is None:
+            return None
+        sizes = metrics.batch_size.labels(spec.model_name, str(spec.version), backend)
+        waits = metrics.batch_queue_duration.labels(spec.model_name, str(spec.version), backend)
+
+        def observe(rows: int, waited_s: float) -> None:
+            sizes.observe(rows)
+            waits.observe(waited_s)
+
+        return observe
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())

@@ -39,7 +39,7 @@ class Gateway:
     def __init__(self, settings: Settings, adapter_factory: AdapterFactory = create_adapter) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.registry = Registry(settings.model_repo, adapter_factory)
+        self.registry = Registry(settings.model_repo, adapter_factory, self.metrics)
         self.dataplane = DataPlane(self.registry, Router(), self.metrics)
         self.app = create_app(self.dataplane, self.metrics)
         self._health = health.aio.HealthServicer()

@@ -8,7 +8,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from gateway.types import Datatype
-from scripts.build_models import _model, _save, build_affine, build_repository
+from scripts.build_models import _model, _save, build_affine, build_mlp, build_repository
 
 ONNX_TYPE = {
     Datatype.BOOL: TensorProto.BOOL,
@@ -76,6 +76,22 @@ def build_reshape() -> onnx.ModelProto:
     return _model(graph)
 
 
+def build_gather() -> onnx.ModelProto:
+    """x FP32 [-1, 4], idx INT64 [-1, 1] -> y: x[row, idx]. An index past 3 fails at run time, and
+    fails every row of a batch it is merged into."""
+    graph = helper.make_graph(
+        [helper.make_node("GatherElements", ["x", "idx"], ["y"], axis=1)],
+        "gather",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+            helper.make_tensor_value_info("idx", TensorProto.INT64, ["n", 1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1])],
+    )
+    return _model(graph)
+
+
+MLP_BATCHED = "backend: onnxruntime\nbatching: {max_batch_size: 16, max_queue_delay_us: 2000}\n"
 SPIN_LIMITED = "backend: onnxruntime\nlimits: {max_inflight: 1, max_queue: 0}\n"
 SPIN_DEADLINE = "backend: onnxruntime\nlimits: {timeout_ms: 50}\n"
 
@@ -89,6 +105,8 @@ def build_test_repository(repo: Path) -> None:
         _save(build_spin(), repo / name / "1" / "model.onnx")
         (repo / name / "config.yaml").write_text(config)
     _save(build_reshape(), repo / "reshape" / "1" / "model.onnx")
+    _save(build_mlp(), repo / "mlp_batched" / "1" / "model.onnx")
+    (repo / "mlp_batched" / "config.yaml").write_text(MLP_BATCHED)
     # Loaded, unloaded and reloaded by the repository tests, so no other test depends on it.
     _save(build_affine(1), repo / "reloadable" / "1" / "model.onnx")
     (repo / "broken_artifact" / "1").mkdir(parents=True)

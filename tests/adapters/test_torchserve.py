@@ -84,7 +84,9 @@ async def test_remote_needs_an_inference_url_and_its_token_variable() -> None:
 
 @pytest.mark.skipif(torchserve_missing() is not None, reason=str(torchserve_missing()))
 # TorchServe's ts/version.py opens version.txt at import and never closes it: its leak, not ours.
-@pytest.mark.filterwarnings("ignore:Exception ignored in.*ts/version.txt:pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in.*ts/version.txt:pytest.PytestUnraisableExceptionWarning"
+)
 class TestHandlerInsideTorchServeContext:
     """The handler as TorchServe's worker calls it, with TorchServe's Context and RequestProcessor."""
 
