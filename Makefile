@@ -81,7 +81,7 @@ $(TS_STORE)/$(TS_MODEL)-v%.mar: model_repo/$(TS_MODEL)/%/model.pt adapters/torch
 # Kubernetes' dev overlay copies models from. Tag them for your registry and set `images:` in an overlay.
 IMAGE_TAG ?= 0.1.0
 images: torchserve-store
-	docker build -f deploy/Dockerfile --build-arg EXTRAS=torchserve,tensorflow -t modelyard:$(IMAGE_TAG) .
+	docker build -f deploy/Dockerfile --build-arg EXTRAS=tensorflow -t modelyard:$(IMAGE_TAG) .
 	docker build -f deploy/models.Dockerfile -t modelyard-models:$(IMAGE_TAG) .
 
 compose-up: torchserve-store
