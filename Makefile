@@ -33,6 +33,8 @@ serve: install
 
 models: dev
 	$(BIN)/python scripts/build_models.py --repo $(MODEL_REPO)
+	$(BIN)/python -m scripts.build_tf_models --repo $(MODEL_REPO)
+	$(BIN)/python -m scripts.build_torch_models --repo $(MODEL_REPO)
 
 lint: dev
 	$(BIN)/ruff check gateway adapters tests scripts benchmarks deploy conftest.py

@@ -15,16 +15,13 @@ from gateway.errors import ModelNotReady
 BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "onnxruntime": ("adapters.onnxruntime", "OnnxRuntimeAdapter", None),
     "torchserve": ("adapters.torchserve", "TorchServeAdapter", "torchserve"),
+    "tensorflow": ("adapters.tensorflow", "TensorFlowAdapter", "tensorflow"),
+    "tfserving": ("adapters.tfserving", "TfServingAdapter", "tensorflow"),
 }
-
-# Backends the config schema accepts whose adapters have not landed yet.
-PLANNED_BACKENDS = ("tfserving", "tensorflow")
 
 
 def adapter_class(backend: str) -> type[ModelAdapter]:
     if backend not in BACKENDS:
-        if backend in PLANNED_BACKENDS:
-            raise ModelNotReady(f"backend '{backend}' is not available in this version of modelyard")
         raise ModelNotReady(f"unknown backend '{backend}'; known: {', '.join(sorted(BACKENDS))}")
     module_name, class_name, extra = BACKENDS[backend]
     try:

@@ -14,7 +14,8 @@ from typing import Any, ClassVar, Protocol, Self, TypeVar
 import numpy as np
 
 from gateway.config import ModelConfig
-from gateway.types import ModelSignature
+from gateway.errors import ModelNotReady
+from gateway.types import ModelSignature, TensorSpec
 
 log = logging.getLogger("modelyard.adapters")
 
@@ -118,3 +119,27 @@ class ModelAdapter(ABC):
         traceback: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def override_signature(
+    found: tuple[TensorSpec, ...], declared: Sequence[Any] | None, label: str
+) -> tuple[TensorSpec, ...]:
+    """Where config.yaml declares tensors, its shapes fill in what the artifact leaves open."""
+    if not declared:
+        return found
+    by_name = {spec.name: spec for spec in found}
+    merged = dict(by_name)
+    for decl in declared:
+        spec = decl.spec()
+        if spec.name not in by_name:
+            raise ModelNotReady(
+                f"{label}: config.yaml declares tensor '{spec.name}', which the model does not have "
+                f"(it has {', '.join(by_name)})"
+            )
+        actual = by_name[spec.name]
+        if spec.datatype != actual.datatype:
+            raise ModelNotReady(
+                f"{label}: config.yaml says '{spec.name}' is {spec.datatype}, the model says {actual.datatype}"
+            )
+        merged[spec.name] = spec
+    return tuple(merged[spec.name] for spec in found)

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from adapters.base import LoadSpec, ModelAdapter
+from adapters.base import LoadSpec, ModelAdapter, override_signature
 from gateway.errors import BackendError, InvalidInput, ModelNotReady
 from gateway.types import Datatype, ModelSignature, TensorSpec
 
@@ -124,8 +124,8 @@ class OnnxRuntimeAdapter(ModelAdapter):
         inputs = tuple(_tensor_spec(node, self.spec.label) for node in session.get_inputs())
         outputs = tuple(_tensor_spec(node, self.spec.label) for node in session.get_outputs())
         return ModelSignature(
-            inputs=_override(inputs, self.spec.config.inputs, self.spec.label),
-            outputs=_override(outputs, self.spec.config.outputs, self.spec.label),
+            inputs=override_signature(inputs, self.spec.config.inputs, self.spec.label),
+            outputs=override_signature(outputs, self.spec.config.outputs, self.spec.label),
             platform="onnxruntime_onnx",
         )
 
@@ -160,27 +160,3 @@ class OnnxRuntimeAdapter(ModelAdapter):
         if executor is not None:
             # Requests already running keep their session alive and finish on their own.
             executor.shutdown(wait=False)
-
-
-def _override(
-    found: tuple[TensorSpec, ...], declared: Sequence[Any] | None, label: str
-) -> tuple[TensorSpec, ...]:
-    """Where config.yaml declares tensors, its shapes fill in what the artifact leaves open."""
-    if not declared:
-        return found
-    by_name = {spec.name: spec for spec in found}
-    merged = dict(by_name)
-    for decl in declared:
-        spec = decl.spec()
-        if spec.name not in by_name:
-            raise ModelNotReady(
-                f"{label}: config.yaml declares tensor '{spec.name}', which the model does not have "
-                f"(it has {', '.join(by_name)})"
-            )
-        actual = by_name[spec.name]
-        if spec.datatype != actual.datatype:
-            raise ModelNotReady(
-                f"{label}: config.yaml says '{spec.name}' is {spec.datatype}, the model says {actual.datatype}"
-            )
-        merged[spec.name] = spec
-    return tuple(merged[spec.name] for spec in found)

@@ -26,7 +26,9 @@ import onnxruntime as ort
 import orjson
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-MODES = ("inprocess", "rest-json", "rest-binary", "grpc")
+MODES = ("inprocess", "rest-json", "rest-binary", "grpc", "tfserving-rest", "tfserving-grpc")
+# TF Serving's API is opt-in: its gRPC mode needs the tensorflow extra.
+DEFAULT_MODES = ("inprocess", "rest-json", "rest-binary", "grpc")
 INPUT_SEED = 20240601
 # Distinct inputs cycled through so that no layer can answer from a cache of one request.
 INPUT_POOL_SIZE = 32
@@ -128,7 +130,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=positive_float, default=10.0, help="seconds measured per mode")
     parser.add_argument("--concurrency", type=positive_int, default=8)
     parser.add_argument("--warmup", type=non_negative_float, default=2.0, help="seconds discarded per mode")
-    parser.add_argument("--modes", type=mode_list, default=list(MODES), help=",".join(MODES))
+    parser.add_argument("--modes", type=mode_list, default=list(DEFAULT_MODES), help=",".join(MODES))
     parser.add_argument("--json-out", type=Path)
     return parser.parse_args(argv)
 
@@ -445,18 +447,70 @@ def grpc_send(stub: service_pb2_grpc.GRPCInferenceServiceStub, workload: Workloa
     return send
 
 
+def tfserving_path(workload: Workload) -> str:
+    version = f"/versions/{workload.version}" if workload.version else ""
+    return f"/v1/models/{workload.model}{version}:predict"
+
+
+def tfserving_rest_send(client: httpx.AsyncClient, workload: Workload) -> AsyncSend:
+    """TF Serving's REST predict, columnar: {"inputs": {name: nested list}} -> {"outputs": ...}."""
+    bodies = [
+        orjson.dumps({"inputs": {workload.input_name: x}}, option=orjson.OPT_SERIALIZE_NUMPY)
+        for x in workload.inputs
+    ]
+    dtype = workload.expected[0].dtype
+    headers = {"Content-Type": "application/json"}
+    path = tfserving_path(workload)
+
+    async def send(item: int) -> np.ndarray:
+        response = await client.post(path, content=bodies[item], headers=headers)
+        expect_ok(response)
+        outputs = orjson.loads(response.content)["outputs"]
+        # A model with one output answers its value alone, not an object keyed by name.
+        value = outputs[workload.output_name] if isinstance(outputs, dict) else outputs
+        return np.asarray(value, dtype=dtype)
+
+    return send
+
+
+def tfserving_grpc_send(channel: grpc.aio.Channel, workload: Workload) -> AsyncSend:
+    """TF Serving's gRPC PredictionService.Predict with the official protos (the tensorflow extra)."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    requests = []
+    for x in workload.inputs:
+        request = predict_pb2.PredictRequest(output_filter=[workload.output_name])
+        request.model_spec.name = workload.model
+        if workload.version:
+            request.model_spec.version.value = int(workload.version)
+        request.inputs[workload.input_name].CopyFrom(tf.make_tensor_proto(x))
+        requests.append(request)
+
+    async def send(item: int) -> np.ndarray:
+        response = await stub.Predict(requests[item], timeout=REQUEST_TIMEOUT_S)
+        if workload.output_name not in response.outputs:
+            raise ProtocolError(
+                f"no output {workload.output_name!r} in response, got {list(response.outputs)}"
+            )
+        return tf.make_ndarray(response.outputs[workload.output_name])
+
+    return send
+
+
 async def ensure_ready(
     args: argparse.Namespace, client: httpx.AsyncClient, stub: service_pb2_grpc.GRPCInferenceServiceStub
 ) -> None:
     """Fail fast, before any mode runs, when a gateway endpoint needed by the chosen modes is down."""
-    if {"rest-json", "rest-binary"} & set(args.modes):
+    if {"rest-json", "rest-binary", "tfserving-rest"} & set(args.modes):
         try:
             response = await client.get("/v2/health/ready")
         except httpx.HTTPError as exc:
             sys.exit(f"REST endpoint {args.http} unreachable: {exc!r}")
         if response.status_code != 200:
             sys.exit(f"REST endpoint {args.http} not ready: HTTP {response.status_code}")
-    if "grpc" in args.modes:
+    if {"grpc", "tfserving-grpc"} & set(args.modes):
         try:
             ready = await stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=5.0)
         except grpc.aio.AioRpcError as exc:
@@ -484,6 +538,10 @@ async def run_modes(args: argparse.Namespace, session: ort.InferenceSession, wor
                 row = await measure_async(mode, rest_json_send(client, workload), workload, config)
             elif mode == "rest-binary":
                 row = await measure_async(mode, rest_binary_send(client, workload), workload, config)
+            elif mode == "tfserving-rest":
+                row = await measure_async(mode, tfserving_rest_send(client, workload), workload, config)
+            elif mode == "tfserving-grpc":
+                row = await measure_async(mode, tfserving_grpc_send(channel, workload), workload, config)
             else:
                 row = await measure_async(mode, grpc_send(stub, workload), workload, config)
             rows.append(row)

@@ -78,6 +78,24 @@ class DataPlane:
             return False
         return await _backend_ready(loaded)
 
+    async def model_status(self, name: str, version: str | None) -> list[IndexEntry]:
+        """Each version's state, or only the one a version number or label names.
+
+        A version the registry holds as ready whose backend says otherwise is reported UNAVAILABLE.
+        """
+        model = self.registry.get(name)
+        if not model.versions:
+            raise ModelNotReady(f"model '{name}' is not ready: {model.reason or 'no version loaded'}")
+        numbers = [self.router.resolve(model, version)] if version else sorted(model.versions)
+        entries = []
+        for number in numbers:
+            loaded = model.versions[number]
+            state, reason = loaded.state.value, loaded.reason
+            if loaded.ready and not await _backend_ready(loaded):
+                state, reason = State.UNAVAILABLE.value, "the backend reports the version is not ready"
+            entries.append(IndexEntry(name, str(number), state, reason))
+        return entries
+
     # Metadata ---------------------------------------------------------------------------------
 
     def server_metadata(self) -> ServerMetadata:

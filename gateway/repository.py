@@ -94,6 +94,10 @@ def scan_model(root: Path, name: str) -> ModelEntry:
     found = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
     backend: str | None = config.backend
     remote = _is_remote(config, backend)
+    if remote and not found and backend == "tfserving":
+        # A remote model has no files here: its versions may be listed in config.yaml instead of
+        # as empty folders (which git cannot hold).
+        found = sorted(int(v) for v in config.tfserving.get("versions", {}) if str(v).isdigit())
     if remote and not found:
         found = [1]
     selected = config.version_policy.select(found)

@@ -18,7 +18,7 @@ class Router:
         if model.reason and not model.versions:
             raise ModelNotReady(f"model '{model.name}' is not ready: {model.reason}")
         if requested:
-            return self._ready(model, self._resolve(model, requested))
+            return self._ready(model, self.resolve(model, requested))
         return self._ready(model, self.default_version(model))
 
     def default_version(self, model: LoadedModel) -> int:
@@ -37,7 +37,8 @@ class Router:
         return ready[-1]
 
     @staticmethod
-    def _resolve(model: LoadedModel, requested: str) -> int:
+    def resolve(model: LoadedModel, requested: str) -> int:
+        """The version number that `requested` (a number or a label) names, ready or not."""
         if requested.isdigit():
             version = int(requested)
             if version not in model.versions:

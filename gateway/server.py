@@ -46,6 +46,7 @@ class Gateway:
         self._grpc: grpc.aio.Server | None = None
         self._http: _UvicornServer | None = None
         self._http_task: asyncio.Task[None] | None = None
+        self._services: list[str] = [SERVICE_NAME]
 
     async def start(self) -> None:
         settings = self.settings
@@ -55,7 +56,7 @@ class Gateway:
         await self._start_grpc()
         await self._start_http()
         self.dataplane.mark_started()
-        for service in ("", SERVICE_NAME):
+        for service in ("", *self._services):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "modelyard ready: HTTP on %s:%d, gRPC on %s:%d, models from %s",
@@ -74,9 +75,10 @@ class Gateway:
         )
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self._services = [SERVICE_NAME, *self._add_tfserving_services(server)]
         reflection.enable_server_reflection(
             (
-                SERVICE_NAME,
+                *self._services,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -89,6 +91,15 @@ class Gateway:
             raise SystemExit(f"modelyard: cannot listen for gRPC on {address}: {exc}") from exc
         await server.start()
         self._grpc = server
+
+    def _add_tfserving_services(self, server: grpc.aio.Server) -> list[str]:
+        """TF Serving's gRPC services, where the tensorflow extra is installed; else none."""
+        try:
+            from gateway.protocols import tfserving_grpc
+        except ImportError as exc:
+            log.info("TF Serving gRPC API not served: %s (pip install 'modelyard[tensorflow]')", exc)
+            return []
+        return tfserving_grpc.add_to_server(self.dataplane, server)
 
     async def _start_http(self) -> None:
         config = uvicorn.Config(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Any
 
 import onnx
 from onnx import TensorProto, helper
@@ -92,6 +94,8 @@ def build_gather() -> onnx.ModelProto:
 
 
 MLP_BATCHED = "backend: onnxruntime\nbatching: {max_batch_size: 16, max_queue_delay_us: 2000}\n"
+
+EXAMPLE_REPO = Path(__file__).resolve().parent.parent / "model_repo"
 SPIN_LIMITED = "backend: onnxruntime\nlimits: {max_inflight: 1, max_queue: 0}\n"
 SPIN_DEADLINE = "backend: onnxruntime\nlimits: {timeout_ms: 50}\n"
 
@@ -113,3 +117,38 @@ def build_test_repository(repo: Path) -> None:
     (repo / "broken_artifact" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
     _save(build_identity(Datatype.FP32), repo / "broken_config" / "1" / "model.onnx")
     (repo / "broken_config" / "config.yaml").write_text("backend: onnxruntime\nlabelz: {stable: 1}\n")
+    # The TensorFlow example as committed, and a copy that the readiness tests unload and reload.
+    shutil.copytree(EXAMPLE_REPO / "affine_tf", repo / "affine_tf")
+    shutil.copytree(EXAMPLE_REPO / "affine_tf" / "1", repo / "toggle_tf" / "1")
+    (repo / "toggle_tf" / "config.yaml").write_text("backend: tensorflow\n")
+
+
+def tfserving_config(model_name: str, grpc_address: str | None, rest_url: str | None, **extra: Any) -> str:
+    section: dict[str, Any] = {"model_name": model_name, **extra}
+    if grpc_address:
+        section["grpc"] = grpc_address
+    if rest_url:
+        section["rest"] = rest_url
+    fields = ", ".join(f"{key}: {value!r}" for key, value in section.items())
+    return f"backend: tfserving\nversion_policy: all\ntfserving: {{{fields}}}\n"
+
+
+def build_tfserving_repository(repo: Path, grpc_address: str, rest_url: str) -> None:
+    """`backend: tfserving` models with empty version folders, each remote over gRPC and over REST."""
+    remotes: dict[str, tuple[str, tuple[int, ...], dict[str, Any], str]] = {
+        "affine": ("affine_tf", (1, 2), {}, "labels: {stable: 1, canary: 2}\n"),
+        # Local version 1 stands for whatever the remote labels canary.
+        "pinned": ("affine_tf", (1,), {"versions": {1: "canary"}}, ""),
+        "text": ("text_normalizer", (1,), {}, ""),
+        "toggle": ("toggle_tf", (1,), {}, ""),
+        "missing": ("no_such_model", (1,), {}, ""),
+        # No version folders: the versions come from tfserving.versions.
+        "listed": ("affine_tf", (), {"versions": {1: 1, 2: "canary"}}, ""),
+    }
+    for local, (remote, versions, options, extra) in remotes.items():
+        for transport, address in (("grpc", (grpc_address, None)), ("rest", (None, rest_url))):
+            folder = repo / f"remote_{local}_{transport}"
+            folder.mkdir(parents=True)
+            for version in versions:
+                (folder / str(version)).mkdir()
+            (folder / "config.yaml").write_text(tfserving_config(remote, *address, **options) + extra)

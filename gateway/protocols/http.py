@@ -12,6 +12,7 @@ import gateway
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, retry_after, status_for
 from gateway.metrics import Metrics
+from gateway.protocols.tfserving_rest import tfserving_router
 from gateway.protocols.v2_rest import json_response, v2_router
 
 log = logging.getLogger("modelyard.http")
@@ -26,6 +27,8 @@ def create_app(dataplane: DataPlane, metrics: Metrics) -> FastAPI:
         redoc_url=None,
     )
     app.include_router(v2_router(dataplane))
+    # TF Serving's REST API is plain JSON: it needs nothing from the tensorflow extra.
+    app.include_router(tfserving_router(dataplane))
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

@@ -229,3 +229,30 @@ def test_up_refuses_an_unknown_backend_and_a_repository_without_its_models(
     assert empty.stderr.strip().endswith(
         "no model in the repository has a TensorFlow SavedModel (model.savedmodel/ or saved_model.pb)"
     )
+
+
+def test_tfserving_for_the_example_repository_matches_the_stack_config(tmp_path: Path) -> None:
+    text_format = pytest.importorskip("google.protobuf.text_format")
+    config_pb2 = pytest.importorskip(
+        "tensorflow_serving.config.model_server_config_pb2", reason="needs the tensorflow extra"
+    )
+    spec = containers.build_spec("tfserving", scan(ROOT / "model_repo"), tmp_path)
+    ours = text_format.Parse(spec.files[tmp_path / "models.config"], config_pb2.ModelServerConfig())
+    stack = text_format.Parse(
+        (DEPLOY / "tfserving" / "models.config").read_text(), config_pb2.ModelServerConfig()
+    )
+    (model,) = ours.model_config_list.config
+    (reference,) = stack.model_config_list.config
+    assert (model.name, model.base_path, model.model_platform) == (
+        reference.name,
+        reference.base_path,
+        reference.model_platform,
+    )
+    assert dict(model.version_labels) == dict(reference.version_labels)
+    assert list(model.model_version_policy.specific.versions) == [1, 2]
+    # The same mounts as the compose service's.
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["tfserving"]
+    stack_mounts = {v.split(":")[1]: (ROOT / v.split(":")[0]).resolve() for v in compose["volumes"]}
+    for mount in spec.mounts:
+        if mount.target.startswith("/models/"):
+            assert stack_mounts[mount.target] == mount.source

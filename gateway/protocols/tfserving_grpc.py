@@ -1,0 +1,192 @@
+"""TF Serving's gRPC API: `tensorflow.serving.PredictionService` and `ModelService`.
+
+Serves every model in the gateway, whatever its backend, on the same port as the v2 service.
+Uses the official `tensorflow-serving-api` protos (the `tensorflow` extra); tensors cross with
+`tf.make_ndarray` and `tf.make_tensor_proto`, one call each. Errors are mapped by the v2 module's
+`ErrorInterceptor`, which reads the one error table.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import tensorflow as tf
+from tensorflow.core.framework import tensor_shape_pb2, types_pb2
+from tensorflow.core.protobuf import error_codes_pb2, meta_graph_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    model_service_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2,
+    prediction_service_pb2_grpc,
+    status_pb2,
+)
+
+from gateway.dataplane import DataPlane
+from gateway.errors import InvalidInput, MalformedRequest, Unsupported
+from gateway.protocols.tfserving_rest import PREDICT_METHOD, SIGNATURE_NAME, TF_DTYPE_NAME, TF_STATE
+from gateway.types import (
+    IndexEntry,
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    Tensor,
+    TensorSpec,
+    datatype_of,
+)
+
+PREDICTION_SERVICE: str = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
+MODEL_SERVICE: str = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+_STATE = get_model_status_pb2.ModelVersionStatus.State
+
+
+def _version_of(model_spec: Any) -> str | None:
+    choice = model_spec.WhichOneof("version_choice")
+    if choice == "version":
+        return str(model_spec.version.value)
+    if choice == "version_label":
+        return str(model_spec.version_label) or None
+    return None
+
+
+def _label(model_spec: Any) -> str:
+    return f"model '{model_spec.name}' version {_version_of(model_spec) or 'default'}"
+
+
+def _check_signature(model_spec: Any) -> None:
+    name = model_spec.signature_name or SIGNATURE_NAME
+    if name != SIGNATURE_NAME:
+        raise InvalidInput(f"{_label(model_spec)} has no signature '{name}'; it serves '{SIGNATURE_NAME}'")
+
+
+def _model_spec(name: str, version: str) -> Any:
+    spec = model_pb2.ModelSpec(name=name, signature_name=SIGNATURE_NAME)
+    if version.isdigit():
+        spec.version.value = int(version)
+    return spec
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):  # type: ignore[misc]
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    async def Predict(self, request: Any, context: Any) -> Any:
+        remaining = context.time_remaining()
+        infer_request = decode_predict(request, remaining)
+        return encode_predict(await self.dataplane.infer(infer_request))
+
+    async def GetModelMetadata(self, request: Any, context: Any) -> Any:
+        spec = request.model_spec
+        fields = list(request.metadata_field)
+        if fields != ["signature_def"]:
+            raise InvalidInput(
+                f"{_label(spec)}: metadata_field must be ['signature_def'], the only metadata served; got {fields}"
+            )
+        meta = await self.dataplane.model_metadata(spec.name, _version_of(spec))
+        signature = meta_graph_pb2.SignatureDef(method_name=PREDICT_METHOD)
+        for source, target in ((meta.inputs, signature.inputs), (meta.outputs, signature.outputs)):
+            for tensor in source:
+                target[tensor.name].CopyFrom(tensor_info(tensor))
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        signatures.signature_def[SIGNATURE_NAME].CopyFrom(signature)
+        response = get_model_metadata_pb2.GetModelMetadataResponse(
+            model_spec=_model_spec(spec.name, _version_of(spec) or "")
+        )
+        response.metadata["signature_def"].Pack(signatures)
+        return response
+
+    async def Classify(self, request: Any, context: Any) -> Any:
+        raise Unsupported(
+            f"{_label(request.model_spec)}: Classify is not supported by modelyard; use Predict"
+        )
+
+    async def Regress(self, request: Any, context: Any) -> Any:
+        raise Unsupported(f"{_label(request.model_spec)}: Regress is not supported by modelyard; use Predict")
+
+    async def MultiInference(self, request: Any, context: Any) -> Any:
+        raise Unsupported("MultiInference is not supported by modelyard; use Predict")
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):  # type: ignore[misc]
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    async def GetModelStatus(self, request: Any, context: Any) -> Any:
+        spec = request.model_spec
+        entries = await self.dataplane.model_status(spec.name, _version_of(spec))
+        return get_model_status_pb2.GetModelStatusResponse(
+            model_version_status=[version_status(e) for e in entries]
+        )
+
+    async def HandleReloadConfigRequest(self, request: Any, context: Any) -> Any:
+        raise Unsupported(
+            "HandleReloadConfigRequest is not supported by modelyard; use the v2 repository load/unload API"
+        )
+
+
+def add_to_server(dataplane: DataPlane, server: Any) -> list[str]:
+    """Register both TF Serving services; their full names, for reflection and health."""
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(dataplane), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane), server)
+    return [PREDICTION_SERVICE, MODEL_SERVICE]
+
+
+def version_status(entry: IndexEntry) -> Any:
+    ok = entry.state == "READY"
+    return get_model_status_pb2.ModelVersionStatus(
+        version=int(entry.version),
+        state=_STATE.Value(TF_STATE.get(entry.state, "UNKNOWN")),
+        status=status_pb2.StatusProto(
+            error_code=error_codes_pb2.OK if ok else error_codes_pb2.UNAVAILABLE,
+            error_message="" if ok else entry.reason,
+        ),
+    )
+
+
+def tensor_info(spec: TensorSpec) -> Any:
+    return meta_graph_pb2.TensorInfo(
+        name=spec.name,
+        dtype=types_pb2.DataType.Value(TF_DTYPE_NAME[spec.datatype]),
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in spec.shape]
+        ),
+    )
+
+
+def decode_predict(request: Any, time_remaining: float | None) -> InferRequest:
+    spec = request.model_spec
+    _check_signature(spec)
+    if not spec.name:
+        raise MalformedRequest("model_spec.name is required")
+    if not request.inputs:
+        raise MalformedRequest(f"{_label(spec)}: the request needs at least one input")
+    inputs = []
+    for name, proto in request.inputs.items():
+        try:
+            array = tf.make_ndarray(proto)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"{_label(spec)}: input '{name}' is not a valid TensorProto: {exc}") from None
+        try:
+            datatype = datatype_of(array.dtype)
+        except ValueError as exc:
+            raise InvalidInput(f"{_label(spec)}: input '{name}': {exc}") from None
+        inputs.append(Tensor(name, datatype, tuple(array.shape), array))
+    return InferRequest(
+        model_name=spec.name,
+        model_version=_version_of(spec),
+        inputs=inputs,
+        outputs=[RequestedOutput(name) for name in request.output_filter] or None,
+        protocol="grpc",
+        deadline=None if time_remaining is None else time.monotonic() + time_remaining,
+    )
+
+
+def encode_predict(response: InferResponse) -> Any:
+    message = predict_pb2.PredictResponse(model_spec=_model_spec(response.model_name, response.model_version))
+    for tensor in response.outputs:
+        message.outputs[tensor.name].CopyFrom(tf.make_tensor_proto(tensor.data))
+    return message

@@ -1,0 +1,83 @@
+"""Build the example TensorFlow SavedModels in model_repo/: `affine_tf`, the same function as `affine`.
+
+    python scripts/build_tf_models.py [--repo model_repo]
+
+y = x @ W + b on FP32 [-1, 4] -> [-1, 3], with `affine_weights(version)`, so the TensorFlow and the
+ONNX deployments of one model can be compared request for request. The small SavedModel files are
+committed; running this again writes byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf
+from tensorflow.core.protobuf import fingerprint_pb2
+
+from scripts.build_models import affine_weights
+
+AFFINE_TF_CONFIG = """\
+# The TensorFlow twin of `affine`: the same weights per version, served in-process by TensorFlow.
+backend: tensorflow
+version_policy: all
+labels: {stable: 1, canary: 2}
+limits: {max_inflight: 64, max_queue: 256, timeout_ms: 2000}
+tensorflow: {signature: serving_default, intra_op_threads: 1, inter_op_threads: 1}
+"""
+
+
+class Affine(tf.Module):
+    def __init__(self, version: int) -> None:
+        super().__init__(name="affine")
+        weight, bias = affine_weights(version)
+        self.weight = tf.constant(weight)
+        self.bias = tf.constant(bias)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+    def serve(self, x: Any) -> dict[str, Any]:
+        return {"y": tf.matmul(x, self.weight) + self.bias}
+
+
+def save(module: tf.Module, signature: Any, path: Path) -> None:
+    tf.saved_model.save(module, str(path), signatures={"serving_default": signature})
+    # fingerprint.pb carries a random UUID per save; clear it so the files are reproducible.
+    fingerprint_path = path / "fingerprint.pb"
+    if fingerprint_path.exists():
+        fingerprint = fingerprint_pb2.FingerprintDef.FromString(fingerprint_path.read_bytes())
+        fingerprint.ClearField("uuid")
+        fingerprint_path.write_bytes(fingerprint.SerializeToString(deterministic=True))
+
+
+def build_affine_tf(version: int, path: Path) -> None:
+    module = Affine(version)
+    save(module, module.serve, path)
+
+
+def build_repository(repo: Path) -> list[Path]:
+    written = []
+    for version in (1, 2):
+        path = repo / "affine_tf" / str(version) / "model.savedmodel"
+        build_affine_tf(version, path)
+        written.append(path)
+    (repo / "affine_tf" / "config.yaml").write_text(AFFINE_TF_CONFIG)
+    written.append(repo / "affine_tf" / "config.yaml")
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent / "model_repo")
+    args = parser.parse_args()
+    for path in build_repository(args.repo):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
