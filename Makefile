@@ -13,11 +13,12 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The example repository has a TorchServe model, so serving it takes the torchserve extra
-# (torch's CPU wheel, TorchServe, the model archiver; TorchServe runs on the machine's Java 17).
+# The example repository has TorchServe and TensorFlow models, so serving all of it takes both
+# extras (torch's CPU wheel, TorchServe and its archiver, which run on the machine's Java 17;
+# TensorFlow and the TF Serving API). `pip install modelyard` alone serves the ONNX models.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) --upgrade pip
-	$(PIP) -e ".[torchserve]"
+	$(PIP) -e ".[torchserve,tensorflow]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed

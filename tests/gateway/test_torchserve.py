@@ -185,6 +185,31 @@ def test_declaring_no_tensors_is_a_clear_load_error(tmp_path: Path) -> None:
     assert "TorchServe models must declare their tensors" in result.stdout
 
 
+@pytest.mark.parametrize("protocol_name", ["rest", "grpc"])
+@pytest.mark.parametrize(("version", "label"), [(None, None), ("2", None), (None, "canary")])
+def test_tf_serving_clients_reach_the_torchserve_model(
+    ts_gateway: RunningGateway, ts_repo: Path, protocol_name: str, version: str | None, label: str | None
+) -> None:
+    """The TF Serving front door serves every model, a TorchServe one too."""
+    pytest.importorskip("tensorflow_serving", reason="the TF Serving gRPC API needs the tensorflow extra")
+    import grpc
+
+    from conftest import TfServingProtocol
+
+    with (
+        httpx.Client(base_url=ts_gateway.url, timeout=60) as http,
+        grpc.insecure_channel(ts_gateway.grpc) as channel,
+    ):
+        client = TfServingProtocol(protocol_name, http, channel)
+        output, served = client.predict("mlp_torch", {"input": ROWS[:2]}, version=version, label=label)
+    expected_version = 2 if (version or label) else 1
+    np.testing.assert_allclose(
+        output, torch_reference(ts_repo, expected_version, ROWS[:2]), rtol=1e-5, atol=1e-6
+    )
+    if served is not None:
+        assert served == str(expected_version)
+
+
 def java_processes(gateway: RunningGateway) -> list[psutil.Process]:
     return [p for p in psutil.Process(gateway.process.pid).children(recursive=True) if p.name() == "java"]
 
