@@ -7,7 +7,8 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: serve test install dev lint typecheck pytest models bench clean
+.PHONY: serve test install dev lint typecheck pytest models bench clean \
+	deploy-tools torchserve-store images compose-up compose-down compose-smoke
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,19 +38,64 @@ models: dev
 	$(BIN)/python -m scripts.build_torch_models --repo $(MODEL_REPO)
 
 lint: dev
-	$(BIN)/ruff check gateway adapters tests scripts benchmarks conftest.py
-	$(BIN)/ruff format --check gateway adapters tests scripts benchmarks conftest.py
+	$(BIN)/ruff check gateway adapters tests scripts benchmarks deploy conftest.py
+	$(BIN)/ruff format --check gateway adapters tests scripts benchmarks deploy conftest.py
 
 typecheck: dev
 	$(BIN)/mypy
 
-pytest: dev
+pytest: dev deploy-tools
 	$(BIN)/python -m pytest
 
 test: lint typecheck pytest
 
 bench: dev
 	benchmarks/run.sh --duration 10 --concurrency 8 --json-out benchmarks/results/load.json
+
+# tests/deploy validate docker-compose.yml with `docker-compose config` (Debian's docker-compose;
+# kubectl is already on these machines). Installs it only when missing, and only as root, where
+# apt can; elsewhere those tests say what is missing and skip.
+deploy-tools:
+	@if ! command -v docker-compose >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing docker-compose (Debian package) for the compose checks"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
+	fi
+
+# The compose stack's TorchServe model store: each version of the mlp_torch example archived with
+# modelyard's handler, as README's "TorchServe" section shows for any remote TorchServe. TorchServe
+# (load_models=all) registers both archives as versions 1 and 2 of one model.
+TS_STORE := deploy/torchserve/model-store
+TS_MODEL := mlp_torch
+TS_VERSIONS := 1 2
+COMPOSE ?= docker-compose -p modelyard
+
+torchserve-store: $(foreach v,$(TS_VERSIONS),$(TS_STORE)/$(TS_MODEL)-v$(v).mar)
+
+$(TS_STORE)/$(TS_MODEL)-v%.mar: model_repo/$(TS_MODEL)/%/model.pt adapters/torchserve_handler.py | $(VENV)/.installed
+	mkdir -p $(TS_STORE)/build-v$*
+	echo '{"inputs": ["input"], "outputs": ["logits"], "threads": 1}' > $(TS_STORE)/build-v$*/modelyard.json
+	$(BIN)/torch-model-archiver --model-name $(TS_MODEL) --version $* --serialized-file $< \
+		--handler adapters/torchserve_handler.py --extra-files $(TS_STORE)/build-v$*/modelyard.json \
+		--export-path $(TS_STORE)/build-v$* --force
+	mv $(TS_STORE)/build-v$*/$(TS_MODEL).mar $@
+	rm -rf $(TS_STORE)/build-v$*
+
+# The gateway image (with the extras the compose stack needs) and the model bundle image that
+# Kubernetes' dev overlay copies models from. Tag them for your registry and set `images:` in an overlay.
+IMAGE_TAG ?= 0.1.0
+images: torchserve-store
+	docker build -f deploy/Dockerfile --build-arg EXTRAS=tensorflow -t modelyard:$(IMAGE_TAG) .
+	docker build -f deploy/models.Dockerfile -t modelyard-models:$(IMAGE_TAG) .
+
+compose-up: torchserve-store
+	$(COMPOSE) up -d --build
+
+compose-down:
+	$(COMPOSE) down --remove-orphans
+
+# One request per backend through the gateway, once the stack answers ready.
+compose-smoke: install
+	$(BIN)/python deploy/smoke.py --url http://127.0.0.1:$(HTTP_PORT) --wait-s 300
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

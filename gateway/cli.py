@@ -100,3 +100,52 @@ async def _check(directory: Path, load: bool) -> int:
     finally:
         await registry.aclose()
     return problems
+
+
+@app.command()
+def up(
+    backend: Annotated[str, typer.Option(help="tfserving or torchserve.")],
+    model_repo: Annotated[Path, typer.Option(help="The model repository whose models it serves.")] = Path(
+        "model_repo"
+    ),
+    workdir: Annotated[
+        Path, typer.Option(help="Where the generated config and archives go (mounted into the container).")
+    ] = Path(".modelyard"),
+    host: Annotated[
+        str, typer.Option(help="Host address the container's ports are published on.")
+    ] = "127.0.0.1",
+    port_offset: Annotated[int, typer.Option(help="Added to each published port, to run beside others.")] = 0,
+) -> None:
+    """Start a backend's official image (Docker) for the models of a repository."""
+    from gateway import containers
+
+    if backend not in containers.BACKENDS:
+        typer.echo(
+            f"error: --backend must be one of {', '.join(containers.BACKENDS)}, not {backend!r}", err=True
+        )
+        raise typer.Exit(2)
+    if not model_repo.is_dir():
+        typer.echo(f"error: {model_repo} is not a folder", err=True)
+        raise typer.Exit(2)
+    entries = scan(model_repo)
+    for entry in entries.values():
+        for problem in entry.problems:
+            typer.echo(f"skipped: {problem}", err=True)
+    try:
+        spec = containers.build_spec(
+            containers.TFSERVING if backend == "tfserving" else containers.TORCHSERVE,
+            entries,
+            (workdir / backend).resolve(),
+            host,
+            port_offset,
+        )
+        client = containers.docker_client()
+        containers.prepare(spec)
+        container_id = containers.start(spec, client)
+    except containers.UpError as exc:
+        typer.echo(f"error: modelyard up --backend {backend}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    ports = ", ".join(f"{h}:{p} -> {c}" for c, (h, p) in spec.ports.items())
+    typer.echo(
+        f"started {spec.name} ({spec.image}, id {container_id}) for {', '.join(spec.models)}; ports {ports}"
+    )
