@@ -242,9 +242,11 @@ def archive_for_torchserve(
 class StandaloneTorchServe:
     """A TorchServe of its own, outside any gateway: what remote mode talks to."""
 
-    def __init__(self, workdir: Path, models: dict[str, Path], token_auth: bool) -> None:
+    def __init__(
+        self, workdir: Path, models: dict[str, Path], token_auth: bool, ports: tuple[int, int] | None = None
+    ) -> None:
         self.workdir = workdir
-        self.inference_port, self.management_port = free_port(), free_port()
+        self.inference_port, self.management_port = ports or (free_port(), free_port())
         self.token_auth = token_auth
         store = workdir / "store"
         store.mkdir(parents=True, exist_ok=True)

@@ -263,26 +263,13 @@ class DataPlane:
         return entries
 
     async def load_model(self, name: str) -> None:
-        model = await self.registry.load(name)
-        self._publish_readiness(model)
+        await self.registry.load(name)
 
     async def unload_model(self, name: str) -> None:
         await self.registry.unload(name)
-        for metric in self.metrics.model_ready.collect():
-            for sample in metric.samples:
-                if sample.labels["model"] == name:
-                    self.metrics.model_ready.labels(**sample.labels).set(0)
 
     async def load_all(self) -> None:
         await self.registry.load_all()
-        for model in self.registry.models():
-            self._publish_readiness(model)
-
-    def _publish_readiness(self, model: LoadedModel) -> None:
-        for loaded in model.versions.values():
-            self.metrics.model_ready.labels(model.name, str(loaded.version), loaded.backend).set(
-                int(loaded.ready)
-            )
 
 
 async def _backend_ready(loaded: LoadedVersion) -> bool:

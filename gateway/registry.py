@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,13 +14,16 @@ from pathlib import Path
 from adapters import LoadSpec, ModelAdapter, SharedResources, create_adapter
 from gateway.batching import BatchingAdapter, BatchObserver
 from gateway.config import preferred_version
-from gateway.errors import GatewayError, ModelNotFound, ModelNotReady
+from gateway.errors import BackendUnavailable, DeadlineExceeded, GatewayError, ModelNotFound, ModelNotReady
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.repository import ModelEntry, is_model_name, model_names, scan_model
 from gateway.types import IndexEntry, ModelSignature
 
 log = logging.getLogger("modelyard.registry")
+
+# Seconds between loads of a model whose backend could not be reached; the last repeats.
+RETRY_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 AdapterFactory = Callable[[str, LoadSpec], ModelAdapter]
 
@@ -64,6 +69,8 @@ class LoadedVersion:
     adapter: ModelAdapter | None = None
     signature: ModelSignature | None = None
     stats: VersionStats = field(default_factory=VersionStats)
+    # It failed because its backend could not be reached: loading again later may succeed.
+    retryable: bool = False
 
     @property
     def ready(self) -> bool:
@@ -100,6 +107,7 @@ class Registry:
         self._models: dict[str, LoadedModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.shared = SharedResources()
+        self._retries: dict[str, asyncio.Task[None]] = {}
 
     def get(self, name: str) -> LoadedModel:
         model = self._models.get(name)
@@ -122,6 +130,33 @@ class Registry:
                 raise result
 
     async def load(self, name: str) -> LoadedModel:
+        try:
+            return await self._load(name)
+        finally:
+            self._retry_if_backend_was_down(name)
+
+    def _retry_if_backend_was_down(self, name: str) -> None:
+        model = self._models.get(name)
+        waiting = model is not None and any(v.retryable for v in model.versions.values())
+        if waiting and (name not in self._retries or self._retries[name].done()):
+            self._retries[name] = asyncio.create_task(self._retry(name), name=f"retry loading {name}")
+
+    async def _retry(self, name: str) -> None:
+        """Loads the model again, with backoff, until the backends it waits for answer."""
+        delays = itertools.chain(RETRY_BACKOFF_S, itertools.repeat(RETRY_BACKOFF_S[-1]))
+        for attempt, delay in enumerate(delays, start=1):
+            await asyncio.sleep(delay)
+            model = self._models.get(name)
+            if model is None or not any(v.retryable for v in model.versions.values()):
+                return  # unloaded, or loaded since by someone else
+            with contextlib.suppress(GatewayError):  # still down: the next attempt tells
+                await self._load(name)
+            model = self._models.get(name)
+            if model is not None and not any(v.retryable for v in model.versions.values()):
+                log.info("model '%s' loaded on retry %d", name, attempt)
+                return
+
+    async def _load(self, name: str) -> LoadedModel:
         if not is_model_name(name) or not (self.root / name).is_dir():
             raise ModelNotFound(f"model '{name}' is not in the repository {self.root}")
         async with self._lock(name):
@@ -155,10 +190,14 @@ class Registry:
         if name not in self._models:
             self.get(name)  # raises the right error for an unknown or never-loaded model
             return
+        retry = self._retries.pop(name, None)
+        if retry is not None:
+            retry.cancel()
         async with self._lock(name):
             model = self._models.pop(name, None)
             if model is not None:
                 await self._close(model)
+                self._publish(model, unloaded=True)
                 log.info("model '%s' unloaded", name)
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
@@ -179,6 +218,8 @@ class Registry:
         return entries
 
     async def aclose(self) -> None:
+        for retry in self._retries.values():
+            retry.cancel()
         models, self._models = list(self._models.values()), {}
         await asyncio.gather(*(self._close(model) for model in models))
         await self.shared.aclose()
@@ -200,6 +241,7 @@ class Registry:
         except GatewayError as exc:
             log.error("cannot load %s: %s", spec.label, exc)
             loaded.state, loaded.reason = State.UNAVAILABLE, str(exc)
+            loaded.retryable = isinstance(exc, BackendUnavailable | DeadlineExceeded)
         except Exception as exc:  # an adapter bug must not take the other models down
             log.exception("cannot load %s", spec.label)
             loaded.state, loaded.reason = State.UNAVAILABLE, f"{type(exc).__name__}: {exc}"
@@ -208,6 +250,7 @@ class Registry:
     async def _replace(self, name: str, model: LoadedModel) -> None:
         old = self._models.get(name)
         self._models[name] = model
+        self._publish(model)
         if old is not None:
             await self._close(old)
 
@@ -221,6 +264,13 @@ class Registry:
                     await adapter.aclose()
                 except Exception:
                     log.exception("closing model '%s' version %d", model.name, version.version)
+
+    def _publish(self, model: LoadedModel, unloaded: bool = False) -> None:
+        if self._metrics is None:
+            return
+        for loaded in model.versions.values():
+            ready = loaded.ready and not unloaded
+            self._metrics.model_ready.labels(model.name, str(loaded.version), loaded.backend).set(int(ready))
 
     def _batch_observer(self, spec: LoadSpec, backend: str) -> BatchObserver | None:
         metrics = self._metrics

@@ -340,3 +340,46 @@ def test_remote_without_the_token_is_unavailable_with_the_reason(remote_gateway:
     assert entry["state"] == "UNAVAILABLE"
     assert "refused the management token" in entry["reason"] or "not serving it" in entry["reason"]
     assert os.environ.get("TS_INFERENCE_KEY") is None  # the keys reached the gateway only
+
+
+def test_remote_model_comes_up_by_itself_when_its_torchserve_starts_late(tmp_path: Path) -> None:
+    """The gateway starts first; its remote model waits UNAVAILABLE, and loads on a retry once
+    TorchServe answers, with nobody calling the repository API."""
+    from conftest import free_port
+
+    inference, management = free_port(), free_port()
+    repo = tmp_path / "repo"
+    (repo / "late").mkdir(parents=True)
+    (repo / "late" / "config.yaml").write_text(
+        REMOTE_CONFIG.format(
+            inference=f"http://127.0.0.1:{inference}", management=f"http://127.0.0.1:{management}", auth=""
+        )
+    )
+    gateway = start_gateway(repo, tmp_path / "gateway.log")
+    server = None
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=60) as http:
+            assert http.get("/v2/models/late/ready").status_code == 503
+            module_file = tmp_path / "mlp.pt"
+            build_torch_models.save_torchscript(
+                build_torch_models.mlp_module(7), torch.zeros(1, 64), module_file
+            )
+            (tmp_path / "ts" / "store").mkdir(parents=True)
+            archive = archive_for_torchserve(
+                module_file, "mlp", ["input"], ["logits"], tmp_path / "ts" / "store"
+            )
+            server = StandaloneTorchServe(
+                tmp_path / "ts", {"mlp": archive}, token_auth=False, ports=(inference, management)
+            )
+            server.wait_until_serving("mlp")
+            wait_for_status(http, "/v2/models/late/ready", 200, gateway)
+            body = {
+                "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ROWS[0].tolist()}]
+            }
+            answer = http.post("/v2/models/late/infer", json=body)
+            assert answer.status_code == 200, answer.text
+    finally:
+        gateway.stop()
+        if server is not None:
+            server.stop()
+    assert "loaded on retry" in gateway.output()
