@@ -389,9 +389,13 @@ class ManagedTorchServe:
                 "PUT", f"/models/{registration.name}/{registration.version}/set-default", label
             )
 
-    async def unregister(self, name: str, version: str) -> None:
+    async def unregister(self, registration: Registration) -> None:
+        """Removes the registration, unless a reload has since registered the same version anew."""
+        name, version = registration.name, registration.version
         async with self._lock:
-            self._registrations.pop((name, version), None)
+            if self._registrations.get((name, version)) is not registration:
+                return
+            del self._registrations[(name, version)]
             if self.healthy and self.client is not None:
                 with contextlib.suppress(GatewayError):
                     await self.client.manage(
@@ -452,6 +456,7 @@ class TorchServeAdapter(ModelAdapter):
         super().__init__(spec)
         self._signature: ModelSignature | None = None
         self._managed: ManagedTorchServe | None = None
+        self._registration: Registration | None = None
         self._remote: TorchServeClient | None = None
         self._generation = 0
         self._remote_healthy = False
@@ -527,6 +532,7 @@ class TorchServeAdapter(ModelAdapter):
             self.spec.default_version == self.spec.version,
         )
         await runtime.register(registration, self.spec.label)
+        self._registration = registration
         self._managed = runtime
         self._generation = runtime.generation
 
@@ -624,7 +630,8 @@ class TorchServeAdapter(ModelAdapter):
     async def aclose(self) -> None:
         managed, self._managed = self._managed, None
         if managed is not None:
-            await managed.unregister(self._ts_name, str(self.spec.version))
+            assert self._registration is not None
+            await managed.unregister(self._registration)
         if self._prober is not None:
             self._prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -149,22 +149,27 @@ class DataPlane:
         arrived = time.perf_counter_ns()
         model = self.registry.get(request.model_name)
         loaded = self.router.select(model, request.model_version, request.headers, request.parameters)
-        if not await _backend_ready(loaded):
-            raise ModelNotReady(
-                f"model '{model.name}' version {loaded.version}: its {loaded.backend} backend is not ready"
-            )
-        labels = (model.name, str(loaded.version), loaded.backend, request.protocol)
-        stats = loaded.stats
+        # Counted before the first await: a reload closes this version only once it reaches zero.
+        loaded.inflight += 1
         try:
-            response = await self._infer(model, loaded, request, stats, labels)
-        except GatewayError as exc:
-            self._count(labels, str(status_for(exc)[0]), arrived, stats, ok=False)
-            raise
-        except Exception:
-            self._count(labels, "500", arrived, stats, ok=False)
-            raise
-        self._count(labels, "200", arrived, stats, ok=True)
-        return response
+            if not await _backend_ready(loaded):
+                raise ModelNotReady(
+                    f"model '{model.name}' version {loaded.version}: its {loaded.backend} backend is not ready"
+                )
+            labels = (model.name, str(loaded.version), loaded.backend, request.protocol)
+            stats = loaded.stats
+            try:
+                response = await self._infer(model, loaded, request, stats, labels)
+            except GatewayError as exc:
+                self._count(labels, str(status_for(exc)[0]), arrived, stats, ok=False)
+                raise
+            except Exception:
+                self._count(labels, "500", arrived, stats, ok=False)
+                raise
+            self._count(labels, "200", arrived, stats, ok=True)
+            return response
+        finally:
+            loaded.inflight -= 1
 
     async def _infer(
         self,

@@ -24,6 +24,8 @@ log = logging.getLogger("modelyard.registry")
 
 # Seconds between loads of a model whose backend could not be reached; the last repeats.
 RETRY_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+# How long a replaced or unloaded version may take to finish the requests it is running.
+DRAIN_TIMEOUT_S = 30.0
 
 AdapterFactory = Callable[[str, LoadSpec], ModelAdapter]
 
@@ -71,6 +73,8 @@ class LoadedVersion:
     stats: VersionStats = field(default_factory=VersionStats)
     # It failed because its backend could not be reached: loading again later may succeed.
     retryable: bool = False
+    # Requests the data plane is running on this version now.
+    inflight: int = 0
 
     @property
     def ready(self) -> bool:
@@ -108,6 +112,7 @@ class Registry:
         self._locks: dict[str, asyncio.Lock] = {}
         self.shared = SharedResources()
         self._retries: dict[str, asyncio.Task[None]] = {}
+        self._draining: set[asyncio.Task[None]] = set()
 
     def get(self, name: str) -> LoadedModel:
         model = self._models.get(name)
@@ -196,8 +201,8 @@ class Registry:
         async with self._lock(name):
             model = self._models.pop(name, None)
             if model is not None:
-                await self._close(model)
                 self._publish(model, unloaded=True)
+                await self._close(model, drain=True)
                 log.info("model '%s' unloaded", name)
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
@@ -220,6 +225,8 @@ class Registry:
     async def aclose(self) -> None:
         for retry in self._retries.values():
             retry.cancel()
+        if self._draining:
+            await asyncio.gather(*self._draining, return_exceptions=True)
         models, self._models = list(self._models.values()), {}
         await asyncio.gather(*(self._close(model) for model in models))
         await self.shared.aclose()
@@ -252,9 +259,17 @@ class Registry:
         self._models[name] = model
         self._publish(model)
         if old is not None:
-            await self._close(old)
+            # New requests already go to the new versions; the old ones close once they are idle.
+            task = asyncio.create_task(self._close(old, drain=True), name=f"drain {name}")
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
 
-    async def _close(self, model: LoadedModel) -> None:
+    async def _close(self, model: LoadedModel, drain: bool = False) -> None:
+        if drain:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + DRAIN_TIMEOUT_S
+            while any(v.inflight for v in model.versions.values()) and loop.time() < deadline:
+                await asyncio.sleep(0.01)
         for version in model.versions.values():
             adapter, version.adapter = version.adapter, None
             version.state = State.UNAVAILABLE

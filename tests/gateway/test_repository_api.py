@@ -171,3 +171,33 @@ def test_metrics_are_labelled_and_split_queue_from_compute(protocol: Protocol, h
         assert value(f"modelyard_{family}_seconds_count") >= 1, family
     ready = {"model": "affine", "version": "2", "backend": "onnxruntime"}
     assert samples[("modelyard_model_ready", tuple(sorted(ready.items())))] == 1
+
+
+def test_reload_under_steady_traffic_drops_nothing(gateway: RunningGateway, reloadable: str) -> None:
+    """Clients keep calling while the model is loaded again and again: every request is answered."""
+    import threading
+
+    stop = threading.Event()
+    outcomes: list[int] = []
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+
+    def client() -> None:
+        with httpx.Client(base_url=gateway.url, timeout=30) as http:
+            for _ in range(5000):  # bounded: stops on the event long before this
+                if stop.is_set():
+                    return
+                outcomes.append(http.post(f"/v2/models/{reloadable}/infer", json=body).status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=60) as http:
+            for _ in range(6):
+                assert http.post(f"/v2/repository/models/{reloadable}/load").status_code == 200
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert len(outcomes) > 0
+    assert set(outcomes) == {200}, {code: outcomes.count(code) for code in set(outcomes)}
