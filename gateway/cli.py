@@ -38,6 +38,12 @@ def serve(
     log_level: Annotated[
         str | None, typer.Option(help="debug|info|warning|error [env MODELYARD_LOG_LEVEL].")
     ] = None,
+    poll_interval: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds between scans of the repository for changes [env MODELYARD_POLL_INTERVAL_S]."
+        ),
+    ] = None,
 ) -> None:
     """Serve a model repository over REST and gRPC."""
     from gateway.server import run
@@ -48,6 +54,7 @@ def serve(
         "http_port": http_port,
         "grpc_port": grpc_port,
         "log_level": log_level,
+        "poll_interval_s": poll_interval,
     }
     run(Settings(**{k: v for k, v in given.items() if v is not None}))
 

@@ -101,6 +101,24 @@ class Routing(_Strict):
     canary: tuple[CanaryRule, ...] = ()
 
 
+class ShadowTarget(_Strict):
+    """A copy of live traffic sent, after the client has its answer, to another version or model."""
+
+    # Another model of the repository (another deployment of this one), or this model when absent.
+    model: str | None = None
+    # A version number or label there; its default routing when absent.
+    version: str | None = None
+    percent: float = Field(default=100.0, gt=0, le=100)
+    # Outputs further apart than this (absolute, or relative to the primary's) count as a mismatch.
+    atol: float = Field(default=1e-5, ge=0)
+    rtol: float = Field(default=1e-4, ge=0)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value
+
+
 class Limits(_Strict):
     max_inflight: int = Field(default=64, ge=1)
     max_queue: int = Field(default=256, ge=0)
@@ -125,6 +143,10 @@ class ModelConfig(_Strict):
     batching: Batching = Batching()
     limits: Limits = Limits()
     routing: Routing = Routing()
+    shadow: tuple[ShadowTarget, ...] = ()
+    # Other models of the repository (deployments of this one, in order) that answer a request
+    # naming no version when this model is not ready or its backend is down.
+    fallback: tuple[str, ...] = ()
     onnxruntime: OnnxRuntimeOptions = OnnxRuntimeOptions()
     # The other backends' sections belong to their adapters, which validate them on load.
     torchserve: dict[str, Any] = Field(default_factory=dict)

@@ -6,15 +6,25 @@ REST and gRPC both call these methods, so the two protocols cannot drift apart.
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 import gateway
-from gateway.config import preferred_version
-from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, ModelNotReady, status_for
+from gateway.config import ShadowTarget, preferred_version
+from gateway.errors import (
+    BackendUnavailable,
+    DeadlineExceeded,
+    GatewayError,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    status_for,
+)
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.registry import LoadedModel, LoadedVersion, Registry, State, VersionStats
@@ -30,6 +40,10 @@ from gateway.types import (
     datatype_of,
 )
 
+log = logging.getLogger("modelyard.dataplane")
+
+# Shadow copies running at once; beyond this they are dropped (and counted), never queued.
+MAX_SHADOWS_IN_FLIGHT = 64
 EXTENSIONS = ("binary_tensor_data", "model_repository", "statistics", "model_configuration")
 _TRITON_TYPE = {d: f"TYPE_{'STRING' if d is Datatype.BYTES else d.value}" for d in Datatype}
 
@@ -49,10 +63,14 @@ class ModelStatistics:
 
 
 class DataPlane:
-    def __init__(self, registry: Registry, router: Router, metrics: Metrics) -> None:
+    def __init__(
+        self, registry: Registry, router: Router, metrics: Metrics, rng: random.Random | None = None
+    ) -> None:
         self.registry = registry
         self.router = router
         self.metrics = metrics
+        self._rng = rng or random.Random()
+        self._shadows: set[asyncio.Task[None]] = set()
         self._started = False
         self._draining = False
 
@@ -146,6 +164,75 @@ class DataPlane:
     # Inference --------------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest) -> InferResponse:
+        """Runs the request on the version routing picks; on a fallback deployment when that one
+        is not ready; then sends shadow copies, which the client does not wait for."""
+        try:
+            response = await self._infer_routed(request)
+        except (ModelNotReady, BackendUnavailable) as exc:
+            response = await self._fall_back(request, exc)
+        self._send_shadows(request, response)
+        return response
+
+    async def _fall_back(self, request: InferRequest, cause: GatewayError) -> InferResponse:
+        model = self.registry.get(request.model_name)
+        # A request that names a version or label wants that one: only default routing falls back.
+        if request.model_version or not model.entry.config.fallback:
+            raise cause
+        for deployment in model.entry.config.fallback:
+            try:
+                response = await self._infer_routed(
+                    replace(request, model_name=deployment, model_version=None)
+                )
+            except (ModelNotReady, BackendUnavailable, ModelNotFound) as exc:
+                log.warning(
+                    "fallback %s for model '%s' cannot answer either: %s", deployment, model.name, exc
+                )
+                continue
+            self.metrics.fallbacks.labels(model.name, deployment).inc()
+            response.parameters["deployment"] = deployment
+            response.model_name = model.name
+            return response
+        raise cause
+
+    def _send_shadows(self, request: InferRequest, response: InferResponse) -> None:
+        try:
+            targets = self.registry.get(request.model_name).entry.config.shadow
+        except GatewayError:
+            return  # unloaded while the request ran
+        for target in targets:
+            if self._rng.random() * 100 >= target.percent:
+                continue
+            name = target.model or request.model_name
+            label = f"{name}:{target.version}" if target.version else name
+            if len(self._shadows) >= MAX_SHADOWS_IN_FLIGHT:
+                self.metrics.shadow_requests.labels(request.model_name, label, "dropped").inc()
+                continue
+            copy = replace(
+                request,
+                model_name=name,
+                model_version=target.version,
+                protocol="shadow",
+                headers={},
+                deadline=None,
+            )
+            task = asyncio.create_task(self._shadow(request.model_name, label, target, copy, response))
+            self._shadows.add(task)
+            task.add_done_callback(self._shadows.discard)
+
+    async def _shadow(
+        self, model: str, label: str, target: ShadowTarget, request: InferRequest, primary: InferResponse
+    ) -> None:
+        try:
+            shadow = await self._infer_routed(request)
+        except GatewayError as exc:
+            self.metrics.shadow_requests.labels(model, label, "error").inc()
+            log.info("shadow %s of model '%s' failed: %s", label, model, exc)
+            return
+        diff, matched = _compare(primary, shadow, target.atol, target.rtol)
+        self.metrics.shadow_abs_diff.labels(model, label).observe(diff)
+        self.metrics.shadow_requests.labels(model, label, "match" if matched else "mismatch").inc()
+
+    async def _infer_routed(self, request: InferRequest) -> InferResponse:
         arrived = time.perf_counter_ns()
         model = self.registry.get(request.model_name)
         loaded = self.router.select(model, request.model_version, request.headers, request.parameters)
@@ -275,6 +362,25 @@ class DataPlane:
 
     async def load_all(self) -> None:
         await self.registry.load_all()
+
+
+def _compare(primary: InferResponse, shadow: InferResponse, atol: float, rtol: float) -> tuple[float, bool]:
+    """The largest absolute difference over the outputs both have, and whether they agree."""
+    theirs = {t.name: t for t in shadow.outputs}
+    largest, matched = 0.0, True
+    for mine in primary.outputs:
+        other = theirs.get(mine.name)
+        if other is None or other.data.shape != mine.data.shape:
+            matched = False
+            continue
+        if mine.data.dtype == object or other.data.dtype == object:
+            matched = matched and bool(np.array_equal(mine.data, other.data))
+            continue
+        a, b = mine.data.astype(np.float64), other.data.astype(np.float64)
+        if a.size:
+            largest = max(largest, float(np.max(np.abs(a - b))))
+        matched = matched and bool(np.allclose(b, a, rtol=rtol, atol=atol))
+    return largest, matched
 
 
 async def _backend_ready(loaded: LoadedVersion) -> bool:

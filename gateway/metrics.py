@@ -70,6 +70,25 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.fallbacks = Counter(
+            "modelyard_fallbacks",
+            "Requests answered by a fallback deployment because the model's own was not ready.",
+            ("model", "to"),
+            registry=self.registry,
+        )
+        self.shadow_requests = Counter(
+            "modelyard_shadow_requests",
+            "Copies of live requests sent to a shadow target, by outcome: match, mismatch, error, dropped.",
+            ("model", "target", "outcome"),
+            registry=self.registry,
+        )
+        self.shadow_abs_diff = Histogram(
+            "modelyard_shadow_max_abs_diff",
+            "The largest absolute difference between the primary's and the shadow's outputs, per request.",
+            ("model", "target"),
+            buckets=(0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0),
+            registry=self.registry,
+        )
         self.inflight = Gauge(
             "modelyard_inflight_requests",
             "Requests running on the backend now.",

@@ -113,6 +113,10 @@ class Registry:
         self.shared = SharedResources()
         self._retries: dict[str, asyncio.Task[None]] = {}
         self._draining: set[asyncio.Task[None]] = set()
+        # What each model's files looked like when it was last loaded, for polling.
+        self._fingerprints: dict[str, tuple[object, ...]] = {}
+        # Unloaded through the API: polling leaves these alone until they are loaded again.
+        self._held_back: set[str] = set()
 
     def get(self, name: str) -> LoadedModel:
         model = self._models.get(name)
@@ -135,10 +139,25 @@ class Registry:
                 raise result
 
     async def load(self, name: str) -> LoadedModel:
+        self._held_back.discard(name)
         try:
             return await self._load(name)
         finally:
             self._retry_if_backend_was_down(name)
+
+    async def poll(self) -> None:
+        """Brings what is loaded in line with the folder: new models load, removed ones unload,
+        and a model whose files or config changed loads again (its old versions serve until then)."""
+        on_disk = set(model_names(self.root))
+        for name in sorted(set(self._models) - on_disk):
+            log.info("model '%s' left the repository: unloading", name)
+            await self.unload(name, hold_back=False)
+        for name in sorted(on_disk - self._held_back):
+            if name in self._models and self._fingerprints.get(name) == _fingerprint(self.root / name):
+                continue
+            log.info("model '%s' is new or changed on disk: loading", name)
+            with contextlib.suppress(GatewayError):  # logged, and shown in the index
+                await self.load(name)
 
     def _retry_if_backend_was_down(self, name: str) -> None:
         model = self._models.get(name)
@@ -165,6 +184,7 @@ class Registry:
         if not is_model_name(name) or not (self.root / name).is_dir():
             raise ModelNotFound(f"model '{name}' is not in the repository {self.root}")
         async with self._lock(name):
+            self._fingerprints[name] = _fingerprint(self.root / name)
             entry = scan_model(self.root, name)
             if not entry.ok:
                 for problem in entry.problems:
@@ -191,7 +211,9 @@ class Registry:
             log.info("model '%s' ready: versions %s (%s)", name, model.ready_versions, entry.backend)
             return model
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, hold_back: bool = True) -> None:
+        if hold_back:
+            self._held_back.add(name)
         if name not in self._models:
             self.get(name)  # raises the right error for an unknown or never-loaded model
             return
@@ -307,3 +329,12 @@ class Registry:
     def _limiter(entry: ModelEntry) -> Limiter:
         limits = entry.config.limits
         return Limiter(limits.max_inflight, limits.max_queue, f"model '{entry.name}'")
+
+
+def _fingerprint(folder: Path) -> tuple[object, ...]:
+    """Every file under a model's folder with its size and modification time: any edit changes it."""
+    try:
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        return tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    except OSError:
+        return ()

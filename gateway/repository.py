@@ -137,6 +137,14 @@ def scan_model(root: Path, name: str) -> ModelEntry:
     for version in config.traffic:
         if version not in loaded:
             problems.append(f"model '{name}': traffic names version {version}, which is not loaded")
+    for deployment in config.fallback:
+        if deployment == name:
+            problems.append(f"model '{name}': it lists itself as a fallback")
+        elif not (root / deployment).is_dir():
+            problems.append(f"model '{name}': fallback '{deployment}' is not a model in {root}")
+    for target in config.shadow:
+        if target.model is not None and not (root / target.model).is_dir():
+            problems.append(f"model '{name}': shadow model '{target.model}' is not a model in {root}")
     for rule in config.routing.canary:
         if rule.version is not None and rule.version not in loaded:
             problems.append(

@@ -46,6 +46,7 @@ class Gateway:
         self._grpc: grpc.aio.Server | None = None
         self._http: _UvicornServer | None = None
         self._http_task: asyncio.Task[None] | None = None
+        self._poller: asyncio.Task[None] | None = None
         self._services: list[str] = [SERVICE_NAME]
 
     async def start(self) -> None:
@@ -53,6 +54,8 @@ class Gateway:
         if not settings.model_repo.is_dir():
             raise SystemExit(f"modelyard: model repository {settings.model_repo} is not a folder")
         await self.dataplane.load_all()
+        if settings.poll_interval_s is not None:
+            self._poller = asyncio.create_task(self._poll_forever(settings.poll_interval_s))
         await self._start_grpc()
         await self._start_http()
         self.dataplane.mark_started()
@@ -66,6 +69,14 @@ class Gateway:
             settings.grpc_port,
             settings.model_repo,
         )
+
+    async def _poll_forever(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.registry.poll()
+            except Exception:  # one bad scan must not end polling
+                log.exception("polling the model repository failed")
 
     async def _start_grpc(self) -> None:
         limit = self.settings.grpc_max_message_mb * 1024 * 1024
@@ -124,6 +135,8 @@ class Gateway:
     async def stop(self) -> None:
         """Readiness turns false first, in-flight requests finish, then the backends close."""
         self.dataplane.begin_drain()
+        if self._poller is not None:
+            self._poller.cancel()
         await self._health.enter_graceful_shutdown()
         grace = self.settings.shutdown_grace_s
         if self._http is not None:

@@ -22,3 +22,6 @@ class Settings(BaseSettings):
     # How long in-flight requests may run on after a shutdown signal.
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    # Seconds between scans of the repository for new, changed or removed models; None: never,
+    # and models change only through the repository API.
+    poll_interval_s: float | None = Field(default=None, gt=0)

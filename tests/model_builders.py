@@ -93,6 +93,51 @@ def build_gather() -> onnx.ModelProto:
     return _model(graph)
 
 
+def build_slow_affine(size: int = 2500) -> onnx.ModelProto:
+    """affine version 1's function, plus a size x size matrix product that adds exactly zero: the
+    same answers, slowly (served with graph optimization off, so the product is not folded away)."""
+    from scripts.build_models import affine_weights
+
+    weight, bias = affine_weights(1)
+    nodes = [
+        helper.make_node("Gemm", ["x", "W", "b"], ["fast"]),
+        helper.make_node(
+            "ConstantOfShape",
+            ["dims"],
+            ["ones"],
+            value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]),
+        ),
+        helper.make_node("MatMul", ["ones", "ones"], ["square"]),
+        helper.make_node("ReduceSum", ["square"], ["total"], keepdims=0),
+        helper.make_node("Mul", ["total", "zero"], ["nothing"]),
+        helper.make_node("Add", ["fast", "nothing"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "slow_affine",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[
+            helper.make_tensor("W", TensorProto.FLOAT, [4, 3], weight.ravel().tolist()),
+            helper.make_tensor("b", TensorProto.FLOAT, [3], bias.tolist()),
+            helper.make_tensor("dims", TensorProto.INT64, [2], [size, size]),
+            helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+        ],
+    )
+    return _model(graph)
+
+
+SHADOWED = """\
+backend: onnxruntime
+version_policy: all
+labels: {stable: 1}
+shadow:
+  - {version: 2, percent: 100}
+  - {model: affine_twin, percent: 100}
+"""
+SLOW_SHADOWED = "backend: onnxruntime\nshadow: [{model: affine_slow, percent: 100}]\n"
+AFFINE_SLOW = "backend: onnxruntime\nonnxruntime: {graph_optimization: disable}\n"
+PRIMARY_BROKEN = "backend: onnxruntime\nfallback: [affine_twin]\n"
 ROUTED = """\
 backend: onnxruntime
 version_policy: all
@@ -124,6 +169,18 @@ def build_test_repository(repo: Path) -> None:
         _save(build_affine(version), repo / "routed" / str(version) / "model.onnx")
     (repo / "routed" / "config.yaml").write_text(ROUTED)
     _save(build_mlp(), repo / "mlp_batched" / "1" / "model.onnx")
+    # Shadow traffic and fallback (tests/gateway/test_rollouts.py).
+    _save(build_affine(1), repo / "affine_twin" / "1" / "model.onnx")
+    _save(build_slow_affine(), repo / "affine_slow" / "1" / "model.onnx")
+    (repo / "affine_slow" / "config.yaml").write_text(AFFINE_SLOW)
+    for version in (1, 2):
+        _save(build_affine(version), repo / "shadowed" / str(version) / "model.onnx")
+    (repo / "shadowed" / "config.yaml").write_text(SHADOWED)
+    _save(build_affine(1), repo / "slow_shadowed" / "1" / "model.onnx")
+    (repo / "slow_shadowed" / "config.yaml").write_text(SLOW_SHADOWED)
+    (repo / "primary_broken" / "1").mkdir(parents=True)
+    (repo / "primary_broken" / "1" / "model.onnx").write_bytes(b"not onnx")
+    (repo / "primary_broken" / "config.yaml").write_text(PRIMARY_BROKEN)
     (repo / "mlp_batched" / "config.yaml").write_text(MLP_BATCHED)
     # Loaded, unloaded and reloaded by the repository tests, so no other test depends on it.
     _save(build_affine(1), repo / "reloadable" / "1" / "model.onnx")

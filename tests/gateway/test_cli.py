@@ -37,7 +37,11 @@ def test_repo_check_names_every_problem(test_repo: Path) -> None:
         in result.stdout
     )
     assert "broken_config/config.yaml: labelz: Extra inputs are not permitted" in result.stdout
-    assert "2 problem(s) found" in result.stderr
+    assert (
+        "FAIL  model 'primary_broken' version 1: model 'primary_broken' version 1: onnxruntime cannot load"
+        in result.stdout
+    )
+    assert "3 problem(s) found" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
 
 

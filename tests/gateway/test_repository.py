@@ -111,3 +111,17 @@ def test_config_defaults() -> None:
     config = ModelConfig()
     assert config.version_policy.select([1, 2]) == [2]
     assert config.limits.max_inflight == 64 and config.limits.max_queue == 256
+
+
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [
+        ("fallback: [m]\n", "it lists itself as a fallback"),
+        ("fallback: [elsewhere]\n", "fallback 'elsewhere' is not a model"),
+        ("shadow: [{model: elsewhere}]\n", "shadow model 'elsewhere' is not a model"),
+        ("shadow: [{version: 2, percent: 0}]\n", "greater than 0"),
+    ],
+)
+def test_rollout_references_are_checked(tmp_path: Path, config: str, problem: str) -> None:
+    make(tmp_path, "m", [1], config=config)
+    assert any(problem in p for p in scan_model(tmp_path, "m").problems), scan_model(tmp_path, "m").problems

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -201,3 +203,45 @@ def test_reload_under_steady_traffic_drops_nothing(gateway: RunningGateway, relo
             thread.join()
     assert len(outcomes) > 0
     assert set(outcomes) == {200}, {code: outcomes.count(code) for code in set(outcomes)}
+
+
+def test_polling_follows_the_folder(tmp_path: Path) -> None:
+    """With --poll-interval, new versions, new models, config changes and removals take effect by
+    themselves; a model unloaded through the API stays unloaded until loaded through it again."""
+    from conftest import start_gateway
+    from scripts.build_models import build_mlp
+
+    repo = tmp_path / "repo"
+    _save(build_affine(1), repo / "polled" / "1" / "model.onnx")
+    gateway = start_gateway(repo, tmp_path / "log.txt", "--poll-interval", "0.2")
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+
+    def served(http: httpx.Client) -> str | None:
+        answer = http.post("/v2/models/polled/infer", json=body)
+        return answer.json()["model_version"] if answer.status_code == 200 else None
+
+    def eventually(check: Any) -> None:
+        for _ in range(300):  # bounded: 30 s at most
+            if check():
+                return
+            time.sleep(0.1)
+        raise AssertionError(gateway.output()[-2000:])
+
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=30) as http:
+            assert served(http) == "1"
+            _save(build_affine(2), repo / "polled" / "2" / "model.onnx")
+            eventually(lambda: served(http) == "2")  # the default policy serves the latest version
+            (repo / "polled" / "config.yaml").write_text("version_policy: all\nlabels: {stable: 1}\n")
+            eventually(lambda: served(http) == "1")  # the stable label now chooses
+            _save(build_mlp(), repo / "mlp" / "1" / "model.onnx")
+            eventually(lambda: http.get("/v2/models/mlp/ready").status_code == 200)
+            shutil.rmtree(repo / "mlp")
+            eventually(lambda: http.get("/v2/models/mlp/ready").status_code == 404)
+            assert http.post("/v2/repository/models/polled/unload").status_code == 200
+            time.sleep(1.0)  # five scans: polling must not bring it back
+            assert http.get("/v2/models/polled/ready").status_code == 503
+            assert http.post("/v2/repository/models/polled/load").status_code == 200
+            assert served(http) == "1"
+    finally:
+        assert gateway.stop() == 0
