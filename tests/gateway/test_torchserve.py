@@ -54,6 +54,10 @@ def ts_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(repo / "mlp_torch" / "2", sampled / "2")
     (sampled / "config.yaml").write_text(SAMPLE_CONFIG)
     np.savez(sampled / "sample.npz", input=ROWS[:2])
+    # TorchServe first, the ONNX deployment of the same weights when TorchServe is down.
+    guarded = repo / "mlp_guarded"
+    shutil.copytree(repo / "mlp_torch" / "1", guarded / "1")
+    (guarded / "config.yaml").write_text(LOOSE_CONFIG.replace("[-1, -1]", "[-1, 64]") + "fallback: [mlp]\n")
     return repo
 
 
@@ -239,6 +243,11 @@ def check_kill_and_recovery(ts_gateway: RunningGateway, http: httpx.Client) -> N
     assert down.status_code == 503, down.text
     for _ in range(5):
         assert http.post("/v2/models/mlp/infer", json=onnx_body).status_code == 200
+    # A model with a fallback keeps answering, from its ONNX deployment.
+    guarded = http.post("/v2/models/mlp_guarded/infer", json=onnx_body)
+    assert guarded.status_code == 200, guarded.text
+    assert guarded.json()["parameters"] == {"deployment": "mlp"}
+    assert 'modelyard_fallbacks_total{model="mlp_guarded",to="mlp"} 1.0' in http.get("/metrics").text
     index = {(e["name"], e["version"]): e for e in http.post("/v2/repository/index").json()}
     assert index[("mlp_torch", "1")]["state"] == "UNAVAILABLE"
     # Back by itself, with its versions registered again.
