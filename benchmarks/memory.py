@@ -1,0 +1,104 @@
+"""The gateway's memory: RSS with the example repository loaded, idle, then after each of two load
+runs, to show whether it grows. Not a test: run it by hand or through `make bench`.
+
+    python benchmarks/memory.py [--duration 60] [--concurrency 8] [--repo model_repo]
+
+RSS counts the gateway process and its children (TorchServe's Java frontend and workers are
+children of a gateway that manages them); the table shows both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss_mib(process: psutil.Process) -> tuple[float, float]:
+    """(the gateway's own RSS, the RSS of the gateway and all its children), in MiB."""
+    own = process.memory_info().rss
+    children = 0
+    for child in process.children(recursive=True):
+        try:
+            children += child.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return own / 2**20, (own + children) / 2**20
+
+
+def load(http: int, grpc: int, duration: int, concurrency: int) -> None:
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "load.py"), "--http", f"127.0.0.1:{http}",
+        "--grpc", f"127.0.0.1:{grpc}", "--modes", "rest-json,grpc", "--duration", str(duration // 2),
+        "--concurrency", str(concurrency), "--warmup", "1",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repo", type=Path, default=ROOT / "model_repo")
+    parser.add_argument("--duration", type=int, default=60, help="seconds of load in each run")
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+
+    http, grpc = free_port(), free_port()
+    command = [
+        sys.executable, "-m", "gateway", "serve", "--model-repo", str(args.repo), "--http-port", str(http),
+        "--grpc-port", str(grpc), "--log-level", "warning",
+    ]  # fmt: skip
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(1200):  # bounded: 120 s for the whole repository to load
+            try:
+                if httpx.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise SystemExit("the gateway did not become ready")
+        process = psutil.Process(server.pid)
+        time.sleep(2)
+        rows = [("idle, repository loaded", *rss_mib(process))]
+        for run in (1, 2):
+            load(http, grpc, args.duration, args.concurrency)
+            time.sleep(2)
+            rows.append(
+                (f"after load run {run} ({args.duration} s, c={args.concurrency})", *rss_mib(process))
+            )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+
+    print(
+        f"# gateway memory: {args.repo}, {os.cpu_count()} CPUs, load = benchmarks/load.py rest-json + grpc on mlp\n"
+    )
+    print("| when | gateway RSS MiB | with children MiB |")
+    print("|---|---:|---:|")
+    for label, own, total in rows:
+        print(f"| {label} | {own:.0f} | {total:.0f} |")
+    growth = rows[2][1] - rows[1][1]
+    print(f"\ngrowth of the gateway's RSS between the two load runs: {growth:+.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
