@@ -286,18 +286,24 @@ class DataPlane:
         self.metrics.inflight.labels(model.name).set(limiter.inflight)
 
         compute_started = time.perf_counter_ns()
-        task = asyncio.ensure_future(loaded.adapter.infer(inputs, output_names))
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        done, _ = await asyncio.wait({task}, timeout=timeout)
-        if not done:
-            # The backend call cannot be recalled; its slot frees when it really finishes.
-            task.add_done_callback(lambda finished: _release_late(limiter, finished))
-            raise DeadlineExceeded(
-                f"model '{model.name}' version {loaded.version}: no answer before the deadline"
-            )
-        limiter.release()
+        if deadline is None:
+            # No deadline: await the backend directly, without a task to watch.
+            try:
+                results = await loaded.adapter.infer(inputs, output_names)
+            finally:
+                limiter.release()
+        else:
+            task = asyncio.ensure_future(loaded.adapter.infer(inputs, output_names))
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                # The backend call cannot be recalled; its slot frees when it really finishes.
+                task.add_done_callback(lambda finished: _release_late(limiter, finished))
+                raise DeadlineExceeded(
+                    f"model '{model.name}' version {loaded.version}: no answer before the deadline"
+                )
+            limiter.release()
+            results = task.result()
         self.metrics.inflight.labels(model.name).set(limiter.inflight)
-        results = task.result()
         compute_ns = time.perf_counter_ns() - compute_started
         stats.compute_infer.add(compute_ns)
         self.metrics.compute_duration.labels(*labels).observe(compute_ns / 1e9)
