@@ -84,36 +84,37 @@ def next_version(model_dir: Path) -> int:
 
 
 def source_config(source: Path) -> ModelConfig | None:
-    """The config.yaml of the model the source belongs to (`DIR/MODEL/N/artifact`), if there is one."""
-    for parent in list(source.parents)[:3]:
-        path = parent / CONFIG_FILE
-        if path.is_file():
-            try:
-                return load_model_config(path)
-            except ConfigError as exc:
-                raise ConvertError(f"cannot read {path}: {exc}") from exc
-    return None
+    """The config.yaml of the model the source belongs to, when it sits in a repository
+    (`DIR/MODEL/N/artifact`)."""
+    if not source.parent.name.isdigit():
+        return None
+    path = source.parent.parent / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return load_model_config(path)
+    except ConfigError as exc:
+        raise ConvertError(f"cannot read {path}: {exc}") from exc
 
 
 def torch_signature(
     config: ModelConfig | None, input_shapes: Sequence[Sequence[int]]
 ) -> tuple[tuple[TensorSpec, ...], tuple[str, ...] | None]:
-    """Inputs (names, datatypes, shapes) and output names for the export: the source's config.yaml
-    where it declares them, else `input0..` from --input-shape (FP32) and `output0..`."""
+    """Inputs (names, datatypes, shapes) and output names for the export: `input0..` (FP32) from
+    --input-shape when given, with `output0..`; else the source's config.yaml."""
     if input_shapes:
         inputs = tuple(
             TensorSpec(f"input{i}", Datatype.FP32, tuple(int(d) for d in shape))
             for i, shape in enumerate(input_shapes)
         )
-    elif config is not None and config.inputs:
-        inputs = tuple(decl.spec() for decl in config.inputs)
-    else:
+        return inputs, None
+    if config is None or not config.inputs:
         raise ConvertError(
             "a TorchScript file does not say its input shapes: give --input-shape (like -1,64, once per input) "
             "or convert from a model folder whose config.yaml declares `inputs`"
         )
-    outputs = tuple(d.name for d in config.outputs) if config is not None and config.outputs else None
-    return inputs, outputs
+    outputs = tuple(d.name for d in config.outputs) if config.outputs else None
+    return tuple(decl.spec() for decl in config.inputs), outputs
 
 
 def _example(specs: Sequence[TensorSpec], batch: int) -> list[np.ndarray[Any, Any]]:
