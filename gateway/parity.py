@@ -178,11 +178,24 @@ def fit_inputs(inputs: Arrays, specs: Sequence[TensorSpec], side: str) -> dict[s
             raise ParityUsageError(
                 f"input '{name}' has shape {list(array.shape)}; {side} takes {list(spec.shape)}"
             )
+        if spec.datatype is Datatype.BYTES:
+            fitted[name] = _as_bytes(array, name, side)
+            continue
         dtype = numpy_dtype(spec.datatype)
-        if spec.datatype is not Datatype.BYTES and not np.can_cast(array.dtype, dtype, "same_kind"):
+        if not np.can_cast(array.dtype, dtype, "same_kind"):
             raise ParityUsageError(f"input '{name}' is {array.dtype}; {side} takes {spec.datatype}")
-        fitted[name] = array if spec.datatype is Datatype.BYTES else array.astype(dtype, copy=False)
+        fitted[name] = array.astype(dtype, copy=False)
     return fitted
+
+
+def _as_bytes(array: np.ndarray[Any, Any], name: str, side: str) -> np.ndarray[Any, Any]:
+    """A BYTES tensor as the gateway carries it: an object array of bytes. An .npz holds strings as
+    fixed-width bytes or unicode, since object arrays would need pickle to load."""
+    if array.dtype.kind == "S":
+        return np.array([bytes(v) for v in array.ravel()], dtype=object).reshape(array.shape)
+    if array.dtype.kind == "U":
+        return np.array([str(v).encode() for v in array.ravel()], dtype=object).reshape(array.shape)
+    raise ParityUsageError(f"input '{name}' is {array.dtype}; {side} takes BYTES (strings)")
 
 
 def diff_output(
@@ -245,6 +258,8 @@ async def run_parity(
     """Load both sides from the repository with their real backends, run the same inputs, compare."""
     if not root.is_dir():
         raise ParityUsageError(f"{root} is not a folder")
+    if rtol < 0 or atol < 0:
+        raise ParityUsageError(f"tolerances cannot be negative (rtol={rtol:g}, atol={atol:g})")
     registry = Registry(root)
     try:
         outputs: list[dict[str, np.ndarray[Any, Any]]] = []

@@ -136,3 +136,9 @@ def test_command_converts_and_prints_the_check(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "already exists" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+    result = modelyard(
+        "convert", str(MLP_TORCH), "--model-repo", str(tmp_path), "--name", "m", "--input-shape", "a,b"
+    )
+    assert result.returncode == 2
+    assert "error: --input-shape 'a,b' is not a list of integers" in result.stderr

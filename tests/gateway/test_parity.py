@@ -126,6 +126,13 @@ def test_nan_counts_only_where_one_side_has_it() -> None:
     assert over.max_abs == float("inf")
 
 
+def test_bytes_outputs_are_equal_or_not() -> None:
+    left = np.array([b"a", b"b"], dtype=object)
+    assert diff_output("s", left, left.copy(), 0, 0).within
+    differs = diff_output("s", left, np.array([b"a", b"c"], dtype=object), 1, 1)
+    assert (differs.within, differs.max_abs) == (False, float("inf"))
+
+
 def test_outputs_are_matched_by_name() -> None:
     one = {"y": np.zeros((2, 3), np.float32)}
     with pytest.raises(ParityMismatch, match="y only on a; logits only on b"):
@@ -233,6 +240,18 @@ def test_command_takes_inputs_from_an_npz_file(tmp_path: Path) -> None:
     assert "error: inputs do not fit affine:1: missing x; unknown z" in result.stderr
 
 
+def test_command_takes_strings_for_bytes_inputs(tmp_path: Path) -> None:
+    # An .npz holds strings as fixed-width bytes (object arrays would need pickle).
+    inputs = tmp_path / "text.npz"
+    np.savez(inputs, text=np.array([b"Hello  World", b" a B "], dtype="S"))
+    result = modelyard(
+        "parity", "text_normalizer", "--model-repo", str(REPO),
+        "--deployments", "text_normalizer,text_normalizer:1", "--inputs", str(inputs),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[1].split() == ["normalized", "2", "0.000e+00", "0.000e+00", "yes"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -242,6 +261,7 @@ def test_command_takes_inputs_from_an_npz_file(tmp_path: Path) -> None:
         (["text_normalizer", "--deployments", "text_normalizer,text_normalizer:1"], "BYTES"),
         (["affine", "--versions", "1,2", "--inputs", "/no/such.npz"], "cannot read inputs from /no/such.npz"),
         (["affine", "--versions", "1,2", "--batch", "0"], "--batch must be at least 1"),
+        (["affine", "--versions", "1,2", "--rtol", "-1"], "tolerances cannot be negative"),
     ],
 )
 def test_command_usage_errors_exit_2_without_a_traceback(args: list[str], message: str) -> None:
