@@ -30,12 +30,13 @@ from gateway.parity import (
     Deployment,
     ParityReport,
     compare,
+    fit_inputs,
     generate_inputs,
     load_deployment,
 )
 from gateway.registry import Registry
 from gateway.repository import CONFIG_FILE, is_model_name, scan_model
-from gateway.types import Datatype, TensorSpec, numpy_dtype
+from gateway.types import Datatype, TensorSpec
 
 SourceFormat = Literal["torchscript", "savedmodel"]
 FORMATS: tuple[SourceFormat, ...] = ("torchscript", "savedmodel")
@@ -200,8 +201,11 @@ def torch_runner(source: Path, input_names: Sequence[str], output_names: Sequenc
     module = _load_torchscript(source)
 
     def run(inputs: Arrays) -> dict[str, np.ndarray[Any, Any]]:
-        with torch.no_grad():
-            produced = module(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in input_names))
+        try:
+            with torch.no_grad():
+                produced = module(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in input_names))
+        except Exception as exc:  # the module's own errors, in whatever type its code raised
+            raise ConvertError(f"{source} failed on the check's inputs: {exc}") from exc
         values = produced if isinstance(produced, tuple | list) else (produced,)
         return {name: value.numpy() for name, value in zip(output_names, values, strict=True)}
 
@@ -301,23 +305,19 @@ async def check_conversion(
             expected = runner(inputs)
             source_label = f"{source} (torch)"
         else:
-            expected = await _run_savedmodel(source, inputs, [spec.name for spec in signature.outputs])
+            expected = await _run_savedmodel(source, inputs)
             source_label = f"{source} (tensorflow)"
         return compare(expected, outputs, rtol, atol, source_label, f"{label} (onnxruntime)")
     finally:
         await registry.aclose()
 
 
-async def _run_savedmodel(
-    source: Path, inputs: Arrays, output_names: Sequence[str]
-) -> dict[str, np.ndarray[Any, Any]]:
+async def _run_savedmodel(source: Path, inputs: Arrays) -> dict[str, np.ndarray[Any, Any]]:
+    """The SavedModel's every output on the inputs, through the in-process TensorFlow adapter."""
     from adapters import LoadSpec, create_adapter
 
     spec = LoadSpec("source", 1, source.parent, source, ModelConfig())
     async with create_adapter("tensorflow", spec) as adapter:
         signature = await adapter.metadata()
-        fitted = {
-            s.name: np.asarray(inputs[s.name]).astype(numpy_dtype(s.datatype), copy=False)
-            for s in signature.inputs
-        }
-        return await adapter.infer(fitted, list(output_names))
+        fitted = fit_inputs(inputs, signature.inputs, str(source))
+        return await adapter.infer(fitted, [spec.name for spec in signature.outputs])
