@@ -1,5 +1,5 @@
 """Conversion to ONNX: a TorchScript module or a SavedModel becomes a new ONNX version of a model,
-checked against its source with the parity check before anyone routes traffic to it.
+then the parity check compares it with its source.
 
 The source runs in-process with the framework that wrote it (torch, or the TensorFlow adapter), and
 the new version runs through a `Registry` with the real ONNX Runtime adapter, as the gateway will serve it.
