@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from gateway import parity as checks
+from gateway.errors import GatewayError
 from gateway.registry import Registry, State
 from gateway.repository import scan
 from gateway.settings import Settings
@@ -156,3 +158,104 @@ def up(
     typer.echo(
         f"started {spec.name} ({spec.image}, id {container_id}) for {', '.join(spec.models)}; ports {ports}"
     )
+
+
+@app.command()
+def parity(
+    model: Annotated[str, typer.Argument(help="The model whose deployments are compared.")],
+    model_repo: Annotated[Path, typer.Option(help="The model repository.")] = Path("model_repo"),
+    versions: Annotated[str | None, typer.Option(help="Two versions of MODEL, like 1,2.")] = None,
+    deployments: Annotated[
+        str | None, typer.Option(help="Two models of the repository, MODEL first, each NAME or NAME:VERSION.")
+    ] = None,
+    inputs: Annotated[
+        Path | None,
+        typer.Option(help=".npz of inputs keyed by name; default: generated from MODEL's metadata."),
+    ] = None,
+    rtol: Annotated[
+        float, typer.Option(help="Relative tolerance, against MODEL's output.")
+    ] = checks.DEFAULT_RTOL,
+    atol: Annotated[float, typer.Option(help="Absolute tolerance.")] = checks.DEFAULT_ATOL,
+    batch: Annotated[
+        int, typer.Option(help="Size of -1 dimensions in generated inputs.")
+    ] = checks.DEFAULT_BATCH,
+) -> None:
+    """Run the same inputs through two deployments; exit 1 when an output differs over the tolerance."""
+    logging.basicConfig(level=logging.CRITICAL)
+    try:
+        left, right = checks.parse_sides(model, versions, deployments)
+        given = checks.read_inputs(inputs) if inputs is not None else None
+        report = asyncio.run(checks.run_parity(model_repo, left, right, given, batch, rtol, atol))
+    except checks.ParityUsageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except GatewayError as exc:
+        typer.echo(f"FAIL  {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(report.table())
+    typer.echo(report.verdict())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(help="A TorchScript file (model.pt) or a SavedModel folder.")],
+    name: Annotated[str, typer.Option(help="The model the new ONNX version belongs to.")],
+    model_repo: Annotated[Path, typer.Option(help="The model repository to write into.")] = Path(
+        "model_repo"
+    ),
+    version: Annotated[
+        int | None, typer.Option(help="The new version; default: highest existing + 1.")
+    ] = None,
+    source_format: Annotated[
+        str | None, typer.Option("--from", help="torchscript or savedmodel; default: from the path.")
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset to export.")] = 17,
+    input_shape: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="TorchScript only, once per input, like -1,64 (names input0..); default: config.yaml."
+        ),
+    ] = None,
+    check: Annotated[bool, typer.Option(help="Run the parity check against the source afterwards.")] = True,
+    rtol: Annotated[float, typer.Option(help="Relative tolerance of the check.")] = checks.DEFAULT_RTOL,
+    atol: Annotated[float, typer.Option(help="Absolute tolerance of the check.")] = checks.DEFAULT_ATOL,
+    batch: Annotated[int, typer.Option(help="Rows of the check's generated inputs.")] = checks.DEFAULT_BATCH,
+) -> None:
+    """Export a TorchScript module or a SavedModel to ONNX as a new version, then check parity."""
+    from gateway import convert as conversion
+
+    logging.basicConfig(level=logging.CRITICAL)
+    try:
+        shapes = [_shape(text) for text in input_shape or []]
+        converted, runner = conversion.convert(
+            source, model_repo, name, version, source_format, opset, shapes
+        )
+    except (conversion.ConvertError, checks.ParityUsageError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {converted.path} ({converted.source_format} -> ONNX opset {opset})")
+    if not check:
+        return
+    try:
+        report = asyncio.run(
+            conversion.check_conversion(converted, model_repo, source, runner, batch, rtol, atol)
+        )
+    except GatewayError as exc:
+        typer.echo(f"FAIL  {exc} (kept {converted.path})", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(report.table())
+    typer.echo(report.verdict())
+    if not report.ok:
+        typer.echo(f"kept {converted.path} for inspection; remove it before serving", err=True)
+        raise typer.Exit(1)
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        return [int(d) for d in text.split(",")]
+    except ValueError:
+        raise checks.ParityUsageError(
+            f"--input-shape '{text}' is not a list of integers like -1,64"
+        ) from None
