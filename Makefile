@@ -7,7 +7,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: serve test install dev lint typecheck pytest models bench clean \
+.PHONY: serve test install dev lint typecheck pytest models bench bench-peers bench-tools clean \
 	deploy-tools torchserve-store images compose-up compose-down compose-smoke
 
 $(BIN)/python:
@@ -51,6 +51,21 @@ test: lint typecheck pytest
 
 bench: dev
 	benchmarks/run.sh --duration 10 --concurrency 8 --json-out benchmarks/results/load.json
+	$(MAKE) bench-peers
+
+# modelyard vs MLServer and KServe on the same ONNX model (benchmarks/README.md, "Peers"). The
+# peers' venvs are made under benchmarks/peers/ on first use. PEERS_ARGS, e.g. "--duration 5".
+PEERS_ARGS ?=
+bench-peers: dev bench-tools
+	$(BIN)/python benchmarks/peers.py $(PEERS_ARGS)
+
+# Debian's hey drives the REST rows of bench-peers. Installs it only when missing, and only as root
+# where apt can; elsewhere peers.py falls back to load.py for REST and says so in its table.
+bench-tools:
+	@if ! command -v hey >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing hey (Debian package) for the peers benchmark"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey >/dev/null; \
+	fi
 
 # tests/deploy validate docker-compose.yml with `docker-compose config` (Debian's docker-compose;
 # kubectl is already on these machines). Installs it only when missing, and only as root, where
