@@ -85,14 +85,18 @@ class ModelAdapter(ABC):
 
     def __init__(self, spec: LoadSpec) -> None:
         self.spec = spec
+        self._signature: ModelSignature | None = None
 
     @abstractmethod
     async def load(self) -> None:
         """Make the version ready to serve, or raise with the reason it cannot be."""
 
-    @abstractmethod
     async def metadata(self) -> ModelSignature:
-        """Inputs and outputs as the backend reports them, -1 for dynamic dimensions."""
+        """Inputs and outputs as the backend reports them, -1 for dynamic dimensions: what `load`
+        left in `_signature`."""
+        if self._signature is None:
+            raise ModelNotReady(f"{self.spec.label} is not loaded")
+        return self._signature
 
     @abstractmethod
     async def infer(

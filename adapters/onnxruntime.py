@@ -86,7 +86,6 @@ class OnnxRuntimeAdapter(ModelAdapter):
     def __init__(self, spec: LoadSpec) -> None:
         super().__init__(spec)
         self._session: ort.InferenceSession | None = None
-        self._signature: ModelSignature | None = None
         self._executor: ThreadPoolExecutor | None = None
 
     async def load(self) -> None:
@@ -128,11 +127,6 @@ class OnnxRuntimeAdapter(ModelAdapter):
             outputs=override_signature(outputs, self.spec.config.outputs, self.spec.label),
             platform="onnxruntime_onnx",
         )
-
-    async def metadata(self) -> ModelSignature:
-        if self._signature is None:
-            raise ModelNotReady(f"{self.spec.label} is not loaded")
-        return self._signature
 
     async def infer(
         self, inputs: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str]

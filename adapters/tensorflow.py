@@ -99,7 +99,6 @@ class TensorFlowAdapter(ModelAdapter):
         self._options: TensorFlowOptions = read_options(spec, spec.config.tensorflow, TensorFlowOptions)
         self._session: tf.compat.v1.Session | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._signature: ModelSignature | None = None
         # signature key -> graph tensor name, for inputs and outputs
         self._feeds: dict[str, str] = {}
         self._fetches: dict[str, str] = {}
@@ -148,11 +147,6 @@ class TensorFlowAdapter(ModelAdapter):
                 f"it has {', '.join(servable) or 'none'}"
             )
         return session, signatures[options.signature]
-
-    async def metadata(self) -> ModelSignature:
-        if self._signature is None:
-            raise ModelNotReady(f"{self.spec.label} is not loaded")
-        return self._signature
 
     async def infer(
         self, inputs: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str]

@@ -134,7 +134,6 @@ class TfServingAdapter(ModelAdapter):
         self._predict: prediction_service_pb2_grpc.PredictionServiceStub | None = None
         self._models: model_service_pb2_grpc.ModelServiceStub | None = None
         self._http: httpx.AsyncClient | None = None
-        self._signature: ModelSignature | None = None
 
     @property
     def _where(self) -> str:
@@ -190,11 +189,6 @@ class TfServingAdapter(ModelAdapter):
             return await self._available()
         except GatewayError:
             return False
-
-    async def metadata(self) -> ModelSignature:
-        if self._signature is None:
-            raise ModelNotReady(f"{self.spec.label} is not loaded")
-        return self._signature
 
     # Status and metadata ----------------------------------------------------------------------
 

@@ -454,7 +454,6 @@ class TorchServeAdapter(ModelAdapter):
 
     def __init__(self, spec: LoadSpec) -> None:
         super().__init__(spec)
-        self._signature: ModelSignature | None = None
         self._managed: ManagedTorchServe | None = None
         self._registration: Registration | None = None
         self._remote: TorchServeClient | None = None
@@ -580,11 +579,6 @@ class TorchServeAdapter(ModelAdapter):
             await asyncio.sleep(PROBE_INTERVAL_S)
             with contextlib.suppress(httpx.HTTPError, ValueError):
                 await self._probe_remote()
-
-    async def metadata(self) -> ModelSignature:
-        if self._signature is None:
-            raise ModelNotReady(f"{self.spec.label} is not loaded")
-        return self._signature
 
     async def infer(
         self, inputs: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str]
