@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request, Response
 from gateway.dataplane import DataPlane
 from gateway.errors import InvalidInput, MalformedRequest, ModelNotFound, Unsupported
 from gateway.protocols.tensors import tensor_from_values
-from gateway.protocols.v2_rest import json_response
+from gateway.protocols.v2_rest import json_object, json_response
 from gateway.types import Datatype, IndexEntry, InferRequest, InferResponse, Tensor, TensorSpec
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
@@ -96,7 +96,7 @@ def tfserving_router(dataplane: DataPlane) -> APIRouter:
         request: Request, model_name: str, model_version: str | None = None, model_label: str | None = None
     ) -> Response:
         version = requested(model_name, model_version, model_label)
-        body = _json_object(await request.body())
+        body = json_object(await request.body())
         meta = await dataplane.model_metadata(model_name, version)
         infer_request, columnar = decode_predict(body, model_name, version, meta.inputs)
         response = await dataplane.infer(infer_request)
@@ -140,16 +140,6 @@ def tensor_info(spec: TensorSpec) -> dict[str, Any]:
         "tensor_shape": {"dim": [{"size": str(d), "name": ""} for d in spec.shape], "unknown_rank": False},
         "name": spec.name,
     }
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedRequest(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(parsed, dict):
-        raise MalformedRequest("the body must be a JSON object")
-    return parsed
 
 
 def _is_b64(value: Any) -> bool:

@@ -115,7 +115,7 @@ def v2_router(dataplane: DataPlane) -> APIRouter:
     @route("POST", "/v2/repository/index", versioned=False)
     async def repository_index(request: Request) -> Response:
         body = await request.body()
-        options = _json_object(body) if body.strip() else {}
+        options = json_object(body) if body.strip() else {}
         entries = await dataplane.repository_index(bool(options.get("ready", False)))
         return json_response(
             [
@@ -189,7 +189,7 @@ def _decompress(body: bytes, encoding: str | None) -> bytes:
     raise Unsupported(f"Content-Encoding '{encoding}' is not supported; use gzip or deflate")
 
 
-def _json_object(data: bytes | memoryview) -> dict[str, Any]:
+def json_object(data: bytes | memoryview) -> dict[str, Any]:
     try:
         parsed = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -215,7 +215,7 @@ def decode_infer_request(
 ) -> InferRequest:
     """A v2 infer request from JSON, or from a JSON header followed by binary tensor data."""
     if header_length is None:
-        header, binary = _json_object(body), memoryview(b"")
+        header, binary = json_object(body), memoryview(b"")
     else:
         try:
             length = int(header_length)
@@ -226,7 +226,7 @@ def decode_infer_request(
                 f"Inference-Header-Content-Length is {length} but the body has only {len(body)} bytes"
             )
         view = memoryview(body)
-        header, binary = _json_object(view[:length]), view[length:]
+        header, binary = json_object(view[:length]), view[length:]
 
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
