@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import orjson
@@ -24,7 +24,7 @@ from gateway.protocols.tensors import (
     tensor_to_values,
 )
 from gateway.registry import Duration
-from gateway.types import InferRequest, InferResponse, RequestedOutput, Tensor
+from gateway.types import Datatype, InferRequest, InferResponse, RequestedOutput, Tensor
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
 HEADER_LENGTH = "inference-header-content-length"
@@ -103,14 +103,7 @@ def v2_router(dataplane: DataPlane) -> APIRouter:
     async def model_stats(model_name: str, model_version: str | None = None) -> Response:
         return json_response(_statistics(dataplane.statistics(model_name, model_version)))
 
-    @route("POST", "{model}/infer")
-    async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-        body = _decompress(await request.body(), request.headers.get("content-encoding"))
-        infer_request = decode_infer_request(
-            body, request.headers.get(HEADER_LENGTH), model_name, model_version
-        )
-        infer_request.headers = request.headers
-        return encode_infer_response(await dataplane.infer(infer_request), infer_request)
+    # POST {model}/infer is served by `infer`, mounted by the HTTP app ahead of this router.
 
     @route("POST", "/v2/repository/index", versioned=False)
     async def repository_index(request: Request) -> Response:
@@ -140,6 +133,16 @@ def v2_router(dataplane: DataPlane) -> APIRouter:
         return json_response({})
 
     return router
+
+
+async def infer(
+    dataplane: DataPlane, body: bytes, headers: Mapping[str, str], model_name: str, model_version: str | None
+) -> Response:
+    """POST /v2/models/{name}[/versions/{version}]/infer: decode, run, encode."""
+    body = _decompress(body, headers.get("content-encoding"))
+    infer_request = decode_infer_request(body, headers.get(HEADER_LENGTH), model_name, model_version)
+    infer_request.headers = headers
+    return encode_infer_response(await dataplane.infer(infer_request), infer_request)
 
 
 def _tensor_metadata(spec: Any) -> dict[str, Any]:
@@ -323,3 +326,59 @@ def encode_infer_response(response: InferResponse, request: InferRequest) -> Res
         return Response(encoded, media_type=JSON_TYPE, headers=headers)
     headers["Inference-Header-Content-Length"] = str(len(encoded))
     return Response(b"".join([encoded, *chunks]), media_type=BINARY_TYPE, headers=headers)
+
+
+def infer_openapi() -> dict[str, Any]:
+    """The OpenAPI operation of the infer endpoint, which is mounted outside FastAPI's router.
+
+    Field names follow the Open Inference Protocol's REST schema; a body may also be a JSON header
+    followed by binary tensor data (Triton's binary extension), announced by
+    Inference-Header-Content-Length.
+    """
+    tensor = {
+        "type": "object",
+        "required": ["name", "shape", "datatype"],
+        "properties": {
+            "name": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "datatype": {"type": "string", "enum": [d.value for d in Datatype]},
+            "parameters": {"type": "object"},
+            "data": {"type": "array"},
+        },
+    }
+    request = {
+        "type": "object",
+        "required": ["inputs"],
+        "properties": {
+            "id": {"type": "string"},
+            "parameters": {"type": "object"},
+            "inputs": {"type": "array", "items": tensor},
+            "outputs": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+                },
+            },
+        },
+    }
+    error = {"type": "object", "properties": {"error": {"type": "string"}}}
+    return {
+        "summary": "Infer",
+        "operationId": "infer",
+        "requestBody": {
+            "required": True,
+            "content": {
+                JSON_TYPE: {"schema": request},
+                BINARY_TYPE: {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        "responses": {
+            "200": {"description": "The outputs", "content": {JSON_TYPE: {"schema": {"type": "object"}}}},
+            **{
+                str(status): {"description": "An error", "content": {JSON_TYPE: {"schema": error}}}
+                for status in (400, 404, 429, 500, 501, 503, 504)
+            },
+        },
+    }

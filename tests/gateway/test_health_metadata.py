@@ -114,3 +114,19 @@ def test_grpc_health_and_reflection(gateway: Any) -> None:
         services = {s.name for r in responses for s in r.list_services_response.service}
     assert "inference.GRPCInferenceService" in services
     assert "grpc.health.v1.Health" in services
+
+
+def test_openapi_documents_the_infer_endpoint(http: httpx.Client) -> None:
+    # Infer is served ahead of FastAPI's router, so the document only has it if added by hand.
+    paths = http.get("/openapi.json").json()["paths"]
+    for path in ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer"):
+        operation = paths[path]["post"]
+        schema = operation["requestBody"]["content"]["application/json"]["schema"]
+        assert schema["required"] == ["inputs"]
+        assert {p["name"] for p in operation["parameters"]} <= {"model_name", "model_version"}
+
+
+def test_other_methods_on_the_infer_path_are_not_inference(http: httpx.Client) -> None:
+    response = http.get("/v2/models/affine/infer")
+    assert response.status_code in (404, 405)
+    assert "error" in response.json()
