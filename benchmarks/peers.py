@@ -2,14 +2,17 @@
 
 Installs MLServer and KServe into their own venvs under benchmarks/peers/ (pinned, on demand),
 serves model_repo/mlp/1/model.onnx from each with the minimal runtimes in benchmarks/peer_runtimes/,
-and drives every target with the same load: Debian's `hey` for REST JSON, benchmarks/load.py for
-gRPC and for the in-process onnxruntime limit. Servers run on CPU 0, the load generator on CPU 1.
-Writes a markdown table and JSON to benchmarks/results/. See benchmarks/README.md.
+and drives every target with the same load: Debian's `hey` for REST (JSON and binary), benchmarks/load.py
+for gRPC and for the in-process onnxruntime limit. Then the same weights as TorchScript on a TorchServe
+the gateway manages: TorchServe's own REST API called directly, and modelyard in front of it.
+Servers run on CPU 0, the load generator on CPU 1. Writes a markdown table and JSON to
+benchmarks/results/. See benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
@@ -35,11 +38,16 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from adapters import torchserve_handler as wire
+
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_DIR = ROOT / "benchmarks" / "peers"
 RUNTIMES_DIR = ROOT / "benchmarks" / "peer_runtimes"
 ONNX_MODEL = ROOT / "model_repo" / "mlp" / "1" / "model.onnx"
 MODEL = "mlp"
+TORCH_MODEL = "mlp_torch"  # model_repo/mlp_torch version 1: mlp's weights as TorchScript
+TORCH_VERSION = "1"
+BATCH_ROW = 8  # the batch-8 row's rows per request, at concurrency 8
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 INPUT_SEED = 20240601
@@ -61,6 +69,22 @@ PEER_PACKAGE = {"mlserver": "mlserver", "kserve": "kserve"}
 
 
 @dataclass(frozen=True)
+class Payload:
+    """A request body for hey: the file, its content type, and any extra headers."""
+
+    file: Path
+    content_type: str
+    headers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Payloads:
+    json: Payload
+    binary: Payload
+    torchserve: Payload
+
+
+@dataclass(frozen=True)
 class Row:
     target: str
     protocol: str
@@ -72,6 +96,7 @@ class Row:
     requests: int
     errors: int
     check: str
+    batch: int = 1
 
 
 @dataclass(frozen=True)
@@ -89,7 +114,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per row")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds discarded before each row")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peers.md")
-    parser.add_argument("--skip", default="", help="comma-separated targets to leave out: mlserver,kserve")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated targets to leave out: mlserver,kserve,torchserve"
+    )
     args = parser.parse_args(argv)
     args.levels = [int(level) for level in args.concurrency.split(",") if level.strip()]
     if not args.levels or min(args.levels) < 1 or args.duration <= 0 or args.warmup < 0:
@@ -124,8 +151,10 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 
 
 @contextmanager
-def server(name: str, command: list[str], ready_url: str, cwd: Path, env: dict[str, str]) -> Iterator[None]:
-    """Run `command` in its own process group until the block ends; it must answer `ready_url` first."""
+def server(name: str, command: list[str], ready_url: str, cwd: Path, env: dict[str, str]) -> Iterator[Path]:
+    """Run `command` in its own process group until the block ends; it must answer `ready_url` first.
+
+    Yields the path of the server's log."""
     log = tempfile.NamedTemporaryFile(prefix=f"peers-{name}-", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen(
         command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -138,7 +167,7 @@ def server(name: str, command: list[str], ready_url: str, cwd: Path, env: dict[s
                 raise RuntimeError(f"{name} did not become ready at {ready_url}:\n{tail}")
             time.sleep(0.2)
         print(f"{name}: ready", file=sys.stderr)
-        yield
+        yield Path(log.name)
     finally:
         stop(proc)
         log.close()
@@ -227,6 +256,62 @@ def v2_body(x: np.ndarray) -> bytes:
     return json.dumps({"inputs": [tensor]}).encode()
 
 
+def v2_binary_body(x: np.ndarray) -> tuple[bytes, int]:
+    """A v2 request with Triton's binary extension both ways, and its JSON header's length."""
+    header = {
+        "inputs": [
+            {
+                "name": INPUT_NAME,
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": x.nbytes},
+            }
+        ],
+        "outputs": [{"name": OUTPUT_NAME, "parameters": {"binary_data": True}}],
+    }
+    encoded = json.dumps(header).encode()
+    return encoded + x.astype("<f4").tobytes(), len(encoded)
+
+
+def post(url: str, payload: Payload) -> tuple[bytes, dict[str, str]]:
+    headers = {"Content-Type": payload.content_type}
+    headers.update(h.split(": ", 1) for h in payload.headers)  # type: ignore[arg-type]
+    request = urllib.request.Request(url, data=payload.file.read_bytes(), headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.read(), {k.lower(): v for k, v in response.headers.items()}
+
+
+def compare(got: np.ndarray, expected: np.ndarray) -> str:
+    if got.shape != expected.shape or not np.allclose(got, expected, rtol=RTOL, atol=ATOL):
+        return f"failed: output differs from onnxruntime (shape {list(got.shape)})"
+    return "ok"
+
+
+def check_v2_binary(url: str, payload: Payload, expected: np.ndarray) -> str:
+    """One binary-extension request before timing: 'ok', or why the answer is not onnxruntime's."""
+    try:
+        body, headers = post(url, payload)
+        length = int(headers["inference-header-content-length"])
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+        return f"failed: {exc}"
+    header = json.loads(body[:length])
+    output = header["outputs"][0]
+    got = np.frombuffer(body[length:], dtype="<f4").reshape(output["shape"])
+    return compare(got, expected)
+
+
+def check_torchserve(url: str, payload: Payload, expected: np.ndarray) -> str:
+    """One request to TorchServe's /predictions in modelyard's tensor format, checked the same way."""
+    try:
+        body, _ = post(url, payload)
+        _, outputs = wire.decode(body, "outputs")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"failed: {exc}"
+    if OUTPUT_NAME not in outputs:
+        return f"failed: no output {OUTPUT_NAME!r} in {sorted(outputs)}"
+    return compare(outputs[OUTPUT_NAME], expected)
+
+
 def check_rest(url: str, body: bytes, expected: np.ndarray) -> str:
     """One v2 JSON request before timing: 'ok', or why the answer is not onnxruntime's."""
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
@@ -248,10 +333,12 @@ def check_rest(url: str, body: bytes, expected: np.ndarray) -> str:
 # --- load generators ---------------------------------------------------------------------------
 
 
-def run_hey(url: str, concurrency: int, seconds: float, body_file: Path | None) -> str:
+def run_hey(url: str, concurrency: int, seconds: float, payload: Payload | None) -> str:
     command = [HEY, "-z", f"{seconds:g}s", "-c", str(concurrency), "-cpus", "1", "-t", "30"]
-    if body_file is not None:
-        command += ["-m", "POST", "-T", "application/json", "-D", str(body_file)]
+    if payload is not None:
+        command += ["-m", "POST", "-T", payload.content_type, "-D", str(payload.file)]
+        for header in payload.headers:
+            command += ["-H", header]
     result = subprocess.run(
         pinned(1, [*command, url]), capture_output=True, text=True, timeout=seconds + 120, check=True
     )
@@ -279,12 +366,13 @@ def hey_row(
     url: str,
     concurrency: int,
     args: argparse.Namespace,
-    body: Path | None,
+    body: Payload | None,
     check: str,
 ) -> Row | None:
-    """One REST row from hey; without hey, from load.py's rest-json mode (no ceiling row then)."""
+    """One REST row from hey; without hey, v2 JSON rows come from load.py's rest-json mode, others
+    are left out."""
     if shutil.which(HEY) is None:
-        if body is None:
+        if body is None or protocol != "REST JSON":
             return None
         host_port = urllib.parse.urlsplit(url).netloc
         row = load_py_row(target, "rest-json", concurrency, args, Endpoint(target, host_port, None))
@@ -298,7 +386,14 @@ def hey_row(
 
 
 def load_py_row(
-    target: str, mode: str, concurrency: int, args: argparse.Namespace, endpoint: Endpoint | None
+    target: str,
+    mode: str,
+    concurrency: int,
+    args: argparse.Namespace,
+    endpoint: Endpoint | None,
+    model: str = MODEL,
+    version: str = "",
+    batch: int = 1,
 ) -> Row:
     """One row from benchmarks/load.py (gRPC, the in-process limit, or REST without hey).
 
@@ -306,7 +401,8 @@ def load_py_row(
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "load.json"
         command = [sys.executable, str(ROOT / "benchmarks" / "load.py"), "--modes", mode]
-        command += ["--onnx", str(ONNX_MODEL), "--model", MODEL, "--concurrency", str(concurrency)]
+        command += ["--onnx", str(ONNX_MODEL), "--model", model, "--concurrency", str(concurrency)]
+        command += ["--version", version, "--batch", str(batch)]
         command += [
             "--duration",
             f"{args.duration:g}",
@@ -341,6 +437,7 @@ def load_py_row(
         row["requests"],
         row["errors"],
         "every 10th",
+        batch,
     )
 
 
@@ -351,33 +448,97 @@ def present(row: Row | None) -> list[Row]:
 # --- targets -----------------------------------------------------------------------------------
 
 
-def gateway_target(args: argparse.Namespace, body: Path, expected: np.ndarray, work: Path) -> list[Row]:
+def gateway_target(
+    args: argparse.Namespace, payloads: Payloads, expected: np.ndarray, work: Path
+) -> list[Row]:
     # A repository holding only mlp, so the gateway starts fast and serves exactly what the peers serve.
     repo = work / "repo"
     shutil.copytree(ROOT / "model_repo" / "mlp", repo / MODEL)
-    http_port, grpc_port = free_port(), free_port()
-    command = [str(ROOT / ".venv" / "bin" / "modelyard"), "serve", "--model-repo", str(repo)]
-    command += ["--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-    command += ["--log-level", "warning"]
-    base = f"http://127.0.0.1:{http_port}"
-    endpoint = Endpoint("modelyard", f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
     rows = []
-    with server("modelyard", pinned(0, command), f"{base}/v2/health/ready", ROOT, dict(os.environ)):
+    with gateway(repo, f"/v2/models/{MODEL}/ready") as (base, endpoint, _):
         url = f"{base}/v2/models/{MODEL}/infer"
-        check = check_rest(url, body.read_bytes(), expected)
+        check = check_rest(url, payloads.json.file.read_bytes(), expected)
+        check_binary = check_v2_binary(url, payloads.binary, expected)
         for level in args.levels:
             live = f"{base}/v2/health/live"
             rows += present(
                 hey_row("hey ceiling (GET /v2/health/live)", "REST GET", live, level, args, None, "-")
             )
         for level in args.levels:
-            rows += present(hey_row("modelyard", "REST JSON", url, level, args, body, check))
+            rows += present(hey_row("modelyard", "REST JSON", url, level, args, payloads.json, check))
+        for level in args.levels:
+            rows += present(
+                hey_row("modelyard", "REST binary", url, level, args, payloads.binary, check_binary)
+            )
         for level in args.levels:
             rows.append(load_py_row("modelyard", "grpc", level, args, endpoint))
+        rows.append(load_py_row("modelyard", "grpc", BATCH_ROW, args, endpoint, batch=BATCH_ROW))
     return rows
 
 
-def mlserver_target(args: argparse.Namespace, body: Path, expected: np.ndarray, work: Path) -> list[Row]:
+@contextmanager
+def gateway(repo: Path, ready_path: str) -> Iterator[tuple[str, Endpoint, Path]]:
+    """`modelyard serve` on `repo`, pinned to the server CPU: (REST base URL, endpoint, its log)."""
+    http_port, grpc_port = free_port(), free_port()
+    command = [str(ROOT / ".venv" / "bin" / "modelyard"), "serve", "--model-repo", str(repo)]
+    command += ["--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+    command += ["--log-level", "info"]
+    base = f"http://127.0.0.1:{http_port}"
+    endpoint = Endpoint("modelyard", f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
+    with server("modelyard", pinned(0, command), f"{base}{ready_path}", ROOT, dict(os.environ)) as log:
+        yield base, endpoint, log
+
+
+def torchserve_target(
+    args: argparse.Namespace, payloads: Payloads, expected: np.ndarray, work: Path
+) -> list[Row]:
+    """mlp's weights as TorchScript on the TorchServe the gateway manages (it inherits the gateway's
+    CPU pinning): TorchServe's REST API called directly, then modelyard in front of it."""
+    repo = work / "torch_repo"
+    shutil.copytree(ROOT / "model_repo" / TORCH_MODEL, repo / TORCH_MODEL)
+    rows = []
+    with gateway(repo, f"/v2/models/{TORCH_MODEL}/versions/{TORCH_VERSION}/ready") as (base, endpoint, log):
+        found = re.search(r"managed TorchServe up \(pid \d+, inference port (\d+)\)", log.read_text())
+        if found is None:
+            raise RuntimeError("the gateway's log does not say which port its TorchServe listens on")
+        direct = f"http://127.0.0.1:{found.group(1)}/predictions/{TORCH_MODEL}/{TORCH_VERSION}"
+        check_direct = check_torchserve(direct, payloads.torchserve, expected)
+        url = f"{base}/v2/models/{TORCH_MODEL}/versions/{TORCH_VERSION}/infer"
+        check_json = check_rest(url, payloads.json.file.read_bytes(), expected)
+        check_binary = check_v2_binary(url, payloads.binary, expected)
+        for level in args.levels:
+            rows += present(
+                hey_row(
+                    "TorchServe direct",
+                    "REST tensors",
+                    direct,
+                    level,
+                    args,
+                    payloads.torchserve,
+                    check_direct,
+                )
+            )
+            rows += present(
+                hey_row(
+                    "modelyard -> TorchServe", "REST binary", url, level, args, payloads.binary, check_binary
+                )
+            )
+            rows += present(
+                hey_row("modelyard -> TorchServe", "REST JSON", url, level, args, payloads.json, check_json)
+            )
+            rows.append(
+                replace(
+                    load_py_row("modelyard", "grpc", level, args, endpoint, TORCH_MODEL, TORCH_VERSION),
+                    target="modelyard -> TorchServe",
+                )
+            )
+    return rows
+
+
+def mlserver_target(
+    args: argparse.Namespace, payloads: Payloads, expected: np.ndarray, work: Path
+) -> list[Row]:
+    body = payloads.json
     venv = ensure_venv("mlserver")
     http_port, grpc_port = free_port(), free_port()
     folder = mlserver_dir(work, http_port, grpc_port)
@@ -387,7 +548,7 @@ def mlserver_target(args: argparse.Namespace, body: Path, expected: np.ndarray, 
     rows = []
     with server("mlserver", command, f"{base}/v2/models/{MODEL}/ready", folder, env):
         url = f"{base}/v2/models/{MODEL}/infer"
-        check = check_rest(url, body.read_bytes(), expected)
+        check = check_rest(url, body.file.read_bytes(), expected)
         for level in args.levels:
             rows += present(hey_row("MLServer", "REST JSON", url, level, args, body, check))
         # MLServer answers raw_output_contents when the request sends raw_input_contents, so
@@ -398,7 +559,10 @@ def mlserver_target(args: argparse.Namespace, body: Path, expected: np.ndarray, 
     return rows
 
 
-def kserve_target(args: argparse.Namespace, body: Path, expected: np.ndarray, work: Path) -> list[Row]:
+def kserve_target(
+    args: argparse.Namespace, payloads: Payloads, expected: np.ndarray, work: Path
+) -> list[Row]:
+    body = payloads.json
     venv = ensure_venv("kserve")
     http_port, grpc_port = free_port(), free_port()
     script = RUNTIMES_DIR / "kserve_server.py"
@@ -414,7 +578,7 @@ def kserve_target(args: argparse.Namespace, body: Path, expected: np.ndarray, wo
     rows = []
     with server("kserve", pinned(0, command), f"{base}/v2/models/{MODEL}/ready", work, dict(os.environ)):
         url = f"{base}/v2/models/{MODEL}/infer"
-        check = check_rest(url, body.read_bytes(), expected)
+        check = check_rest(url, body.file.read_bytes(), expected)
         for level in args.levels:
             rows += present(hey_row("KServe", "REST JSON", url, level, args, body, check))
     return rows
@@ -449,10 +613,33 @@ def goals(rows: list[Row]) -> list[str]:
                 f"- {protocol}, concurrency 8, vs {peer}: {speedup:.2f}x req/s (goal >= 2x), "
                 f"p99 {p99_share:.2f} of theirs (goal <= 0.5): {verdict}"
             )
+    limit = find(rows, "onnxruntime", "in-process", 1)
+    for protocol, allowed in (("gRPC", 0.3), ("REST binary", 0.5)):
+        ours = find(rows, "modelyard", protocol, 1)
+        if limit is None or ours is None:
+            continue
+        added = ours.p50_ms - limit.p50_ms
+        verdict = "met" if added <= allowed else "NOT met"
+        lines.append(
+            f"- overhead at concurrency 1 over {protocol}: p50 {ours.p50_ms:.2f} ms vs in-process "
+            f"{limit.p50_ms:.2f} ms, +{added:.2f} ms (goal <= +{allowed} ms): {verdict}"
+        )
+    for row in rows:
+        if row.target != "TorchServe direct":
+            continue
+        ours = find(rows, "modelyard -> TorchServe", "REST binary", row.concurrency)
+        if ours is None:
+            continue
+        verdict = "met" if ours.req_per_s >= row.req_per_s and ours.p50_ms <= 1.1 * row.p50_ms else "NOT met"
+        lines.append(
+            f"- in front of TorchServe, concurrency {row.concurrency}, REST binary vs TorchServe's REST: "
+            f"{ratio(ours.req_per_s, row.req_per_s)}x req/s (goal >= 1), p50 {ours.p50_ms:.2f} vs "
+            f"{row.p50_ms:.2f} ms (goal within 10%): {verdict}"
+        )
     return lines
 
 
-def find(rows: list[Row], target: str | None, protocol: str, concurrency: int) -> Row | None:
+def find(rows: list[Row], target: str | None, protocol: str, concurrency: int, batch: int = 1) -> Row | None:
     return next(
         (
             r
@@ -460,6 +647,7 @@ def find(rows: list[Row], target: str | None, protocol: str, concurrency: int) -
             if (target is None or r.target == target)
             and r.protocol == protocol
             and r.concurrency == concurrency
+            and r.batch == batch
         ),
         None,
     )
@@ -467,7 +655,7 @@ def find(rows: list[Row], target: str | None, protocol: str, concurrency: int) -
 
 def render(rows: list[Row], meta: dict[str, Any]) -> str:
     lines = [
-        "# modelyard vs MLServer vs KServe: `mlp` (64->256->256->10, FP32), batch 1",
+        "# modelyard vs MLServer vs KServe vs TorchServe: `mlp` (64->256->256->10, FP32)",
         "",
         f"- Run: {meta['date']}, command `{meta['command']}`",
         f"- Machine: {meta['cpu']}, {meta['cores']} cores (a 2-core VM shared with other work; "
@@ -479,23 +667,27 @@ def render(rows: list[Row], meta: dict[str, Any]) -> str:
         "benchmarks/load.py",
         f"- Versions: Python {meta['python']}, onnxruntime {meta['onnxruntime']} (all servers), "
         f"MLServer {meta.get('mlserver', '-')} (default settings: parallel_workers 1), "
-        f"KServe {meta.get('kserve', '-')} (one worker)",
+        f"KServe {meta.get('kserve', '-')} (one worker; REST only: its gRPC server binds every "
+        "interface and this suite binds loopback only), "
+        f"TorchServe {meta['torchserve']} with torch {meta['torch']} (the gateway's managed one: "
+        "1 worker, TorchServe batching up to 8 with 2 ms delay, as model_repo/mlp_torch/config.yaml)",
         "- check: one REST request per target before timing compared with onnxruntime (np.allclose, "
         "rtol 1e-4, atol 1e-5); load.py rows compare every 10th answer. errors: non-200 answers, "
         "transport errors, mismatches. hey reports latency with 0.1 ms resolution.",
         "",
-        "| target | protocol | generator | concurrency | req/s | p50 ms | p99 ms | requests | errors | "
+        "| target | protocol | generator | batch | concurrency | req/s | p50 ms | p99 ms | requests | errors | "
         "vs MLServer req/s (same protocol) | vs in-process req/s | check |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         # MLServer on the same protocol: the comparison issue 6 asks for.
-        peer = find(rows, "MLServer", row.protocol, row.concurrency)
-        limit = find(rows, None, "in-process", row.concurrency)
+        peer = find(rows, "MLServer", row.protocol, row.concurrency, row.batch)
+        limit = find(rows, None, "in-process", row.concurrency, row.batch)
         mlserver = peer.req_per_s if peer else None
         inproc = limit.req_per_s if limit else None
         lines.append(
-            f"| {row.target} | {row.protocol} | {row.generator} | {row.concurrency} | {fmt(row.req_per_s, 0)} | "
+            f"| {row.target} | {row.protocol} | {row.generator} | {row.batch} | {row.concurrency} | "
+            f"{fmt(row.req_per_s, 0)} | "
             f"{fmt(row.p50_ms)} | {fmt(row.p99_ms)} | {row.requests} | {row.errors} | "
             f"{ratio(row.req_per_s, mlserver)} | {ratio(row.req_per_s, inproc)} | {row.check} |"
         )
@@ -527,6 +719,28 @@ def hey_version() -> str:
     return f"Debian package {result.stdout.strip()}" if result.returncode == 0 else "version unknown"
 
 
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def write_payloads(work: Path, x: np.ndarray) -> Payloads:
+    json_file, binary_file, tensors_file = work / "body.json", work / "body.bin", work / "body.tensors"
+    json_file.write_bytes(v2_body(x))
+    binary, header_length = v2_binary_body(x)
+    binary_file.write_bytes(binary)
+    tensors_file.write_bytes(wire.encode_tensors("inputs", {INPUT_NAME: x}, {"outputs": [OUTPUT_NAME]}))
+    return Payloads(
+        Payload(json_file, "application/json"),
+        Payload(
+            binary_file, "application/octet-stream", (f"Inference-Header-Content-Length: {header_length}",)
+        ),
+        Payload(tensors_file, wire.CONTENT_TYPE),
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if shutil.which(HEY) is None:
@@ -551,6 +765,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "hey": hey_version() if shutil.which(HEY) else "MISSING: REST rows from load.py rest-json instead",
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
+        "torchserve": package_version("torchserve"),
+        "torch": package_version("torch"),
         "failures": [],
     }
     x = make_input()
@@ -558,17 +774,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="modelyard-peers-") as tmp:
         work = Path(tmp)
-        body = work / "body.json"
-        body.write_bytes(v2_body(x))
+        payloads = write_payloads(work, x)
         rows += [load_py_row("onnxruntime", "inprocess", level, args, None) for level in args.levels]
-        rows += gateway_target(args, body, expected, work)
-        for name, target in (("mlserver", mlserver_target), ("kserve", kserve_target)):
+        rows.append(load_py_row("onnxruntime", "inprocess", BATCH_ROW, args, None, batch=BATCH_ROW))
+        rows += gateway_target(args, payloads, expected, work)
+        targets = (
+            ("mlserver", mlserver_target),
+            ("kserve", kserve_target),
+            ("torchserve", torchserve_target),
+        )
+        for name, target in targets:
             if name in args.skipped:
                 continue
             # A peer that fails to install or start is reported under the table; the others still run.
             try:
-                rows += target(args, body, expected, work)
-                meta[name] = installed_version(PEERS_DIR / name, PEER_PACKAGE[name])
+                rows += target(args, payloads, expected, work)
+                if name in PEER_PACKAGE:
+                    meta[name] = installed_version(PEERS_DIR / name, PEER_PACKAGE[name])
             except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
                 meta["failures"].append(f"{name}: {str(exc)[:500]}")
     meta["load_after"] = load_average()
