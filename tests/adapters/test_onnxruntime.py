@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -116,3 +119,26 @@ def test_unknown_backend_says_which_exist() -> None:
         ModelNotReady, match="unknown backend 'caffe'; known: onnxruntime, tensorflow, tfserving, torchserve"
     ):
         adapter_class("caffe")
+
+
+@pytest.mark.parametrize(("inline_below_us", "inline"), [(10**6, True), (0, False)])
+async def test_tiny_requests_run_on_the_event_loop(
+    affine_path: Path, inline_below_us: int, inline: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = ModelConfig.model_validate({"onnxruntime": {"inline_below_us": inline_below_us}})
+    x = np.ones((1, 4), dtype=np.float32)
+    threads: list[threading.Thread] = []
+    async with OnnxRuntimeAdapter(spec_for(affine_path, config)) as adapter:
+        run = adapter._run
+
+        def recording_run(*args: Any) -> Any:
+            threads.append(threading.current_thread())
+            return run(*args)
+
+        monkeypatch.setattr(adapter, "_run", recording_run)
+        first = await adapter.infer({"x": x}, ["y"])  # not yet measured: the pool runs it, timed
+        results = await asyncio.gather(*(adapter.infer({"x": x}, ["y"]) for _ in range(5)))
+    for result in results:
+        np.testing.assert_array_equal(result["y"], first["y"])
+    assert threads[0] is not threading.main_thread()
+    assert all((t is threading.main_thread()) is inline for t in threads[1:])
