@@ -59,12 +59,13 @@ PEERS_ARGS ?=
 bench-peers: dev bench-tools
 	$(BIN)/python benchmarks/peers.py $(PEERS_ARGS)
 
-# Debian's hey drives the REST rows of bench-peers. Installs it only when missing, and only as root
-# where apt can; elsewhere peers.py falls back to load.py for REST and says so in its table.
+# Debian's hey drives the REST rows of bench-peers, and h2load (nghttp2-client) its gRPC rows.
+# Installs them only when missing, and only as root where apt can; elsewhere peers.py falls back to
+# load.py for those rows and says so in its table.
 bench-tools:
-	@if ! command -v hey >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing hey (Debian package) for the peers benchmark"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey >/dev/null; \
+	@if { ! command -v hey || ! command -v h2load; } >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing hey and h2load (Debian packages) for the peers benchmark"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey nghttp2-client >/dev/null; \
 	fi
 
 # tests/deploy validate docker-compose.yml with `docker-compose config` (Debian's docker-compose;

@@ -35,8 +35,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import onnxruntime as ort
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from adapters import torchserve_handler as wire
 
@@ -58,6 +60,8 @@ READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 15.0
 # hey's summary prints latencies in seconds with 4 decimals, so percentiles have 0.1 ms resolution.
 HEY = "hey"
+H2LOAD = "h2load"  # Debian's nghttp2-client: a compiled HTTP/2 load generator, here sending gRPC frames
+GRPC_SERVICE = "inference.GRPCInferenceService"
 # onnxruntime is pinned to the gateway's own version so that every server runs the same engine.
 # MLServer 1.7.1's inference workers call asyncio.get_event_loop() with no loop set, which uvloop
 # 0.22+ refuses: its worker dies at start-up and the model never loads. uvloop < 0.22 still allows it.
@@ -239,8 +243,8 @@ def mlserver_dir(work: Path, http_port: int, grpc_port: int) -> Path:
 # --- the workload and its check ----------------------------------------------------------------
 
 
-def make_input() -> np.ndarray:
-    return np.random.default_rng(INPUT_SEED).standard_normal((1, 64)).astype(np.float32)
+def make_input(rows: int = 1) -> np.ndarray:
+    return np.random.default_rng(INPUT_SEED).standard_normal((rows, 64)).astype(np.float32)
 
 
 def reference(x: np.ndarray) -> np.ndarray:
@@ -441,6 +445,108 @@ def load_py_row(
     )
 
 
+def grpc_frame(message: bytes) -> bytes:
+    """One uncompressed gRPC message on the wire: a flag byte, a big-endian length, the message."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def grpc_infer_request(model: str, version: str, x: np.ndarray) -> bytes:
+    request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
+    tensor = request.inputs.add(name=INPUT_NAME, datatype="FP32", shape=list(x.shape))
+    del tensor  # raw contents carry the data, in input order
+    request.raw_input_contents.append(x.astype("<f4").tobytes())
+    return request.SerializeToString()
+
+
+def check_grpc(address: str, request: bytes, expected: np.ndarray) -> tuple[str, int]:
+    """One ModelInfer before timing: ('ok' or why not, the size of the answer's gRPC frame)."""
+    channel = grpc.insecure_channel(address)
+    try:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response = stub.ModelInfer(service_pb2.ModelInferRequest.FromString(request), timeout=30)
+    except grpc.RpcError as exc:
+        return f"failed: {exc.code().name}: {exc.details()}", 0
+    finally:
+        channel.close()
+    outputs = [o.name for o in response.outputs]
+    if OUTPUT_NAME not in outputs or len(response.raw_output_contents) != len(outputs):
+        return f"failed: no raw output {OUTPUT_NAME!r} in {outputs}", 0
+    index = outputs.index(OUTPUT_NAME)
+    shape = list(response.outputs[index].shape)
+    got = np.frombuffer(response.raw_output_contents[index], dtype="<f4").reshape(shape)
+    return compare(got, expected), len(grpc_frame(response.SerializeToString()))
+
+
+def grpc_row(
+    target: str,
+    endpoint: Endpoint,
+    concurrency: int,
+    args: argparse.Namespace,
+    work: Path,
+    model: str = MODEL,
+    version: str = "",
+    batch: int = 1,
+) -> Row:
+    """One gRPC ModelInfer row from h2load; from load.py where h2load is missing.
+
+    h2load cannot read gRPC trailers, so a request counts as answered only if the answers' DATA
+    bytes add up to one full, checked answer frame per request; any shortfall counts as errors."""
+    assert endpoint.grpc is not None
+    if shutil.which(H2LOAD) is None:
+        return load_py_row(target, "grpc", concurrency, args, endpoint, model, version, batch)
+    x = make_input(batch)
+    request = grpc_infer_request(model, version, x)
+    check, frame_size = check_grpc(endpoint.grpc, request, reference(x))
+    body = work / f"grpc-{model}-{version or 'default'}-{batch}.bin"
+    body.write_bytes(grpc_frame(request))
+    url = f"http://{endpoint.grpc}/{GRPC_SERVICE}/ModelInfer"
+    row = h2load_row(target, url, concurrency, args, body, frame_size, work)
+    return replace(row, check=check, batch=batch)
+
+
+def h2load_row(
+    target: str, url: str, concurrency: int, args: argparse.Namespace, body: Path, frame_size: int, work: Path
+) -> Row:
+    """A gRPC row from h2load: one connection per client, one stream at a time on each."""
+    command = [H2LOAD, "-c", str(concurrency), "-m", "1", "-d", str(body)]
+    command += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+    if args.warmup > 0:
+        subprocess.run(
+            pinned(1, [*command, "-D", f"{round(args.warmup * 1000)}ms", url]),
+            capture_output=True,
+            timeout=args.warmup + 120,
+            check=True,
+        )
+    log = work / "h2load.log"
+    result = subprocess.run(
+        pinned(1, [*command, "-D", f"{round(args.duration * 1000)}ms", "--log-file", str(log), url]),
+        capture_output=True,
+        text=True,
+        timeout=args.duration + 120,
+        check=True,
+    )
+    durations_us, statuses = [], []
+    for line in log.read_text().splitlines():
+        _, status, duration = line.split("\t")
+        statuses.append(int(status))
+        durations_us.append(int(duration))
+    log.unlink()
+    data = re.search(r"\((\d+)\) data", result.stdout)
+    data_bytes = int(data.group(1)) if data else 0
+    requests = len(durations_us)
+    answered = min(requests, data_bytes // frame_size) if frame_size else 0
+    errors = requests - answered + sum(1 for status in statuses if status != 200)
+    ok = [d for d, status in zip(durations_us, statuses, strict=True) if status == 200]
+    p50, p99 = (
+        (float(np.percentile(ok, 50)) / 1000, float(np.percentile(ok, 99)) / 1000)
+        if ok
+        else (math.nan, math.nan)
+    )
+    rate = max(0, requests - errors) / args.duration
+    print(f"{target} gRPC c={concurrency}: {rate:.0f} req/s", file=sys.stderr)
+    return Row(target, "gRPC", "h2load", concurrency, rate, p50, p99, requests, errors, "-")
+
+
 def present(row: Row | None) -> list[Row]:
     return [] if row is None else [row]
 
@@ -464,6 +570,16 @@ def gateway_target(
             rows += present(
                 hey_row("hey ceiling (GET /v2/health/live)", "REST GET", live, level, args, None, "-")
             )
+        if shutil.which(H2LOAD) and endpoint.grpc:
+            live_body = work / "grpc-live.bin"
+            live_body.write_bytes(grpc_frame(service_pb2.ServerLiveRequest().SerializeToString()))
+            live_size = len(grpc_frame(service_pb2.ServerLiveResponse(live=True).SerializeToString()))
+            live_url = f"http://{endpoint.grpc}/{GRPC_SERVICE}/ServerLive"
+            for level in args.levels:
+                row = h2load_row(
+                    "h2load ceiling (ServerLive)", live_url, level, args, live_body, live_size, work
+                )
+                rows.append(replace(row, protocol="gRPC no-op"))
         for level in args.levels:
             rows += present(hey_row("modelyard", "REST JSON", url, level, args, payloads.json, check))
         for level in args.levels:
@@ -471,8 +587,8 @@ def gateway_target(
                 hey_row("modelyard", "REST binary", url, level, args, payloads.binary, check_binary)
             )
         for level in args.levels:
-            rows.append(load_py_row("modelyard", "grpc", level, args, endpoint))
-        rows.append(load_py_row("modelyard", "grpc", BATCH_ROW, args, endpoint, batch=BATCH_ROW))
+            rows.append(grpc_row("modelyard", endpoint, level, args, work))
+        rows.append(grpc_row("modelyard", endpoint, BATCH_ROW, args, work, batch=BATCH_ROW))
     return rows
 
 
@@ -528,7 +644,7 @@ def torchserve_target(
             )
             rows.append(
                 replace(
-                    load_py_row("modelyard", "grpc", level, args, endpoint, TORCH_MODEL, TORCH_VERSION),
+                    grpc_row("modelyard", endpoint, level, args, work, TORCH_MODEL, TORCH_VERSION),
                     target="modelyard -> TorchServe",
                 )
             )
@@ -555,7 +671,7 @@ def mlserver_target(
         # load.py's gRPC mode (the one modelyard's gRPC rows use) drives it unchanged.
         endpoint = Endpoint("MLServer", f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
         for level in args.levels:
-            rows.append(load_py_row("MLServer", "grpc", level, args, endpoint))
+            rows.append(grpc_row("MLServer", endpoint, level, args, work))
     return rows
 
 
