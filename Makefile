@@ -49,9 +49,13 @@ pytest: dev deploy-tools
 
 test: lint typecheck pytest
 
-bench: dev
-	benchmarks/run.sh --duration 10 --concurrency 8 --json-out benchmarks/results/load.json
+# Issue 6's suite: the peers table (in-process limit, modelyard over REST JSON, REST binary and gRPC,
+# MLServer, KServe, TorchServe direct and behind modelyard), dynamic batching on the heavy MLP, and
+# memory. Results in benchmarks/results/.
+bench: dev bench-tools
 	$(MAKE) bench-peers
+	$(BIN)/python benchmarks/batching.py --duration 10 --out benchmarks/results/batching.md
+	$(BIN)/python benchmarks/memory.py --duration 60
 
 # modelyard vs MLServer and KServe on the same ONNX model (benchmarks/README.md, "Peers"). The
 # peers' venvs are made under benchmarks/peers/ on first use. PEERS_ARGS, e.g. "--duration 5".
