@@ -13,7 +13,7 @@ from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, retry_after, status_for
 from gateway.metrics import Metrics
 from gateway.protocols.tfserving_rest import tfserving_router
-from gateway.protocols.v2_rest import json_response, v2_router
+from gateway.protocols.v2_rest import RESPONSE_ID_HEADER, json_response, v2_router
 
 log = logging.getLogger("modelyard.http")
 
@@ -41,8 +41,13 @@ def create_app(dataplane: DataPlane, metrics: Metrics) -> FastAPI:
         wait = retry_after(exc)
         if wait is not None:
             response.headers["Retry-After"] = str(wait)
-        if status >= 500:
-            log.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc)
+        if exc.request_id is not None:
+            response.headers[RESPONSE_ID_HEADER] = exc.request_id
+        # The data plane has logged its 503s and 504s, with the request id.
+        if status == 500 or (status > 500 and exc.request_id is None):
+            log.warning(
+                "%s %s -> %d request_id=%s: %s", request.method, request.url.path, status, exc.request_id, exc
+            )
         return response
 
     @app.exception_handler(HTTPException)
