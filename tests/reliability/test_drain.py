@@ -1,0 +1,91 @@
+"""Graceful shutdown: SIGTERM to a real `modelyard serve` during steady load. Readiness turns
+false first, new requests are refused with 503, every request accepted before the signal gets
+its full answer, and the process exits 0."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import tritonclient.grpc as triton_grpc
+
+from conftest import start_gateway
+from scripts.build_models import _save
+from tests.model_builders import build_spin
+from tests.reliability.load import SteadyLoad
+from tests.reliability.test_overload import expected_sum
+
+STEADY_N = 400  # milliseconds of work per request, about
+LONG_N = (
+    2048  # a second or more: still running when the signal comes (a power of two: float32 sums it exactly)
+)
+
+
+def spin_body(n: int) -> dict[str, object]:
+    return {"inputs": [{"name": "n", "datatype": "INT64", "shape": [1], "data": [n]}]}
+
+
+def spin_ok(answer: dict[str, object]) -> bool:
+    return bool(np.isclose(answer["outputs"][0]["data"][0], expected_sum(STEADY_N), rtol=1e-5))  # type: ignore[index]
+
+
+def test_sigterm_under_load_loses_nothing_accepted(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    _save(build_spin(), repo / "spin" / "1" / "model.onnx")
+    (repo / "spin" / "config.yaml").write_text(
+        "backend: onnxruntime\nlimits: {max_inflight: 2, max_queue: 64}\n"
+    )
+    gateway = start_gateway(repo, tmp_path / "gateway.log", env={"MODELYARD_SHUTDOWN_GRACE_S": "30"})
+    url = f"{gateway.url}/v2/models/spin/infer"
+    long_answers: dict[str, object] = {}
+
+    def long_rest() -> None:
+        long_answers["rest"] = httpx.post(url, json=spin_body(LONG_N), timeout=60)
+
+    def long_grpc() -> None:
+        client = triton_grpc.InferenceServerClient(gateway.grpc)
+        tensor = triton_grpc.InferInput("n", [1], "INT64")
+        tensor.set_data_from_numpy(np.array([LONG_N], dtype=np.int64))
+        long_answers["grpc"] = client.infer("spin", [tensor], client_timeout=60).as_numpy("sum")[0]
+        client.close()
+
+    try:
+        with SteadyLoad(url, body=spin_body(STEADY_N), check=spin_ok, clients=4, stop_on=503) as load:
+            time.sleep(1.0)
+            longs = [threading.Thread(target=f) for f in (long_rest, long_grpc)]
+            for thread in longs:
+                thread.start()
+            time.sleep(0.3)
+            signalled = time.monotonic()
+            gateway.process.send_signal(signal.SIGTERM)
+            # Readiness turns false while the accepted requests still run.
+            ready = httpx.get(f"{gateway.url}/v2/health/ready", timeout=5)
+            assert ready.status_code == 503 and ready.json() == {"ready": False}
+            refused = httpx.post(url, json=spin_body(2), timeout=5)
+            assert refused.status_code == 503 and "shutting down" in refused.text
+            for thread in longs:
+                thread.join(60)
+            assert gateway.process.wait(60) == 0
+    finally:
+        gateway.stop()
+
+    rest = long_answers["rest"]
+    assert isinstance(rest, httpx.Response) and rest.status_code == 200, rest
+    assert np.isclose(rest.json()["outputs"][0]["data"][0], expected_sum(LONG_N), rtol=1e-5)
+    assert np.isclose(long_answers["grpc"], expected_sum(LONG_N), rtol=1e-5)  # type: ignore[arg-type]
+    before = [o for o in load.outcomes if o.started < signalled]
+    after = [o for o in load.outcomes if o.started >= signalled]
+    # Every request sent before the signal was accepted and answered in full, even those that
+    # were still running when it came.
+    assert before and all(o.status == 200 and o.correct for o in before), [o.status for o in before]
+    assert any(o.ended > signalled for o in before)
+    # After it: answered (sent before the gateway saw the signal), refused with 503, or not
+    # connected at all once the servers closed; never a dropped connection or another error.
+    assert {o.status for o in after} <= {200, 503, "ConnectError"}, [o.status for o in after]
+    assert all(o.correct for o in after if o.status == 200)
+    log = gateway.output()
+    assert "event=drained" in log and "event=rejected reason=draining" in log
