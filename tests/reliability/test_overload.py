@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import numpy as np
@@ -149,10 +149,12 @@ def test_low_priority_may_fill_only_half_the_queue(overload_gateway: RunningGate
 
     holder = threading.Thread(target=send, args=("holder", long_body, "normal"))
     holder.start()
-    wait_for(overload_gateway, "modelyard_inflight_requests", "tiny", 1)
-    first_low = threading.Thread(target=send, args=("low", short_body, "low"))
+    wait_for(overload_gateway, "modelyard_inflight_requests", "tiny", lambda value: value == 1)
+    # The low request takes a while to run: served after the high one, it ends well after it.
+    low_body = {"inputs": [{"name": "n", "datatype": "INT64", "shape": [1], "data": [600]}]}
+    first_low = threading.Thread(target=send, args=("low", low_body, "low"))
     first_low.start()
-    wait_for(overload_gateway, "modelyard_queued_requests", "tiny", 1)
+    wait_for(overload_gateway, "modelyard_queued_requests", "tiny", lambda value: value == 1)
     refused = httpx.post(url, json=short_body, headers={"X-Priority": "low"}, timeout=10)
     assert refused.status_code == 429 and "half of it for low priority" in refused.text
     high = httpx.post(url, json=short_body, headers={"X-Priority": "high"}, timeout=60)
@@ -167,10 +169,10 @@ def test_low_priority_may_fill_only_half_the_queue(overload_gateway: RunningGate
     assert bad.status_code == 400 and "high, normal or low" in bad.text
 
 
-def wait_for(gateway: RunningGateway, gauge: str, model: str, value: float) -> None:
-    deadline = time.monotonic() + 10
-    while metric(gateway, gauge, model=model) != value:
-        assert time.monotonic() < deadline, f"{gauge} of {model} never reached {value}"
+def wait_for(gateway: RunningGateway, gauge: str, model: str, holds: Callable[[float], bool]) -> None:
+    deadline = time.monotonic() + 30
+    while not holds(value := metric(gateway, gauge, model=model)):
+        assert time.monotonic() < deadline, f"{gauge} of {model} is still {value}"
         time.sleep(0.02)
 
 
