@@ -38,7 +38,7 @@ torchserve:
   mode: remote
   inference_url: {url}
   timeout_s: 30
-  resilience: {{failures: {failures}, open_s: 1.0, retries: 2, backoff_ms: 20}}
+  resilience: {{failures: {failures}, open_s: {open_s}, retries: 2, backoff_ms: 20}}
 """
 
 
@@ -59,10 +59,12 @@ def faulty_gateway(
     repo = tmp_path_factory.mktemp("faults_repo")
     _save(build_affine(1), repo / "affine" / "1" / "model.onnx")
     failures = {"hung": 3, "slow": 10, "refusing": 3}
+    # Long enough that the hung one is still open when the test looks, on a loaded machine.
+    open_s = {"hung": 3.0, "slow": 1.0, "refusing": 1.0}
     for name, stand_in in backends.items():
         (repo / f"remote_{name}" / "1").mkdir(parents=True)
         (repo / f"remote_{name}" / "config.yaml").write_text(
-            REMOTE.format(url=stand_in.url, failures=failures[name], timeout_ms=2000)
+            REMOTE.format(url=stand_in.url, failures=failures[name], open_s=open_s[name], timeout_ms=2000)
         )
     running = start_gateway(repo, tmp_path_factory.mktemp("faults_logs") / "gateway.log")
     yield running
