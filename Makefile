@@ -7,7 +7,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: serve test install dev lint typecheck pytest models bench bench-peers bench-tools clean \
+.PHONY: serve test test-slow install dev lint typecheck pytest models bench bench-peers bench-tools clean \
 	deploy-tools torchserve-store images compose-up compose-down compose-smoke
 
 $(BIN)/python:
@@ -48,6 +48,10 @@ pytest: dev deploy-tools
 	$(BIN)/python -m pytest
 
 test: lint typecheck pytest
+
+# The long reliability runs (tests marked slow): a managed TorchServe killed under load.
+test-slow: dev deploy-tools
+	$(BIN)/python -m pytest -m slow
 
 # Issue 6's suite: the peers table (in-process limit, modelyard over REST JSON, REST binary and gRPC,
 # MLServer, KServe, TorchServe direct and behind modelyard), dynamic batching on the heavy MLP, and

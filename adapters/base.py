@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 import numpy as np
 
+from gateway.breaker import Breakers
 from gateway.config import ModelConfig
 from gateway.errors import ModelNotReady
 from gateway.types import ModelSignature, TensorSpec
@@ -36,6 +37,8 @@ class SharedResources:
     def __init__(self) -> None:
         self._items: dict[str, SharedResource] = {}
         self._lock = asyncio.Lock()
+        # The circuit breakers of remote backend endpoints, listed by the data plane.
+        self.breakers = Breakers()
 
     async def get(self, key: str, factory: Callable[[], Awaitable[Resource]]) -> Resource:
         async with self._lock:
@@ -100,9 +103,18 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     async def infer(
-        self, inputs: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str]
+        self,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        output_names: Sequence[str],
+        *,
+        deadline: float | None = None,
     ) -> dict[str, np.ndarray[Any, Any]]:
-        """Run one request; inputs are already checked against `metadata()`."""
+        """Run one request; inputs are already checked against `metadata()`.
+
+        `deadline` is an absolute `time.monotonic()` value by which the answer is due, or None.
+        Remote backends turn it into their call's timeout (and raise `DeadlineExceeded`);
+        in-process ones may ignore it, since the data plane stops waiting at the deadline anyway.
+        """
 
     @abstractmethod
     async def ready(self) -> bool:

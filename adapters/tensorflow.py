@@ -149,7 +149,11 @@ class TensorFlowAdapter(ModelAdapter):
         return session, signatures[options.signature]
 
     async def infer(
-        self, inputs: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str]
+        self,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        output_names: Sequence[str],
+        *,
+        deadline: float | None = None,
     ) -> dict[str, np.ndarray[Any, Any]]:
         session, executor = self._session, self._executor
         if session is None or executor is None:

@@ -23,9 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapters.base import LoadSpec, ModelAdapter
 from adapters.tensorflow import read_options, signature_of
+from gateway.breaker import GuardOptions
 from gateway.errors import (
     BackendError,
     BackendUnavailable,
+    ConnectionRefused,
     DeadlineExceeded,
     GatewayError,
     InvalidInput,
@@ -114,6 +116,8 @@ class TfServingOptions(BaseModel):
     versions: dict[int, int | str] = Field(default_factory=dict)
     # gRPC messages carry whole tensors: far more than gRPC's 4 MiB default.
     max_message_mb: int = Field(default=256, ge=1)
+    # The circuit breaker and retries of this TF Serving address (gateway/breaker.py).
+    resilience: GuardOptions = GuardOptions()
 
     @model_validator(mode="after")
     def _an_address(self) -> TfServingOptions:
@@ -134,6 +138,8 @@ class TfServingAdapter(ModelAdapter):
         self._predict: prediction_service_pb2_grpc.PredictionServiceStub | None = None
         self._models: model_service_pb2_grpc.ModelServiceStub | None = None
         self._http: httpx.AsyncClient | None = None
+        address = self._options.grpc or self._options.rest or ""
+        self.guard = spec.shared.breakers.guard(self.backend, address, self._options.resilience)
 
     @property
     def _where(self) -> str:
@@ -183,7 +189,7 @@ class TfServingAdapter(ModelAdapter):
             await _POOL.release(http)
 
     async def ready(self) -> bool:
-        if self._predict is None and self._http is None:
+        if (self._predict is None and self._http is None) or not self.guard.allows_traffic():
             return False
         try:
             return await self._available()
@@ -235,14 +241,20 @@ class TfServingAdapter(ModelAdapter):
     # Inference --------------------------------------------------------------------------------
 
     async def infer(
-        self, inputs: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str]
+        self,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        output_names: Sequence[str],
+        *,
+        deadline: float | None = None,
     ) -> dict[str, np.ndarray[Any, Any]]:
         if self._predict is not None:
             request = predict_pb2.PredictRequest(output_filter=list(output_names))
             self._model_spec(request.model_spec)
             for name, array in inputs.items():
                 request.inputs[name].CopyFrom(tf.make_tensor_proto(array))
-            response = await self._call_grpc(self._predict.Predict, request)
+            response = await self.guard.call(
+                lambda timeout: self._call_grpc(self._predict_method(), request, timeout), deadline
+            )
             missing = [n for n in output_names if n not in response.outputs]
             if missing:
                 raise BackendError(f"{self._where}: the answer lacks output(s) {', '.join(missing)}")
@@ -253,7 +265,9 @@ class TfServingAdapter(ModelAdapter):
             "signature_name": self._options.signature_name,
             "inputs": {name: _json_values(array) for name, array in inputs.items()},
         }
-        answer = await self._call_rest("POST", self._rest_path(":predict"), body)
+        answer = await self.guard.call(
+            lambda timeout: self._call_rest("POST", self._rest_path(":predict"), body, timeout), deadline
+        )
         return self._outputs_from_json(answer.get("outputs"), output_names)
 
     def _outputs_from_json(
@@ -287,25 +301,37 @@ class TfServingAdapter(ModelAdapter):
         kind = "versions" if isinstance(self.remote_version, int) else "labels"
         return f"/v1/models/{self.remote_name}/{kind}/{self.remote_version}{suffix}"
 
-    async def _call_grpc(self, method: Any, request: Any) -> Any:
+    def _predict_method(self) -> Any:
+        if self._predict is None:
+            raise ModelNotReady(f"{self.spec.label} is not loaded")
+        return self._predict.Predict
+
+    def _timeout(self, remaining: float | None) -> float:
+        """The call's timeout: the backend's own, or less when the request's deadline is sooner."""
+        return self._options.timeout_s if remaining is None else min(remaining, self._options.timeout_s)
+
+    async def _call_grpc(self, method: Any, request: Any, remaining: float | None = None) -> Any:
         try:
-            return await method(request, timeout=self._options.timeout_s)
+            return await method(request, timeout=self._timeout(remaining))
         except grpc.aio.AioRpcError as exc:
             error = _ERROR_OF_CODE.get(exc.code(), BackendError)
             raise error(f"{self._where}: {exc.code().name}: {exc.details()}") from exc
 
-    async def _call_rest(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    async def _call_rest(
+        self, method: str, path: str, body: Any = None, remaining: float | None = None
+    ) -> dict[str, Any]:
         if self._http is None:
             raise ModelNotReady(f"{self.spec.label} is not loaded")
         content = None if body is None else orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        timeout = self._timeout(remaining)
         try:
-            response = await self._http.request(
-                method, path, content=content, timeout=self._options.timeout_s
-            )
+            response = await self._http.request(method, path, content=content, timeout=timeout)
         except httpx.TimeoutException as exc:
-            raise DeadlineExceeded(f"{self._where}: no answer within {self._options.timeout_s}s") from exc
+            raise DeadlineExceeded(f"{self._where}: no answer within {timeout:.3g}s") from exc
+        except httpx.ConnectError as exc:
+            raise ConnectionRefused(f"{self._where}: cannot connect: {exc}") from exc
         except httpx.TransportError as exc:
-            raise BackendUnavailable(f"{self._where}: cannot connect: {exc}") from exc
+            raise BackendUnavailable(f"{self._where}: the connection failed: {exc}") from exc
         try:
             answer = orjson.loads(response.content)
         except orjson.JSONDecodeError as exc:

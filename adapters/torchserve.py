@@ -32,9 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters import torchserve_handler as wire
 from adapters.base import LoadSpec, ModelAdapter, SharedResources
+from gateway.breaker import EndpointGuard, GuardOptions
 from gateway.errors import (
     BackendError,
     BackendUnavailable,
+    ConnectionRefused,
     DeadlineExceeded,
     GatewayError,
     InvalidInput,
@@ -77,6 +79,8 @@ class TorchServeOptions(BaseModel):
     # declares no inputs and outputs.
     sample: str | None = None
     timeout_s: float = Field(default=60.0, gt=0)
+    # The circuit breaker and retries of this TorchServe's inference address (gateway/breaker.py).
+    resilience: GuardOptions = GuardOptions()
 
     def secret(self, value: str | None, env: str | None, label: str) -> str | None:
         if value:
@@ -169,6 +173,10 @@ class TorchServeClient:
                 status, content = response.status, await response.read()
         except TimeoutError as exc:
             raise DeadlineExceeded(f"{label}: TorchServe gave no answer in time") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise ConnectionRefused(
+                f"{label}: TorchServe at {self.inference_url} refused the connection: {exc}"
+            ) from exc
         except aiohttp.ClientError as exc:
             raise BackendUnavailable(
                 f"{label}: TorchServe at {self.inference_url} is unreachable: {exc}"
@@ -595,7 +603,11 @@ class TorchServeAdapter(ModelAdapter):
                 await self._probe_remote()
 
     async def infer(
-        self, inputs: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str]
+        self,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        output_names: Sequence[str],
+        *,
+        deadline: float | None = None,
     ) -> dict[str, np.ndarray[Any, Any]]:
         client = self._client()
         try:
@@ -604,8 +616,15 @@ class TorchServeAdapter(ModelAdapter):
             )
         except wire.TensorFormatError as exc:
             raise InvalidInput(f"{self.spec.label}: {exc}") from exc
+        guard = self._guard(client)
+        limit = self.options.timeout_s
+
+        async def attempt(remaining: float | None) -> bytes:
+            timeout = limit if remaining is None else min(remaining, limit)
+            return await client.predict(self.spec.label, self._ts_name, self._ts_version, body, timeout)
+
         try:
-            payload = await client.predict(self.spec.label, self._ts_name, self._ts_version, body, None)
+            payload = await guard.call(attempt, deadline)
         except BackendUnavailable:
             self._remote_healthy = False
             raise
@@ -630,7 +649,19 @@ class TorchServeAdapter(ModelAdapter):
             return self._remote
         raise ModelNotReady(f"{self.spec.label} is not loaded")
 
+    def _guard(self, client: TorchServeClient) -> EndpointGuard:
+        return self.spec.shared.breakers.guard(self.backend, client.inference_url, self.options.resilience)
+
+    @property
+    def guard(self) -> EndpointGuard | None:
+        """The circuit breaker of the TorchServe this version runs on, once it has one."""
+        client = self._managed.client if self._managed is not None else self._remote
+        return None if client is None else self._guard(client)
+
     async def ready(self) -> bool:
+        guard = self.guard
+        if guard is not None and not guard.allows_traffic():
+            return False
         if self._managed is not None:
             return self._managed.healthy
         return self._remote is not None and self._remote_healthy

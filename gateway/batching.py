@@ -22,7 +22,7 @@ import numpy as np
 
 from adapters.base import ModelAdapter
 from gateway.config import Batching
-from gateway.errors import GatewayError
+from gateway.errors import DeadlineExceeded, GatewayError
 from gateway.types import ModelSignature
 
 log = logging.getLogger("modelyard.batching")
@@ -38,6 +38,7 @@ class _Pending:
     output_names: tuple[str, ...]
     rows: int
     key: tuple[Any, ...]
+    deadline: float | None
     enqueued: float = field(default_factory=time.monotonic)
     future: asyncio.Future[Arrays] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -84,15 +85,19 @@ class BatchingAdapter(ModelAdapter):
         return await self.inner.ready()
 
     async def infer(
-        self, inputs: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str]
+        self,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        output_names: Sequence[str],
+        *,
+        deadline: float | None = None,
     ) -> dict[str, np.ndarray[Any, Any]]:
         key = _batch_key(inputs, output_names)
         if key is None or self._batcher is None:
-            return await self.inner.infer(inputs, output_names)
+            return await self.inner.infer(inputs, output_names, deadline=deadline)
         rows = next(iter(inputs.values())).shape[0]
         if rows >= self.options.max_batch_size:
-            return await self.inner.infer(inputs, output_names)
-        pending = _Pending(inputs, tuple(output_names), rows, key)
+            return await self.inner.infer(inputs, output_names, deadline=deadline)
+        pending = _Pending(inputs, tuple(output_names), rows, key, deadline)
         self._queue.append(pending)
         self._arrived.set()
         return await asyncio.shield(pending.future)
@@ -117,6 +122,9 @@ class BatchingAdapter(ModelAdapter):
                     self._arrived.clear()
                 await self._running.acquire()
                 batch = self._take(first.key, dry_run=False)
+                if not batch:
+                    self._running.release()
+                    continue
                 task = asyncio.create_task(self._run_batch(batch))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -131,7 +139,24 @@ class BatchingAdapter(ModelAdapter):
                 rows += pending.rows
         if not dry_run:
             self._queue = [p for p in self._queue if p not in batch]
+            batch = self._drop_expired(batch)
         return batch
+
+    def _drop_expired(self, batch: list[_Pending]) -> list[_Pending]:
+        """Requests whose deadline passed in the queue never reach the backend."""
+        now = time.monotonic()
+        live = []
+        for pending in batch:
+            if pending.deadline is not None and pending.deadline <= now:
+                if not pending.future.done():
+                    pending.future.set_exception(
+                        DeadlineExceeded(
+                            f"{self.spec.label}: the deadline passed in the batch queue", stage="batch_queue"
+                        )
+                    )
+            else:
+                live.append(pending)
+        return live
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         try:
@@ -142,8 +167,11 @@ class BatchingAdapter(ModelAdapter):
                 return
             names = list(batch[0].inputs)
             merged = {name: np.concatenate([p.inputs[name] for p in batch]) for name in names}
+            # The batch serves its latest deadline; each request's own is kept by the data plane.
+            deadlines = [p.deadline for p in batch]
+            deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
             try:
-                outputs = await self.inner.infer(merged, batch[0].output_names)
+                outputs = await self.inner.infer(merged, batch[0].output_names, deadline=deadline)
             except GatewayError:
                 outputs = None
             total = sum(p.rows for p in batch)
@@ -162,7 +190,7 @@ class BatchingAdapter(ModelAdapter):
 
     async def _run_alone(self, pending: _Pending) -> None:
         try:
-            result = await self.inner.infer(pending.inputs, pending.output_names)
+            result = await self.inner.infer(pending.inputs, pending.output_names, deadline=pending.deadline)
         except Exception as exc:
             if not pending.future.done():
                 pending.future.set_exception(exc)

@@ -15,19 +15,23 @@ from typing import Any
 import numpy as np
 
 import gateway
+from gateway.breaker import BreakerStatus
 from gateway.config import ShadowTarget, preferred_version
 from gateway.errors import (
     BackendUnavailable,
     DeadlineExceeded,
+    Draining,
     GatewayError,
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
+    Overloaded,
     status_for,
 )
-from gateway.limits import Limiter
+from gateway.limits import Limiter, Priority
 from gateway.metrics import Metrics
 from gateway.registry import LoadedModel, LoadedVersion, Registry, State, VersionStats
+from gateway.request_meta import client_deadline, current_request_id, priority, request_id
 from gateway.routing import Router
 from gateway.types import (
     Datatype,
@@ -44,6 +48,8 @@ log = logging.getLogger("modelyard.dataplane")
 
 # Shadow copies running at once; beyond this they are dropped (and counted), never queued.
 MAX_SHADOWS_IN_FLIGHT = 64
+# modelyard_breaker_state's value for each state a breaker enters.
+_BREAKER_LEVEL = {"closed": 0, "half_open": 1, "open": 2}
 EXTENSIONS = ("binary_tensor_data", "model_repository", "statistics", "model_configuration")
 _TRITON_TYPE = {d: f"TYPE_{'STRING' if d is Datatype.BYTES else d.value}" for d in Datatype}
 
@@ -64,7 +70,14 @@ class ModelStatistics:
 
 class DataPlane:
     def __init__(
-        self, registry: Registry, router: Router, metrics: Metrics, rng: random.Random | None = None
+        self,
+        registry: Registry,
+        router: Router,
+        metrics: Metrics,
+        rng: random.Random | None = None,
+        *,
+        global_limiter: Limiter | None = None,
+        priority_header: str = "x-priority",
     ) -> None:
         self.registry = registry
         self.router = router
@@ -73,6 +86,14 @@ class DataPlane:
         self._shadows: set[asyncio.Task[None]] = set()
         self._started = False
         self._draining = False
+        # Across all models, behind each model's own limiter; None: no global cap.
+        self._global_limiter = global_limiter
+        self._priority_header = priority_header
+        # Requests accepted and not yet answered, so a drain knows when it is done.
+        self._accepted = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        registry.shared.breakers.observe = self._guard_event
 
     # Health -----------------------------------------------------------------------------------
 
@@ -86,7 +107,25 @@ class DataPlane:
         self._started = True
 
     def begin_drain(self) -> None:
+        """Readiness turns false and new requests are refused (503); accepted ones run on."""
         self._draining = True
+
+    @property
+    def accepted(self) -> int:
+        """Inference requests accepted and not yet answered."""
+        return self._accepted
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Waits until every accepted request has its answer, up to `timeout_s`; whether they all did."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def breakers(self) -> list[BreakerStatus]:
+        """Every backend endpoint's circuit breaker: backend, endpoint, state, consecutive failures."""
+        return self.registry.shared.breakers.statuses()
 
     async def model_ready(self, name: str, version: str | None) -> bool:
         try:
@@ -165,13 +204,78 @@ class DataPlane:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Runs the request on the version routing picks; on a fallback deployment when that one
-        is not ready; then sends shadow copies, which the client does not wait for."""
+        is not ready; then sends shadow copies, which the client does not wait for.
+
+        Every error leaves with the request's id, and every fault is counted and logged with it.
+        """
+        if request.request_id is None:
+            request.request_id = request_id(None, request.id)
+        if self._draining:
+            error: GatewayError = Draining("the gateway is shutting down and takes no new requests")
+            self._record_fault(request, error)
+            raise error
+        self._accepted += 1
+        self._idle.clear()
+        current_request_id.set(request.request_id)
         try:
-            response = await self._infer_routed(request)
-        except (ModelNotReady, BackendUnavailable) as exc:
-            response = await self._fall_back(request, exc)
+            try:
+                response = await self._infer_routed(request)
+            except (ModelNotReady, BackendUnavailable) as exc:
+                response = await self._fall_back(request, exc)
+        except GatewayError as exc:
+            self._record_fault(request, exc)
+            raise
+        finally:
+            self._accepted -= 1
+            if not self._accepted:
+                self._idle.set()
         self._send_shadows(request, response)
         return response
+
+    def _guard_event(self, backend: str, endpoint: str, event: str, detail: str) -> None:
+        """A backend endpoint's retry or breaker change: its metric and its log line."""
+        if event == "retry":
+            self.metrics.backend_retries.labels(backend, endpoint).inc()
+        else:
+            self.metrics.breaker_transitions.labels(backend, endpoint, event).inc()
+            self.metrics.breaker_state.labels(backend, endpoint).set(_BREAKER_LEVEL[event])
+        log.warning(
+            "event=%s request_id=%s backend=%s endpoint=%s detail=%r",
+            event if event == "retry" else f"breaker_{event}",
+            current_request_id.get() or "",
+            backend,
+            endpoint,
+            detail,
+        )
+
+    def _record_fault(self, request: InferRequest, error: GatewayError) -> None:
+        """The metric and the log line of a request that got no answer."""
+        error.request_id = request.request_id
+        if isinstance(error, Overloaded):
+            event, reason, level = "rejected", f"{error.limit}_limit", logging.INFO
+            self.metrics.rejections.labels(request.model_name, reason).inc()
+        elif isinstance(error, Draining):
+            event, reason, level = "rejected", "draining", logging.INFO
+            self.metrics.rejections.labels(request.model_name, reason).inc()
+        elif isinstance(error, (ModelNotReady, BackendUnavailable)):
+            event, reason, level = "rejected", "unavailable", logging.WARNING
+            self.metrics.rejections.labels(request.model_name, reason).inc()
+        elif isinstance(error, DeadlineExceeded):
+            event, reason, level = "timeout", error.stage, logging.WARNING
+            self.metrics.timeouts.labels(request.model_name, reason).inc()
+        else:
+            return  # the request's own fault (bad input) or a backend error: counted in modelyard_requests
+        log.log(
+            level,
+            "event=%s reason=%s request_id=%s model=%s version=%s protocol=%s detail=%r",
+            event,
+            reason,
+            request.request_id,
+            request.model_name,
+            request.model_version or "",
+            request.protocol,
+            error.message,
+        )
 
     async def _fall_back(self, request: InferRequest, cause: GatewayError) -> InferResponse:
         model = self.registry.get(request.model_name)
@@ -189,6 +293,13 @@ class DataPlane:
                 )
                 continue
             self.metrics.fallbacks.labels(model.name, deployment).inc()
+            log.warning(
+                "event=fallback request_id=%s model=%s to=%s detail=%r",
+                request.request_id,
+                model.name,
+                deployment,
+                cause.message,
+            )
             response.parameters["deployment"] = deployment
             response.model_name = model.name
             return response
@@ -273,13 +384,26 @@ class DataPlane:
         stats.compute_input.add(time.perf_counter_ns() - started)
 
         deadline = _deadline(request, model)
+        level = (
+            priority(request.headers, self._priority_header, request.parameters)
+            if request.headers or request.parameters
+            else Priority.NORMAL
+        )
         limiter = model.limiter
         queued_at = time.perf_counter_ns()
         self.metrics.queued.labels(model.name).set(limiter.queued + 1)
         try:
-            await limiter.acquire(deadline)
+            await limiter.acquire(deadline, level)
         finally:
             self.metrics.queued.labels(model.name).set(limiter.queued)
+        slots = [limiter]
+        if self._global_limiter is not None:
+            try:
+                await self._global_limiter.acquire(deadline, level)
+            except BaseException:
+                limiter.release()
+                raise
+            slots.append(self._global_limiter)
         queue_ns = time.perf_counter_ns() - queued_at
         stats.queue.add(queue_ns)
         self.metrics.queue_duration.labels(*labels).observe(queue_ns / 1e9)
@@ -291,17 +415,18 @@ class DataPlane:
             try:
                 results = await loaded.adapter.infer(inputs, output_names)
             finally:
-                limiter.release()
+                _release(slots)
         else:
-            task = asyncio.ensure_future(loaded.adapter.infer(inputs, output_names))
+            task = asyncio.ensure_future(loaded.adapter.infer(inputs, output_names, deadline=deadline))
             done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
             if not done:
-                # The backend call cannot be recalled; its slot frees when it really finishes.
-                task.add_done_callback(lambda finished: _release_late(limiter, finished))
+                # The backend call cannot be recalled; its slots free when it really finishes, so
+                # a slow backend never gets more calls than the limits allow.
+                task.add_done_callback(lambda finished: _release_late(slots, finished))
                 raise DeadlineExceeded(
                     f"model '{model.name}' version {loaded.version}: no answer before the deadline"
                 )
-            limiter.release()
+            _release(slots)
             results = task.result()
         self.metrics.inflight.labels(model.name).set(limiter.inflight)
         compute_ns = time.perf_counter_ns() - compute_started
@@ -393,8 +518,13 @@ async def _backend_ready(loaded: LoadedVersion) -> bool:
     return loaded.ready and loaded.adapter is not None and await loaded.adapter.ready()
 
 
-def _release_late(limiter: Limiter, task: asyncio.Future[Any]) -> None:
-    limiter.release()
+def _release(slots: list[Limiter]) -> None:
+    for limiter in reversed(slots):
+        limiter.release()
+
+
+def _release_late(slots: list[Limiter], task: asyncio.Future[Any]) -> None:
+    _release(slots)
     if not task.cancelled():
         task.exception()  # retrieved, so asyncio does not log it as lost
 
@@ -448,9 +578,16 @@ def _check_outputs(name: str, loaded: LoadedVersion, request: InferRequest) -> l
 
 
 def _deadline(request: InferRequest, model: LoadedModel) -> float | None:
+    """The soonest of the client's deadline (gRPC's own, or a REST timeout) and the model's
+    `limits.timeout_ms`, which caps what a client may ask for."""
     timeout_ms = model.entry.config.limits.timeout_ms
     own = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
-    candidates = [d for d in (request.deadline, own) if d is not None]
+    asked = (
+        client_deadline(request.headers, request.parameters)
+        if request.headers or request.parameters
+        else None
+    )
+    candidates = [d for d in (request.deadline, asked, own) if d is not None]
     return min(candidates) if candidates else None
 
 

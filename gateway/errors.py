@@ -15,6 +15,8 @@ class GatewayError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        # The id of the request that failed, set by the data plane, returned to the client.
+        self.request_id: str | None = None
 
     def __str__(self) -> str:
         return self.message
@@ -40,16 +42,31 @@ class BackendUnavailable(GatewayError):
     """The backend that serves the model cannot be reached."""
 
 
+class ConnectionRefused(BackendUnavailable):
+    """The backend refused the connection: nothing was sent, so trying again is safe."""
+
+
+class Draining(GatewayError):
+    """The gateway is shutting down: it finishes what it accepted and takes nothing new."""
+
+
 class Overloaded(GatewayError):
     """Over the model's concurrency or queue limit."""
 
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+    def __init__(self, message: str, retry_after_s: int = 1, limit: str = "model") -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        # Which limit refused it: "model" (the model's own) or "global" (the gateway's).
+        self.limit = limit
 
 
 class DeadlineExceeded(GatewayError):
     """The request's deadline passed before an answer was ready."""
+
+    def __init__(self, message: str, stage: str = "backend") -> None:
+        super().__init__(message)
+        # Where it was when the deadline passed: "queue" (admission), "batch_queue" or "backend".
+        self.stage = stage
 
 
 class BackendError(GatewayError):
@@ -66,6 +83,7 @@ ERROR_TABLE: dict[type[GatewayError], tuple[int, grpc.StatusCode]] = {
     MalformedRequest: (400, grpc.StatusCode.INVALID_ARGUMENT),
     ModelNotReady: (503, grpc.StatusCode.UNAVAILABLE),
     BackendUnavailable: (503, grpc.StatusCode.UNAVAILABLE),
+    Draining: (503, grpc.StatusCode.UNAVAILABLE),
     Overloaded: (429, grpc.StatusCode.RESOURCE_EXHAUSTED),
     DeadlineExceeded: (504, grpc.StatusCode.DEADLINE_EXCEEDED),
     Unsupported: (501, grpc.StatusCode.UNIMPLEMENTED),

@@ -1,39 +1,62 @@
-"""Per-model admission control: a cap on requests running at once and a bounded queue behind it."""
+"""Admission control: a cap on requests running at once and a bounded queue behind it, per model
+and across all models, with priority levels."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections import deque
+from enum import IntEnum
 
 from gateway.errors import DeadlineExceeded, Overloaded
 
 
-class Limiter:
-    """A FIFO semaphore that refuses at once when its queue is full, and gives up at a deadline."""
+class Priority(IntEnum):
+    """A request's priority, from the priority header; lower values are served first."""
 
-    def __init__(self, max_inflight: int, max_queue: int, label: str) -> None:
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+
+class Limiter:
+    """A semaphore with a bounded queue that refuses at once when full and gives up at a deadline.
+
+    Queued requests are served by priority, first come first served within one. Low-priority
+    requests may fill only half the queue, so a burst of them cannot shut out the others.
+    """
+
+    def __init__(self, max_inflight: int, max_queue: int, label: str, scope: str = "model") -> None:
         self.max_inflight = max_inflight
         self.max_queue = max_queue
         self.label = label
+        self.scope = scope
         self.inflight = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: tuple[deque[asyncio.Future[None]], ...] = tuple(deque() for _ in Priority)
+        self._queued = 0
 
     @property
     def queued(self) -> int:
-        return len(self._waiters)
+        return self._queued
 
-    async def acquire(self, deadline: float | None) -> None:
-        if self.inflight < self.max_inflight and not self._waiters:
+    def _queue_limit(self, priority: Priority) -> int:
+        return self.max_queue // 2 if priority is Priority.LOW else self.max_queue
+
+    async def acquire(self, deadline: float | None, priority: Priority = Priority.NORMAL) -> None:
+        if self.inflight < self.max_inflight and not self._queued:
             self.inflight += 1
             return
-        if len(self._waiters) >= self.max_queue:
+        if self._queued >= self._queue_limit(priority):
             raise Overloaded(
-                f"{self.label} is at its limit: {self.inflight} running, {len(self._waiters)} queued "
-                f"(max_inflight {self.max_inflight}, max_queue {self.max_queue})"
+                f"{self.label} is at its limit: {self.inflight} running, {self._queued} queued "
+                f"(max_inflight {self.max_inflight}, max_queue {self.max_queue}"
+                + (", half of it for low priority)" if priority is Priority.LOW else ")"),
+                limit=self.scope,
             )
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        queue = self._waiters[priority]
+        queue.append(waiter)
+        self._queued += 1
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             await asyncio.wait_for(asyncio.shield(waiter), timeout)
@@ -42,17 +65,20 @@ class Limiter:
                 self.release()  # the slot arrived just as we gave up: pass it on
             else:
                 waiter.cancel()
-                self._waiters.remove(waiter)
+                queue.remove(waiter)
+                self._queued -= 1
             if isinstance(exc, TimeoutError):
                 raise DeadlineExceeded(
-                    f"{self.label}: the deadline passed while the request was queued"
+                    f"{self.label}: the deadline passed while the request was queued", stage="queue"
                 ) from None
             raise
 
     def release(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the slot moves to the next waiter; inflight stays
-                return
+        for queue in self._waiters:
+            while queue:
+                waiter = queue.popleft()
+                self._queued -= 1
+                if not waiter.done():
+                    waiter.set_result(None)  # the slot moves to the next waiter; inflight stays
+                    return
         self.inflight -= 1

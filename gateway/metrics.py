@@ -108,5 +108,38 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Faults: each also has a structured log line with the request id.
+        self.rejections = Counter(
+            "modelyard_rejected_requests",
+            "Requests refused without an answer, by reason: model_limit, global_limit (429), "
+            "draining, unavailable (503).",
+            ("model", "reason"),
+            registry=self.registry,
+        )
+        self.timeouts = Counter(
+            "modelyard_deadline_exceeded",
+            "Requests whose deadline passed, by stage: queue, batch_queue, backend.",
+            ("model", "stage"),
+            registry=self.registry,
+        )
+        self.backend_retries = Counter(
+            "modelyard_backend_retries",
+            "Calls to a backend tried again after it refused the connection.",
+            ("backend", "endpoint"),
+            registry=self.registry,
+        )
+        self.breaker_transitions = Counter(
+            "modelyard_breaker_transitions",
+            "Changes of a backend endpoint's circuit breaker, by the state entered.",
+            ("backend", "endpoint", "state"),
+            registry=self.registry,
+        )
+        self.breaker_state = Gauge(
+            "modelyard_breaker_state",
+            "A backend endpoint's circuit breaker: 0 closed, 1 half open, 2 open.",
+            ("backend", "endpoint"),
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -17,6 +18,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from adapters import create_adapter
 from gateway.dataplane import DataPlane
+from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.protocols.http import create_app
 from gateway.protocols.v2_grpc import SERVICE_NAME, ErrorInterceptor, InferenceServicer
@@ -25,6 +27,9 @@ from gateway.routing import Router
 from gateway.settings import Settings
 
 log = logging.getLogger("modelyard")
+
+# Seconds the servers get, once every accepted request has its answer, to send them.
+_SEND_GRACE_S = 2.0
 
 
 class _UvicornServer(uvicorn.Server):
@@ -40,7 +45,18 @@ class Gateway:
         self.settings = settings
         self.metrics = Metrics()
         self.registry = Registry(settings.model_repo, adapter_factory, self.metrics)
-        self.dataplane = DataPlane(self.registry, Router(), self.metrics)
+        global_limiter = None
+        if settings.global_max_inflight is not None:
+            global_limiter = Limiter(
+                settings.global_max_inflight, settings.global_max_queue, "the gateway", scope="global"
+            )
+        self.dataplane = DataPlane(
+            self.registry,
+            Router(),
+            self.metrics,
+            global_limiter=global_limiter,
+            priority_header=settings.priority_header.lower(),
+        )
         self.app = create_app(self.dataplane, self.metrics)
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
@@ -133,19 +149,33 @@ class Gateway:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
-        """Readiness turns false first, in-flight requests finish, then the backends close."""
+        """Drains, then stops: readiness turns false and new requests get 503 at once, the
+        accepted ones finish (up to `shutdown_grace_s`), the servers stop, then the backends
+        close (a managed TorchServe with them)."""
+        started = time.monotonic()
         self.dataplane.begin_drain()
         if self._poller is not None:
             self._poller.cancel()
         await self._health.enter_graceful_shutdown()
         grace = self.settings.shutdown_grace_s
+        running = self.dataplane.accepted
+        if not await self.dataplane.drained(grace):
+            log.warning(
+                "event=drain_timeout running=%d detail='%d requests still running after %gs'",
+                self.dataplane.accepted,
+                self.dataplane.accepted,
+                grace,
+            )
+        else:
+            log.info("event=drained finished=%d seconds=%.3f", running, time.monotonic() - started)
+        # The answers are ready; a moment more lets the servers write them out.
         if self._http is not None:
             self._http.should_exit = True
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            await self._grpc.stop(_SEND_GRACE_S)
         if self._http_task is not None:
             with contextlib.suppress(asyncio.TimeoutError, SystemExit):
-                await asyncio.wait_for(self._http_task, grace + 1)
+                await asyncio.wait_for(self._http_task, _SEND_GRACE_S + 1)
         await self.registry.aclose()
         log.info("modelyard stopped")
 

@@ -19,8 +19,14 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # gRPC messages carry whole tensors: allow far more than gRPC's 4 MiB default.
     grpc_max_message_mb: int = Field(default=256, ge=1)
-    # How long in-flight requests may run on after a shutdown signal.
+    # How long in-flight requests may run on after a shutdown signal (the drain timeout).
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    # Across all models: requests running at once, and waiting behind them, on top of each
+    # model's own `limits`. None: no global cap.
+    global_max_inflight: int | None = Field(default=None, ge=1)
+    global_max_queue: int = Field(default=1024, ge=0)
+    # The header (gRPC: metadata key) that names a request's priority: high, normal or low.
+    priority_header: str = "x-priority"
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     # Seconds between scans of the repository for new, changed or removed models; None: never,
     # and models change only through the repository API.

@@ -127,6 +127,8 @@ class InferRequest:
     deadline: float | None = None
     # HTTP headers or gRPC metadata, names in lower case: routing rules may read them.
     headers: Mapping[str, str] = field(default_factory=dict)
+    # For logs and the client: X-Request-ID, else the v2 `id`, else generated (gateway/request_meta.py).
+    request_id: str | None = None
 
 
 @dataclass(slots=True)

@@ -18,7 +18,7 @@ from gateway.errors import GatewayError, retry_after, status_for
 from gateway.metrics import Metrics
 from gateway.protocols import v2_rest
 from gateway.protocols.tfserving_rest import tfserving_router
-from gateway.protocols.v2_rest import json_response, v2_router
+from gateway.protocols.v2_rest import RESPONSE_ID_HEADER, json_response, v2_router
 
 log = logging.getLogger("modelyard.http")
 
@@ -69,8 +69,11 @@ def error_response(exc: GatewayError, method: str, path: str) -> Response:
     wait = retry_after(exc)
     if wait is not None:
         response.headers["Retry-After"] = str(wait)
-    if status >= 500:
-        log.warning("%s %s -> %d: %s", method, path, status, exc)
+    if exc.request_id is not None:
+        response.headers[RESPONSE_ID_HEADER] = exc.request_id
+    # The data plane has logged its 503s and 504s, with the request id.
+    if status == 500 or (status > 500 and exc.request_id is None):
+        log.warning("%s %s -> %d request_id=%s: %s", method, path, status, exc.request_id, exc)
     return response
 
 

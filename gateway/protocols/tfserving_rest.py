@@ -20,7 +20,8 @@ from fastapi import APIRouter, Request, Response
 from gateway.dataplane import DataPlane
 from gateway.errors import InvalidInput, MalformedRequest, ModelNotFound, Unsupported
 from gateway.protocols.tensors import tensor_from_values
-from gateway.protocols.v2_rest import json_object, json_response
+from gateway.protocols.v2_rest import RESPONSE_ID_HEADER, json_object, json_response
+from gateway.request_meta import REQUEST_ID_HEADER, request_id
 from gateway.types import Datatype, IndexEntry, InferRequest, InferResponse, Tensor, TensorSpec
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
@@ -99,8 +100,13 @@ def tfserving_router(dataplane: DataPlane) -> APIRouter:
         body = json_object(await request.body())
         meta = await dataplane.model_metadata(model_name, version)
         infer_request, columnar = decode_predict(body, model_name, version, meta.inputs)
+        infer_request.request_id = rid = request_id(request.headers.get(REQUEST_ID_HEADER))
         response = await dataplane.infer(infer_request)
-        return Response(encode_predict(response, columnar), media_type="application/json")
+        return Response(
+            encode_predict(response, columnar),
+            media_type="application/json",
+            headers={RESPONSE_ID_HEADER: rid},
+        )
 
     async def unsupported(
         model_name: str, model_version: str | None = None, model_label: str | None = None

@@ -25,6 +25,7 @@ from gateway.protocols.tensors import (
     tensor_to_bytes,
 )
 from gateway.registry import Duration
+from gateway.request_meta import REQUEST_ID_HEADER, request_id
 from gateway.types import Datatype, InferRequest, InferResponse, RequestedOutput, Tensor, TensorSpec
 
 log = logging.getLogger("modelyard.grpc")
@@ -68,9 +69,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise
             except GatewayError as exc:
                 _, code = status_for(exc)
+                trailers = []
                 wait = retry_after(exc)
                 if wait is not None:
-                    context.set_trailing_metadata((("retry-after", str(wait)),))
+                    trailers.append(("retry-after", str(wait)))
+                if exc.request_id is not None:
+                    trailers.append((REQUEST_ID_HEADER, exc.request_id))
+                if trailers:
+                    context.set_trailing_metadata(tuple(trailers))
                 await context.abort(code, str(exc))
             except Exception as exc:
                 log.exception("unexpected error in %s", method)
@@ -124,13 +130,20 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         return service_pb2.ModelStatisticsResponse(model_stats=[_statistics(row) for row in rows])
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        remaining = context.time_remaining()
-        infer_request = decode_infer_request(request, remaining)
-        infer_request.headers = {
+        metadata = {
             key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
         }
+        try:
+            infer_request = decode_infer_request(request, context.time_remaining())
+        except GatewayError as exc:
+            exc.request_id = request_id(metadata.get(REQUEST_ID_HEADER), request.id)
+            raise
+        infer_request.headers = metadata
+        infer_request.request_id = rid = request_id(metadata.get(REQUEST_ID_HEADER), infer_request.id)
         response = await self.dataplane.infer(infer_request)
-        context.set_trailing_metadata((("model-version", response.model_version),))
+        # The response's `id` echoes the client's v2 id, as the protocol says; the request id
+        # (the client's, or a generated one) travels in trailing metadata.
+        context.set_trailing_metadata((("model-version", response.model_version), (REQUEST_ID_HEADER, rid)))
         return encode_infer_response(response)
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:

@@ -14,7 +14,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from gateway.dataplane import DataPlane, ModelStatistics
-from gateway.errors import MalformedRequest, Unsupported
+from gateway.errors import GatewayError, MalformedRequest, Unsupported
 from gateway.protocols.tensors import (
     parse_datatype_field,
     parse_shape,
@@ -24,11 +24,13 @@ from gateway.protocols.tensors import (
     tensor_to_values,
 )
 from gateway.registry import Duration
+from gateway.request_meta import REQUEST_ID_HEADER, request_id
 from gateway.types import Datatype, InferRequest, InferResponse, RequestedOutput, Tensor
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
 HEADER_LENGTH = "inference-header-content-length"
 VERSION_HEADER = "X-Model-Version"
+RESPONSE_ID_HEADER = "X-Request-ID"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
 _NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
@@ -139,9 +141,15 @@ async def infer(
     dataplane: DataPlane, body: bytes, headers: Mapping[str, str], model_name: str, model_version: str | None
 ) -> Response:
     """POST /v2/models/{name}[/versions/{version}]/infer: decode, run, encode."""
-    body = _decompress(body, headers.get("content-encoding"))
-    infer_request = decode_infer_request(body, headers.get(HEADER_LENGTH), model_name, model_version)
+    given_id = headers.get(REQUEST_ID_HEADER)
+    try:
+        body = _decompress(body, headers.get("content-encoding"))
+        infer_request = decode_infer_request(body, headers.get(HEADER_LENGTH), model_name, model_version)
+    except GatewayError as exc:
+        exc.request_id = request_id(given_id)
+        raise
     infer_request.headers = headers
+    infer_request.request_id = request_id(given_id, infer_request.id)
     return encode_infer_response(await dataplane.infer(infer_request), infer_request)
 
 
@@ -322,6 +330,8 @@ def encode_infer_response(response: InferResponse, request: InferRequest) -> Res
     encoded = orjson.dumps(header, option=_NUMPY_JSON)
     # The version that answered, for clients that route by header or traffic split.
     headers = {VERSION_HEADER: response.model_version}
+    if request.request_id is not None:
+        headers[RESPONSE_ID_HEADER] = request.request_id
     if not chunks:
         return Response(encoded, media_type=JSON_TYPE, headers=headers)
     headers["Inference-Header-Content-Length"] = str(len(encoded))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from adapters.onnxruntime import OnnxRuntimeAdapter
 from conftest import RunningGateway
 from gateway.batching import BatchingAdapter
 from gateway.config import Batching, ModelConfig
-from gateway.errors import BackendError
+from gateway.errors import BackendError, DeadlineExceeded
 from gateway.types import Datatype
 from scripts.build_models import _save, build_mlp
 from tests.model_builders import build_gather, build_identity
@@ -165,3 +166,19 @@ def test_batched_model_through_the_gateway(gateway: RunningGateway, test_repo: P
     assert samples["modelyard_batch_size_sum"] == sum(x.shape[0] for x in inputs)
     assert samples["modelyard_batch_size_count"] >= 1
     assert samples["modelyard_batch_queue_duration_seconds_count"] == samples["modelyard_batch_size_count"]
+
+
+async def test_a_request_whose_deadline_passes_in_the_batch_queue_never_reaches_the_backend(mlp: Any) -> None:
+    """The batch leaves after 200 ms; a request due in 50 ms is dropped from it, the other runs."""
+    adapter, reference, recorder = mlp
+    x = RNG.standard_normal((1, 64)).astype(np.float32)
+    due = time.monotonic() + 0.05
+    expired, served = await asyncio.gather(
+        adapter.infer({"input": x}, ["logits"], deadline=due),
+        adapter.infer({"input": x}, ["logits"]),
+        return_exceptions=True,
+    )
+    assert isinstance(expired, DeadlineExceeded) and expired.stage == "batch_queue"
+    assert isinstance(served, dict)
+    np.testing.assert_allclose(served["logits"], (await reference.infer({"input": x}, ["logits"]))["logits"])
+    assert recorder.batches == [1]

@@ -37,7 +37,9 @@ class RaisingAdapter(OnnxRuntimeAdapter):
 
     error: type[GatewayError]
 
-    async def infer(self, inputs: Mapping[str, Any], output_names: Sequence[str]) -> dict[str, Any]:
+    async def infer(
+        self, inputs: Mapping[str, Any], output_names: Sequence[str], *, deadline: float | None = None
+    ) -> dict[str, Any]:
         raise self.error(f"{self.spec.label}: {self.error.__name__} raised by the backend")
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from gateway.errors import DeadlineExceeded, Overloaded
-from gateway.limits import Limiter
+from gateway.limits import Limiter, Priority
 
 
 async def test_admits_up_to_the_cap_then_queues_in_order() -> None:
@@ -60,3 +60,40 @@ async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
         await task
     limiter.release()
     assert limiter.inflight == 0 and limiter.queued == 0
+
+
+async def test_queued_requests_are_served_by_priority() -> None:
+    limiter = Limiter(max_inflight=1, max_queue=4, label="model 'm'")
+    await limiter.acquire(None)
+    order: list[str] = []
+
+    async def waiter(name: str, level: Priority) -> None:
+        await limiter.acquire(None, level)
+        order.append(name)
+        limiter.release()
+
+    tasks = [
+        asyncio.create_task(waiter(name, level))
+        for name, level in (("low", Priority.LOW), ("normal", Priority.NORMAL), ("high", Priority.HIGH))
+    ]
+    await asyncio.sleep(0)
+    limiter.release()
+    await asyncio.gather(*tasks)
+    assert order == ["high", "normal", "low"]
+    assert limiter.inflight == 0 and limiter.queued == 0
+
+
+async def test_low_priority_fills_only_half_the_queue() -> None:
+    limiter = Limiter(max_inflight=1, max_queue=2, label="the gateway", scope="global")
+    await limiter.acquire(None)
+    first = asyncio.create_task(limiter.acquire(None, Priority.LOW))
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded, match="half of it for low priority") as refused:
+        await limiter.acquire(None, Priority.LOW)
+    assert refused.value.limit == "global"
+    second = asyncio.create_task(limiter.acquire(None, Priority.NORMAL))
+    await asyncio.sleep(0)
+    assert limiter.queued == 2
+    limiter.release()
+    limiter.release()
+    await asyncio.gather(first, second)

@@ -1,0 +1,102 @@
+"""Graceful shutdown: SIGTERM to a real `modelyard serve` during steady load. Readiness turns
+false first, new requests are refused with 503, every request accepted before the signal gets
+its full answer, and the process exits 0."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import tritonclient.grpc as triton_grpc
+
+from conftest import start_gateway
+from scripts.build_models import _save
+from tests.model_builders import build_spin
+from tests.reliability.load import SteadyLoad
+from tests.reliability.test_overload import expected_sum, wait_for
+
+STEADY_N = 400  # milliseconds of work per request, about
+LONG_N = (
+    2048  # a second or more: still running when the signal comes (a power of two: float32 sums it exactly)
+)
+
+
+def spin_body(n: int) -> dict[str, object]:
+    return {"inputs": [{"name": "n", "datatype": "INT64", "shape": [1], "data": [n]}]}
+
+
+def spin_ok(answer: dict[str, object]) -> bool:
+    return bool(np.isclose(answer["outputs"][0]["data"][0], expected_sum(STEADY_N), rtol=1e-5))  # type: ignore[index]
+
+
+def test_sigterm_under_load_loses_nothing_accepted(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    _save(build_spin(), repo / "spin" / "1" / "model.onnx")
+    (repo / "spin" / "config.yaml").write_text(
+        "backend: onnxruntime\nlimits: {max_inflight: 2, max_queue: 64}\n"
+    )
+    gateway = start_gateway(repo, tmp_path / "gateway.log", env={"MODELYARD_SHUTDOWN_GRACE_S": "30"})
+    url = f"{gateway.url}/v2/models/spin/infer"
+    long_answers: dict[str, object] = {}
+
+    def long_rest() -> None:
+        long_answers["rest"] = httpx.post(url, json=spin_body(LONG_N), timeout=60)
+
+    def long_grpc() -> None:
+        client = triton_grpc.InferenceServerClient(gateway.grpc)
+        tensor = triton_grpc.InferInput("n", [1], "INT64")
+        tensor.set_data_from_numpy(np.array([LONG_N], dtype=np.int64))
+        long_answers["grpc"] = client.infer("spin", [tensor], client_timeout=60).as_numpy("sum")[0]
+        client.close()
+
+    try:
+        # The two long requests take both slots first; the steady clients' requests queue
+        # behind them, so when the signal comes some are running and some are waiting.
+        longs = [threading.Thread(target=f) for f in (long_rest, long_grpc)]
+        for thread in longs:
+            thread.start()
+        wait_for(gateway, "modelyard_inflight_requests", "spin", lambda value: value == 2)
+        with SteadyLoad(url, body=spin_body(STEADY_N), check=spin_ok, clients=4, stop_on=503) as load:
+            wait_for(gateway, "modelyard_queued_requests", "spin", lambda value: value >= 2)
+            signalled = time.monotonic()
+            gateway.process.send_signal(signal.SIGTERM)
+            # Readiness turns false first, while the accepted requests still run.
+            wait_until_not_ready(gateway.url)
+            assert all(thread.is_alive() for thread in longs)
+            refused = httpx.post(url, json=spin_body(2), timeout=5)
+            assert refused.status_code == 503 and "shutting down" in refused.text
+            for thread in longs:
+                thread.join(60)
+            assert gateway.process.wait(60) == 0
+    finally:
+        gateway.stop()
+
+    rest = long_answers["rest"]
+    assert isinstance(rest, httpx.Response) and rest.status_code == 200, rest
+    assert np.isclose(rest.json()["outputs"][0]["data"][0], expected_sum(LONG_N), rtol=1e-5)
+    assert np.isclose(long_answers["grpc"], expected_sum(LONG_N), rtol=1e-5)  # type: ignore[arg-type]
+    outcomes = load.outcomes
+    # Requests accepted before the signal: at least the two queued when it came. Each ran to
+    # its full answer (the two long ones too, above).
+    assert sum(1 for o in outcomes if o.status == 200 and o.started < signalled < o.ended) >= 2
+    # Every answer was correct and no request got a 500 or hung (SteadyLoad checks that every
+    # client returned). Refusals came only after the signal: a 503 while draining, or, for a
+    # request sent as the servers closed, no connection at all (refused, or reset before the
+    # gateway read it: what a load balancer avoids by heeding readiness, which turned false first).
+    assert all(o.correct for o in outcomes if o.status == 200)
+    assert {o.status for o in outcomes} <= {200, 503, "ConnectError", "ReadError", "RemoteProtocolError"}
+    assert all(o.ended > signalled and o.started > signalled - 1 for o in outcomes if o.status != 200)
+    log = gateway.output()
+    assert "event=drained" in log and "event=rejected reason=draining" in log
+
+
+def wait_until_not_ready(url: str) -> None:
+    deadline = time.monotonic() + 5
+    while (ready := httpx.get(f"{url}/v2/health/ready", timeout=5)).status_code == 200:
+        assert time.monotonic() < deadline, "readiness stayed true after SIGTERM"
+        time.sleep(0.01)
+    assert ready.status_code == 503 and ready.json() == {"ready": False}
