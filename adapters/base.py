@@ -112,6 +112,12 @@ class ModelAdapter(ABC):
     async def aclose(self) -> None:
         """Release the version's resources. Safe to call more than once."""
 
+    def process_id(self) -> int | None:
+        """The process that computes this version's answers, for the status page's memory figures:
+        the gateway's own for in-process backends, a managed server's; None (the default) where the
+        backend runs elsewhere and the gateway cannot see its memory."""
+        return None
+
     async def __aenter__(self) -> Self:
         await self.load()
         return self

@@ -616,6 +616,9 @@ class TorchServeAdapter(ModelAdapter):
             return self._remote
         raise ModelNotReady(f"{self.spec.label} is not loaded")
 
+    def process_id(self) -> int | None:
+        return self._managed.pid if self._managed is not None else None
+
     async def ready(self) -> bool:
         if self._managed is not None:
             return self._managed.healthy

@@ -83,6 +83,9 @@ class BatchingAdapter(ModelAdapter):
     async def ready(self) -> bool:
         return await self.inner.ready()
 
+    def process_id(self) -> int | None:
+        return self.inner.process_id()
+
     async def infer(
         self, inputs: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str]
     ) -> dict[str, np.ndarray[Any, Any]]:

@@ -23,6 +23,7 @@ from gateway.protocols.v2_grpc import SERVICE_NAME, ErrorInterceptor, InferenceS
 from gateway.registry import AdapterFactory, Registry
 from gateway.routing import Router
 from gateway.settings import Settings
+from gateway.status import StatusReader
 
 log = logging.getLogger("modelyard")
 
@@ -41,7 +42,8 @@ class Gateway:
         self.metrics = Metrics()
         self.registry = Registry(settings.model_repo, adapter_factory, self.metrics)
         self.dataplane = DataPlane(self.registry, Router(), self.metrics)
-        self.app = create_app(self.dataplane, self.metrics)
+        self.status = StatusReader(self.dataplane, self.metrics, settings.enable_repository_api)
+        self.app = create_app(self.dataplane, self.metrics, self.status)
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._http: _UvicornServer | None = None

@@ -12,13 +12,15 @@ import gateway
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, retry_after, status_for
 from gateway.metrics import Metrics
+from gateway.protocols.status_page import status_router
 from gateway.protocols.tfserving_rest import tfserving_router
 from gateway.protocols.v2_rest import json_response, v2_router
+from gateway.status import StatusReader
 
 log = logging.getLogger("modelyard.http")
 
 
-def create_app(dataplane: DataPlane, metrics: Metrics) -> FastAPI:
+def create_app(dataplane: DataPlane, metrics: Metrics, status: StatusReader | None = None) -> FastAPI:
     app = FastAPI(
         title="modelyard",
         version=gateway.__version__,
@@ -29,6 +31,7 @@ def create_app(dataplane: DataPlane, metrics: Metrics) -> FastAPI:
     app.include_router(v2_router(dataplane))
     # TF Serving's REST API is plain JSON: it needs nothing from the tensorflow extra.
     app.include_router(tfserving_router(dataplane))
+    app.include_router(status_router(status or StatusReader(dataplane, metrics)))
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
