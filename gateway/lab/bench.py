@@ -8,7 +8,6 @@ each deployment, the gateway's `/status` gives the memory of the process that se
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import os
