@@ -102,6 +102,8 @@ class Scenario:
     first_error: str | None
     rss_mib: float | None
     rss_process: str | None
+    # Cores the bench process kept busy during the scenario (its warm-up included).
+    generator_cpu: float
     # Evenly spaced quantiles of the latencies, for the CDF.
     latency_quantiles_ms: list[float] = field(repr=False)
 
@@ -392,11 +394,12 @@ async def run_bench(
             progress(f"load generator ceiling (no-op, c={concurrency})", plan.warmup_s + plan.duration_s)
         nothing = [np.empty(0, np.float32)] * load.INPUT_POOL_SIZE
         probe = load.Workload("", "", "", "", "", nothing, nothing)
-        tallies, elapsed = await load.run_async(
-            noop_sender(plan.protocol, client, stub), probe, ceiling_config
-        )
-        ceiling = _scenario(
-            Target("no-op", "/v2/health/live", 0), plan.protocol, ceiling_config, tallies, elapsed
+        ceiling = await _measure(
+            Target("no-op", "/v2/health/live", 0),
+            plan.protocol,
+            ceiling_config,
+            noop_sender(plan.protocol, client, stub),
+            probe,
         )
 
         scenarios = []
@@ -411,8 +414,7 @@ async def run_bench(
                     config = load.RunConfig(clients, batch, plan.duration_s, plan.warmup_s)
                     if progress:
                         progress(f"{target.label} batch {batch} c={clients}", plan.warmup_s + plan.duration_s)
-                    tallies, elapsed = await load.run_async(send, workload, config)
-                    measured.append(_scenario(target, plan.protocol, config, tallies, elapsed))
+                    measured.append(await _measure(target, plan.protocol, config, send, workload))
             process, rss = _memory(await _status(client), target)
             scenarios += [dataclasses.replace(s, rss_mib=rss, rss_process=process) for s in measured]
     result = BenchResult(plan, url, machine_facts(), ceiling, scenarios, parity_rows)
@@ -450,9 +452,14 @@ def _parity(
     return ParityRow(target.label, reference.label, output, diff.max_abs, diff.max_rel, diff.within)
 
 
-def _scenario(
-    target: Target, protocol: str, config: load.RunConfig, tallies: list[load.Tally], elapsed: float
+async def _measure(
+    target: Target, protocol: str, config: load.RunConfig, send: load.AsyncSend, workload: load.Workload
 ) -> Scenario:
+    """One scenario, with the CPU the bench process itself used meanwhile: the generator runs on
+    one event loop thread, so near 1.0 core it would be the limit."""
+    cpu_before, wall_before = time.process_time(), time.perf_counter()
+    tallies, elapsed = await load.run_async(send, workload, config)
+    cpu = (time.process_time() - cpu_before) / (time.perf_counter() - wall_before)
     row = load.summarize(target.label, config, tallies, elapsed)
     latencies = np.array([lat for tally in tallies for lat in tally.latencies]) * 1000.0
     quantiles = (
@@ -475,6 +482,7 @@ def _scenario(
         first_error=row.first_error,
         rss_mib=None,
         rss_process=None,
+        generator_cpu=round(cpu, 3),
         latency_quantiles_ms=quantiles,
     )
 
@@ -516,21 +524,29 @@ def machine_facts() -> dict[str, str]:
 
 
 def verdicts(result: BenchResult) -> list[str]:
-    """One plain sentence per scenario (batch x concurrency), computed from the rows."""
+    """Two sentences on the load generator, then one plain sentence per scenario (batch x
+    concurrency), all computed from the rows."""
     lines = []
     ceiling = result.ceiling.req_per_s
     best_overall = max((s.req_per_s for s in result.scenarios), default=0.0)
     if ceiling > 0:
         share = best_overall / ceiling
         lines.append(
-            f"Load generator: {ceiling:.0f} req/s against the no-op endpoint at c={result.ceiling.concurrency}; "
-            f"the fastest deployment reached {share:.0%} of that"
+            f"Against the gateway's no-op endpoint (liveness, nothing computed), the load generator and the "
+            f"gateway together reach {ceiling:.0f} req/s at c={result.ceiling.concurrency}; the fastest "
+            f"deployment reached {share:.0%} of that, so "
             + (
-                ", so the generator was not the limit."
+                "the backends, not request handling, set the deployments' pace."
                 if share < 0.5
-                else ": the generator and the gateway's own request handling may be part of the limit."
+                else "request handling (the generator's or the gateway's) is part of its limit."
             )
         )
+    busiest = max([*result.scenarios, result.ceiling], key=lambda s: s.generator_cpu)
+    lines.append(
+        f"The load generator's busiest row ({busiest.deployment}, c={busiest.concurrency}) kept "
+        f"{busiest.generator_cpu:.2f} of a core busy; it runs on one thread, so "
+        + ("it had headroom." if busiest.generator_cpu < 0.8 else "it may have been the limit there.")
+    )
     for batch in result.plan.batch:
         for clients in result.plan.concurrency:
             rows = [
@@ -589,7 +605,18 @@ def grpc_address_for(url: str, grpc: str | None) -> str:
 
 def format_table(result: BenchResult) -> list[list[str]]:
     """The printed and reported table, header first."""
-    header = ["deployment", "batch", "c", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "RSS MiB"]
+    header = [
+        "deployment",
+        "batch",
+        "c",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "errors",
+        "RSS MiB",
+        "gen CPU",
+    ]
     rows = [header]
     for s in [*result.scenarios, result.ceiling]:
         rows.append(
@@ -603,6 +630,7 @@ def format_table(result: BenchResult) -> list[list[str]]:
                 _ms(s.p99_ms),
                 str(s.errors),
                 "-" if s.rss_mib is None else f"{s.rss_mib:.0f}",
+                f"{s.generator_cpu:.2f}",
             ]
         )
     return rows

@@ -134,9 +134,11 @@ def test_bench_against_a_running_gateway_writes_the_report(gateway: RunningGatew
     (parity,) = results["parity"]
     assert parity["deployment"] == "tensorflow affine_tf:1" and parity["within"]
     assert results["machine"]["cores"] and "onnxruntime" in results["machine"]
-    # One verdict for the generator, one per (batch, concurrency), naming the faster deployment.
-    assert len(results["verdicts"]) == 3
-    assert all("affine" in line for line in results["verdicts"][1:])
+    # Two verdicts on the generator, one per (batch, concurrency) naming the faster deployment.
+    assert len(results["verdicts"]) == 4
+    assert "no-op endpoint" in results["verdicts"][0] and "of a core busy" in results["verdicts"][1]
+    assert all("affine" in line and "c=" in line for line in results["verdicts"][2:])
+    assert all(row["generator_cpu"] > 0 for row in [*rows, results["generator_ceiling"]])
     with (out / "results.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == len(rows) + 1  # and the ceiling's row
     html = (out / "report.html").read_text()
