@@ -324,8 +324,14 @@ def sender(protocol: str, client: httpx.AsyncClient, stub: Any, workload: load.W
     return load.grpc_send(stub, workload)
 
 
-async def answers(send: load.AsyncSend, count: int) -> list[np.ndarray[Any, Any]]:
-    return [await send(item) for item in range(count)]
+async def answers(target: Target, send: load.AsyncSend, count: int) -> list[np.ndarray[Any, Any]]:
+    """The target's answers to the first `count` requests of the pool, one at a time."""
+    try:
+        return [await send(item) for item in range(count)]
+    # Any failure here (an HTTP error status, a gRPC error, a malformed answer) means the target
+    # cannot be measured: say which and why, instead of a traceback.
+    except Exception as exc:
+        raise BenchError(f"{target.label} did not answer a request: {type(exc).__name__}: {exc}") from exc
 
 
 def noop_sender(protocol: str, client: httpx.AsyncClient, stub: Any) -> load.AsyncSend:
@@ -383,10 +389,12 @@ async def run_bench(
         parity_rows = []
         for batch in plan.batch:
             ref = make_workload(reference, signatures[reference][:4], rows, batch)
-            expected[batch] = await answers(sender(plan.protocol, client, stub, ref), load.INPUT_POOL_SIZE)
+            expected[batch] = await answers(
+                reference, sender(plan.protocol, client, stub, ref), load.INPUT_POOL_SIZE
+            )
         for target in targets[1:]:
             workload = make_workload(target, signatures[target][:4], rows, plan.batch[0])
-            got = await answers(sender(plan.protocol, client, stub, workload), load.INPUT_POOL_SIZE)
+            got = await answers(target, sender(plan.protocol, client, stub, workload), load.INPUT_POOL_SIZE)
             parity_rows.append(_parity(target, reference, workload.output_name, expected[plan.batch[0]], got))
 
         ceiling_config = load.RunConfig(concurrency, 1, plan.duration_s, plan.warmup_s)

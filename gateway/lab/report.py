@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from gateway.errors import GatewayError
 from gateway.lab.bench import BenchResult, Scenario, format_table
 
 PLOTS = {
@@ -23,7 +24,7 @@ PLOTS = {
 CSV_FIELDS = [f.name for f in dataclasses.fields(Scenario) if f.name != "latency_quantiles_ms"]
 
 
-class ReportError(Exception):
+class ReportError(GatewayError):
     """The report cannot be written as asked (matplotlib missing, folder not writable)."""
 
 

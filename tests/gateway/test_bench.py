@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 
 from conftest import ROOT, RunningGateway
@@ -153,9 +155,12 @@ def test_bench_starts_a_gateway_when_given_no_url(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "model_repo" / "affine", repo / "affine")
     out = tmp_path / "report"
+    rows = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
+    np.savez(tmp_path / "inputs.npz", x=rows)
     run = modelyard(
         "bench", "affine", "--versions", "1,2", "--model-repo", str(repo), "--concurrency", "1",
         "--duration", "1s", "--warmup", "0s", "--protocol", "rest-json", "--out", str(out),
+        "--inputs", str(tmp_path / "inputs.npz"),
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     results = read_report(out)
@@ -164,8 +169,17 @@ def test_bench_starts_a_gateway_when_given_no_url(tmp_path: Path) -> None:
     assert results["scenarios"][0]["errors"] == 0
     assert results["scenarios"][1]["errors"] > 0
     assert "differs" in results["scenarios"][1]["first_error"]
+    # The parity rows ran on the file's rows: the largest difference is onnxruntime's own.
+    outputs = [onnx_run(repo / "affine" / v / "model.onnx", rows) for v in ("1", "2")]
     assert not results["parity"][0]["within"]
+    assert results["parity"][0]["max_abs"] == pytest.approx(np.abs(outputs[1] - outputs[0]).max(), rel=1e-6)
     assert (out / "gateway.log").exists()
+
+
+def onnx_run(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    output: np.ndarray = session.run(None, {"x": x})[0]
+    return output.astype(np.float64)
 
 
 @pytest.mark.parametrize(
