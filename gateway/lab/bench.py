@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -646,7 +646,3 @@ def format_table(result: BenchResult) -> list[list[str]]:
 
 def _ms(value: float) -> str:
     return "-" if value != value else f"{value:.2f}"  # NaN: no successful request
-
-
-def scenarios_of(result: BenchResult, deployment: str) -> Sequence[Scenario]:
-    return [s for s in result.scenarios if s.deployment == deployment]
