@@ -15,7 +15,17 @@ import onnxruntime as ort
 import pytest
 
 from conftest import ROOT, RunningGateway
-from gateway.lab.bench import BenchError, Target, parse_duration, parse_ints, resolve_targets
+from gateway.lab.bench import (
+    BenchError,
+    BenchPlan,
+    BenchResult,
+    Scenario,
+    Target,
+    parse_duration,
+    parse_ints,
+    resolve_targets,
+    verdicts,
+)
 
 
 def modelyard(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -194,3 +204,32 @@ def test_usage_errors_exit_2_without_a_traceback(args: list[str], message: str, 
     run = modelyard("bench", "affine", "--out", str(tmp_path / "r"), *args, timeout=60)
     assert run.returncode == 2, run.stderr
     assert message in run.stderr and "Traceback" not in run.stderr
+
+
+def scenario(deployment: str, clients: int, req_per_s: float, p99_ms: float, cpu: float = 0.3) -> Scenario:
+    return Scenario(
+        deployment, "onnxruntime", deployment, 1, "grpc", 1, clients, int(req_per_s), req_per_s,
+        p99_ms / 2, p99_ms / 1.5, p99_ms, 0, None, None, None, cpu, [],
+    )  # fmt: skip
+
+
+def test_verdicts_are_computed_from_the_rows() -> None:
+    plan = BenchPlan("m", "grpc", (1, 16), (1,), 1.0, 0.0)
+    rows = [
+        scenario("fast", 1, 900.0, 2.0),
+        scenario("slow", 1, 300.0, 6.0),
+        scenario("fast", 16, 1000.0, 30.0),
+        scenario("slow", 16, 0.0, float("nan")),
+    ]
+    result = BenchResult(plan, "http://x", {}, scenario("no-op", 16, 4000.0, 5.0, cpu=0.9), rows, [])
+    lines = verdicts(result)
+    assert lines[0].endswith(
+        "reached 25% of that, so the backends, not request handling, set the deployments' pace."
+    )
+    # The no-op row saturates the generator by design; the others are what count.
+    assert "(fast, c=1) kept 0.30 of a core busy" in lines[1] and lines[1].endswith("it had headroom.")
+    assert (
+        lines[2]
+        == f"At c=1, batch 1: fast gives {900 / 300:.1f}x slow's throughput with a p99 {6 / 2:.1f}x lower."
+    )
+    assert lines[3] == "At c=16, batch 1: fast gives 1000 req/s at p99 30.00 ms. No answers from slow."
