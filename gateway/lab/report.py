@@ -53,6 +53,7 @@ def as_json(result: BenchResult) -> dict[str, Any]:
         "url": result.url,
         "machine": result.machine,
         "generator_ceiling": dataclasses.asdict(result.ceiling),
+        "generator_ceiling_runs": [dataclasses.asdict(s) for s in result.ceiling_runs],
         "scenarios": [dataclasses.asdict(s) for s in result.scenarios],
         "parity": [dataclasses.asdict(p) for p in result.parity],
         "verdicts": result.verdicts,

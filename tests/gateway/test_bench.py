@@ -221,8 +221,12 @@ def test_verdicts_are_computed_from_the_rows() -> None:
         scenario("fast", 16, 1000.0, 30.0),
         scenario("slow", 16, 0.0, float("nan")),
     ]
-    result = BenchResult(plan, "http://x", {}, scenario("no-op", 16, 4000.0, 5.0, cpu=0.9), rows, [])
+    ceilings = [scenario("no-op", 16, 4000.0, 5.0, cpu=0.9), scenario("no-op", 16, 3000.0, 5.0, cpu=0.9)]
+    result = BenchResult(plan, "http://x", {}, ceilings[0], rows, [], ceilings)
     lines = verdicts(result)
+    assert (
+        "4000 req/s at c=16 (the faster of runs before and after the deployments: 4000 and 3000)" in lines[0]
+    )
     assert lines[0].endswith(
         "reached 25% of that, so the backends, not request handling, set the deployments' pace."
     )
@@ -233,3 +237,10 @@ def test_verdicts_are_computed_from_the_rows() -> None:
         == f"At c=1, batch 1: fast gives {900 / 300:.1f}x slow's throughput with a p99 {6 / 2:.1f}x lower."
     )
     assert lines[3] == "At c=16, batch 1: fast gives 1000 req/s at p99 30.00 ms. No answers from slow."
+
+
+def test_a_disturbed_ceiling_is_called_noise() -> None:
+    plan = BenchPlan("m", "grpc", (16,), (1,), 1.0, 0.0)
+    slow = scenario("no-op", 16, 80.0, 900.0)
+    result = BenchResult(plan, "http://x", {}, slow, [scenario("fast", 16, 160.0, 70.0)], [], [slow])
+    assert "slowed by something else on the machine" in verdicts(result)[0]
