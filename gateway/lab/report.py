@@ -119,6 +119,7 @@ def _plot(result: BenchResult, folder: Path) -> list[Path]:
             )
     axes.axhline(result.ceiling.req_per_s, color="grey", linestyle="--", label="generator ceiling (no-op)")
     axes.set_xscale("log", base=2)
+    axes.set_xticks(result.plan.concurrency, [str(c) for c in result.plan.concurrency])
     axes.set_xlabel("concurrency (clients)")
     axes.set_ylabel("requests per second")
     paths.append(_save(figure, axes, folder / "throughput_vs_concurrency.png", "Throughput vs concurrency"))
