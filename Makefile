@@ -8,7 +8,7 @@ GRPC_PORT ?= 8001
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
 .PHONY: serve test test-slow install dev lint typecheck pytest models bench bench-peers bench-tools clean \
-	deploy-tools torchserve-store images compose-up compose-down compose-smoke
+	deploy-tools browser-tools torchserve-store images compose-up compose-down compose-smoke
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +44,7 @@ lint: dev
 typecheck: dev
 	$(BIN)/mypy
 
-pytest: dev deploy-tools
+pytest: dev deploy-tools browser-tools
 	$(BIN)/python -m pytest
 
 test: lint typecheck pytest
@@ -83,6 +83,15 @@ deploy-tools:
 	@if ! command -v docker-compose >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing docker-compose (Debian package) for the compose checks"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
+	fi
+
+# tests/gateway/test_status_browser.py opens the status page in Debian's chromium through Playwright
+# (no browser download). Installs it only when missing, and only as root, where apt can; elsewhere
+# that test says what is missing and skips.
+browser-tools:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium (Debian package) for the status page's browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	fi
 
 # The compose stack's TorchServe model store: each version of the mlp_torch example archived with

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 import numpy as np
 
-from gateway.breaker import Breakers
+from gateway.breaker import Breakers, EndpointGuard
 from gateway.config import ModelConfig
 from gateway.errors import ModelNotReady
 from gateway.types import ModelSignature, TensorSpec
@@ -123,6 +123,17 @@ class ModelAdapter(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Release the version's resources. Safe to call more than once."""
+
+    def process_id(self) -> int | None:
+        """The process that computes this version's answers, for the status page's memory figures:
+        the gateway's own for in-process backends, a managed server's; None (the default) where the
+        backend runs elsewhere and the gateway cannot see its memory."""
+        return None
+
+    def breaker(self) -> EndpointGuard | None:
+        """The circuit breaker of the backend endpoint this version calls; None (the default) for
+        backends that run in-process."""
+        return None
 
     async def __aenter__(self) -> Self:
         await self.load()

@@ -175,6 +175,9 @@ class OnnxRuntimeAdapter(ModelAdapter):
     async def ready(self) -> bool:
         return self._session is not None
 
+    def process_id(self) -> int | None:
+        return os.getpid()  # in-process
+
     async def aclose(self) -> None:
         executor, self._executor = self._executor, None
         self._session = None

@@ -174,6 +174,9 @@ class TensorFlowAdapter(ModelAdapter):
     async def ready(self) -> bool:
         return self._session is not None
 
+    def process_id(self) -> int | None:
+        return os.getpid()  # in-process
+
     async def aclose(self) -> None:
         session, self._session = self._session, None
         executor, self._executor = self._executor, None

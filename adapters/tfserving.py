@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapters.base import LoadSpec, ModelAdapter
 from adapters.tensorflow import read_options, signature_of
-from gateway.breaker import GuardOptions
+from gateway.breaker import EndpointGuard, GuardOptions
 from gateway.errors import (
     BackendError,
     BackendUnavailable,
@@ -187,6 +187,9 @@ class TfServingAdapter(ModelAdapter):
             await _POOL.release(channel)
         if http is not None:
             await _POOL.release(http)
+
+    def breaker(self) -> EndpointGuard | None:
+        return self.guard
 
     async def ready(self) -> bool:
         if (self._predict is None and self._http is None) or not self.guard.allows_traffic():

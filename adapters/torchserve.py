@@ -658,6 +658,12 @@ class TorchServeAdapter(ModelAdapter):
         client = self._managed.client if self._managed is not None else self._remote
         return None if client is None else self._guard(client)
 
+    def breaker(self) -> EndpointGuard | None:
+        return self.guard
+
+    def process_id(self) -> int | None:
+        return self._managed.pid if self._managed is not None else None
+
     async def ready(self) -> bool:
         guard = self.guard
         if guard is not None and not guard.allows_traffic():

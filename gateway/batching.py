@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from adapters.base import ModelAdapter
+from gateway.breaker import EndpointGuard
 from gateway.config import Batching
 from gateway.errors import DeadlineExceeded, GatewayError
 from gateway.types import ModelSignature
@@ -83,6 +84,12 @@ class BatchingAdapter(ModelAdapter):
 
     async def ready(self) -> bool:
         return await self.inner.ready()
+
+    def process_id(self) -> int | None:
+        return self.inner.process_id()
+
+    def breaker(self) -> EndpointGuard | None:
+        return self.inner.breaker()
 
     async def infer(
         self,

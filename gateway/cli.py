@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -14,6 +17,11 @@ from gateway.errors import GatewayError
 from gateway.registry import Registry, State
 from gateway.repository import scan
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    import rich.progress
+
+    from gateway.lab.bench import BenchPlan, BenchResult
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -46,6 +54,13 @@ def serve(
             help="Seconds between scans of the repository for changes [env MODELYARD_POLL_INTERVAL_S]."
         ),
     ] = None,
+    enable_repository_api: Annotated[
+        bool | None,
+        typer.Option(
+            "--enable-repository-api",
+            help="Allow loading and unloading models over the API [env MODELYARD_ENABLE_REPOSITORY_API].",
+        ),
+    ] = None,
 ) -> None:
     """Serve a model repository over REST and gRPC."""
     from gateway.server import run
@@ -57,6 +72,7 @@ def serve(
         "grpc_port": grpc_port,
         "log_level": log_level,
         "poll_interval_s": poll_interval,
+        "enable_repository_api": enable_repository_api,
     }
     run(Settings(**{k: v for k, v in given.items() if v is not None}))
 
@@ -259,3 +275,127 @@ def _shape(text: str) -> list[int]:
         raise checks.ParityUsageError(
             f"--input-shape '{text}' is not a list of integers like -1,64"
         ) from None
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Argument(help="The model whose deployments are measured.")],
+    deployments: Annotated[
+        str | None,
+        typer.Option(
+            help="Backends (onnx, torchserve, tensorflow, tfserving: MODEL's or a twin's) or models, "
+            "each with an optional :VERSION; default: MODEL and its twins."
+        ),
+    ] = None,
+    versions: Annotated[str | None, typer.Option(help="Versions of MODEL instead, like 1,2.")] = None,
+    protocol: Annotated[str, typer.Option(help="rest-json, rest-binary or grpc.")] = "rest-binary",
+    concurrency: Annotated[str, typer.Option(help="Clients at once, one scenario each.")] = "1,4,16,64",
+    duration: Annotated[str, typer.Option(help="Measured per scenario, like 10s or 500ms.")] = "10s",
+    warmup: Annotated[str, typer.Option(help="Discarded before each scenario.")] = "2s",
+    batch: Annotated[str, typer.Option(help="Rows per request, one scenario each.")] = "1",
+    inputs: Annotated[
+        Path | None, typer.Option(help=".npz with the input's rows; default: generated from metadata.")
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="A running gateway's HTTP URL; default: start one on --model-repo.")
+    ] = None,
+    grpc_address: Annotated[
+        str | None, typer.Option("--grpc", help="Its gRPC host:port; default: the URL's port + 1.")
+    ] = None,
+    model_repo: Annotated[Path, typer.Option(help="The repository a started gateway serves.")] = Path(
+        "model_repo"
+    ),
+    out: Annotated[Path, typer.Option(help="The report folder.")] = Path("bench-report"),
+) -> None:
+    """Measure MODEL's deployments one after the other through the gateway; write a report folder."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from gateway.lab import bench as lab
+    from gateway.lab.report import ReportError, markdown_table, write_report
+
+    console = Console(stderr=True)
+    try:
+        if protocol not in lab.PROTOCOLS:
+            raise lab.BenchError(f"--protocol must be one of {', '.join(lab.PROTOCOLS)}, not '{protocol}'")
+        plan = lab.BenchPlan(
+            model=model,
+            protocol=protocol,
+            concurrency=lab.parse_ints(concurrency, "--concurrency"),
+            batch=lab.parse_ints(batch, "--batch"),
+            duration_s=lab.parse_duration(duration),
+            warmup_s=lab.parse_duration(warmup, "--warmup", allow_zero=True),
+            deployments=deployments,
+            versions=versions,
+            inputs=inputs,
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            if url is None:
+                console.print(f"starting a gateway on {model_repo} (log: {out / 'gateway.log'})")
+                url, grpc_address = stack.enter_context(lab.started_gateway(model_repo, out / "gateway.log"))
+            progress = stack.enter_context(
+                Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    TimeRemainingColumn(),
+                    console=console,
+                    transient=True,
+                )
+            )
+            task = progress.add_task("preparing", total=None)
+
+            def show(what: str, seconds: float) -> None:
+                progress.reset(task, total=seconds, description=what)
+                progress.start_task(task)
+
+            address = lab.grpc_address_for(url, grpc_address)
+            result = asyncio.run(_bench_with_ticks(plan, url, address, show, progress, task))
+        files = write_report(result, out)
+    except (lab.BenchError, ReportError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except GatewayError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    table = Table(title=f"modelyard bench {model} ({protocol})")
+    rows = lab.format_table(result)
+    for column in rows[0]:
+        table.add_column(column, justify="left" if column == "deployment" else "right")
+    for row in rows[1:]:
+        table.add_row(*row)
+    # Wide enough for the table where stdout is not a terminal (a log, a pipe).
+    Console(width=None if sys.stdout.isatty() else 140).print(table)
+    for line in result.verdicts:
+        typer.echo(f"- {line}")
+    for diff in result.parity:
+        typer.echo(
+            f"parity {diff.deployment} vs {diff.reference}: max abs {diff.max_abs:.3e}, "
+            f"max rel {diff.max_rel:.3e} ({'within' if diff.within else 'OVER'} tolerance)"
+        )
+    typer.echo(f"report: {files[0]} ({', '.join(f.name for f in files[1:])})")
+    (out / "table.md").write_text(markdown_table(result) + "\n")
+
+
+async def _bench_with_ticks(
+    plan: BenchPlan,
+    url: str,
+    grpc_address: str,
+    show: Callable[[str, float], None],
+    progress: rich.progress.Progress,
+    task: rich.progress.TaskID,
+) -> BenchResult:
+    """The bench, with a ticker advancing the progress bar by the clock while each scenario runs."""
+    from gateway.lab.bench import run_bench
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            progress.advance(task, 0.2)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        return await run_bench(plan, url, grpc_address, show)
+    finally:
+        ticker.cancel()

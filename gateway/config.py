@@ -150,6 +150,9 @@ class ModelConfig(_Strict):
     # Other models of the repository (deployments of this one, in order) that answer a request
     # naming no version when this model is not ready or its backend is down.
     fallback: tuple[str, ...] = ()
+    # The model of the repository this one is another deployment of (same weights, other backend):
+    # `modelyard bench MODEL --deployments onnx,torchserve,tensorflow` finds MODEL's twins by it.
+    twin_of: str | None = None
     onnxruntime: OnnxRuntimeOptions = OnnxRuntimeOptions()
     # The other backends' sections belong to their adapters, which validate them on load.
     torchserve: dict[str, Any] = Field(default_factory=dict)

@@ -127,6 +127,15 @@ class DataPlane:
         """Every backend endpoint's circuit breaker: backend, endpoint, state, consecutive failures."""
         return self.registry.shared.breakers.statuses()
 
+    def breaker_state(self, name: str, version: int) -> str | None:
+        """The circuit breaker state of the endpoint a loaded version calls; None where it has none."""
+        try:
+            loaded = self.registry.get(name).versions.get(version)
+        except GatewayError:
+            return None
+        guard = loaded.adapter.breaker() if loaded is not None and loaded.adapter is not None else None
+        return None if guard is None else guard.state.value
+
     async def model_ready(self, name: str, version: str | None) -> bool:
         try:
             model = self.registry.get(name)

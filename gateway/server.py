@@ -25,6 +25,7 @@ from gateway.protocols.v2_grpc import SERVICE_NAME, ErrorInterceptor, InferenceS
 from gateway.registry import AdapterFactory, Registry
 from gateway.routing import Router
 from gateway.settings import Settings
+from gateway.status import StatusReader
 
 log = logging.getLogger("modelyard")
 
@@ -57,7 +58,13 @@ class Gateway:
             global_limiter=global_limiter,
             priority_header=settings.priority_header.lower(),
         )
-        self.app = create_app(self.dataplane, self.metrics)
+        self.status = StatusReader(
+            self.dataplane,
+            self.metrics,
+            settings.enable_repository_api,
+            breaker_probe=self.dataplane.breaker_state,
+        )
+        self.app = create_app(self.dataplane, self.metrics, self.status)
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._http: _UvicornServer | None = None

@@ -31,3 +31,5 @@ class Settings(BaseSettings):
     # Seconds between scans of the repository for new, changed or removed models; None: never,
     # and models change only through the repository API.
     poll_interval_s: float | None = Field(default=None, gt=0)
+    # The repository API's load and unload (and the status page's buttons for them).
+    enable_repository_api: bool = False

@@ -1,10 +1,13 @@
-"""Build the example TensorFlow SavedModels in model_repo/: `affine_tf`, the same function as `affine`.
+"""Build the example TensorFlow SavedModels in model_repo/: `affine_tf`, the same function as
+`affine`, and `mlp_tf`, the same network as `mlp`.
 
     python scripts/build_tf_models.py [--repo model_repo]
 
-y = x @ W + b on FP32 [-1, 4] -> [-1, 3], with `affine_weights(version)`, so the TensorFlow and the
-ONNX deployments of one model can be compared request for request. The small SavedModel files are
-committed; running this again writes byte-identical files.
+`affine_tf`: y = x @ W + b on FP32 [-1, 4] -> [-1, 3], with `affine_weights(version)`. `mlp_tf`: the
+ReLU MLP input FP32 [-1, 64] -> logits FP32 [-1, 10] with `mlp_weights(MLP_SIZES, 7)`, the weights of
+`mlp` (ONNX) and `mlp_torch` version 1 (TorchScript). So the TensorFlow and the other deployments of
+one model can be compared request for request. The small SavedModel files are committed; running
+this again writes byte-identical files.
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf
 from tensorflow.core.protobuf import fingerprint_pb2
 
-from scripts.build_models import affine_weights
+from scripts.build_models import affine_weights, mlp_weights
+
+MLP_SIZES = (64, 256, 256, 10)
+MLP_SEED = 7  # model_repo/mlp's seed
 
 AFFINE_TF_CONFIG = """\
 # The TensorFlow twin of `affine`: the same weights per version, served in-process by TensorFlow.
 backend: tensorflow
+twin_of: affine
 version_policy: all
 labels: {stable: 1, canary: 2}
 limits: {max_inflight: 64, max_queue: 256, timeout_ms: 2000}
@@ -43,6 +50,29 @@ class Affine(tf.Module):
         return {"y": tf.matmul(x, self.weight) + self.bias}
 
 
+MLP_TF_CONFIG = """\
+# The ONNX `mlp` example's network as a SavedModel, served in-process by TensorFlow.
+backend: tensorflow
+twin_of: mlp
+limits: {max_inflight: 64, max_queue: 256}
+tensorflow: {signature: serving_default, intra_op_threads: 1, inter_op_threads: 1}
+"""
+
+
+class MLP(tf.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__(name="mlp")
+        self.layers = [(tf.constant(w), tf.constant(b)) for w, b in mlp_weights(MLP_SIZES, seed)]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, MLP_SIZES[0]], tf.float32, name="input")])
+    def serve(self, x: Any) -> dict[str, Any]:
+        for index, (weight, bias) in enumerate(self.layers):
+            x = tf.matmul(x, weight) + bias
+            if index < len(self.layers) - 1:
+                x = tf.nn.relu(x)
+        return {"logits": x}
+
+
 def save(module: tf.Module, signature: Any, path: Path) -> None:
     tf.saved_model.save(module, str(path), signatures={"serving_default": signature})
     # fingerprint.pb carries a random UUID per save; clear it so the files are reproducible.
@@ -58,6 +88,11 @@ def build_affine_tf(version: int, path: Path) -> None:
     save(module, module.serve, path)
 
 
+def build_mlp_tf(seed: int, path: Path) -> None:
+    module = MLP(seed)
+    save(module, module.serve, path)
+
+
 def build_repository(repo: Path) -> list[Path]:
     written = []
     for version in (1, 2):
@@ -66,6 +101,10 @@ def build_repository(repo: Path) -> list[Path]:
         written.append(path)
     (repo / "affine_tf" / "config.yaml").write_text(AFFINE_TF_CONFIG)
     written.append(repo / "affine_tf" / "config.yaml")
+    path = repo / "mlp_tf" / "1" / "model.savedmodel"
+    build_mlp_tf(MLP_SEED, path)
+    (repo / "mlp_tf" / "config.yaml").write_text(MLP_TF_CONFIG)
+    written += [path, repo / "mlp_tf" / "config.yaml"]
     return written
 
 

@@ -25,6 +25,7 @@ MLP_SEEDS = {1: 7, 2: 8}  # version 1 shares seed 7 with model_repo/mlp
 MLP_TORCH_CONFIG = """\
 # The ONNX `mlp` example's module as TorchScript, served by a TorchServe the gateway manages.
 backend: torchserve
+twin_of: mlp
 version_policy: all
 labels: {stable: 1, canary: 2}
 inputs:  [{name: input, datatype: FP32, shape: [-1, 64]}]

@@ -17,15 +17,17 @@ from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, retry_after, status_for
 from gateway.metrics import Metrics
 from gateway.protocols import v2_rest
+from gateway.protocols.status_page import status_router
 from gateway.protocols.tfserving_rest import tfserving_router
 from gateway.protocols.v2_rest import RESPONSE_ID_HEADER, json_response, v2_router
+from gateway.status import StatusReader
 
 log = logging.getLogger("modelyard.http")
 
 _INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 
 
-def create_app(dataplane: DataPlane, metrics: Metrics) -> ASGIApp:
+def create_app(dataplane: DataPlane, metrics: Metrics, status: StatusReader | None = None) -> ASGIApp:
     app = FastAPI(
         title="modelyard",
         version=gateway.__version__,
@@ -36,6 +38,7 @@ def create_app(dataplane: DataPlane, metrics: Metrics) -> ASGIApp:
     app.include_router(v2_router(dataplane))
     # TF Serving's REST API is plain JSON: it needs nothing from the tensorflow extra.
     app.include_router(tfserving_router(dataplane))
+    app.include_router(status_router(status or StatusReader(dataplane, metrics)))
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

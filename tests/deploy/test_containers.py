@@ -241,8 +241,10 @@ def test_tfserving_for_the_example_repository_matches_the_stack_config(tmp_path:
     stack = text_format.Parse(
         (DEPLOY / "tfserving" / "models.config").read_text(), config_pb2.ModelServerConfig()
     )
-    (model,) = ours.model_config_list.config
     (reference,) = stack.model_config_list.config
+    # The stack serves affine_tf; `modelyard up` serves every SavedModel of the repository (mlp_tf too).
+    assert sorted(c.name for c in ours.model_config_list.config) == ["affine_tf", "mlp_tf"]
+    (model,) = [c for c in ours.model_config_list.config if c.name == reference.name]
     assert (model.name, model.base_path, model.model_platform) == (
         reference.name,
         reference.base_path,
@@ -254,5 +256,5 @@ def test_tfserving_for_the_example_repository_matches_the_stack_config(tmp_path:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["tfserving"]
     stack_mounts = {v.split(":")[1]: (ROOT / v.split(":")[0]).resolve() for v in compose["volumes"]}
     for mount in spec.mounts:
-        if mount.target.startswith("/models/"):
+        if mount.target.startswith(f"/models/{reference.name}/"):
             assert stack_mounts[mount.target] == mount.source

@@ -194,6 +194,15 @@ async def test_onnx_mlp_and_its_torchserve_deployment_agree() -> None:
     assert [(d.name, d.shape) for d in report.outputs] == [("logits", (5, 10))]
 
 
+async def test_onnx_mlp_and_its_tensorflow_deployment_agree() -> None:
+    report = await run_parity(REPO, Deployment("mlp"), Deployment("mlp_tf"), batch=5)
+    assert report.ok, report.table()
+    assert [(d.name, d.shape) for d in report.outputs] == [("logits", (5, 10))]
+    # Not equal by accident of all-zero outputs: the logits vary across rows.
+    inputs = generate_inputs([TensorSpec("input", Datatype.FP32, (-1, 64))], batch=5)
+    assert np.ptp(onnx_outputs(REPO / "mlp" / "1" / "model.onnx", inputs)["logits"]) > 0.1
+
+
 # The command -------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,1 @@
+"""The trade-off lab: `modelyard bench`'s load generator, scenarios and report."""

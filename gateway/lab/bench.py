@@ -1,0 +1,665 @@
+"""`modelyard bench`: one model's deployments measured one after the other through the gateway.
+
+Each scenario (deployment x batch x concurrency) runs lab/load.py's closed-loop workers for a fixed
+time after a warm-up, checking every 10th answer against the reference deployment's (the first
+one). Before and after them, the same workers against a no-op endpoint give the generator's own ceiling; after
+each deployment, the gateway's `/status` gives the memory of the process that served it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from gateway import parity
+from gateway.errors import GatewayError
+from gateway.lab import load
+from gateway.types import Datatype, TensorSpec, numpy_dtype
+
+PROTOCOLS = ("rest-json", "rest-binary", "grpc")
+# Backend kinds accepted in --deployments, each naming the backend of MODEL or of one of its twins.
+BACKEND_ALIASES = {
+    "onnx": "onnxruntime",
+    "onnxruntime": "onnxruntime",
+    "torchserve": "torchserve",
+    "torch": "torchserve",
+    "tensorflow": "tensorflow",
+    "tf": "tensorflow",
+    "tfserving": "tfserving",
+}
+# Packages whose versions the report names, where they are installed beside the bench.
+BACKEND_PACKAGES = ("onnxruntime", "torch", "torchserve", "tensorflow", "tensorflow-serving-api")
+READY_TIMEOUT_S = 300.0
+# Latencies kept per scenario for the CDF plot (evenly spaced quantiles of all of them).
+CDF_POINTS = 200
+SEED = parity.SEED
+
+
+class BenchError(GatewayError):
+    """The bench cannot run as asked: bad flags, an unknown deployment, a gateway that is not there."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One deployment to measure: a model of the gateway at one version, on one backend."""
+
+    kind: str
+    model: str
+    version: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.model}:{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class BenchPlan:
+    model: str
+    protocol: str
+    concurrency: tuple[int, ...]
+    batch: tuple[int, ...]
+    duration_s: float
+    warmup_s: float
+    deployments: str | None = None
+    versions: str | None = None
+    inputs: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """One measured row: a deployment at one batch size and concurrency."""
+
+    deployment: str
+    kind: str
+    model: str
+    version: int
+    protocol: str
+    batch: int
+    concurrency: int
+    requests: int
+    req_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    errors: int
+    first_error: str | None
+    rss_mib: float | None
+    rss_process: str | None
+    # Cores the bench process kept busy during the scenario (its warm-up included).
+    generator_cpu: float
+    # Evenly spaced quantiles of the latencies, for the CDF.
+    latency_quantiles_ms: list[float] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ParityRow:
+    deployment: str
+    reference: str
+    output: str
+    max_abs: float
+    max_rel: float
+    within: bool
+
+
+@dataclass(slots=True)
+class BenchResult:
+    plan: BenchPlan
+    url: str
+    machine: dict[str, str]
+    # The faster of the no-op runs (before and after the deployments), and both of them.
+    ceiling: Scenario
+    scenarios: list[Scenario]
+    parity: list[ParityRow]
+    ceiling_runs: list[Scenario] = field(default_factory=list)
+    verdicts: list[str] = field(default_factory=list)
+
+
+# --- flags ---------------------------------------------------------------------------------------
+
+
+def parse_ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise BenchError(f"{flag} takes positive integers like 1,4,16; got '{text}'") from None
+    if not values or any(v < 1 for v in values):
+        raise BenchError(f"{flag} takes positive integers like 1,4,16; got '{text}'")
+    return values
+
+
+def parse_duration(text: str, flag: str = "--duration", allow_zero: bool = False) -> float:
+    """`10s`, `500ms`, `1m` or plain seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*", text)
+    if match is None:
+        raise BenchError(f"{flag} takes a time like 10s, 500ms or 1m; got '{text}'")
+    value = float(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[match.group(2) or "s"]
+    if value < 0 or (value == 0 and not allow_zero):
+        raise BenchError(f"{flag} must be more than zero; got '{text}'")
+    return value
+
+
+def resolve_targets(
+    model: str, deployments: str | None, versions: str | None, status: dict[str, Any]
+) -> list[Target]:
+    """The deployments to measure, from the gateway's /status.
+
+    --deployments takes backend kinds (onnx, torchserve, tensorflow, tfserving: MODEL's own backend or
+    the twin whose `twin_of` is MODEL) or model names, each with an optional :VERSION. --versions takes
+    versions of MODEL. Neither: MODEL and each of its twins.
+    """
+    models = {m["name"]: m for m in status["models"]}
+    if model not in models:
+        raise BenchError(f"the gateway has no model '{model}' loaded (it has: {', '.join(sorted(models))})")
+    family = [models[model], *(m for name, m in sorted(models.items()) if m["twin_of"] == model)]
+    if deployments and versions:
+        raise BenchError("give --deployments or --versions, not both")
+    wanted: list[tuple[str, int | None]]
+    if versions:
+        wanted = [(model, int(v)) for v in parse_ints(versions, "--versions")]
+    elif deployments:
+        wanted = [_resolve_one(part.strip(), model, family, models) for part in deployments.split(",")]
+    else:
+        wanted = [(m["name"], None) for m in family]
+    targets = []
+    for name, version in wanted:
+        entry = models[name]
+        ready = [v["version"] for v in entry["versions"] if v["state"] == "READY"]
+        chosen = version if version is not None else entry["default_version"]
+        if chosen not in ready:
+            known = ", ".join(map(str, ready)) or "none"
+            raise BenchError(f"model '{name}' version {chosen} is not ready (ready versions: {known})")
+        backend = next(v["backend"] for v in entry["versions"] if v["version"] == chosen)
+        targets.append(Target(backend, name, chosen))
+    if len(set(targets)) != len(targets):
+        raise BenchError(f"a deployment is named twice: {', '.join(t.label for t in targets)}")
+    return targets
+
+
+def _resolve_one(
+    text: str, model: str, family: list[dict[str, Any]], models: dict[str, Any]
+) -> tuple[str, int | None]:
+    name, sep, version_text = text.partition(":")
+    if not name or (sep and not version_text.isdigit()):
+        raise BenchError(
+            f"'{text}' is not a deployment: write a backend (onnx, torchserve, ...) or MODEL[:VERSION]"
+        )
+    version = int(version_text) if sep else None
+    if name in BACKEND_ALIASES and name not in models:
+        backend = BACKEND_ALIASES[name]
+        matches = [m["name"] for m in family if m["backend"] == backend]
+        if not matches:
+            have = ", ".join(f"{m['name']} ({m['backend']})" for m in family)
+            raise BenchError(
+                f"no deployment of '{model}' on {backend}: its deployments are {have}. "
+                f"A twin declares `twin_of: {model}` in its config.yaml"
+            )
+        if len(matches) > 1:
+            raise BenchError(
+                f"several deployments of '{model}' run on {backend} ({', '.join(matches)}): name one"
+            )
+        return matches[0], version
+    if name not in models:
+        raise BenchError(f"'{name}' is neither a backend ({', '.join(BACKEND_ALIASES)}) nor a loaded model")
+    return name, version
+
+
+# --- the gateway ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def started_gateway(model_repo: Path, log_path: Path) -> Iterator[tuple[str, str]]:
+    """A gateway of this installation serving `model_repo` on free loopback ports, until the block ends."""
+    if not model_repo.is_dir():
+        raise BenchError(f"{model_repo} is not a model repository folder")
+    http, grpc_port = free_port(), free_port()
+    command = [
+        sys.executable, "-m", "gateway", "serve", "--model-repo", str(model_repo), "--host", "127.0.0.1",
+        "--http-port", str(http), "--grpc-port", str(grpc_port), "--log-level", "warning",
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{http}"
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise BenchError(f"the gateway exited with {process.returncode}; its log: {log_path}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/v2/health/ready", timeout=1.0).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"the gateway was not ready after {READY_TIMEOUT_S:.0f} s; its log: {log_path}"
+                )
+            time.sleep(0.2)
+        yield url, f"127.0.0.1:{grpc_port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+# --- workload ------------------------------------------------------------------------------------
+
+
+async def _signature(client: httpx.AsyncClient, target: Target) -> tuple[str, str, str, Datatype, list[int]]:
+    """(input name, output name, input datatype, output datatype, input shape) from v2 metadata."""
+    response = await client.get(f"/v2/models/{target.model}/versions/{target.version}")
+    if response.status_code != 200:
+        raise BenchError(f"metadata of {target.label}: HTTP {response.status_code} {response.text[:200]}")
+    meta = response.json()
+    if len(meta["inputs"]) != 1 or len(meta["outputs"]) != 1:
+        raise BenchError(
+            f"{target.label} has {len(meta['inputs'])} inputs and {len(meta['outputs'])} outputs; "
+            "bench drives models with one input and one output"
+        )
+    (spec,), (out,) = meta["inputs"], meta["outputs"]
+    return spec["name"], out["name"], spec["datatype"], Datatype(out["datatype"]), spec["shape"]
+
+
+def input_rows(
+    shape: list[int], datatype: str, name: str, rows: int, given: Path | None
+) -> np.ndarray[Any, Any]:
+    """Rows of input to cut requests from: the file's (an .npz keyed by input name), or generated."""
+    if given is not None:
+        arrays = parity.read_inputs(given)
+        if name not in arrays:
+            raise BenchError(f"{given} has no array '{name}' (it has: {', '.join(arrays) or 'none'})")
+        array = arrays[name]
+        if array.ndim != len(shape) or array.shape[0] < 1:
+            raise BenchError(f"{given}: '{name}' has shape {list(array.shape)}; the model takes {shape}")
+        return array.astype(numpy_dtype(Datatype(datatype)), copy=False)
+    if shape and shape[0] != -1:
+        raise BenchError(f"input '{name}' has shape {shape}: bench needs a batch (-1) first dimension")
+    spec = TensorSpec(name, Datatype(datatype), (-1, *shape[1:]))
+    return parity.generate_inputs([spec], batch=rows, seed=SEED)[name]
+
+
+def make_workload(
+    target: Target, names: tuple[str, str, str, Datatype], rows: np.ndarray[Any, Any], batch: int
+) -> load.Workload:
+    """A pool of requests of `batch` rows each, cut from `rows` (wrapping around); no expected outputs yet."""
+    input_name, output_name, datatype, output_type = names
+    count = len(rows)
+    inputs = [
+        np.take(rows, np.arange(i * batch, (i + 1) * batch) % count, axis=0)
+        for i in range(load.INPUT_POOL_SIZE)
+    ]
+    placeholder = [np.empty(0, numpy_dtype(output_type))]
+    return load.Workload(
+        target.model, str(target.version), input_name, output_name, datatype, inputs, placeholder
+    )
+
+
+def sender(protocol: str, client: httpx.AsyncClient, stub: Any, workload: load.Workload) -> load.AsyncSend:
+    if protocol == "rest-json":
+        return load.rest_json_send(client, workload)
+    if protocol == "rest-binary":
+        return load.rest_binary_send(client, workload)
+    return load.grpc_send(stub, workload)
+
+
+async def answers(target: Target, send: load.AsyncSend, count: int) -> list[np.ndarray[Any, Any]]:
+    """The target's answers to the first `count` requests of the pool, one at a time."""
+    try:
+        return [await send(item) for item in range(count)]
+    # Any failure here (an HTTP error status, a gRPC error, a malformed answer) means the target
+    # cannot be measured: say which and why, instead of a traceback.
+    except Exception as exc:
+        raise BenchError(f"{target.label} did not answer a request: {type(exc).__name__}: {exc}") from exc
+
+
+def noop_sender(protocol: str, client: httpx.AsyncClient, stub: Any) -> load.AsyncSend:
+    """The cheapest request the gateway answers on the protocol: its liveness check."""
+    empty = np.empty(0, np.float32)
+    if protocol == "grpc":
+        request = service_pb2.ServerLiveRequest()
+
+        async def send_grpc(item: int) -> np.ndarray[Any, Any]:
+            await stub.ServerLive(request, timeout=load.REQUEST_TIMEOUT_S)
+            return empty
+
+        return send_grpc
+
+    async def send_rest(item: int) -> np.ndarray[Any, Any]:
+        load.expect_ok(await client.get("/v2/health/live"))
+        return empty
+
+    return send_rest
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+Progress = Callable[[str, float], None]  # (what runs now, seconds it takes)
+
+
+async def run_bench(
+    plan: BenchPlan, url: str, grpc_address: str, progress: Progress | None = None
+) -> BenchResult:
+    concurrency = max(plan.concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    async with (
+        httpx.AsyncClient(base_url=url, limits=limits, timeout=load.REQUEST_TIMEOUT_S) as client,
+        grpc.aio.insecure_channel(grpc_address, options=options) as channel,
+    ):
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        status = await _status(client)
+        targets = resolve_targets(plan.model, plan.deployments, plan.versions, status)
+        if plan.protocol == "grpc":
+            try:
+                await stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=5.0)
+            except grpc.aio.AioRpcError as exc:
+                raise BenchError(f"gRPC endpoint {grpc_address} unreachable: {exc.code().name}") from exc
+        signatures = {t: await _signature(client, t) for t in targets}
+        reference = targets[0]
+        rows = input_rows(
+            signatures[reference][4],
+            signatures[reference][2],
+            signatures[reference][0],
+            load.INPUT_POOL_SIZE * max(plan.batch),
+            plan.inputs,
+        )
+        expected = {}
+        parity_rows = []
+        for batch in plan.batch:
+            ref = make_workload(reference, signatures[reference][:4], rows, batch)
+            expected[batch] = await answers(
+                reference, sender(plan.protocol, client, stub, ref), load.INPUT_POOL_SIZE
+            )
+        for target in targets[1:]:
+            workload = make_workload(target, signatures[target][:4], rows, plan.batch[0])
+            got = await answers(target, sender(plan.protocol, client, stub, workload), load.INPUT_POOL_SIZE)
+            parity_rows.append(_parity(target, reference, workload.output_name, expected[plan.batch[0]], got))
+
+        ceiling_config = load.RunConfig(concurrency, 1, plan.duration_s, plan.warmup_s)
+        nothing = [np.empty(0, np.float32)] * load.INPUT_POOL_SIZE
+        probe = load.Workload("", "", "", "", "", nothing, nothing)
+
+        async def measure_ceiling(when: str) -> Scenario:
+            if progress:
+                progress(
+                    f"load generator ceiling {when} (no-op, c={concurrency})", plan.warmup_s + plan.duration_s
+                )
+            return await _measure(
+                Target("no-op", "/v2/health/live", 0),
+                plan.protocol,
+                ceiling_config,
+                noop_sender(plan.protocol, client, stub),
+                probe,
+            )
+
+        # Measured before and after the deployments: on a shared machine one run can be disturbed.
+        ceiling_runs = [await measure_ceiling("first")]
+
+        scenarios = []
+        for target in targets:
+            measured = []
+            for batch in plan.batch:
+                workload = dataclasses.replace(
+                    make_workload(target, signatures[target][:4], rows, batch), expected=expected[batch]
+                )
+                send = sender(plan.protocol, client, stub, workload)
+                for clients in plan.concurrency:
+                    config = load.RunConfig(clients, batch, plan.duration_s, plan.warmup_s)
+                    if progress:
+                        progress(f"{target.label} batch {batch} c={clients}", plan.warmup_s + plan.duration_s)
+                    measured.append(await _measure(target, plan.protocol, config, send, workload))
+            process, rss = _memory(await _status(client), target)
+            scenarios += [dataclasses.replace(s, rss_mib=rss, rss_process=process) for s in measured]
+        ceiling_runs.append(await measure_ceiling("again"))
+    ceiling = max(ceiling_runs, key=lambda s: s.req_per_s)
+    result = BenchResult(plan, url, machine_facts(), ceiling, scenarios, parity_rows, ceiling_runs)
+    result.verdicts = verdicts(result)
+    return result
+
+
+async def _status(client: httpx.AsyncClient) -> dict[str, Any]:
+    try:
+        response = await client.get("/status")
+    except httpx.HTTPError as exc:
+        raise BenchError(f"no gateway at {client.base_url}: {exc}") from exc
+    if response.status_code != 200:
+        raise BenchError(
+            f"{client.base_url}/status: HTTP {response.status_code}: is this a modelyard gateway?"
+        )
+    status: dict[str, Any] = response.json()
+    return status
+
+
+def _parity(
+    target: Target,
+    reference: Target,
+    output: str,
+    want: list[np.ndarray[Any, Any]],
+    got: list[np.ndarray[Any, Any]],
+) -> ParityRow:
+    report = parity.compare(
+        {output: np.concatenate(want)},
+        {output: np.concatenate(got)},
+        left_name=reference.label,
+        right_name=target.label,
+    )
+    diff = report.outputs[0]
+    return ParityRow(target.label, reference.label, output, diff.max_abs, diff.max_rel, diff.within)
+
+
+async def _measure(
+    target: Target, protocol: str, config: load.RunConfig, send: load.AsyncSend, workload: load.Workload
+) -> Scenario:
+    """One scenario, with the CPU the bench process itself used meanwhile: the generator runs on
+    one event loop thread, so near 1.0 core it would be the limit."""
+    cpu_before, wall_before = time.process_time(), time.perf_counter()
+    tallies, elapsed = await load.run_async(send, workload, config)
+    cpu = (time.process_time() - cpu_before) / (time.perf_counter() - wall_before)
+    row = load.summarize(target.label, config, tallies, elapsed)
+    latencies = np.array([lat for tally in tallies for lat in tally.latencies]) * 1000.0
+    quantiles = (
+        np.quantile(latencies, np.linspace(0.0, 1.0, CDF_POINTS)).round(4).tolist() if latencies.size else []
+    )
+    return Scenario(
+        deployment=target.label,
+        kind=target.kind,
+        model=target.model,
+        version=target.version,
+        protocol=protocol,
+        batch=config.batch,
+        concurrency=config.concurrency,
+        requests=row.requests,
+        req_per_s=row.req_per_s,
+        p50_ms=row.p50_ms,
+        p90_ms=row.p90_ms,
+        p99_ms=row.p99_ms,
+        errors=row.errors,
+        first_error=row.first_error,
+        rss_mib=None,
+        rss_process=None,
+        generator_cpu=round(cpu, 3),
+        latency_quantiles_ms=quantiles,
+    )
+
+
+def _memory(status: dict[str, Any], target: Target) -> tuple[str | None, float | None]:
+    """The process serving the target, and its RSS (MiB), as the gateway reports them."""
+    served = f"{target.model}:{target.version}"
+    for process in status["processes"]:
+        if served in process["serves"] and process["rss_bytes"] is not None:
+            return process["name"], process["rss_bytes"] / 2**20
+    return None, None
+
+
+def machine_facts() -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    facts = {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    for package in ("modelyard", *BACKEND_PACKAGES):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            facts[package] = metadata.version(package)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        java = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=10)
+        facts["java (TorchServe)"] = (java.stderr or java.stdout).splitlines()[0]
+    with contextlib.suppress(OSError):
+        facts["load average (1, 5, 15 min)"] = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return facts
+
+
+# --- verdicts ------------------------------------------------------------------------------------
+
+
+def verdicts(result: BenchResult) -> list[str]:
+    """Two sentences on the load generator, then one plain sentence per scenario (batch x
+    concurrency), all computed from the rows."""
+    lines = []
+    ceiling = result.ceiling.req_per_s
+    best_overall = max((s.req_per_s for s in result.scenarios), default=0.0)
+    if ceiling > 0:
+        share = best_overall / ceiling
+        runs = " and ".join(f"{run.req_per_s:.0f}" for run in result.ceiling_runs)
+        lines.append(
+            f"Against the gateway's no-op endpoint (liveness, nothing computed), the load generator and the "
+            f"gateway together reach {ceiling:.0f} req/s at c={result.ceiling.concurrency} "
+            f"(the faster of runs before and after the deployments: {runs}); the fastest deployment "
+            f"reached {share:.0%} of that, so "
+            + (
+                "the backends, not request handling, set the deployments' pace."
+                if share < 0.5
+                else "request handling (the generator's or the gateway's) is part of its limit."
+                if share <= 1
+                else "the no-op runs were slowed by something else on the machine (they should be the "
+                "fastest rows): the figures are noisy, rerun on a quieter machine."
+            )
+        )
+    # The no-op row is meant to saturate the generator; the question is whether the others did.
+    busiest = max([*result.scenarios] or [result.ceiling], key=lambda s: s.generator_cpu)
+    lines.append(
+        f"The load generator's busiest row ({busiest.deployment}, c={busiest.concurrency}) kept "
+        f"{busiest.generator_cpu:.2f} of a core busy; it runs on one thread, so "
+        + ("it had headroom." if busiest.generator_cpu < 0.8 else "it may have been the limit there.")
+    )
+    for batch in result.plan.batch:
+        for clients in result.plan.concurrency:
+            rows = [
+                s
+                for s in result.scenarios
+                if s.batch == batch and s.concurrency == clients and s.req_per_s > 0
+            ]
+            failed = [
+                s.deployment
+                for s in result.scenarios
+                if s.batch == batch and s.concurrency == clients and s.req_per_s == 0
+            ]
+            where = f"At c={clients}, batch {batch}"
+            if not rows:
+                lines.append(f"{where}: no deployment answered.")
+                continue
+            best = max(rows, key=lambda s: s.req_per_s)
+            if len(rows) == 1:
+                lines.append(
+                    f"{where}: {best.deployment} gives {best.req_per_s:.0f} req/s at p99 {best.p99_ms:.2f} ms."
+                )
+            else:
+                comparisons = [
+                    f"{best.req_per_s / other.req_per_s:.1f}x {other.deployment}'s throughput with "
+                    f"{_ratio(best.p99_ms, other.p99_ms)}"
+                    for other in rows
+                    if other is not best
+                ]
+                lines.append(f"{where}: {best.deployment} gives " + "; ".join(comparisons) + ".")
+            if failed:
+                lines[-1] += f" No answers from {', '.join(failed)}."
+            errored = [f"{s.deployment} ({s.errors})" for s in rows if s.errors]
+            if errored:
+                lines[-1] += f" Errors: {', '.join(errored)}."
+    return lines
+
+
+def _ratio(mine: float, theirs: float) -> str:
+    """How `mine` (a p99) compares with `theirs`, in words."""
+    if not (mine > 0 and theirs > 0):
+        return "an unknown p99"
+    ratio = mine / theirs
+    if 0.95 <= ratio <= 1.05:
+        return "about the same p99"
+    return f"a p99 {1 / ratio:.1f}x lower" if ratio < 1 else f"a p99 {ratio:.1f}x higher"
+
+
+def grpc_address_for(url: str, grpc: str | None) -> str:
+    """The gRPC host:port: as given, else the HTTP URL's host with its port plus one (8000 -> 8001)."""
+    if grpc:
+        return grpc
+    parsed = httpx.URL(url)
+    port = parsed.port or 80
+    return f"{parsed.host}:{port + 1}"
+
+
+def format_table(result: BenchResult) -> list[list[str]]:
+    """The printed and reported table, header first."""
+    header = [
+        "deployment",
+        "batch",
+        "c",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "errors",
+        "RSS MiB",
+        "gen CPU",
+    ]
+    rows = [header]
+    for s in [*result.scenarios, result.ceiling]:
+        rows.append(
+            [
+                s.deployment if s is not result.ceiling else "no-op (generator ceiling)",
+                str(s.batch),
+                str(s.concurrency),
+                f"{s.req_per_s:.0f}",
+                _ms(s.p50_ms),
+                _ms(s.p90_ms),
+                _ms(s.p99_ms),
+                str(s.errors),
+                "-" if s.rss_mib is None else f"{s.rss_mib:.0f}",
+                f"{s.generator_cpu:.2f}",
+            ]
+        )
+    return rows
+
+
+def _ms(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}"  # NaN: no successful request
