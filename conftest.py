@@ -105,7 +105,10 @@ def test_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def gateway(test_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
-    running = start_gateway(test_repo, tmp_path_factory.mktemp("logs") / "gateway.log")
+    # The tests load and unload models through the repository API, which is off by default.
+    running = start_gateway(
+        test_repo, tmp_path_factory.mktemp("logs") / "gateway.log", "--enable-repository-api"
+    )
     yield running
     running.stop()
 
@@ -161,11 +164,11 @@ def protocol(request: pytest.FixtureRequest, gateway: RunningGateway) -> Iterato
 class InProcessGateway:
     """The real Gateway in a thread of this process, for tests that give it their own adapters."""
 
-    def __init__(self, repo: Path, adapter_factory: Any) -> None:
+    def __init__(self, repo: Path, adapter_factory: Any, **settings: Any) -> None:
         from gateway.settings import Settings
 
         self.settings = Settings(
-            model_repo=repo, http_port=free_port(), grpc_port=free_port(), log_level="warning"
+            model_repo=repo, http_port=free_port(), grpc_port=free_port(), log_level="warning", **settings
         )
         self._factory = adapter_factory
         self._started = threading.Event()

@@ -23,6 +23,7 @@ from gateway.errors import (
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
+    PermissionDenied,
     status_for,
 )
 from gateway.limits import Limiter
@@ -64,9 +65,16 @@ class ModelStatistics:
 
 class DataPlane:
     def __init__(
-        self, registry: Registry, router: Router, metrics: Metrics, rng: random.Random | None = None
+        self,
+        registry: Registry,
+        router: Router,
+        metrics: Metrics,
+        rng: random.Random | None = None,
+        *,
+        enable_repository_api: bool = False,
     ) -> None:
         self.registry = registry
+        self.enable_repository_api = enable_repository_api
         self.router = router
         self.metrics = metrics
         self._rng = rng or random.Random()
@@ -361,10 +369,20 @@ class DataPlane:
         return entries
 
     async def load_model(self, name: str) -> None:
+        self._check_repository_api("load", name)
         await self.registry.load(name)
 
     async def unload_model(self, name: str) -> None:
+        self._check_repository_api("unload", name)
         await self.registry.unload(name)
+
+    def _check_repository_api(self, action: str, name: str) -> None:
+        # 403, not 501: the gateway can do it, and its operator has chosen not to let clients.
+        if not self.enable_repository_api:
+            raise PermissionDenied(
+                f"cannot {action} model '{name}': the repository API is disabled; start the gateway "
+                "with --enable-repository-api (MODELYARD_ENABLE_REPOSITORY_API=true) to allow it"
+            )
 
     async def load_all(self) -> None:
         await self.registry.load_all()

@@ -5,7 +5,6 @@ This module only translates between HTTP and the data plane's types.
 
 from __future__ import annotations
 
-import gzip
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -14,8 +13,10 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from gateway.dataplane import DataPlane, ModelStatistics
-from gateway.errors import MalformedRequest, Unsupported
+from gateway.errors import MalformedRequest, PayloadTooLarge, Unsupported
 from gateway.protocols.tensors import (
+    DEFAULT_LIMITS,
+    InputLimits,
     parse_datatype_field,
     parse_shape,
     tensor_from_buffer,
@@ -40,7 +41,7 @@ def json_response(content: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(content, option=_NUMPY_JSON), status_code=status_code, media_type=JSON_TYPE)
 
 
-def v2_router(dataplane: DataPlane) -> APIRouter:
+def v2_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> APIRouter:
     router = APIRouter()
 
     def route(method: str, path: str, versioned: bool = True) -> Callable[[Endpoint], Endpoint]:
@@ -105,9 +106,9 @@ def v2_router(dataplane: DataPlane) -> APIRouter:
 
     @route("POST", "{model}/infer")
     async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-        body = _decompress(await request.body(), request.headers.get("content-encoding"))
+        body = decompress(await request.body(), request.headers.get("content-encoding"), limits)
         infer_request = decode_infer_request(
-            body, request.headers.get(HEADER_LENGTH), model_name, model_version
+            body, request.headers.get(HEADER_LENGTH), model_name, model_version, limits
         )
         infer_request.headers = request.headers
         return encode_infer_response(await dataplane.infer(infer_request), infer_request)
@@ -115,7 +116,7 @@ def v2_router(dataplane: DataPlane) -> APIRouter:
     @route("POST", "/v2/repository/index", versioned=False)
     async def repository_index(request: Request) -> Response:
         body = await request.body()
-        options = json_object(body) if body.strip() else {}
+        options = json_object(body, limits) if body.strip() else {}
         entries = await dataplane.repository_index(bool(options.get("ready", False)))
         return json_response(
             [
@@ -176,27 +177,62 @@ def _statistics(rows: list[ModelStatistics]) -> dict[str, Any]:
     }
 
 
-def _decompress(body: bytes, encoding: str | None) -> bytes:
+def decompress(body: bytes, encoding: str | None, limits: InputLimits = DEFAULT_LIMITS) -> bytes:
+    """The body inflated, never past `max_body_bytes`: a small gzip bomb is refused, not inflated."""
     if not encoding or encoding == "identity":
         return body
+    if encoding not in ("gzip", "deflate"):
+        raise Unsupported(f"Content-Encoding '{encoding}' is not supported; use gzip or deflate")
+    # wbits 16+MAX_WBITS reads a gzip header and trailer, MAX_WBITS a zlib stream.
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
     try:
-        if encoding == "gzip":
-            return gzip.decompress(body)
-        if encoding == "deflate":
-            return zlib.decompress(body)
-    except (OSError, EOFError, zlib.error) as exc:
+        inflated = inflater.decompress(body, limits.max_body_bytes + 1)
+    except zlib.error as exc:
         raise MalformedRequest(f"the body is not valid {encoding} data: {exc}") from None
-    raise Unsupported(f"Content-Encoding '{encoding}' is not supported; use gzip or deflate")
+    if len(inflated) > limits.max_body_bytes:
+        raise PayloadTooLarge(
+            f"the {encoding} body inflates to more than {limits.max_body_bytes} bytes "
+            "(MODELYARD_MAX_REQUEST_BODY_MB)"
+        )
+    if not inflater.eof:
+        raise MalformedRequest(f"the body is not valid {encoding} data: the stream is truncated")
+    return inflated
 
 
-def json_object(data: bytes | memoryview) -> dict[str, Any]:
+def json_object(data: bytes | memoryview, limits: InputLimits = DEFAULT_LIMITS) -> dict[str, Any]:
     try:
         parsed = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise MalformedRequest(f"the body is not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise MalformedRequest("the body must be a JSON object")
+    check_json_depth(data, parsed, limits.max_json_depth)
     return parsed
+
+
+def check_json_depth(data: bytes | memoryview, parsed: Any, max_depth: int) -> None:
+    """Refuses JSON nested deeper than `max_depth`.
+
+    The number of '[' and '{' bytes bounds the depth and costs one C-speed pass, so a body with
+    flat tensor data (what tritonclient sends) is never walked; only a body with more brackets than
+    the limit is, without recursion.
+    """
+    raw = bytes(data) if isinstance(data, memoryview) else data
+    if raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return
+    level: list[Any] = [parsed]
+    for depth in range(1, max_depth + 2):
+        if depth > max_depth:
+            raise MalformedRequest(
+                f"the JSON body is nested deeper than {max_depth} levels (MODELYARD_MAX_JSON_DEPTH)"
+            )
+        children: list[Any] = []
+        for node in level:
+            values = node.values() if isinstance(node, dict) else node
+            children.extend(v for v in values if isinstance(v, dict | list))
+        if not children:
+            return
+        level = children
 
 
 def _parameters(owner: str, value: Any) -> dict[str, Any]:
@@ -211,11 +247,20 @@ def _parameters(owner: str, value: Any) -> dict[str, Any]:
 
 
 def decode_infer_request(
-    body: bytes, header_length: str | None, model_name: str, model_version: str | None
+    body: bytes,
+    header_length: str | None,
+    model_name: str,
+    model_version: str | None,
+    limits: InputLimits = DEFAULT_LIMITS,
 ) -> InferRequest:
     """A v2 infer request from JSON, or from a JSON header followed by binary tensor data."""
+    if len(body) > limits.max_body_bytes:
+        raise PayloadTooLarge(
+            f"the body has {len(body)} bytes, over the limit of {limits.max_body_bytes} "
+            "(MODELYARD_MAX_REQUEST_BODY_MB)"
+        )
     if header_length is None:
-        header, binary = json_object(body), memoryview(b"")
+        header, binary = json_object(body, limits), memoryview(b"")
     else:
         try:
             length = int(header_length)
@@ -226,7 +271,7 @@ def decode_infer_request(
                 f"Inference-Header-Content-Length is {length} but the body has only {len(body)} bytes"
             )
         view = memoryview(body)
-        header, binary = json_object(view[:length]), view[length:]
+        header, binary = json_object(view[:length], limits), view[length:]
 
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
@@ -234,7 +279,7 @@ def decode_infer_request(
     inputs: list[Tensor] = []
     offset = 0
     for index, raw in enumerate(raw_inputs):
-        tensor, offset = _decode_input(index, raw, binary, offset)
+        tensor, offset = _decode_input(index, raw, binary, offset, limits)
         inputs.append(tensor)
     if offset != len(binary):
         raise MalformedRequest(f"{len(binary) - offset} bytes of binary data follow the last input")
@@ -259,20 +304,22 @@ def decode_infer_request(
     )
 
 
-def _decode_input(index: int, raw: Any, binary: memoryview, offset: int) -> tuple[Tensor, int]:
+def _decode_input(
+    index: int, raw: Any, binary: memoryview, offset: int, limits: InputLimits
+) -> tuple[Tensor, int]:
     if not isinstance(raw, dict):
         raise MalformedRequest(f"inputs[{index}] must be an object")
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise MalformedRequest(f"inputs[{index}] needs a 'name' string")
     datatype = parse_datatype_field(name, raw.get("datatype"))
-    shape = parse_shape(name, raw.get("shape"))
+    shape = parse_shape(name, raw.get("shape"), limits)
     parameters = _parameters(f"input '{name}'", raw.get("parameters"))
     size = parameters.get("binary_data_size")
     if size is None:
         if "data" not in raw:
             raise MalformedRequest(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
-        tensor = tensor_from_values(name, datatype, shape, raw["data"])
+        tensor = tensor_from_values(name, datatype, shape, raw["data"], limits)
     else:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise MalformedRequest(f"input '{name}': binary_data_size must be a non-negative integer")
@@ -281,7 +328,7 @@ def _decode_input(index: int, raw: Any, binary: memoryview, offset: int) -> tupl
                 f"input '{name}': binary_data_size is {size} but only {len(binary) - offset} bytes of "
                 "binary data remain: the body is truncated"
             )
-        tensor = tensor_from_buffer(name, datatype, shape, binary[offset : offset + size])
+        tensor = tensor_from_buffer(name, datatype, shape, binary[offset : offset + size], limits)
         offset += size
     tensor.parameters = parameters
     return tensor, offset
