@@ -43,6 +43,8 @@ class RunningGateway:
     grpc_port: int
     repo: Path
     log: Path
+    # The CA file that verifies the gateway's certificate, when it serves TLS.
+    tls_ca: Path | None = None
 
     @property
     def http(self) -> str:
@@ -54,7 +56,7 @@ class RunningGateway:
 
     @property
     def url(self) -> str:
-        return f"http://{self.http}"
+        return f"{'https' if self.tls_ca else 'http'}://{self.http}"
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -70,8 +72,11 @@ class RunningGateway:
         return self.process.returncode
 
 
-def start_gateway(repo: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> RunningGateway:
-    """Run `modelyard serve` as users do, and wait until it answers ready."""
+def start_gateway(
+    repo: Path, log: Path, *args: str, env: dict[str, str] | None = None, tls_ca: Path | None = None
+) -> RunningGateway:
+    """Run `modelyard serve` as users do, and wait until it answers ready (over HTTPS, verified
+    by `tls_ca`, when the arguments turn TLS on)."""
     http_port, grpc_port = free_port(), free_port()
     command = [
         sys.executable, "-m", "gateway", "serve", "--model-repo", str(repo),
@@ -81,13 +86,14 @@ def start_gateway(repo: Path, log: Path, *args: str, env: dict[str, str] | None 
         process = subprocess.Popen(
             command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
         )
-    gateway = RunningGateway(process, http_port, grpc_port, repo, log)
+    gateway = RunningGateway(process, http_port, grpc_port, repo, log, tls_ca)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the gateway exited with {process.returncode}:\n{gateway.output()}")
         try:
-            if httpx.get(f"{gateway.url}/v2/health/ready", timeout=1).status_code == 200:
+            verify = str(tls_ca) if tls_ca else True
+            if httpx.get(f"{gateway.url}/v2/health/ready", timeout=1, verify=verify).status_code == 200:
                 return gateway
         except httpx.TransportError:
             pass
@@ -111,6 +117,33 @@ def gateway(test_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     )
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three ONNX models, quick to load, for tests that start gateways of their own settings:
+    affine (FP32 [-1, 4] -> [-1, 3]), identity_fp32 and identity_bytes (INPUT -> OUTPUT)."""
+    from gateway.types import Datatype
+    from scripts.build_models import _save, build_affine
+    from tests.model_builders import build_identity
+
+    repo = tmp_path_factory.mktemp("small_repo")
+    _save(build_affine(1), repo / "affine" / "1" / "model.onnx")
+    for datatype in (Datatype.FP32, Datatype.BYTES):
+        _save(build_identity(datatype), repo / f"identity_{datatype.value.lower()}" / "1" / "model.onnx")
+    return repo
+
+
+# How many generated cases each fuzz test ran, printed at the end of the run.
+FUZZ_CASES: dict[str, int] = {}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FUZZ_CASES:
+        terminalreporter.section("fuzz cases run")
+        for name, count in sorted(FUZZ_CASES.items()):
+            terminalreporter.write_line(f"{name}: {count}")
+        terminalreporter.write_line(f"total: {sum(FUZZ_CASES.values())}")
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request, Response
 
 from gateway.dataplane import DataPlane
 from gateway.errors import InvalidInput, MalformedRequest, ModelNotFound, Unsupported
+from gateway.protocols.openapi import TF_PREDICT_REQUEST, request_body
 from gateway.protocols.tensors import DEFAULT_LIMITS, InputLimits, tensor_from_values
 from gateway.protocols.v2_rest import json_object, json_response
 from gateway.types import Datatype, IndexEntry, InferRequest, InferResponse, Tensor, TensorSpec
@@ -55,14 +56,14 @@ _NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
 def tfserving_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> APIRouter:
     router = APIRouter()
 
-    def route(method: str, suffix: str) -> Callable[[Endpoint], Endpoint]:
+    def route(method: str, suffix: str, body: dict[str, Any] | None = None) -> Callable[[Endpoint], Endpoint]:
         def register(endpoint: Endpoint) -> Endpoint:
             for prefix in (
                 "/v1/models/{model_name}",
                 "/v1/models/{model_name}/versions/{model_version}",
                 "/v1/models/{model_name}/labels/{model_label}",
             ):
-                router.add_api_route(prefix + suffix, endpoint, methods=[method])
+                router.add_api_route(prefix + suffix, endpoint, methods=[method], openapi_extra=body)
             return endpoint
 
         return register
@@ -91,7 +92,7 @@ def tfserving_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS)
             }
         )
 
-    @route("POST", ":predict")
+    @route("POST", ":predict", body=request_body(TF_PREDICT_REQUEST))
     async def predict(
         request: Request, model_name: str, model_version: str | None = None, model_label: str | None = None
     ) -> Response:

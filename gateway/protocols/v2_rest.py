@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request, Response
 
 from gateway.dataplane import DataPlane, ModelStatistics
 from gateway.errors import MalformedRequest, PayloadTooLarge, Unsupported
+from gateway.protocols.openapi import V2_INFER_REQUEST, V2_REPOSITORY_INDEX_REQUEST, request_body
 from gateway.protocols.tensors import (
     DEFAULT_LIMITS,
     InputLimits,
@@ -44,14 +45,19 @@ def json_response(content: Any, status_code: int = 200) -> Response:
 def v2_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> APIRouter:
     router = APIRouter()
 
-    def route(method: str, path: str, versioned: bool = True) -> Callable[[Endpoint], Endpoint]:
+    def route(
+        method: str, path: str, versioned: bool = True, body: dict[str, Any] | None = None
+    ) -> Callable[[Endpoint], Endpoint]:
         def register(endpoint: Endpoint) -> Endpoint:
             router.add_api_route(
-                path.replace("{model}", "/v2/models/{model_name}"), endpoint, methods=[method]
+                path.replace("{model}", "/v2/models/{model_name}"),
+                endpoint,
+                methods=[method],
+                openapi_extra=body,
             )
             if versioned:
                 versioned_path = path.replace("{model}", "/v2/models/{model_name}/versions/{model_version}")
-                router.add_api_route(versioned_path, endpoint, methods=[method])
+                router.add_api_route(versioned_path, endpoint, methods=[method], openapi_extra=body)
             return endpoint
 
         return register
@@ -104,7 +110,7 @@ def v2_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> API
     async def model_stats(model_name: str, model_version: str | None = None) -> Response:
         return json_response(_statistics(dataplane.statistics(model_name, model_version)))
 
-    @route("POST", "{model}/infer")
+    @route("POST", "{model}/infer", body=request_body(V2_INFER_REQUEST, binary=True))
     async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
         body = decompress(await request.body(), request.headers.get("content-encoding"), limits)
         infer_request = decode_infer_request(
@@ -113,7 +119,9 @@ def v2_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> API
         infer_request.headers = request.headers
         return encode_infer_response(await dataplane.infer(infer_request), infer_request)
 
-    @route("POST", "/v2/repository/index", versioned=False)
+    @route(
+        "POST", "/v2/repository/index", versioned=False, body=request_body(V2_REPOSITORY_INDEX_REQUEST, False)
+    )
     async def repository_index(request: Request) -> Response:
         body = await request.body()
         options = json_object(body, limits) if body.strip() else {}
