@@ -73,10 +73,15 @@ class RunningGateway:
 
 
 def start_gateway(
-    repo: Path, log: Path, *args: str, env: dict[str, str] | None = None, tls_ca: Path | None = None
+    repo: Path,
+    log: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    tls_ca: Path | None = None,
+    ready_headers: dict[str, str] | None = None,
 ) -> RunningGateway:
     """Run `modelyard serve` as users do, and wait until it answers ready (over HTTPS, verified
-    by `tls_ca`, when the arguments turn TLS on)."""
+    by `tls_ca`, when the arguments turn TLS on; with `ready_headers` where health needs a key)."""
     http_port, grpc_port = free_port(), free_port()
     command = [
         sys.executable, "-m", "gateway", "serve", "--model-repo", str(repo),
@@ -93,7 +98,10 @@ def start_gateway(
             raise RuntimeError(f"the gateway exited with {process.returncode}:\n{gateway.output()}")
         try:
             verify = str(tls_ca) if tls_ca else True
-            if httpx.get(f"{gateway.url}/v2/health/ready", timeout=1, verify=verify).status_code == 200:
+            ready = httpx.get(
+                f"{gateway.url}/v2/health/ready", timeout=1, verify=verify, headers=ready_headers
+            )
+            if ready.status_code == 200:
                 return gateway
         except httpx.TransportError:
             pass

@@ -110,7 +110,8 @@ class Authorizer:
         key = self._match(token)
         if key is None:
             raise Unauthenticated("the API key is not valid")
-        if not key.allows(action, model):
+        # Health and metrics, where not open, take any valid key: they concern no model.
+        if action in KEY_ACTIONS and not key.allows(action, model):
             target = f"model '{model}'" if model is not None else "this server"
             raise PermissionDenied(f"API key '{key.name}' may not {action} on {target}")
 
