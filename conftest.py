@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -97,7 +98,7 @@ def start_gateway(
         if process.poll() is not None:
             raise RuntimeError(f"the gateway exited with {process.returncode}:\n{gateway.output()}")
         try:
-            verify = str(tls_ca) if tls_ca else True
+            verify = ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else True
             ready = httpx.get(
                 f"{gateway.url}/v2/health/ready", timeout=1, verify=verify, headers=ready_headers
             )
