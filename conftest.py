@@ -143,6 +143,26 @@ def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
+# Small input limits (tests/reliability): crossed by ordinary test requests, and often by fuzzing.
+LIMITED_ENV = {
+    "MODELYARD_MAX_REQUEST_BODY_MB": str(64 / 1024),
+    "MODELYARD_MAX_TENSOR_ELEMENTS": "1024",
+    "MODELYARD_MAX_JSON_DEPTH": "8",
+    "MODELYARD_MAX_BYTES_ELEMENT_MB": str(1000 / (1 << 20)),
+    "MODELYARD_GRPC_MAX_MESSAGE_MB": "1",
+}
+
+
+@pytest.fixture(scope="session")
+def limited_gateway(small_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    """A gateway over small_repo with LIMITED_ENV's limits and the repository API on."""
+    log = tmp_path_factory.mktemp("limited") / "gateway.log"
+    running = start_gateway(small_repo, log, "--enable-repository-api", env=LIMITED_ENV)
+    yield running
+    assert running.stop() == 0
+    assert "Traceback" not in running.output(), running.output()[-3000:]
+
+
 # How many generated cases each fuzz test ran, printed at the end of the run.
 FUZZ_CASES: dict[str, int] = {}
 

@@ -243,43 +243,19 @@ def test_tfserving_grpc_needs_a_key(authed: RunningGateway) -> None:
                 assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-def test_health_and_metrics_can_be_closed(small_repo: Path, tmp_path: Path) -> None:
-    keys = tmp_path / "keys.json"
-    keys.write_text(yaml.safe_dump(KEY_FILE["keys"][:1]))
-    env = {"MODELYARD_AUTH_OPEN_HEALTH": "false", "MODELYARD_AUTH_OPEN_METRICS": "false"}
-    closed = start_gateway(
-        small_repo,
-        tmp_path / "log.txt",
-        "--api-keys-file",
-        str(keys),
-        env=env,
-        ready_headers={"Authorization": f"Bearer {KEYS['admin']}"},
-    )
-    try:
-        with httpx.Client(base_url=closed.url, timeout=30) as client:
-            for path in ("/v2/health/ready", "/v2/health/live", "/metrics"):
-                assert client.get(path).status_code == 401, path
-                assert client.get(path, headers={"X-API-Key": KEYS["admin"]}).status_code == 200, path
-        client_grpc = triton_grpc.InferenceServerClient(closed.grpc)
-        try:
-            with pytest.raises(InferenceServerException) as caught:
-                client_grpc.is_server_ready()
-            assert caught.value.status() == "StatusCode.UNAUTHENTICATED"
-            assert client_grpc.is_server_ready(headers={"authorization": f"Bearer {KEYS['admin']}"})
-        finally:
-            client_grpc.close()
-    finally:
-        assert closed.stop() == 0
-
-
-def test_keys_from_the_environment_and_the_repository_api_off_by_default(
+def test_keys_from_the_environment_closed_health_and_the_repository_api_off(
     small_repo: Path, tmp_path: Path
 ) -> None:
     import json
 
-    env = {"MODELYARD_API_KEYS": json.dumps(KEY_FILE["keys"][:2])}
-    gateway = start_gateway(small_repo, tmp_path / "log.txt", env=env)
+    env = {
+        "MODELYARD_API_KEYS": json.dumps(KEY_FILE["keys"][:2]),
+        "MODELYARD_AUTH_OPEN_HEALTH": "false",
+        "MODELYARD_AUTH_OPEN_METRICS": "false",
+    }
     admin = {"X-API-Key": KEYS["admin"]}
+    grpc_admin = {"x-api-key": KEYS["admin"]}
+    gateway = start_gateway(small_repo, tmp_path / "log.txt", env=env, ready_headers=admin)
     client = triton_grpc.InferenceServerClient(gateway.grpc)
     try:
         with httpx.Client(base_url=gateway.url, timeout=30) as http:
@@ -288,6 +264,11 @@ def test_keys_from_the_environment_and_the_repository_api_off_by_default(
                 "/v2/models/affine/infer", json=GOOD, headers={"X-API-Key": KEYS["affine_infer"]}
             )
             assert answer.status_code == 200
+            # Health and metrics closed by configuration: any valid key opens them.
+            for path in ("/v2/health/ready", "/v2/health/live", "/metrics"):
+                assert http.get(path).status_code == 401, path
+                assert http.get(path, headers={"X-API-Key": WRONG}).status_code == 401, path
+                assert http.get(path, headers={"X-API-Key": KEYS["affine_infer"]}).status_code == 200, path
             # The repository API is off by default: even a key allowed to use it gets 403.
             for action in ("load", "unload"):
                 refused = http.post(f"/v2/repository/models/affine/{action}", headers=admin)
@@ -297,10 +278,14 @@ def test_keys_from_the_environment_and_the_repository_api_off_by_default(
             assert http.post("/v2/repository/index", headers=admin).status_code == 200
         for method_call in (client.load_model, client.unload_model):
             with pytest.raises(InferenceServerException) as caught:
-                method_call("affine", headers={"x-api-key": KEYS["admin"]})
+                method_call("affine", headers=grpc_admin)
             assert caught.value.status() == "StatusCode.PERMISSION_DENIED"
             assert "repository API is disabled" in str(caught.value)
-        assert client.is_model_ready("affine", headers={"x-api-key": KEYS["admin"]})
+        with pytest.raises(InferenceServerException) as caught:
+            client.is_server_ready()
+        assert caught.value.status() == "StatusCode.UNAUTHENTICATED"
+        assert client.is_server_ready(headers=grpc_admin)
+        assert client.is_model_ready("affine", headers=grpc_admin)
         assert KEYS["admin"] not in gateway.output()
     finally:
         client.close()

@@ -29,7 +29,7 @@ from gateway.protocols import tfserving_rest, v2_grpc, v2_rest
 from gateway.protocols.tensors import DEFAULT_LIMITS, InputLimits
 from gateway.types import Datatype, InferRequest, TensorSpec
 
-EXAMPLES = int(os.environ.get("MODELYARD_FUZZ_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("MODELYARD_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import http.client
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import quote
 
 import grpc
@@ -17,28 +16,19 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import RunningGateway, start_gateway
+from conftest import RunningGateway
 
+# conftest.LIMITED_ENV's limits.
 MAX_BODY = 64 * 1024
 MAX_ELEMENTS = 1024
 MAX_DEPTH = 8
 MAX_STRING = 1000
-LIMITS = {
-    "MODELYARD_MAX_REQUEST_BODY_MB": str(MAX_BODY / (1 << 20)),
-    "MODELYARD_MAX_TENSOR_ELEMENTS": str(MAX_ELEMENTS),
-    "MODELYARD_MAX_JSON_DEPTH": str(MAX_DEPTH),
-    "MODELYARD_MAX_BYTES_ELEMENT_MB": str(MAX_STRING / (1 << 20)),
-    "MODELYARD_GRPC_MAX_MESSAGE_MB": "1",
-}
 GOOD = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
 
 
-@pytest.fixture(scope="module")
-def limited(small_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
-    log = tmp_path_factory.mktemp("limited") / "gateway.log"
-    running = start_gateway(small_repo, log, "--enable-repository-api", env=LIMITS)
-    yield running
-    assert running.stop() == 0
+@pytest.fixture
+def limited(limited_gateway: RunningGateway) -> RunningGateway:
+    return limited_gateway
 
 
 @pytest.fixture

@@ -126,7 +126,7 @@ def test_grpc_over_tls(tls_gateway: RunningGateway) -> None:
     plain = triton_grpc.InferenceServerClient(tls_gateway.grpc)
     try:
         with pytest.raises(InferenceServerException):
-            plain.is_server_live(client_timeout=5)
+            plain.is_server_live(client_timeout=2)
     finally:
         plain.close()
 
