@@ -508,6 +508,19 @@ class TfServingProtocol:
         }
 
 
+def float_tensor_proto(shape: list[int], values: list[float]) -> Any:
+    """A DT_FLOAT TensorProto built field by field, so shape and values may disagree on purpose."""
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in shape]
+        ),
+        float_val=values,
+    )
+
+
 def _rest_values(value: Any) -> Any:
     """Numbers as nested lists; bytes as TF Serving's {"b64": ...} objects."""
     import base64

@@ -18,7 +18,7 @@ import tritonclient.http as triton_http
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from conftest import RunningGateway, start_gateway
+from conftest import RunningGateway, float_tensor_proto, start_gateway
 from gateway.protocols.http import route_action
 
 KEYS = {name: secrets.token_urlsafe(24) for name in ("admin", "affine_infer", "other_model", "reader")}
@@ -193,7 +193,6 @@ def test_every_grpc_method_needs_a_key_of_its_model_and_action(authed: RunningGa
 
 
 def test_tfserving_grpc_needs_a_key(authed: RunningGateway) -> None:
-    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
     from tensorflow_serving.apis import (
         get_model_metadata_pb2,
         get_model_status_pb2,
@@ -204,15 +203,7 @@ def test_tfserving_grpc_needs_a_key(authed: RunningGateway) -> None:
 
     predict = predict_pb2.PredictRequest()
     predict.model_spec.name = "affine"
-    predict.inputs["x"].CopyFrom(
-        tensor_pb2.TensorProto(
-            dtype=types_pb2.DT_FLOAT,
-            tensor_shape=tensor_shape_pb2.TensorShapeProto(
-                dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in (1, 4)]
-            ),
-            float_val=[1, 2, 3, 4],
-        )
-    )
+    predict.inputs["x"].CopyFrom(float_tensor_proto([1, 4], [1, 2, 3, 4]))
     metadata = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
     metadata.model_spec.name = "affine"
     status = get_model_status_pb2.GetModelStatusRequest()

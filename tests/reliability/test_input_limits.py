@@ -16,7 +16,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import RunningGateway
+from conftest import RunningGateway, float_tensor_proto
 
 # conftest.LIMITED_ENV's limits.
 MAX_BODY = 64 * 1024
@@ -212,21 +212,12 @@ def test_bytes_shape_larger_than_its_buffer_is_refused_before_allocation(http: h
 
 def test_tfserving_grpc_refuses_a_shape_its_values_do_not_fill(limited: RunningGateway) -> None:
     """tf.make_ndarray would repeat one value over the whole shape: the gateway checks first."""
-    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
     def predict(shape: list[int], values: list[float]) -> grpc.RpcError:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = "affine"
-        request.inputs["x"].CopyFrom(
-            tensor_pb2.TensorProto(
-                dtype=types_pb2.DT_FLOAT,
-                tensor_shape=tensor_shape_pb2.TensorShapeProto(
-                    dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in shape]
-                ),
-                float_val=values,
-            )
-        )
+        request.inputs["x"].CopyFrom(float_tensor_proto(shape, values))
         with grpc.insecure_channel(limited.grpc) as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
             with pytest.raises(grpc.RpcError) as caught:
