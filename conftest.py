@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -43,6 +44,8 @@ class RunningGateway:
     grpc_port: int
     repo: Path
     log: Path
+    # The CA file that verifies the gateway's certificate, when it serves TLS.
+    tls_ca: Path | None = None
 
     @property
     def http(self) -> str:
@@ -54,7 +57,7 @@ class RunningGateway:
 
     @property
     def url(self) -> str:
-        return f"http://{self.http}"
+        return f"{'https' if self.tls_ca else 'http'}://{self.http}"
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -70,8 +73,16 @@ class RunningGateway:
         return self.process.returncode
 
 
-def start_gateway(repo: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> RunningGateway:
-    """Run `modelyard serve` as users do, and wait until it answers ready."""
+def start_gateway(
+    repo: Path,
+    log: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    tls_ca: Path | None = None,
+    ready_headers: dict[str, str] | None = None,
+) -> RunningGateway:
+    """Run `modelyard serve` as users do, and wait until it answers ready (over HTTPS, verified
+    by `tls_ca`, when the arguments turn TLS on; with `ready_headers` where health needs a key)."""
     http_port, grpc_port = free_port(), free_port()
     command = [
         sys.executable, "-m", "gateway", "serve", "--model-repo", str(repo),
@@ -81,13 +92,17 @@ def start_gateway(repo: Path, log: Path, *args: str, env: dict[str, str] | None 
         process = subprocess.Popen(
             command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
         )
-    gateway = RunningGateway(process, http_port, grpc_port, repo, log)
+    gateway = RunningGateway(process, http_port, grpc_port, repo, log, tls_ca)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the gateway exited with {process.returncode}:\n{gateway.output()}")
         try:
-            if httpx.get(f"{gateway.url}/v2/health/ready", timeout=1).status_code == 200:
+            verify = ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else True
+            ready = httpx.get(
+                f"{gateway.url}/v2/health/ready", timeout=1, verify=verify, headers=ready_headers
+            )
+            if ready.status_code == 200:
                 return gateway
         except httpx.TransportError:
             pass
@@ -105,9 +120,59 @@ def test_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def gateway(test_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
-    running = start_gateway(test_repo, tmp_path_factory.mktemp("logs") / "gateway.log")
+    # The tests load and unload models through the repository API, which is off by default.
+    running = start_gateway(
+        test_repo, tmp_path_factory.mktemp("logs") / "gateway.log", "--enable-repository-api"
+    )
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three ONNX models, quick to load, for tests that start gateways of their own settings:
+    affine (FP32 [-1, 4] -> [-1, 3]), identity_fp32 and identity_bytes (INPUT -> OUTPUT)."""
+    from gateway.types import Datatype
+    from scripts.build_models import _save, build_affine
+    from tests.model_builders import build_identity
+
+    repo = tmp_path_factory.mktemp("small_repo")
+    _save(build_affine(1), repo / "affine" / "1" / "model.onnx")
+    for datatype in (Datatype.FP32, Datatype.BYTES):
+        _save(build_identity(datatype), repo / f"identity_{datatype.value.lower()}" / "1" / "model.onnx")
+    return repo
+
+
+# Small input limits (tests/reliability): crossed by ordinary test requests, and often by fuzzing.
+LIMITED_ENV = {
+    "MODELYARD_MAX_REQUEST_BODY_MB": str(64 / 1024),
+    "MODELYARD_MAX_TENSOR_ELEMENTS": "1024",
+    "MODELYARD_MAX_JSON_DEPTH": "8",
+    "MODELYARD_MAX_BYTES_ELEMENT_MB": str(1000 / (1 << 20)),
+    "MODELYARD_GRPC_MAX_MESSAGE_MB": "1",
+}
+
+
+@pytest.fixture(scope="session")
+def limited_gateway(small_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    """A gateway over small_repo with LIMITED_ENV's limits and the repository API on."""
+    log = tmp_path_factory.mktemp("limited") / "gateway.log"
+    running = start_gateway(small_repo, log, "--enable-repository-api", env=LIMITED_ENV)
+    yield running
+    assert running.stop() == 0
+    assert "Traceback" not in running.output(), running.output()[-3000:]
+
+
+# How many generated cases each fuzz test ran, printed at the end of the run.
+FUZZ_CASES: dict[str, int] = {}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FUZZ_CASES:
+        terminalreporter.section("fuzz cases run")
+        for name, count in sorted(FUZZ_CASES.items()):
+            terminalreporter.write_line(f"{name}: {count}")
+        terminalreporter.write_line(f"total: {sum(FUZZ_CASES.values())}")
 
 
 @pytest.fixture
@@ -161,11 +226,11 @@ def protocol(request: pytest.FixtureRequest, gateway: RunningGateway) -> Iterato
 class InProcessGateway:
     """The real Gateway in a thread of this process, for tests that give it their own adapters."""
 
-    def __init__(self, repo: Path, adapter_factory: Any) -> None:
+    def __init__(self, repo: Path, adapter_factory: Any, **settings: Any) -> None:
         from gateway.settings import Settings
 
         self.settings = Settings(
-            model_repo=repo, http_port=free_port(), grpc_port=free_port(), log_level="warning"
+            model_repo=repo, http_port=free_port(), grpc_port=free_port(), log_level="warning", **settings
         )
         self._factory = adapter_factory
         self._started = threading.Event()
@@ -441,6 +506,19 @@ class TfServingProtocol:
             }
             for side in ("inputs", "outputs")
         }
+
+
+def float_tensor_proto(shape: list[int], values: list[float]) -> Any:
+    """A DT_FLOAT TensorProto built field by field, so shape and values may disagree on purpose."""
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in shape]
+        ),
+        float_val=values,
+    )
 
 
 def _rest_values(value: Any) -> Any:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from gateway import parity as checks
 from gateway.errors import GatewayError
@@ -58,8 +59,24 @@ def serve(
         bool | None,
         typer.Option(
             "--enable-repository-api",
-            help="Allow loading and unloading models over the API [env MODELYARD_ENABLE_REPOSITORY_API].",
+            help="Allow the repository API to load and unload models [env MODELYARD_ENABLE_REPOSITORY_API].",
+            show_default=False,
         ),
+    ] = None,
+    api_keys_file: Annotated[
+        Path | None,
+        typer.Option(help="YAML/JSON file of API keys; turns auth on [env MODELYARD_API_KEYS_FILE]."),
+    ] = None,
+    tls_certfile: Annotated[
+        Path | None,
+        typer.Option(help="PEM certificate: serve HTTP and gRPC over TLS [env MODELYARD_TLS_CERTFILE]."),
+    ] = None,
+    tls_keyfile: Annotated[
+        Path | None, typer.Option(help="PEM private key of --tls-certfile [env MODELYARD_TLS_KEYFILE].")
+    ] = None,
+    max_request_body_mb: Annotated[
+        float | None,
+        typer.Option(help="Largest REST request body, default 256 [env MODELYARD_MAX_REQUEST_BODY_MB]."),
     ] = None,
 ) -> None:
     """Serve a model repository over REST and gRPC."""
@@ -73,8 +90,17 @@ def serve(
         "log_level": log_level,
         "poll_interval_s": poll_interval,
         "enable_repository_api": enable_repository_api,
+        "api_keys_file": api_keys_file,
+        "tls_certfile": tls_certfile,
+        "tls_keyfile": tls_keyfile,
+        "max_request_body_mb": max_request_body_mb,
     }
-    run(Settings(**{k: v for k, v in given.items() if v is not None}))
+    try:
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    run(settings)
 
 
 @repo_app.command("check")

@@ -26,6 +26,7 @@ from gateway.errors import (
     ModelNotFound,
     ModelNotReady,
     Overloaded,
+    PermissionDenied,
     status_for,
 )
 from gateway.limits import Limiter, Priority
@@ -78,8 +79,10 @@ class DataPlane:
         *,
         global_limiter: Limiter | None = None,
         priority_header: str = "x-priority",
+        enable_repository_api: bool = False,
     ) -> None:
         self.registry = registry
+        self.enable_repository_api = enable_repository_api
         self.router = router
         self.metrics = metrics
         self._rng = rng or random.Random()
@@ -495,10 +498,20 @@ class DataPlane:
         return entries
 
     async def load_model(self, name: str) -> None:
+        self._check_repository_api("load", name)
         await self.registry.load(name)
 
     async def unload_model(self, name: str) -> None:
+        self._check_repository_api("unload", name)
         await self.registry.unload(name)
+
+    def _check_repository_api(self, action: str, name: str) -> None:
+        # 403, not 501: the gateway can do it, and its operator has chosen not to let clients.
+        if not self.enable_repository_api:
+            raise PermissionDenied(
+                f"cannot {action} model '{name}': the repository API is disabled; start the gateway "
+                "with --enable-repository-api (MODELYARD_ENABLE_REPOSITORY_API=true) to allow it"
+            )
 
     async def load_all(self) -> None:
         await self.registry.load_all()

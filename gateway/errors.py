@@ -77,6 +77,18 @@ class Unsupported(GatewayError):
     """The request asks for something this gateway does not implement."""
 
 
+class PayloadTooLarge(GatewayError):
+    """The request is over a configured size: its body, a tensor's element count, a string's length."""
+
+
+class Unauthenticated(GatewayError):
+    """Auth is on and the request carries no API key, or one the gateway does not know."""
+
+
+class PermissionDenied(GatewayError):
+    """The request's key is valid but not for this model or action, or the action is switched off."""
+
+
 ERROR_TABLE: dict[type[GatewayError], tuple[int, grpc.StatusCode]] = {
     ModelNotFound: (404, grpc.StatusCode.NOT_FOUND),
     InvalidInput: (400, grpc.StatusCode.INVALID_ARGUMENT),
@@ -87,6 +99,10 @@ ERROR_TABLE: dict[type[GatewayError], tuple[int, grpc.StatusCode]] = {
     Overloaded: (429, grpc.StatusCode.RESOURCE_EXHAUSTED),
     DeadlineExceeded: (504, grpc.StatusCode.DEADLINE_EXCEEDED),
     Unsupported: (501, grpc.StatusCode.UNIMPLEMENTED),
+    # gRPC itself answers RESOURCE_EXHAUSTED for a message over its size limit: the same code here.
+    PayloadTooLarge: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    Unauthenticated: (401, grpc.StatusCode.UNAUTHENTICATED),
+    PermissionDenied: (403, grpc.StatusCode.PERMISSION_DENIED),
     BackendError: (500, grpc.StatusCode.INTERNAL),
     GatewayError: (500, grpc.StatusCode.INTERNAL),
 }

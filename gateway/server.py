@@ -17,10 +17,12 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2_grpc
 
 from adapters import create_adapter
+from gateway.auth import Authorizer
 from gateway.dataplane import DataPlane
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.protocols.http import create_app
+from gateway.protocols.tensors import InputLimits
 from gateway.protocols.v2_grpc import SERVICE_NAME, ErrorInterceptor, InferenceServicer
 from gateway.registry import AdapterFactory, Registry
 from gateway.routing import Router
@@ -57,6 +59,7 @@ class Gateway:
             self.metrics,
             global_limiter=global_limiter,
             priority_header=settings.priority_header.lower(),
+            enable_repository_api=settings.enable_repository_api,
         )
         self.status = StatusReader(
             self.dataplane,
@@ -64,7 +67,12 @@ class Gateway:
             settings.enable_repository_api,
             breaker_probe=self.dataplane.breaker_state,
         )
-        self.app = create_app(self.dataplane, self.metrics, self.status)
+        self.limits = InputLimits.from_settings(settings)
+        try:
+            self.authorizer = Authorizer.from_settings(settings)
+        except ValueError as exc:
+            raise SystemExit(f"modelyard: {exc}") from None
+        self.app = create_app(self.dataplane, self.metrics, self.limits, self.authorizer, self.status)
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._http: _UvicornServer | None = None
@@ -104,10 +112,12 @@ class Gateway:
     async def _start_grpc(self) -> None:
         limit = self.settings.grpc_max_message_mb * 1024 * 1024
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=[ErrorInterceptor(self.authorizer)],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.dataplane, self.limits), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self._services = [SERVICE_NAME, *self._add_tfserving_services(server)]
         reflection.enable_server_reflection(
@@ -120,11 +130,25 @@ class Gateway:
         )
         address = f"{self.settings.host}:{self.settings.grpc_port}"
         try:
-            server.add_insecure_port(address)
+            credentials = self._grpc_credentials()
+            if credentials is None:
+                server.add_insecure_port(address)
+            else:
+                server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise SystemExit(f"modelyard: cannot listen for gRPC on {address}: {exc}") from exc
         await server.start()
         self._grpc = server
+
+    def _grpc_credentials(self) -> grpc.ServerCredentials | None:
+        certfile, keyfile = self.settings.tls_certfile, self.settings.tls_keyfile
+        if certfile is None or keyfile is None:
+            return None
+        try:
+            pair = (keyfile.read_bytes(), certfile.read_bytes())
+        except OSError as exc:
+            raise SystemExit(f"modelyard: cannot read the TLS certificate or key: {exc}") from exc
+        return grpc.ssl_server_credentials([pair])
 
     def _add_tfserving_services(self, server: grpc.aio.Server) -> list[str]:
         """TF Serving's gRPC services, where the tensorflow extra is installed; else none."""
@@ -133,7 +157,7 @@ class Gateway:
         except ImportError as exc:
             log.info("TF Serving gRPC API not served: %s (pip install 'modelyard[tensorflow]')", exc)
             return []
-        return tfserving_grpc.add_to_server(self.dataplane, server)
+        return tfserving_grpc.add_to_server(self.dataplane, server, self.limits)
 
     async def _start_http(self) -> None:
         config = uvicorn.Config(
@@ -145,6 +169,8 @@ class Gateway:
             lifespan="off",
             loop="none",
             http="httptools",
+            ssl_certfile=self.settings.tls_certfile,
+            ssl_keyfile=self.settings.tls_keyfile,
         )
         self._http = _UvicornServer(config)
         self._http_task = asyncio.create_task(self._http.serve())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,5 +31,42 @@ class Settings(BaseSettings):
     # Seconds between scans of the repository for new, changed or removed models; None: never,
     # and models change only through the repository API.
     poll_interval_s: float | None = Field(default=None, gt=0)
-    # The repository API's load and unload (and the status page's buttons for them).
+    # The repository control API (load and unload a model) changes what the gateway serves:
+    # off unless asked for, as Triton's --model-control-mode=explicit is.
     enable_repository_api: bool = False
+
+    # Input hardening: every request is held to these before anything is allocated for it.
+    # A REST body over this is refused while it is read (413), a gzip/deflate body too once inflated.
+    max_request_body_mb: float = Field(default=256, gt=0)
+    # Elements in one tensor (the product of its shape), and in any one dimension.
+    max_tensor_elements: int = Field(default=1 << 28, ge=1)
+    # Nesting of a JSON body: objects and lists inside one another.
+    max_json_depth: int = Field(default=64, ge=2)
+    # Bytes in one element of a BYTES tensor.
+    max_bytes_element_mb: float = Field(default=16, gt=0)
+
+    # Auth (off unless keys are given): API keys or bearer tokens, each scoped to models and actions.
+    # A YAML or JSON file of keys, or the same list as JSON in MODELYARD_API_KEYS (see README, "Auth").
+    api_keys_file: Path | None = None
+    api_keys: SecretStr | None = None
+    # Health (/v2/health/*, gRPC health and ServerLive/Ready) and /metrics answer without a key.
+    auth_open_health: bool = True
+    auth_open_metrics: bool = True
+
+    # TLS for both HTTP and gRPC, from PEM files: both or neither.
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("TLS needs both tls_certfile and tls_keyfile")
+        return self
+
+    @property
+    def max_request_body_bytes(self) -> int:
+        return int(self.max_request_body_mb * 1024 * 1024)
+
+    @property
+    def max_bytes_element_bytes(self) -> int:
+        return int(self.max_bytes_element_mb * 1024 * 1024)

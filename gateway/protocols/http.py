@@ -1,4 +1,5 @@
-"""The HTTP application: every REST protocol's routes, /metrics, and the one REST error handler."""
+"""The HTTP application: every REST protocol's routes, /metrics, the one REST error handler, the
+request body limit and the one REST access check."""
 
 from __future__ import annotations
 
@@ -6,18 +7,21 @@ import logging
 import re
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import gateway
+from gateway.auth import Authorizer
 from gateway.dataplane import DataPlane
-from gateway.errors import GatewayError, retry_after, status_for
+from gateway.errors import GatewayError, PayloadTooLarge, retry_after, status_for
 from gateway.metrics import Metrics
 from gateway.protocols import v2_rest
+from gateway.protocols.openapi import V2_INFER_REQUEST, request_body
 from gateway.protocols.status_page import status_router
+from gateway.protocols.tensors import DEFAULT_LIMITS, InputLimits
 from gateway.protocols.tfserving_rest import tfserving_router
 from gateway.protocols.v2_rest import RESPONSE_ID_HEADER, json_response, v2_router
 from gateway.status import StatusReader
@@ -26,18 +30,106 @@ log = logging.getLogger("modelyard.http")
 
 _INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 
+# The action each route's path template needs (gateway.auth); any other route is "metadata".
+_ROUTE_ACTIONS = {
+    "/v2/health/live": "health",
+    "/v2/health/ready": "health",
+    "/metrics": "metrics",
+    "/v2/repository/models/{model_name}/load": "repository",
+    "/v2/repository/models/{model_name}/unload": "repository",
+}
+_INFER_SUFFIXES = ("/infer", ":predict", ":classify", ":regress")
 
-def create_app(dataplane: DataPlane, metrics: Metrics, status: StatusReader | None = None) -> ASGIApp:
+
+def route_action(template: str) -> str:
+    """The action a route needs, from its path template (so a model's name never decides it)."""
+    action = _ROUTE_ACTIONS.get(template)
+    if action is not None:
+        return action
+    return "infer" if template.endswith(_INFER_SUFFIXES) else "metadata"
+
+
+def credentials(headers: Any) -> str | None:
+    """The raw credentials of a request: its Authorization header, else its X-API-Key header."""
+    value: str | None = headers.get("authorization") or headers.get("x-api-key")
+    return value
+
+
+class BodySizeLimit:
+    """Refuses a request body over `max_bytes` while it arrives, never buffering more than that.
+
+    A Content-Length over the limit is answered 413 before a byte is read; a chunked body is
+    counted as it comes, and `receive` raises PayloadTooLarge (413 through the error table) once
+    it passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                declared = int(value) if value.isdigit() else 0
+                if declared > limit:
+                    await error_response(_too_large(limit), scope["method"], scope["path"])(
+                        scope, receive, send
+                    )
+                    return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _too_large(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"the request body is over the limit of {limit} bytes (MODELYARD_MAX_REQUEST_BODY_MB)"
+    )
+
+
+def create_app(
+    dataplane: DataPlane,
+    metrics: Metrics,
+    limits: InputLimits = DEFAULT_LIMITS,
+    authorizer: Authorizer | None = None,
+    status: StatusReader | None = None,
+) -> ASGIApp:
+    # With auth off there is no dependency at all, so requests pay nothing for it.
+    dependencies = []
+    if authorizer is not None and authorizer.enabled:
+        check = authorizer.check
+
+        async def authorize(request: Request) -> None:
+            route = request.scope.get("route")
+            action = route_action(getattr(route, "path", ""))
+            check(credentials(request.headers), action, request.path_params.get("model_name"))
+
+        dependencies.append(Depends(authorize))
+
     app = FastAPI(
         title="modelyard",
         version=gateway.__version__,
         description="Open Inference Protocol v2 and TF Serving APIs in front of several backends.",
         docs_url=None,
         redoc_url=None,
+        dependencies=dependencies,
     )
-    app.include_router(v2_router(dataplane))
+    app.include_router(v2_router(dataplane, limits))
     # TF Serving's REST API is plain JSON: it needs nothing from the tensorflow extra.
-    app.include_router(tfserving_router(dataplane))
+    app.include_router(tfserving_router(dataplane, limits))
     app.include_router(status_router(status or StatusReader(dataplane, metrics)))
 
     @app.get("/metrics", include_in_schema=False)
@@ -62,7 +154,8 @@ def create_app(dataplane: DataPlane, metrics: Metrics, status: StatusReader | No
         return internal_error(exc, request.method, request.url.path)
 
     _document_infer(app)
-    return InferFastPath(app, dataplane)
+    # The body limit wraps the infer fast path too, so it is outermost.
+    return BodySizeLimit(InferFastPath(app, dataplane, limits, authorizer), limits.max_body_bytes)
 
 
 def error_response(exc: GatewayError, method: str, path: str) -> Response:
@@ -94,9 +187,13 @@ class InferFastPath:
     request reaches the same v2 functions with none of that.
     """
 
-    def __init__(self, app: FastAPI, dataplane: DataPlane) -> None:
+    def __init__(
+        self, app: FastAPI, dataplane: DataPlane, limits: InputLimits, authorizer: Authorizer | None
+    ) -> None:
         self.app = app
         self.dataplane = dataplane
+        self.limits = limits
+        self.authorize = authorizer.check if authorizer is not None and authorizer.enabled else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -109,11 +206,14 @@ class InferFastPath:
     async def _infer(
         self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None
     ) -> None:
-        body = await _read_body(receive)
-        if body is None:
-            return  # the client went away
+        headers = Headers(scope=scope)
         try:
-            response = await v2_rest.infer(self.dataplane, body, Headers(scope=scope), name, version)
+            if self.authorize is not None:
+                self.authorize(credentials(headers), "infer", name)
+            body = await _read_body(receive)
+            if body is None:
+                return  # the client went away
+            response = await v2_rest.infer(self.dataplane, body, headers, name, version, self.limits)
         except GatewayError as exc:
             response = error_response(exc, "POST", scope["path"])
         except Exception as exc:
@@ -140,7 +240,11 @@ def _document_infer(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = build()
-            operation = v2_rest.infer_openapi()
+            operation = {
+                "summary": "Infer",
+                **request_body(V2_INFER_REQUEST, binary=True),
+                "responses": {"200": {"description": "The outputs"}},
+            }
             for path, parameters in (
                 ("/v2/models/{model_name}/infer", ["model_name"]),
                 ("/v2/models/{model_name}/versions/{model_version}/infer", ["model_name", "model_version"]),

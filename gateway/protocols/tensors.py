@@ -1,7 +1,8 @@
 """Tensor data on the wire, shared by the v2 REST and gRPC codecs.
 
 JSON data goes to numpy in one call; binary and raw contents go through `numpy.frombuffer`
-without a copy. Every length is checked against the shape before anything is allocated.
+without a copy. Every shape is held to `InputLimits`, and every length is checked against the
+shape, before anything is allocated for the tensor.
 """
 
 from __future__ import annotations
@@ -9,19 +10,44 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gateway.errors import InvalidInput, MalformedRequest
+from gateway.errors import InvalidInput, MalformedRequest, PayloadTooLarge
 from gateway.types import Datatype, Tensor, numpy_dtype, parse_datatype
 
-# A guard on declared shapes, far above any real request, so a hostile shape cannot make the
-# gateway allocate before the data's length has been checked.
-MAX_ELEMENTS = 1 << 31
+if TYPE_CHECKING:
+    from gateway.settings import Settings
+
+# numpy 1.x holds at most 32 dimensions; a longer shape is refused before numpy sees it.
+MAX_DIMS = 32
 _LENGTH = struct.Struct("<I")
 _FLOAT_KINDS = "iuf"
 _INT_KINDS = "iu"
+
+
+@dataclass(frozen=True, slots=True)
+class InputLimits:
+    """What one request may ask of the gateway; the defaults are Settings' defaults."""
+
+    max_body_bytes: int = 256 << 20
+    max_elements: int = 1 << 28
+    max_json_depth: int = 64
+    max_bytes_element: int = 16 << 20
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> InputLimits:
+        return cls(
+            max_body_bytes=settings.max_request_body_bytes,
+            max_elements=settings.max_tensor_elements,
+            max_json_depth=settings.max_json_depth,
+            max_bytes_element=settings.max_bytes_element_bytes,
+        )
+
+
+DEFAULT_LIMITS = InputLimits()
 
 
 def parse_datatype_field(name: str, value: Any) -> Datatype:
@@ -33,24 +59,36 @@ def parse_datatype_field(name: str, value: Any) -> Datatype:
         raise InvalidInput(f"input '{name}': {exc}") from None
 
 
-def parse_shape(name: str, value: Any) -> tuple[int, ...]:
+def parse_shape(name: str, value: Any, limits: InputLimits = DEFAULT_LIMITS) -> tuple[int, ...]:
     if not isinstance(value, list | tuple) or not all(
         isinstance(d, int) and not isinstance(d, bool) for d in value
     ):
         raise MalformedRequest(f"input '{name}': 'shape' must be a list of integers")
-    if any(d < 0 for d in value):
-        raise InvalidInput(f"input '{name}': shape {list(value)} has a negative dimension")
-    shape = tuple(value)
-    if math.prod(shape) > MAX_ELEMENTS:
-        raise InvalidInput(f"input '{name}': shape {list(shape)} has more than {MAX_ELEMENTS} elements")
+    return check_shape(name, tuple(value), limits)
+
+
+def check_shape(name: str, shape: tuple[int, ...], limits: InputLimits = DEFAULT_LIMITS) -> tuple[int, ...]:
+    """The shape, if it is one the gateway will allocate for: at most MAX_DIMS dimensions, none
+    negative, and at most `max_elements` in all and in any one dimension (even beside a zero)."""
+    if len(shape) > MAX_DIMS:
+        raise InvalidInput(f"input '{name}': shape has {len(shape)} dimensions, more than {MAX_DIMS}")
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input '{name}': shape {list(shape)} has a negative dimension")
+    if any(d > limits.max_elements for d in shape) or math.prod(shape) > limits.max_elements:
+        raise PayloadTooLarge(
+            f"input '{name}': shape {list(shape)} is over the limit of {limits.max_elements} elements "
+            "per tensor (MODELYARD_MAX_TENSOR_ELEMENTS)"
+        )
     return shape
 
 
-def tensor_from_values(name: str, datatype: Datatype, shape: tuple[int, ...], values: Any) -> Tensor:
+def tensor_from_values(
+    name: str, datatype: Datatype, shape: tuple[int, ...], values: Any, limits: InputLimits = DEFAULT_LIMITS
+) -> Tensor:
     """A tensor from JSON values (flat or nested lists) or a gRPC contents field."""
-    count = math.prod(shape)
+    count = math.prod(check_shape(name, shape, limits))
     if datatype is Datatype.BYTES:
-        array = _bytes_from_values(name, values)
+        array = _bytes_from_values(name, values, limits)
     else:
         array = _numbers_from_values(name, datatype, values)
     if array.size != count:
@@ -84,7 +122,9 @@ def _numbers_from_values(name: str, datatype: Datatype, values: Any) -> np.ndarr
             raise InvalidInput(f"input '{name}': a value is out of range for {datatype}")
     elif kind not in _FLOAT_KINDS:
         raise InvalidInput(f"input '{name}': {datatype} data must be numbers")
-    return raw.astype(dtype, copy=False).ravel()
+    # A float beyond FP16's range becomes inf, as IEEE casting says: no warning for it.
+    with np.errstate(over="ignore", invalid="ignore"):
+        return raw.astype(dtype, copy=False).ravel()
 
 
 def _big_integers(name: str, datatype: Datatype, raw: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -97,7 +137,7 @@ def _big_integers(name: str, datatype: Datatype, raw: np.ndarray[Any, Any]) -> n
         raise InvalidInput(f"input '{name}': a value is out of range for {datatype}") from None
 
 
-def _bytes_from_values(name: str, values: Any) -> np.ndarray[Any, Any]:
+def _bytes_from_values(name: str, values: Any, limits: InputLimits) -> np.ndarray[Any, Any]:
     try:
         nested = np.array(values, dtype=object)
     except ValueError as exc:
@@ -111,16 +151,29 @@ def _bytes_from_values(name: str, values: Any) -> np.ndarray[Any, Any]:
             out[index] = value
         else:
             raise InvalidInput(f"input '{name}': BYTES data must be strings")
+        if len(out[index]) > limits.max_bytes_element:
+            raise _element_too_long(name, index, len(out[index]), limits)
     return out
 
 
+def _element_too_long(name: str, index: int, length: int, limits: InputLimits) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"input '{name}': BYTES element {index} has {length} bytes, over the limit of "
+        f"{limits.max_bytes_element} (MODELYARD_MAX_BYTES_ELEMENT_MB)"
+    )
+
+
 def tensor_from_buffer(
-    name: str, datatype: Datatype, shape: tuple[int, ...], buffer: memoryview | bytes
+    name: str,
+    datatype: Datatype,
+    shape: tuple[int, ...],
+    buffer: memoryview | bytes,
+    limits: InputLimits = DEFAULT_LIMITS,
 ) -> Tensor:
     """A tensor from raw little-endian bytes (Triton's binary extension, gRPC raw contents)."""
-    count = math.prod(shape)
+    count = math.prod(check_shape(name, shape, limits))
     if datatype is Datatype.BYTES:
-        array = deserialize_bytes(name, buffer, count)
+        array = deserialize_bytes(name, buffer, count, limits)
     else:
         dtype = numpy_dtype(datatype)
         expected = count * dtype.itemsize
@@ -132,9 +185,17 @@ def tensor_from_buffer(
     return Tensor(name, datatype, shape, array.reshape(shape))
 
 
-def deserialize_bytes(name: str, buffer: memoryview | bytes, count: int) -> np.ndarray[Any, Any]:
+def deserialize_bytes(
+    name: str, buffer: memoryview | bytes, count: int, limits: InputLimits = DEFAULT_LIMITS
+) -> np.ndarray[Any, Any]:
     """BYTES elements, each a 4-byte little-endian length and then its bytes."""
     view = memoryview(buffer)
+    # Each element takes at least its 4-byte length: a shape the buffer cannot fill is refused
+    # before the array of `count` elements is allocated.
+    if count * _LENGTH.size > len(view):
+        raise InvalidInput(
+            f"input '{name}': {count} BYTES elements need at least {count * _LENGTH.size} bytes, got {len(view)}"
+        )
     out = np.empty(count, dtype=object)
     offset = 0
     for index in range(count):
@@ -142,6 +203,8 @@ def deserialize_bytes(name: str, buffer: memoryview | bytes, count: int) -> np.n
             raise InvalidInput(f"input '{name}': BYTES data ends after {index} of {count} elements")
         (length,) = _LENGTH.unpack_from(view, offset)
         offset += 4
+        if length > limits.max_bytes_element:
+            raise _element_too_long(name, index, length, limits)
         if offset + length > len(view):
             raise InvalidInput(f"input '{name}': BYTES element {index} is truncated")
         out[index] = bytes(view[offset : offset + length])

@@ -8,6 +8,7 @@ Uses the official `tensorflow-serving-api` protos (the `tensorflow` extra); tens
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -27,7 +28,8 @@ from tensorflow_serving.apis import (
 )
 
 from gateway.dataplane import DataPlane
-from gateway.errors import InvalidInput, MalformedRequest, Unsupported
+from gateway.errors import InvalidInput, MalformedRequest, PayloadTooLarge, Unsupported
+from gateway.protocols.tensors import DEFAULT_LIMITS, InputLimits, check_shape
 from gateway.protocols.tfserving_rest import PREDICT_METHOD, SIGNATURE_NAME, TF_DTYPE_NAME, TF_STATE
 from gateway.types import (
     IndexEntry,
@@ -71,12 +73,13 @@ def _model_spec(name: str, version: str) -> Any:
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):  # type: ignore[misc]
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> None:
         self.dataplane = dataplane
+        self.limits = limits
 
     async def Predict(self, request: Any, context: Any) -> Any:
         remaining = context.time_remaining()
-        infer_request = decode_predict(request, remaining)
+        infer_request = decode_predict(request, remaining, self.limits)
         return encode_predict(await self.dataplane.infer(infer_request))
 
     async def GetModelMetadata(self, request: Any, context: Any) -> Any:
@@ -128,9 +131,11 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):  # type: ignor
         )
 
 
-def add_to_server(dataplane: DataPlane, server: Any) -> list[str]:
+def add_to_server(dataplane: DataPlane, server: Any, limits: InputLimits = DEFAULT_LIMITS) -> list[str]:
     """Register both TF Serving services; their full names, for reflection and health."""
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(dataplane), server)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionServicer(dataplane, limits), server
+    )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane), server)
     return [PREDICTION_SERVICE, MODEL_SERVICE]
 
@@ -157,7 +162,9 @@ def tensor_info(spec: TensorSpec) -> Any:
     )
 
 
-def decode_predict(request: Any, time_remaining: float | None) -> InferRequest:
+def decode_predict(
+    request: Any, time_remaining: float | None, limits: InputLimits = DEFAULT_LIMITS
+) -> InferRequest:
     spec = request.model_spec
     _check_signature(spec)
     if not spec.name:
@@ -166,6 +173,7 @@ def decode_predict(request: Any, time_remaining: float | None) -> InferRequest:
         raise MalformedRequest(f"{_label(spec)}: the request needs at least one input")
     inputs = []
     for name, proto in request.inputs.items():
+        check_tensor_proto(f"{_label(spec)}: input '{name}'", proto, limits)
         try:
             array = tf.make_ndarray(proto)
         except (TypeError, ValueError) as exc:
@@ -183,6 +191,42 @@ def decode_predict(request: Any, time_remaining: float | None) -> InferRequest:
         protocol="grpc",
         deadline=None if time_remaining is None else time.monotonic() + time_remaining,
     )
+
+
+def check_tensor_proto(label: str, proto: Any, limits: InputLimits) -> None:
+    """Shape, dtype and data length agree, within the limits, before tf.make_ndarray allocates:
+    it would fill a huge shape from a single value, or from none."""
+    if proto.tensor_shape.unknown_rank:
+        raise InvalidInput(f"{label}: the shape has unknown rank")
+    shape = check_shape(label, tuple(d.size for d in proto.tensor_shape.dim), limits)
+    count = math.prod(shape)
+    try:
+        dtype = tf.dtypes.as_dtype(proto.dtype)
+    except TypeError:
+        raise InvalidInput(f"{label}: dtype {proto.dtype} is not a TensorFlow DataType") from None
+    if dtype == tf.string:
+        values = proto.string_val
+        too_long = next((len(v) for v in values if len(v) > limits.max_bytes_element), None)
+        if too_long is not None:
+            raise PayloadTooLarge(
+                f"{label}: a string of {too_long} bytes is over the limit of {limits.max_bytes_element} "
+                "(MODELYARD_MAX_BYTES_ELEMENT_MB)"
+            )
+        found = len(values)
+    elif not dtype.is_numpy_compatible or dtype.is_quantized or dtype.is_complex:
+        raise InvalidInput(f"{label}: dtype {dtype.name} is not served by modelyard")
+    elif proto.tensor_content:
+        expected = count * dtype.size
+        if len(proto.tensor_content) != expected:
+            raise InvalidInput(
+                f"{label}: shape {list(shape)} of {dtype.name} needs {expected} bytes of tensor_content, "
+                f"got {len(proto.tensor_content)}"
+            )
+        return
+    else:
+        found = sum(len(value) for field, value in proto.ListFields() if field.name.endswith("_val"))
+    if found != count:
+        raise InvalidInput(f"{label}: shape {list(shape)} needs {count} values, got {found}")
 
 
 def encode_predict(response: InferResponse) -> Any:

@@ -19,7 +19,8 @@ from fastapi import APIRouter, Request, Response
 
 from gateway.dataplane import DataPlane
 from gateway.errors import InvalidInput, MalformedRequest, ModelNotFound, Unsupported
-from gateway.protocols.tensors import tensor_from_values
+from gateway.protocols.openapi import TF_PREDICT_REQUEST, request_body
+from gateway.protocols.tensors import DEFAULT_LIMITS, InputLimits, tensor_from_values
 from gateway.protocols.v2_rest import RESPONSE_ID_HEADER, json_object, json_response
 from gateway.request_meta import REQUEST_ID_HEADER, request_id
 from gateway.types import Datatype, IndexEntry, InferRequest, InferResponse, Tensor, TensorSpec
@@ -53,17 +54,17 @@ TF_STATE: dict[str, str] = {
 _NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
 
 
-def tfserving_router(dataplane: DataPlane) -> APIRouter:
+def tfserving_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> APIRouter:
     router = APIRouter()
 
-    def route(method: str, suffix: str) -> Callable[[Endpoint], Endpoint]:
+    def route(method: str, suffix: str, body: dict[str, Any] | None = None) -> Callable[[Endpoint], Endpoint]:
         def register(endpoint: Endpoint) -> Endpoint:
             for prefix in (
                 "/v1/models/{model_name}",
                 "/v1/models/{model_name}/versions/{model_version}",
                 "/v1/models/{model_name}/labels/{model_label}",
             ):
-                router.add_api_route(prefix + suffix, endpoint, methods=[method])
+                router.add_api_route(prefix + suffix, endpoint, methods=[method], openapi_extra=body)
             return endpoint
 
         return register
@@ -92,14 +93,14 @@ def tfserving_router(dataplane: DataPlane) -> APIRouter:
             }
         )
 
-    @route("POST", ":predict")
+    @route("POST", ":predict", body=request_body(TF_PREDICT_REQUEST))
     async def predict(
         request: Request, model_name: str, model_version: str | None = None, model_label: str | None = None
     ) -> Response:
         version = requested(model_name, model_version, model_label)
-        body = json_object(await request.body())
+        body = json_object(await request.body(), limits)
         meta = await dataplane.model_metadata(model_name, version)
-        infer_request, columnar = decode_predict(body, model_name, version, meta.inputs)
+        infer_request, columnar = decode_predict(body, model_name, version, meta.inputs, limits)
         infer_request.request_id = rid = request_id(request.headers.get(REQUEST_ID_HEADER))
         response = await dataplane.infer(infer_request)
         return Response(
@@ -153,7 +154,11 @@ def _is_b64(value: Any) -> bool:
 
 
 def decode_predict(
-    body: dict[str, Any], model_name: str, version: str | None, specs: tuple[TensorSpec, ...]
+    body: dict[str, Any],
+    model_name: str,
+    version: str | None,
+    specs: tuple[TensorSpec, ...],
+    limits: InputLimits = DEFAULT_LIMITS,
 ) -> tuple[InferRequest, bool]:
     """An InferRequest from a predict body, and whether it was columnar ("inputs")."""
     label = f"model '{model_name}' version {version or 'default'}"
@@ -172,7 +177,7 @@ def decode_predict(
         spec = by_name.get(name)
         if spec is None:
             raise InvalidInput(f"{label} has no input '{name}'; its inputs are {', '.join(by_name)}")
-        inputs.append(_tensor(name, spec.datatype, values))
+        inputs.append(_tensor(name, spec.datatype, values, limits))
     return InferRequest(
         model_name=model_name, model_version=version, inputs=inputs, protocol="rest"
     ), columnar
@@ -204,20 +209,22 @@ def _only_input(specs: tuple[TensorSpec, ...], label: str) -> str:
     return specs[0].name
 
 
-def _tensor(name: str, datatype: Datatype, values: Any) -> Tensor:
+def _tensor(name: str, datatype: Datatype, values: Any, limits: InputLimits) -> Tensor:
     if datatype is Datatype.BYTES:
-        values = _decode_strings(name, values)
+        values = _decode_strings(name, values, limits.max_json_depth)
     try:
         array = np.array(values, dtype=object if datatype is Datatype.BYTES else None)
     except ValueError as exc:
         raise InvalidInput(f"input '{name}': the data is not a regular nested list ({exc})") from None
-    return tensor_from_values(name, datatype, tuple(array.shape), array)
+    return tensor_from_values(name, datatype, tuple(array.shape), array, limits)
 
 
-def _decode_strings(name: str, values: Any) -> Any:
+def _decode_strings(name: str, values: Any, depth_left: int) -> Any:
     """Nested lists with `{"b64": ...}` objects decoded to bytes and text encoded as UTF-8."""
     if isinstance(values, list):
-        return [_decode_strings(name, v) for v in values]
+        if depth_left <= 0:
+            raise MalformedRequest(f"input '{name}': the data is nested too deeply")
+        return [_decode_strings(name, v, depth_left - 1) for v in values]
     if _is_b64(values):
         try:
             return base64.b64decode(values["b64"], validate=True)

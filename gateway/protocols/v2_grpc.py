@@ -15,9 +15,12 @@ import grpc
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
+from gateway.auth import Authorizer
 from gateway.dataplane import DataPlane, ModelStatistics
 from gateway.errors import GatewayError, MalformedRequest, Unsupported, retry_after, status_for
 from gateway.protocols.tensors import (
+    DEFAULT_LIMITS,
+    InputLimits,
     parse_datatype_field,
     parse_shape,
     tensor_from_buffer,
@@ -48,8 +51,53 @@ _CONTENTS_FIELD = {
 _UNSUPPORTED_PARAMETERS = ("shared_memory_region", "classification")
 
 
+# The action each unary method needs (gateway.auth), by method name; any other is "metadata".
+_METHOD_ACTIONS = {
+    "ModelInfer": "infer",
+    "Predict": "infer",
+    "Classify": "infer",
+    "Regress": "infer",
+    "MultiInference": "infer",
+    "RepositoryModelLoad": "repository",
+    "RepositoryModelUnload": "repository",
+    "HandleReloadConfigRequest": "repository",
+    "ServerLive": "health",
+    "ServerReady": "health",
+    "Check": "health",
+}
+
+
+def method_action(method: str) -> str:
+    """The action a gRPC method (`/package.Service/Method`) needs."""
+    return _METHOD_ACTIONS.get(method.rpartition("/")[2], "metadata")
+
+
+def model_of(request: Any) -> str | None:
+    """The model a request names: `model_name`, `name` (v2) or `model_spec.name` (TF Serving)."""
+    for field in ("model_name", "name"):
+        if hasattr(request, field):
+            return str(getattr(request, field)) or None
+    if hasattr(request, "model_spec"):
+        return str(request.model_spec.name) or None
+    return None
+
+
+def _credentials(context: grpc.aio.ServicerContext) -> str | bytes | None:
+    for key, value in context.invocation_metadata() or ():
+        if key in ("authorization", "x-api-key"):
+            return value  # type: ignore[no-any-return]
+    return None
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """The gRPC side of the error table: every unary method's GatewayError becomes its status code."""
+    """The gRPC side of the error table: every unary method's GatewayError becomes its status code.
+
+    With an enabled `Authorizer`, it is also gRPC's one access check: each unary call is checked
+    from its metadata, its method's action and its model, before the servicer runs.
+    """
+
+    def __init__(self, authorizer: Authorizer | None = None) -> None:
+        self._authorizer = authorizer if authorizer is not None and authorizer.enabled else None
 
     async def intercept_service(
         self,
@@ -61,9 +109,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         inner = handler.unary_unary
         method = handler_call_details.method
+        authorizer = self._authorizer
+        action = method_action(method)
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
+                if authorizer is not None:
+                    authorizer.check(_credentials(context), action, model_of(request))
                 return await inner(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -90,8 +142,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> None:
         self.dataplane = dataplane
+        self.limits = limits
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return service_pb2.ServerLiveResponse(live=self.dataplane.live())
@@ -134,7 +187,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
         }
         try:
-            infer_request = decode_infer_request(request, context.time_remaining())
+            infer_request = decode_infer_request(request, context.time_remaining(), self.limits)
         except GatewayError as exc:
             exc.request_id = request_id(metadata.get(REQUEST_ID_HEADER), request.id)
             raise
@@ -205,7 +258,9 @@ def _parameters(owner: str, params: Any) -> dict[str, Any]:
     return result
 
 
-def decode_infer_request(request: Any, time_remaining: float | None) -> InferRequest:
+def decode_infer_request(
+    request: Any, time_remaining: float | None, limits: InputLimits = DEFAULT_LIMITS
+) -> InferRequest:
     if not request.inputs:
         raise MalformedRequest("the request needs at least one input")
     raw = request.raw_input_contents
@@ -219,12 +274,12 @@ def decode_infer_request(request: Any, time_remaining: float | None) -> InferReq
         if not name:
             raise MalformedRequest(f"inputs[{index}] needs a name")
         datatype = parse_datatype_field(name, tensor.datatype)
-        shape = parse_shape(name, list(tensor.shape))
+        shape = parse_shape(name, list(tensor.shape), limits)
         parameters = _parameters(f"input '{name}'", tensor.parameters)
         if raw:
-            decoded = tensor_from_buffer(name, datatype, shape, raw[index])
+            decoded = tensor_from_buffer(name, datatype, shape, raw[index], limits)
         else:
-            decoded = _from_contents(name, datatype, shape, tensor.contents)
+            decoded = _from_contents(name, datatype, shape, tensor.contents, limits)
         decoded.parameters = parameters
         inputs.append(decoded)
     outputs = [
@@ -242,11 +297,13 @@ def decode_infer_request(request: Any, time_remaining: float | None) -> InferReq
     )
 
 
-def _from_contents(name: str, datatype: Datatype, shape: tuple[int, ...], contents: Any) -> Tensor:
+def _from_contents(
+    name: str, datatype: Datatype, shape: tuple[int, ...], contents: Any, limits: InputLimits
+) -> Tensor:
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
         raise MalformedRequest(f"input '{name}': {datatype} data can only be sent in raw_input_contents")
-    return tensor_from_values(name, datatype, shape, list(getattr(contents, field)))
+    return tensor_from_values(name, datatype, shape, list(getattr(contents, field)), limits)
 
 
 def encode_infer_response(response: InferResponse) -> Any:

@@ -5,7 +5,6 @@ This module only translates between HTTP and the data plane's types.
 
 from __future__ import annotations
 
-import gzip
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -14,8 +13,11 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from gateway.dataplane import DataPlane, ModelStatistics
-from gateway.errors import GatewayError, MalformedRequest, Unsupported
+from gateway.errors import GatewayError, MalformedRequest, PayloadTooLarge, Unsupported
+from gateway.protocols.openapi import V2_REPOSITORY_INDEX_REQUEST, request_body
 from gateway.protocols.tensors import (
+    DEFAULT_LIMITS,
+    InputLimits,
     parse_datatype_field,
     parse_shape,
     tensor_from_buffer,
@@ -25,7 +27,7 @@ from gateway.protocols.tensors import (
 )
 from gateway.registry import Duration
 from gateway.request_meta import REQUEST_ID_HEADER, request_id
-from gateway.types import Datatype, InferRequest, InferResponse, RequestedOutput, Tensor
+from gateway.types import InferRequest, InferResponse, RequestedOutput, Tensor
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
 HEADER_LENGTH = "inference-header-content-length"
@@ -42,17 +44,22 @@ def json_response(content: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(content, option=_NUMPY_JSON), status_code=status_code, media_type=JSON_TYPE)
 
 
-def v2_router(dataplane: DataPlane) -> APIRouter:
+def v2_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> APIRouter:
     router = APIRouter()
 
-    def route(method: str, path: str, versioned: bool = True) -> Callable[[Endpoint], Endpoint]:
+    def route(
+        method: str, path: str, versioned: bool = True, body: dict[str, Any] | None = None
+    ) -> Callable[[Endpoint], Endpoint]:
         def register(endpoint: Endpoint) -> Endpoint:
             router.add_api_route(
-                path.replace("{model}", "/v2/models/{model_name}"), endpoint, methods=[method]
+                path.replace("{model}", "/v2/models/{model_name}"),
+                endpoint,
+                methods=[method],
+                openapi_extra=body,
             )
             if versioned:
                 versioned_path = path.replace("{model}", "/v2/models/{model_name}/versions/{model_version}")
-                router.add_api_route(versioned_path, endpoint, methods=[method])
+                router.add_api_route(versioned_path, endpoint, methods=[method], openapi_extra=body)
             return endpoint
 
         return register
@@ -107,10 +114,12 @@ def v2_router(dataplane: DataPlane) -> APIRouter:
 
     # POST {model}/infer is served by `infer`, mounted by the HTTP app ahead of this router.
 
-    @route("POST", "/v2/repository/index", versioned=False)
+    @route(
+        "POST", "/v2/repository/index", versioned=False, body=request_body(V2_REPOSITORY_INDEX_REQUEST, False)
+    )
     async def repository_index(request: Request) -> Response:
         body = await request.body()
-        options = json_object(body) if body.strip() else {}
+        options = json_object(body, limits) if body.strip() else {}
         entries = await dataplane.repository_index(bool(options.get("ready", False)))
         return json_response(
             [
@@ -138,13 +147,20 @@ def v2_router(dataplane: DataPlane) -> APIRouter:
 
 
 async def infer(
-    dataplane: DataPlane, body: bytes, headers: Mapping[str, str], model_name: str, model_version: str | None
+    dataplane: DataPlane,
+    body: bytes,
+    headers: Mapping[str, str],
+    model_name: str,
+    model_version: str | None,
+    limits: InputLimits = DEFAULT_LIMITS,
 ) -> Response:
     """POST /v2/models/{name}[/versions/{version}]/infer: decode, run, encode."""
     given_id = headers.get(REQUEST_ID_HEADER)
     try:
-        body = _decompress(body, headers.get("content-encoding"))
-        infer_request = decode_infer_request(body, headers.get(HEADER_LENGTH), model_name, model_version)
+        body = decompress(body, headers.get("content-encoding"), limits)
+        infer_request = decode_infer_request(
+            body, headers.get(HEADER_LENGTH), model_name, model_version, limits
+        )
     except GatewayError as exc:
         exc.request_id = request_id(given_id)
         raise
@@ -187,27 +203,62 @@ def _statistics(rows: list[ModelStatistics]) -> dict[str, Any]:
     }
 
 
-def _decompress(body: bytes, encoding: str | None) -> bytes:
+def decompress(body: bytes, encoding: str | None, limits: InputLimits = DEFAULT_LIMITS) -> bytes:
+    """The body inflated, never past `max_body_bytes`: a small gzip bomb is refused, not inflated."""
     if not encoding or encoding == "identity":
         return body
+    if encoding not in ("gzip", "deflate"):
+        raise Unsupported(f"Content-Encoding '{encoding}' is not supported; use gzip or deflate")
+    # wbits 16+MAX_WBITS reads a gzip header and trailer, MAX_WBITS a zlib stream.
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
     try:
-        if encoding == "gzip":
-            return gzip.decompress(body)
-        if encoding == "deflate":
-            return zlib.decompress(body)
-    except (OSError, EOFError, zlib.error) as exc:
+        inflated = inflater.decompress(body, limits.max_body_bytes + 1)
+    except zlib.error as exc:
         raise MalformedRequest(f"the body is not valid {encoding} data: {exc}") from None
-    raise Unsupported(f"Content-Encoding '{encoding}' is not supported; use gzip or deflate")
+    if len(inflated) > limits.max_body_bytes:
+        raise PayloadTooLarge(
+            f"the {encoding} body inflates to more than {limits.max_body_bytes} bytes "
+            "(MODELYARD_MAX_REQUEST_BODY_MB)"
+        )
+    if not inflater.eof:
+        raise MalformedRequest(f"the body is not valid {encoding} data: the stream is truncated")
+    return inflated
 
 
-def json_object(data: bytes | memoryview) -> dict[str, Any]:
+def json_object(data: bytes | memoryview, limits: InputLimits = DEFAULT_LIMITS) -> dict[str, Any]:
     try:
         parsed = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise MalformedRequest(f"the body is not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise MalformedRequest("the body must be a JSON object")
+    check_json_depth(data, parsed, limits.max_json_depth)
     return parsed
+
+
+def check_json_depth(data: bytes | memoryview, parsed: Any, max_depth: int) -> None:
+    """Refuses JSON nested deeper than `max_depth`.
+
+    The number of '[' and '{' bytes bounds the depth and costs one C-speed pass, so a body with
+    flat tensor data (what tritonclient sends) is never walked; only a body with more brackets than
+    the limit is, without recursion.
+    """
+    raw = bytes(data) if isinstance(data, memoryview) else data
+    if raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return
+    level: list[Any] = [parsed]
+    for depth in range(1, max_depth + 2):
+        if depth > max_depth:
+            raise MalformedRequest(
+                f"the JSON body is nested deeper than {max_depth} levels (MODELYARD_MAX_JSON_DEPTH)"
+            )
+        children: list[Any] = []
+        for node in level:
+            values = node.values() if isinstance(node, dict) else node
+            children.extend(v for v in values if isinstance(v, dict | list))
+        if not children:
+            return
+        level = children
 
 
 def _parameters(owner: str, value: Any) -> dict[str, Any]:
@@ -222,11 +273,20 @@ def _parameters(owner: str, value: Any) -> dict[str, Any]:
 
 
 def decode_infer_request(
-    body: bytes, header_length: str | None, model_name: str, model_version: str | None
+    body: bytes,
+    header_length: str | None,
+    model_name: str,
+    model_version: str | None,
+    limits: InputLimits = DEFAULT_LIMITS,
 ) -> InferRequest:
     """A v2 infer request from JSON, or from a JSON header followed by binary tensor data."""
+    if len(body) > limits.max_body_bytes:
+        raise PayloadTooLarge(
+            f"the body has {len(body)} bytes, over the limit of {limits.max_body_bytes} "
+            "(MODELYARD_MAX_REQUEST_BODY_MB)"
+        )
     if header_length is None:
-        header, binary = json_object(body), memoryview(b"")
+        header, binary = json_object(body, limits), memoryview(b"")
     else:
         try:
             length = int(header_length)
@@ -237,7 +297,7 @@ def decode_infer_request(
                 f"Inference-Header-Content-Length is {length} but the body has only {len(body)} bytes"
             )
         view = memoryview(body)
-        header, binary = json_object(view[:length]), view[length:]
+        header, binary = json_object(view[:length], limits), view[length:]
 
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
@@ -245,7 +305,7 @@ def decode_infer_request(
     inputs: list[Tensor] = []
     offset = 0
     for index, raw in enumerate(raw_inputs):
-        tensor, offset = _decode_input(index, raw, binary, offset)
+        tensor, offset = _decode_input(index, raw, binary, offset, limits)
         inputs.append(tensor)
     if offset != len(binary):
         raise MalformedRequest(f"{len(binary) - offset} bytes of binary data follow the last input")
@@ -270,20 +330,22 @@ def decode_infer_request(
     )
 
 
-def _decode_input(index: int, raw: Any, binary: memoryview, offset: int) -> tuple[Tensor, int]:
+def _decode_input(
+    index: int, raw: Any, binary: memoryview, offset: int, limits: InputLimits
+) -> tuple[Tensor, int]:
     if not isinstance(raw, dict):
         raise MalformedRequest(f"inputs[{index}] must be an object")
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise MalformedRequest(f"inputs[{index}] needs a 'name' string")
     datatype = parse_datatype_field(name, raw.get("datatype"))
-    shape = parse_shape(name, raw.get("shape"))
+    shape = parse_shape(name, raw.get("shape"), limits)
     parameters = _parameters(f"input '{name}'", raw.get("parameters"))
     size = parameters.get("binary_data_size")
     if size is None:
         if "data" not in raw:
             raise MalformedRequest(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
-        tensor = tensor_from_values(name, datatype, shape, raw["data"])
+        tensor = tensor_from_values(name, datatype, shape, raw["data"], limits)
     else:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise MalformedRequest(f"input '{name}': binary_data_size must be a non-negative integer")
@@ -292,7 +354,7 @@ def _decode_input(index: int, raw: Any, binary: memoryview, offset: int) -> tupl
                 f"input '{name}': binary_data_size is {size} but only {len(binary) - offset} bytes of "
                 "binary data remain: the body is truncated"
             )
-        tensor = tensor_from_buffer(name, datatype, shape, binary[offset : offset + size])
+        tensor = tensor_from_buffer(name, datatype, shape, binary[offset : offset + size], limits)
         offset += size
     tensor.parameters = parameters
     return tensor, offset
@@ -336,59 +398,3 @@ def encode_infer_response(response: InferResponse, request: InferRequest) -> Res
         return Response(encoded, media_type=JSON_TYPE, headers=headers)
     headers["Inference-Header-Content-Length"] = str(len(encoded))
     return Response(b"".join([encoded, *chunks]), media_type=BINARY_TYPE, headers=headers)
-
-
-def infer_openapi() -> dict[str, Any]:
-    """The OpenAPI operation of the infer endpoint, which is mounted outside FastAPI's router.
-
-    Field names follow the Open Inference Protocol's REST schema; a body may also be a JSON header
-    followed by binary tensor data (Triton's binary extension), announced by
-    Inference-Header-Content-Length.
-    """
-    tensor = {
-        "type": "object",
-        "required": ["name", "shape", "datatype"],
-        "properties": {
-            "name": {"type": "string"},
-            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "datatype": {"type": "string", "enum": [d.value for d in Datatype]},
-            "parameters": {"type": "object"},
-            "data": {"type": "array"},
-        },
-    }
-    request = {
-        "type": "object",
-        "required": ["inputs"],
-        "properties": {
-            "id": {"type": "string"},
-            "parameters": {"type": "object"},
-            "inputs": {"type": "array", "items": tensor},
-            "outputs": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["name"],
-                    "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
-                },
-            },
-        },
-    }
-    error = {"type": "object", "properties": {"error": {"type": "string"}}}
-    return {
-        "summary": "Infer",
-        "operationId": "infer",
-        "requestBody": {
-            "required": True,
-            "content": {
-                JSON_TYPE: {"schema": request},
-                BINARY_TYPE: {"schema": {"type": "string", "format": "binary"}},
-            },
-        },
-        "responses": {
-            "200": {"description": "The outputs", "content": {JSON_TYPE: {"schema": {"type": "object"}}}},
-            **{
-                str(status): {"description": "An error", "content": {JSON_TYPE: {"schema": error}}}
-                for status in (400, 404, 429, 500, 501, 503, 504)
-            },
-        },
-    }

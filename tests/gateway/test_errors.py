@@ -102,7 +102,6 @@ MALFORMED_REST: list[tuple[str, bytes, dict[str, str]]] = [
     ("unknown datatype", orjson.dumps({"inputs": [good_input(datatype="FP8")]}), {}),
     ("negative dimension", orjson.dumps({"inputs": [good_input(shape=[-1, 4])]}), {}),
     ("shape that is not a list", orjson.dumps({"inputs": [good_input(shape="1,4")]}), {}),
-    ("huge shape", orjson.dumps({"inputs": [good_input(shape=[1 << 40, 1 << 40])]}), {}),
     ("missing data", orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4]}]}), {}),
     (
         "header length past the body",

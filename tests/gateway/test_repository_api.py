@@ -213,7 +213,7 @@ def test_polling_follows_the_folder(tmp_path: Path) -> None:
 
     repo = tmp_path / "repo"
     _save(build_affine(1), repo / "polled" / "1" / "model.onnx")
-    gateway = start_gateway(repo, tmp_path / "log.txt", "--poll-interval", "0.2")
+    gateway = start_gateway(repo, tmp_path / "log.txt", "--poll-interval", "0.2", "--enable-repository-api")
     body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
 
     def served(http: httpx.Client) -> str | None:
