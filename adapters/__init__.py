@@ -17,6 +17,9 @@ BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "torchserve": ("adapters.torchserve", "TorchServeAdapter", "torchserve"),
     "tensorflow": ("adapters.tensorflow", "TensorFlowAdapter", "tensorflow"),
     "tfserving": ("adapters.tfserving", "TfServingAdapter", "tensorflow"),
+    "litert": ("adapters.litert", "LiteRtAdapter", "litert"),
+    "keras": ("adapters.keras", "KerasAdapter", "keras"),
+    "v2": ("adapters.v2", "V2Adapter", None),
 }
 
 
