@@ -1,11 +1,14 @@
 """Keras 3, in-process: a `.keras` file loaded with `keras.saving.load_model` and called directly.
 
 Keras reads its backend (TensorFlow, PyTorch, JAX) from `KERAS_BACKEND` once, when it is first
-imported, and cannot switch afterwards. So one gateway process runs one Keras backend: the first
-Keras model to load sets `KERAS_BACKEND` from its config (`keras: {backend: ...}`, `tensorflow` by
-default) before importing Keras, and a later model that names another backend fails to load with a
-message that says so; serve it from a second gateway. The model is called as `model(x, training=False)`
-rather than through `model.predict`, which rebuilds a dataset and a step function on every call.
+imported, and cannot switch afterwards; TensorFlow imports Keras as it starts, and the gateway
+imports TensorFlow for its TF Serving front door. So one gateway process runs one Keras backend:
+`KERAS_BACKEND` in the gateway's environment (Keras' default, `tensorflow`, when unset; where nothing
+has imported Keras yet, the first Keras model's `keras.backend` sets it). A model whose
+`keras: {backend: ...}` differs from the process's fails to load with a message that says so: serve
+it from a second gateway started with that `KERAS_BACKEND`. The model is called as
+`model(x, training=False)`, not through `model.predict`, which builds a dataset and a step function
+on every call.
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ class KerasOptions(BaseModel):
 def import_keras(backend: str, label: str) -> ModuleType:
     """Keras on `backend`, imported on first use; a clear error when this process already runs another."""
     with _IMPORT_LOCK:
-        if "keras" not in sys.modules:
+        if "keras" not in sys.modules and "tensorflow" not in sys.modules:
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-            os.environ["KERAS_BACKEND"] = backend
+            os.environ.setdefault("KERAS_BACKEND", backend)
         try:
             keras = importlib.import_module("keras")
             running = str(keras.backend.backend())
@@ -58,9 +61,9 @@ def import_keras(backend: str, label: str) -> ModuleType:
             ) from exc
     if running != backend:
         raise ModelNotReady(
-            f"{label}: config.yaml asks for the Keras backend '{backend}', but this process already runs "
-            f"Keras on '{running}' (Keras fixes its backend when first imported: the first Keras model "
-            f"loaded, or KERAS_BACKEND, chose it); serve this model from another gateway process"
+            f"{label}: config.yaml asks for the Keras backend '{backend}', but this process runs Keras on "
+            f"'{running}' (Keras fixes its backend when first imported, from KERAS_BACKEND); serve this "
+            f"model from a gateway started with KERAS_BACKEND={backend}"
         )
     return keras
 
