@@ -198,12 +198,22 @@ class V2Adapter(ModelAdapter):
                 outputs = [(t["name"], t["datatype"], list(t["shape"])) for t in body.get("outputs", [])]
             except (KeyError, TypeError) as exc:
                 raise BackendError(f"{self._where}: the metadata lacks {exc}") from exc
-        config, label = self.spec.config, self.spec.label
         return ModelSignature(
-            inputs=override_signature(self._specs(inputs), config.inputs, label),
-            outputs=override_signature(self._specs(outputs), config.outputs, label),
+            inputs=self._declared(self._specs(inputs), self.spec.config.inputs, "inputs"),
+            outputs=self._declared(self._specs(outputs), self.spec.config.outputs, "outputs"),
             platform=platform or "remote_v2",
         )
+
+    def _declared(
+        self, found: tuple[TensorSpec, ...], declared: Sequence[Any] | None, side: str
+    ) -> tuple[TensorSpec, ...]:
+        """The remote's tensors, completed by config.yaml; where the remote lists none (KServe's
+        custom models, for one), config.yaml's alone."""
+        if found:
+            return override_signature(found, declared, self.spec.label)
+        if not declared:
+            raise ModelNotReady(f"{self._where} reports no {side}: declare them in config.yaml")
+        return tuple(d.spec() for d in declared)
 
     def _specs(self, tensors: Sequence[tuple[Any, Any, list[Any]]]) -> tuple[TensorSpec, ...]:
         specs = []

@@ -218,7 +218,9 @@ def build_quantized_litert(path: Path) -> None:
         for _ in range(64):
             yield [rng.uniform(-3, 3, (1, 4)).astype(np.float32)]
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([module.serve.get_concrete_function()], module)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [module.serve.get_concrete_function()], module
+    )
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -272,7 +274,7 @@ def build_v2_repository(repo: Path, grpc_address: str, rest_url: str) -> None:
         "affine": ("affine", (), {"versions": {1: "1", 2: "2"}}, "labels: {stable: 1, canary: 2}\n"),
         "litert": ("affine_litert", (1,), {"version": "2"}, ""),
         "text": ("text_normalizer", (1,), {}, ""),
-        "spin": ("spin_deadline", (1,), {}, ""),
+        "spin": ("spin", (1,), {}, ""),
         "missing": ("no_such_model", (1,), {}, ""),
     }
     for local, (remote, versions, options, extra) in remotes.items():

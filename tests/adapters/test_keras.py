@@ -51,7 +51,9 @@ def test_metadata_comes_from_the_model(protocol: Protocol) -> None:
         tensors = [(t.name, t.datatype, list(t.shape)) for t in [*metadata.inputs, *metadata.outputs]]
         platform = metadata.platform
     else:
-        tensors = [(t["name"], t["datatype"], t["shape"]) for t in [*metadata["inputs"], *metadata["outputs"]]]
+        tensors = [
+            (t["name"], t["datatype"], t["shape"]) for t in [*metadata["inputs"], *metadata["outputs"]]
+        ]
         platform = metadata["platform"]
     assert tensors == [("x", "FP32", [-1, 4]), ("y", "FP32", [-1, 3])]
     assert platform == "keras_tensorflow"
@@ -70,7 +72,10 @@ async def test_a_second_keras_backend_in_one_process_is_a_clear_error(test_repo:
     artifact = test_repo / "affine_keras" / "1" / "model.keras"
     config = ModelConfig(backend="keras", keras={"backend": other})
     adapter = adapter_class("keras")(LoadSpec("k", 1, artifact.parent, artifact, config))
-    with pytest.raises(ModelNotReady, match=f"asks for the Keras backend '{other}', but this process runs Keras on '{running}'.*KERAS_BACKEND={other}"):
+    with pytest.raises(
+        ModelNotReady,
+        match=f"asks for the Keras backend '{other}', but this process runs Keras on '{running}'.*KERAS_BACKEND={other}",
+    ):
         await adapter.load()
     await adapter.aclose()
 
@@ -81,7 +86,7 @@ async def test_a_bad_file_is_a_clear_load_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not a zip")
     config = ModelConfig(backend="keras")
     adapter = adapter_class("keras")(LoadSpec("k", 1, bad.parent, bad, config))
-    with pytest.raises(ModelNotReady, match="Keras cannot load model.keras"):
+    with pytest.raises(ModelNotReady, match=r"Keras cannot load model\.keras"):
         await adapter.load()
     await adapter.aclose()
 

@@ -28,7 +28,9 @@ def onnx_affine(test_repo: Path, version: int, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"x": x})[0]
 
 
-def infer(protocol: Protocol, model: str, x: np.ndarray, version: str = "", datatype: str = "FP32") -> np.ndarray:
+def infer(
+    protocol: Protocol, model: str, x: np.ndarray, version: str = "", datatype: str = "FP32"
+) -> np.ndarray:
     result = protocol.client.infer(
         model, [protocol.input("x", x, datatype)], model_version=version, outputs=[protocol.output("y")]
     )
@@ -55,7 +57,11 @@ def test_metadata_comes_from_the_interpreter(protocol: Protocol) -> None:
         inputs = [(t["name"], t["datatype"], t["shape"]) for t in metadata["inputs"]]
         outputs = [(t["name"], t["datatype"], t["shape"]) for t in metadata["outputs"]]
         platform = metadata["platform"]
-    assert (inputs, outputs, platform) == ([("x", "FP32", [-1, 4])], [("y", "FP32", [-1, 3])], "litert_tflite")
+    assert (inputs, outputs, platform) == (
+        [("x", "FP32", [-1, 4])],
+        [("y", "FP32", [-1, 3])],
+        "litert_tflite",
+    )
 
 
 def test_a_wrong_shape_is_a_clear_400(protocol: Protocol) -> None:
@@ -147,7 +153,7 @@ async def test_a_bad_file_or_config_is_a_clear_load_error(tmp_path: Path, test_r
     bad = tmp_path / "1" / "model.tflite"
     bad.parent.mkdir()
     bad.write_bytes(b"not a flatbuffer")
-    with pytest.raises(ModelNotReady, match="LiteRT cannot load model.tflite"):
+    with pytest.raises(ModelNotReady, match=r"LiteRT cannot load model\.tflite"):
         await adapter_class("litert")(spec(bad)).load()
     artifact = test_repo / "affine_litert" / "1" / "model.tflite"
     with pytest.raises(ModelNotReady, match="has no signature 'nope'; it has serving_default"):
@@ -178,7 +184,9 @@ def test_without_the_extras_those_models_say_so_and_the_rest_serves(test_repo: P
     try:
         body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
         assert httpx.post(f"{running.url}/v2/models/affine/infer", json=body, timeout=30).status_code == 200
-        index = {row["name"]: row for row in httpx.post(f"{running.url}/v2/repository/index", timeout=30).json()}
+        index = {
+            row["name"]: row for row in httpx.post(f"{running.url}/v2/repository/index", timeout=30).json()
+        }
         assert "pip install 'modelyard[litert]'" in index["affine_litert"]["reason"], index
         assert "pip install 'modelyard[keras]'" in index["affine_keras"]["reason"], index
         answer = httpx.post(f"{running.url}/v2/models/affine_litert/infer", json=body, timeout=30)
