@@ -108,7 +108,9 @@ class KerasAdapter(ModelAdapter):
         else:
             output_tensors = dict(zip(model.output_names, model.outputs, strict=True))
         self._output_names = tuple(str(n) for n in output_tensors)
-        inputs = tuple(_tensor_spec(n, t, label) for n, t in zip(self._input_names, model.inputs, strict=True))
+        inputs = tuple(
+            _tensor_spec(n, t, label) for n, t in zip(self._input_names, model.inputs, strict=True)
+        )
         outputs = tuple(_tensor_spec(str(n), t, label) for n, t in output_tensors.items())
         self._signature = ModelSignature(
             inputs=override_signature(inputs, self.spec.config.inputs, label),

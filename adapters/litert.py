@@ -123,7 +123,9 @@ class LiteRtAdapter(ModelAdapter):
     def _create_runner(self) -> _Runner:
         options, artifact = self._options, self.spec.artifact
         assert artifact is not None
-        resolver = OpResolverType.AUTO if options.xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        resolver = (
+            OpResolverType.AUTO if options.xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        )
         try:
             interpreter = Interpreter(
                 model_path=str(artifact), num_threads=options.threads, experimental_op_resolver_type=resolver

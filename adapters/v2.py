@@ -376,7 +376,9 @@ class V2Adapter(ModelAdapter):
             raise ModelNotReady(f"{self.spec.label} is not loaded")
         timeout = self._timeout(deadline)
         try:
-            response = await self._http.request(method, path, content=content, headers=headers, timeout=timeout)
+            response = await self._http.request(
+                method, path, content=content, headers=headers, timeout=timeout
+            )
         except httpx.TimeoutException as exc:
             raise DeadlineExceeded(f"{self._where}: no answer within {timeout:.3f}s") from exc
         except httpx.TransportError as exc:
