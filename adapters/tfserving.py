@@ -24,14 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from adapters.base import LoadSpec, ModelAdapter
 from adapters.tensorflow import read_options, signature_of
 from gateway.errors import (
+    REMOTE_GRPC_ERRORS,
+    REMOTE_HTTP_ERRORS,
     BackendError,
     BackendUnavailable,
     DeadlineExceeded,
     GatewayError,
-    InvalidInput,
-    ModelNotFound,
     ModelNotReady,
-    Overloaded,
 )
 from gateway.types import Datatype, ModelSignature, numpy_dtype
 
@@ -48,22 +47,6 @@ from tensorflow_serving.apis import (
 
 PLATFORM = "tensorflow_serving"
 _AVAILABLE = get_model_status_pb2.ModelVersionStatus.State.AVAILABLE
-# TF Serving's gRPC codes -> the gateway's errors; anything else is a BackendError.
-_ERROR_OF_CODE: dict[grpc.StatusCode, type[GatewayError]] = {
-    grpc.StatusCode.NOT_FOUND: ModelNotFound,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
-    grpc.StatusCode.UNAVAILABLE: BackendUnavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
-}
-# The same for TF Serving's REST statuses.
-_ERROR_OF_STATUS: dict[int, type[GatewayError]] = {
-    404: ModelNotFound,
-    400: InvalidInput,
-    503: BackendUnavailable,
-    504: DeadlineExceeded,
-    429: Overloaded,
-}
 
 
 class _Pool:
@@ -291,7 +274,7 @@ class TfServingAdapter(ModelAdapter):
         try:
             return await method(request, timeout=self._options.timeout_s)
         except grpc.aio.AioRpcError as exc:
-            error = _ERROR_OF_CODE.get(exc.code(), BackendError)
+            error = REMOTE_GRPC_ERRORS.get(exc.code(), BackendError)
             raise error(f"{self._where}: {exc.code().name}: {exc.details()}") from exc
 
     async def _call_rest(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
@@ -315,7 +298,7 @@ class TfServingAdapter(ModelAdapter):
         try:
             response.raise_for_status()
         except httpx.HTTPStatusError as exc:
-            error = _ERROR_OF_STATUS.get(response.status_code, BackendError)
+            error = REMOTE_HTTP_ERRORS.get(response.status_code, BackendError)
             detail = answer.get("error", answer) if isinstance(answer, dict) else answer
             raise error(f"{self._where}: HTTP {response.status_code}: {detail}") from exc
         if not isinstance(answer, dict):

@@ -24,53 +24,18 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from adapters.base import LoadSpec, ModelAdapter, SharedResources, override_signature
 from adapters.tensorflow import read_options
 from gateway.errors import (
+    REMOTE_GRPC_ERRORS,
+    REMOTE_HTTP_ERRORS,
     BackendError,
     BackendUnavailable,
     DeadlineExceeded,
     GatewayError,
     InvalidInput,
-    ModelNotFound,
     ModelNotReady,
-    Overloaded,
-    Unsupported,
 )
-from gateway.protocols.tensors import tensor_from_buffer, tensor_to_bytes
-from gateway.types import Datatype, ModelSignature, Tensor, TensorSpec, datatype_of, numpy_dtype
+from gateway.protocols.tensors import CONTENTS_FIELD, tensor_from_buffer, tensor_from_values, tensor_to_bytes
+from gateway.types import Datatype, ModelSignature, Tensor, TensorSpec, datatype_of
 
-# The remote's gRPC codes -> the gateway's errors; anything else is a BackendError.
-_ERROR_OF_CODE: dict[grpc.StatusCode, type[GatewayError]] = {
-    grpc.StatusCode.NOT_FOUND: ModelNotFound,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
-    grpc.StatusCode.UNAVAILABLE: BackendUnavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
-    grpc.StatusCode.UNIMPLEMENTED: Unsupported,
-}
-# The same for its REST statuses.
-_ERROR_OF_STATUS: dict[int, type[GatewayError]] = {
-    400: InvalidInput,
-    404: ModelNotFound,
-    422: InvalidInput,
-    429: Overloaded,
-    501: Unsupported,
-    503: BackendUnavailable,
-    504: DeadlineExceeded,
-}
-# gRPC's typed contents fields, for servers that answer without raw_output_contents.
-_CONTENTS_FIELD: dict[Datatype, str] = {
-    Datatype.BOOL: "bool_contents",
-    Datatype.INT8: "int_contents",
-    Datatype.INT16: "int_contents",
-    Datatype.INT32: "int_contents",
-    Datatype.INT64: "int64_contents",
-    Datatype.UINT8: "uint_contents",
-    Datatype.UINT16: "uint_contents",
-    Datatype.UINT32: "uint_contents",
-    Datatype.UINT64: "uint64_contents",
-    Datatype.FP32: "fp32_contents",
-    Datatype.FP64: "fp64_contents",
-    Datatype.BYTES: "bytes_contents",
-}
 _HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
@@ -267,8 +232,9 @@ class V2Adapter(ModelAdapter):
                     output.name, datatype, shape, response.raw_output_contents[index]
                 )
             else:
-                values = getattr(output.contents, _CONTENTS_FIELD.get(datatype, "bytes_contents"))
-                results[output.name] = self._from_values(output.name, datatype, shape, values)
+                field = CONTENTS_FIELD.get(datatype)
+                values = getattr(output.contents, field) if field else ()
+                results[output.name] = self._from_values(output.name, datatype, shape, list(values))
         return self._pick(results, output_names)
 
     async def _infer_rest(
@@ -334,12 +300,9 @@ class V2Adapter(ModelAdapter):
         self, name: str, datatype: Datatype, shape: tuple[int, ...], values: Any
     ) -> np.ndarray[Any, Any]:
         try:
-            if datatype is Datatype.BYTES:
-                flat = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in values]
-                return np.array(flat, dtype=object).reshape(shape)
-            return np.asarray(values, dtype=numpy_dtype(datatype)).reshape(shape)
-        except (ValueError, TypeError) as exc:
-            raise BackendError(f"{self._where}: output '{name}' cannot be read: {exc}") from exc
+            return tensor_from_values(name, datatype, shape, values).data
+        except GatewayError as exc:  # the remote's answer is malformed, not the client's request
+            raise BackendError(f"{self._where}: output {exc}") from exc
 
     # Transport --------------------------------------------------------------------------------
 
@@ -360,7 +323,7 @@ class V2Adapter(ModelAdapter):
         try:
             return await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            error = _ERROR_OF_CODE.get(exc.code(), BackendError)
+            error = REMOTE_GRPC_ERRORS.get(exc.code(), BackendError)
             raise error(f"{self._where}: {exc.code().name}: {exc.details()}") from exc
 
     async def _call_rest(
@@ -392,7 +355,7 @@ class V2Adapter(ModelAdapter):
                 f"{self._where}: HTTP {response.status_code} with a body that is not JSON"
             ) from exc
         if response.status_code != 200:
-            error = _ERROR_OF_STATUS.get(response.status_code, BackendError)
+            error = REMOTE_HTTP_ERRORS.get(response.status_code, BackendError)
             detail = answer.get("error", answer) if isinstance(answer, dict) else answer
             raise error(f"{self._where}: HTTP {response.status_code}: {detail}")
         if not isinstance(answer, dict):

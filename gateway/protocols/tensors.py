@@ -20,6 +20,21 @@ from gateway.types import Datatype, Tensor, numpy_dtype, parse_datatype
 # gateway allocate before the data's length has been checked.
 MAX_ELEMENTS = 1 << 31
 _LENGTH = struct.Struct("<I")
+# The v2 gRPC message's typed contents field of each datatype (FP16 has none: raw contents only).
+CONTENTS_FIELD: dict[Datatype, str] = {
+    Datatype.BOOL: "bool_contents",
+    Datatype.INT8: "int_contents",
+    Datatype.INT16: "int_contents",
+    Datatype.INT32: "int_contents",
+    Datatype.INT64: "int64_contents",
+    Datatype.UINT8: "uint_contents",
+    Datatype.UINT16: "uint_contents",
+    Datatype.UINT32: "uint_contents",
+    Datatype.UINT64: "uint64_contents",
+    Datatype.FP32: "fp32_contents",
+    Datatype.FP64: "fp64_contents",
+    Datatype.BYTES: "bytes_contents",
+}
 _FLOAT_KINDS = "iuf"
 _INT_KINDS = "iu"
 
