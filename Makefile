@@ -13,12 +13,13 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The example repository has TorchServe and TensorFlow models, so serving all of it takes both
-# extras (torch's CPU wheel, TorchServe and its archiver, which run on the machine's Java 17;
-# TensorFlow and the TF Serving API). `pip install modelyard` alone serves the ONNX models.
+# The example repository has TorchServe, TensorFlow, LiteRT and Keras models, so serving all of it
+# takes those extras (torch's CPU wheel, TorchServe and its archiver, which run on the machine's
+# Java 17; TensorFlow and the TF Serving API; ai-edge-litert; Keras 3). `pip install modelyard`
+# alone serves the ONNX models.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) --upgrade pip
-	$(PIP) -e ".[torchserve,tensorflow]"
+	$(PIP) -e ".[torchserve,tensorflow,litert,keras]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed

@@ -17,7 +17,25 @@ BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "torchserve": ("adapters.torchserve", "TorchServeAdapter", "torchserve"),
     "tensorflow": ("adapters.tensorflow", "TensorFlowAdapter", "tensorflow"),
     "tfserving": ("adapters.tfserving", "TfServingAdapter", "tensorflow"),
+    "litert": ("adapters.litert", "LiteRtAdapter", "litert"),
+    "keras": ("adapters.keras", "KerasAdapter", "keras"),
+    "v2": ("adapters.v2", "V2Adapter", None),
 }
+
+# backend name -> the artifact names in a version folder that select it when config.yaml names no
+# backend, in order of preference. Remote backends have none: their version folders may be empty.
+ARTIFACTS: dict[str, tuple[str, ...]] = {
+    "onnxruntime": ("model.onnx",),
+    "tensorflow": ("model.savedmodel", "saved_model.pb"),
+    "torchserve": ("model.mar", "model.pt"),
+    "litert": ("model.tflite",),
+    "keras": ("model.keras",),
+    "tfserving": (),
+    "v2": (),
+}
+# Backends that always serve from elsewhere (TorchServe does in its remote mode). A `versions`
+# mapping in their config section may list the versions when there are no version folders.
+REMOTE_BACKENDS = frozenset({"tfserving", "v2"})
 
 
 def adapter_class(backend: str) -> type[ModelAdapter]:
@@ -37,4 +55,13 @@ def create_adapter(backend: str, spec: LoadSpec) -> ModelAdapter:
     return adapter_class(backend)(spec)
 
 
-__all__ = ["BACKENDS", "LoadSpec", "ModelAdapter", "SharedResources", "adapter_class", "create_adapter"]
+__all__ = [
+    "ARTIFACTS",
+    "BACKENDS",
+    "REMOTE_BACKENDS",
+    "LoadSpec",
+    "ModelAdapter",
+    "SharedResources",
+    "adapter_class",
+    "create_adapter",
+]

@@ -25,15 +25,14 @@ from adapters.base import LoadSpec, ModelAdapter
 from adapters.tensorflow import read_options, signature_of
 from gateway.breaker import EndpointGuard, GuardOptions
 from gateway.errors import (
+    REMOTE_GRPC_ERRORS,
+    REMOTE_HTTP_ERRORS,
     BackendError,
     BackendUnavailable,
     ConnectionRefused,
     DeadlineExceeded,
     GatewayError,
-    InvalidInput,
-    ModelNotFound,
     ModelNotReady,
-    Overloaded,
 )
 from gateway.types import Datatype, ModelSignature, numpy_dtype
 
@@ -50,22 +49,6 @@ from tensorflow_serving.apis import (
 
 PLATFORM = "tensorflow_serving"
 _AVAILABLE = get_model_status_pb2.ModelVersionStatus.State.AVAILABLE
-# TF Serving's gRPC codes -> the gateway's errors; anything else is a BackendError.
-_ERROR_OF_CODE: dict[grpc.StatusCode, type[GatewayError]] = {
-    grpc.StatusCode.NOT_FOUND: ModelNotFound,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
-    grpc.StatusCode.UNAVAILABLE: BackendUnavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
-}
-# The same for TF Serving's REST statuses.
-_ERROR_OF_STATUS: dict[int, type[GatewayError]] = {
-    404: ModelNotFound,
-    400: InvalidInput,
-    503: BackendUnavailable,
-    504: DeadlineExceeded,
-    429: Overloaded,
-}
 
 
 class _Pool:
@@ -317,7 +300,7 @@ class TfServingAdapter(ModelAdapter):
         try:
             return await method(request, timeout=self._timeout(remaining))
         except grpc.aio.AioRpcError as exc:
-            error = _ERROR_OF_CODE.get(exc.code(), BackendError)
+            error = REMOTE_GRPC_ERRORS.get(exc.code(), BackendError)
             raise error(f"{self._where}: {exc.code().name}: {exc.details()}") from exc
 
     async def _call_rest(
@@ -344,7 +327,7 @@ class TfServingAdapter(ModelAdapter):
         try:
             response.raise_for_status()
         except httpx.HTTPStatusError as exc:
-            error = _ERROR_OF_STATUS.get(response.status_code, BackendError)
+            error = REMOTE_HTTP_ERRORS.get(response.status_code, BackendError)
             detail = answer.get("error", answer) if isinstance(answer, dict) else answer
             raise error(f"{self._where}: HTTP {response.status_code}: {detail}") from exc
         if not isinstance(answer, dict):

@@ -38,13 +38,12 @@ from typing import Any
 import grpc
 import numpy as np
 import onnxruntime as ort
+from peer_venvs import PEER_PACKAGE, PEERS_DIR, RUNTIMES_DIR, ensure_venv, installed_version, kserve_command
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from adapters import torchserve_handler as wire
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS_DIR = ROOT / "benchmarks" / "peers"
-RUNTIMES_DIR = ROOT / "benchmarks" / "peer_runtimes"
 ONNX_MODEL = ROOT / "model_repo" / "mlp" / "1" / "model.onnx"
 MODEL = "mlp"
 TORCH_MODEL = "mlp_torch"  # model_repo/mlp_torch version 1: mlp's weights as TorchScript
@@ -62,14 +61,6 @@ STOP_TIMEOUT_S = 15.0
 HEY = "hey"
 H2LOAD = "h2load"  # Debian's nghttp2-client: a compiled HTTP/2 load generator, here sending gRPC frames
 GRPC_SERVICE = "inference.GRPCInferenceService"
-# onnxruntime is pinned to the gateway's own version so that every server runs the same engine.
-# MLServer 1.7.1's inference workers call asyncio.get_event_loop() with no loop set, which uvloop
-# 0.22+ refuses: its worker dies at start-up and the model never loads. uvloop < 0.22 still allows it.
-PEER_PINS: dict[str, list[str]] = {
-    "mlserver": ["mlserver==1.7.1", f"onnxruntime=={ort.__version__}", "uvloop<0.22"],
-    "kserve": ["kserve==0.21.0", f"onnxruntime=={ort.__version__}"],
-}
-PEER_PACKAGE = {"mlserver": "mlserver", "kserve": "kserve"}
 
 
 @dataclass(frozen=True)
@@ -193,29 +184,6 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 # --- peer venvs and runtimes -------------------------------------------------------------------
-
-
-def ensure_venv(name: str) -> Path:
-    """Create benchmarks/peers/<name> with its pinned packages unless the same pins are installed."""
-    venv = PEERS_DIR / name
-    stamp = venv / ".pins"
-    pins = " ".join(PEER_PINS[name])
-    if stamp.is_file() and stamp.read_text() == pins:
-        return venv
-    print(f"{name}: installing {pins} into {venv}", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=300)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, *PEER_PINS[name]], check=True, timeout=1800)
-    stamp.write_text(pins)
-    return venv
-
-
-def installed_version(venv: Path, package: str) -> str:
-    code = f"import importlib.metadata as m; print(m.version({package!r}))"
-    result = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    return result.stdout.strip()
 
 
 def mlserver_dir(work: Path, http_port: int, grpc_port: int) -> Path:
@@ -681,15 +649,7 @@ def kserve_target(
     body = payloads.json
     venv = ensure_venv("kserve")
     http_port, grpc_port = free_port(), free_port()
-    script = RUNTIMES_DIR / "kserve_server.py"
-    command = [
-        str(venv / "bin" / "python"),
-        str(script),
-        str(ONNX_MODEL),
-        MODEL,
-        str(http_port),
-        str(grpc_port),
-    ]
+    command = kserve_command(venv, ONNX_MODEL, MODEL, http_port, grpc_port)
     base = f"http://127.0.0.1:{http_port}"
     rows = []
     with server("kserve", pinned(0, command), f"{base}/v2/models/{MODEL}/ready", work, dict(os.environ)):

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.types import Datatype, TensorSpec
 
-BackendName = Literal["onnxruntime", "torchserve", "tfserving", "tensorflow"]
+BackendName = Literal["onnxruntime", "torchserve", "tfserving", "tensorflow", "litert", "keras", "v2"]
 
 
 class _Strict(BaseModel):
@@ -158,6 +158,9 @@ class ModelConfig(_Strict):
     torchserve: dict[str, Any] = Field(default_factory=dict)
     tfserving: dict[str, Any] = Field(default_factory=dict)
     tensorflow: dict[str, Any] = Field(default_factory=dict)
+    litert: dict[str, Any] = Field(default_factory=dict)
+    keras: dict[str, Any] = Field(default_factory=dict)
+    v2: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("labels")
     @classmethod

@@ -108,6 +108,28 @@ ERROR_TABLE: dict[type[GatewayError], tuple[int, grpc.StatusCode]] = {
 }
 
 
+# A remote backend's answer read back into the gateway's errors: what the remote says of its own
+# model becomes this backend's condition (its UNAVAILABLE is BackendUnavailable, not ModelNotReady).
+# Codes not listed are BackendError.
+REMOTE_GRPC_ERRORS: dict[grpc.StatusCode, type[GatewayError]] = {
+    grpc.StatusCode.NOT_FOUND: ModelNotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.UNAVAILABLE: BackendUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.UNIMPLEMENTED: Unsupported,
+}
+REMOTE_HTTP_ERRORS: dict[int, type[GatewayError]] = {
+    400: InvalidInput,
+    404: ModelNotFound,
+    422: InvalidInput,
+    429: Overloaded,
+    501: Unsupported,
+    503: BackendUnavailable,
+    504: DeadlineExceeded,
+}
+
+
 def status_for(error: GatewayError) -> tuple[int, grpc.StatusCode]:
     """The (HTTP status, gRPC code) of an error: the entry of its nearest class in the table."""
     for klass in type(error).__mro__:

@@ -5,23 +5,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from adapters import ARTIFACTS, REMOTE_BACKENDS
 from gateway.config import ConfigError, ModelConfig, load_model_config
 
-# First match wins, in this order, when config.yaml names no backend.
-ARTIFACT_BACKENDS: tuple[tuple[str, str], ...] = (
-    ("model.onnx", "onnxruntime"),
-    ("model.savedmodel", "tensorflow"),
-    ("saved_model.pb", "tensorflow"),
-    ("model.mar", "torchserve"),
-    ("model.pt", "torchserve"),
+# First match wins, in this order, when config.yaml names no backend. The tables live with the
+# backends' list in adapters/, so a new backend is one module there plus its entries.
+ARTIFACT_BACKENDS: tuple[tuple[str, str], ...] = tuple(
+    (name, backend) for backend, names in ARTIFACTS.items() for name in names
 )
-ARTIFACTS_OF_BACKEND: dict[str, tuple[str, ...]] = {
-    "onnxruntime": ("model.onnx",),
-    "tensorflow": ("model.savedmodel", "saved_model.pb"),
-    "torchserve": ("model.mar", "model.pt"),
-    "tfserving": (),
-}
+ARTIFACTS_OF_BACKEND: dict[str, tuple[str, ...]] = ARTIFACTS
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CONFIG_FILE = "config.yaml"
 
@@ -62,7 +56,9 @@ def model_names(root: Path) -> list[str]:
 
 def _is_remote(config: ModelConfig, backend: str | None) -> bool:
     """Remote backends serve from elsewhere: their version folders need no artifact, or may be absent."""
-    return backend == "tfserving" or (backend == "torchserve" and config.torchserve.get("mode") == "remote")
+    return backend in REMOTE_BACKENDS or (
+        backend == "torchserve" and config.torchserve.get("mode") == "remote"
+    )
 
 
 def _find_artifact(version_dir: Path, backend: str | None) -> Path | None:
@@ -94,10 +90,11 @@ def scan_model(root: Path, name: str) -> ModelEntry:
     found = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
     backend: str | None = config.backend
     remote = _is_remote(config, backend)
-    if remote and not found and backend == "tfserving":
+    if remote and not found and backend in REMOTE_BACKENDS:
         # A remote model has no files here: its versions may be listed in config.yaml instead of
         # as empty folders (which git cannot hold).
-        found = sorted(int(v) for v in config.tfserving.get("versions", {}) if str(v).isdigit())
+        section: dict[str, Any] = getattr(config, backend)
+        found = sorted(int(v) for v in section.get("versions", {}) if str(v).isdigit())
     if remote and not found:
         found = [1]
     selected = config.version_policy.select(found)

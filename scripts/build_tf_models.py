@@ -1,13 +1,15 @@
-"""Build the example TensorFlow SavedModels in model_repo/: `affine_tf`, the same function as
-`affine`, and `mlp_tf`, the same network as `mlp`.
+"""Build the example TensorFlow-built models in model_repo/: `affine_tf` (SavedModel),
+`affine_litert` (LiteRT, model.tflite) and `affine_keras` (Keras 3, model.keras), each the same
+function as `affine`; and `mlp_tf` (SavedModel), the same network as `mlp`.
 
-    python scripts/build_tf_models.py [--repo model_repo]
+    python -m scripts.build_tf_models [--repo model_repo]
 
-`affine_tf`: y = x @ W + b on FP32 [-1, 4] -> [-1, 3], with `affine_weights(version)`. `mlp_tf`: the
+`affine_*`: y = x @ W + b on FP32 [-1, 4] -> [-1, 3], with `affine_weights(version)`. `mlp_tf`: the
 ReLU MLP input FP32 [-1, 64] -> logits FP32 [-1, 10] with `mlp_weights(MLP_SIZES, 7)`, the weights of
-`mlp` (ONNX) and `mlp_torch` version 1 (TorchScript). So the TensorFlow and the other deployments of
-one model can be compared request for request. The small SavedModel files are committed; running
-this again writes byte-identical files.
+`mlp` (ONNX) and `mlp_torch` version 1 (TorchScript). So the deployments of one model on each backend
+can be compared request for request. The small files are committed; running this again writes
+byte-identical SavedModels and .tflite files (a .keras file is a zip that records when it was saved,
+so only its weights and config repeat).
 """
 
 from __future__ import annotations
@@ -35,6 +37,25 @@ version_policy: all
 labels: {stable: 1, canary: 2}
 limits: {max_inflight: 64, max_queue: 256, timeout_ms: 2000}
 tensorflow: {signature: serving_default, intra_op_threads: 1, inter_op_threads: 1}
+"""
+
+
+AFFINE_LITERT_CONFIG = """\
+# The LiteRT twin of `affine`: the same weights per version, served in-process by ai-edge-litert.
+backend: litert
+version_policy: all
+labels: {stable: 1, canary: 2}
+limits: {max_inflight: 64, max_queue: 256, timeout_ms: 2000}
+litert: {threads: 1, pool_size: 2}
+"""
+
+AFFINE_KERAS_CONFIG = """\
+# The Keras 3 twin of `affine`: the same weights per version, served in-process by Keras on TensorFlow.
+backend: keras
+version_policy: all
+labels: {stable: 1, canary: 2}
+limits: {max_inflight: 64, max_queue: 256, timeout_ms: 2000}
+keras: {backend: tensorflow}
 """
 
 
@@ -93,14 +114,45 @@ def build_mlp_tf(seed: int, path: Path) -> None:
     save(module, module.serve, path)
 
 
+def build_affine_litert(version: int, path: Path) -> None:
+    """The same function converted to LiteRT's flatbuffer, batch dimension left open."""
+    module = Affine(version)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [module.serve.get_concrete_function()], module
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(converter.convert())
+
+
+def build_affine_keras(version: int, path: Path) -> None:
+    """The same function as a functional Keras 3 model: input `x`, a Dense layer, output `y`."""
+    import keras
+
+    weight, bias = affine_weights(version)
+    x = keras.Input((4,), name="x", dtype="float32")
+    dense = keras.layers.Dense(3, name="dense")
+    model = keras.Model(x, {"y": dense(x)}, name="affine")
+    dense.set_weights([weight, bias])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(str(path))
+
+
+BUILDERS = (
+    ("affine_tf", "model.savedmodel", build_affine_tf, AFFINE_TF_CONFIG),
+    ("affine_litert", "model.tflite", build_affine_litert, AFFINE_LITERT_CONFIG),
+    ("affine_keras", "model.keras", build_affine_keras, AFFINE_KERAS_CONFIG),
+)
+
+
 def build_repository(repo: Path) -> list[Path]:
     written = []
-    for version in (1, 2):
-        path = repo / "affine_tf" / str(version) / "model.savedmodel"
-        build_affine_tf(version, path)
-        written.append(path)
-    (repo / "affine_tf" / "config.yaml").write_text(AFFINE_TF_CONFIG)
-    written.append(repo / "affine_tf" / "config.yaml")
+    for name, artifact, build, config in BUILDERS:
+        for version in (1, 2):
+            path = repo / name / str(version) / artifact
+            build(version, path)
+            written.append(path)
+        (repo / name / "config.yaml").write_text(config)
+        written.append(repo / name / "config.yaml")
     path = repo / "mlp_tf" / "1" / "model.savedmodel"
     build_mlp_tf(MLP_SEED, path)
     (repo / "mlp_tf" / "config.yaml").write_text(MLP_TF_CONFIG)

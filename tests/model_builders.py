@@ -192,6 +192,42 @@ def build_test_repository(repo: Path) -> None:
     shutil.copytree(EXAMPLE_REPO / "affine_tf", repo / "affine_tf")
     shutil.copytree(EXAMPLE_REPO / "affine_tf" / "1", repo / "toggle_tf" / "1")
     (repo / "toggle_tf" / "config.yaml").write_text("backend: tensorflow\n")
+    # The LiteRT and Keras examples as committed, and an int8-quantized LiteRT model.
+    for name in ("affine_litert", "affine_keras"):
+        shutil.copytree(EXAMPLE_REPO / name, repo / name)
+    build_quantized_litert(repo / "quantized_litert" / "1" / "model.tflite")
+    # No limits: the remote of the v2 backend's deadline test.
+    _save(build_spin(), repo / "spin" / "1" / "model.onnx")
+
+
+QUANTIZED_SEED = 20261125
+
+
+def build_quantized_litert(path: Path) -> None:
+    """`affine` version 1 with full int8 quantization: INT8 [-1, 4] in, INT8 [-1, 3] out, with the
+    scale and zero point the converter picks from a representative dataset."""
+    import numpy as np
+    import tensorflow as tf
+
+    from scripts.build_tf_models import Affine
+
+    module = Affine(1)
+    rng = np.random.default_rng(QUANTIZED_SEED)
+
+    def representative() -> Any:
+        for _ in range(64):
+            yield [rng.uniform(-3, 3, (1, 4)).astype(np.float32)]
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [module.serve.get_concrete_function()], module
+    )
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(converter.convert())
 
 
 def tfserving_config(model_name: str, grpc_address: str | None, rest_url: str | None, **extra: Any) -> str:
@@ -223,3 +259,28 @@ def build_tfserving_repository(repo: Path, grpc_address: str, rest_url: str) -> 
             for version in versions:
                 (folder / str(version)).mkdir()
             (folder / "config.yaml").write_text(tfserving_config(remote, *address, **options) + extra)
+
+
+def v2_config(remote: str, address: str, protocol: str, **extra: Any) -> str:
+    section: dict[str, Any] = {"address": address, "protocol": protocol, "model_name": remote, **extra}
+    fields = ", ".join(f"{key}: {value!r}" for key, value in section.items())
+    return f"backend: v2\nversion_policy: all\nv2: {{{fields}}}\n"
+
+
+def build_v2_repository(repo: Path, grpc_address: str, rest_url: str) -> None:
+    """`backend: v2` models fronting another modelyard, each over gRPC and over REST."""
+    remotes: dict[str, tuple[str, tuple[int, ...], dict[str, Any], str]] = {
+        # Local versions 1 and 2 stand for the remote's versions 1 and 2, with rollout labels here.
+        "affine": ("affine", (), {"versions": {1: "1", 2: "2"}}, "labels: {stable: 1, canary: 2}\n"),
+        "litert": ("affine_litert", (1,), {"version": "2"}, ""),
+        "text": ("text_normalizer", (1,), {}, ""),
+        "spin": ("spin", (1,), {}, ""),
+        "missing": ("no_such_model", (1,), {}, ""),
+    }
+    for local, (remote, versions, options, extra) in remotes.items():
+        for protocol, address in (("grpc", grpc_address), ("rest", rest_url)):
+            folder = repo / f"v2_{local}_{protocol}"
+            folder.mkdir(parents=True)
+            for version in versions:
+                (folder / str(version)).mkdir()
+            (folder / "config.yaml").write_text(v2_config(remote, address, protocol, **options) + extra)

@@ -24,6 +24,21 @@ if TYPE_CHECKING:
 # numpy 1.x holds at most 32 dimensions; a longer shape is refused before numpy sees it.
 MAX_DIMS = 32
 _LENGTH = struct.Struct("<I")
+# The v2 gRPC message's typed contents field of each datatype (FP16 has none: raw contents only).
+CONTENTS_FIELD: dict[Datatype, str] = {
+    Datatype.BOOL: "bool_contents",
+    Datatype.INT8: "int_contents",
+    Datatype.INT16: "int_contents",
+    Datatype.INT32: "int_contents",
+    Datatype.INT64: "int64_contents",
+    Datatype.UINT8: "uint_contents",
+    Datatype.UINT16: "uint_contents",
+    Datatype.UINT32: "uint_contents",
+    Datatype.UINT64: "uint64_contents",
+    Datatype.FP32: "fp32_contents",
+    Datatype.FP64: "fp64_contents",
+    Datatype.BYTES: "bytes_contents",
+}
 _FLOAT_KINDS = "iuf"
 _INT_KINDS = "iu"
 

@@ -19,6 +19,7 @@ from gateway.auth import Authorizer
 from gateway.dataplane import DataPlane, ModelStatistics
 from gateway.errors import GatewayError, MalformedRequest, Unsupported, retry_after, status_for
 from gateway.protocols.tensors import (
+    CONTENTS_FIELD,
     DEFAULT_LIMITS,
     InputLimits,
     parse_datatype_field,
@@ -34,20 +35,6 @@ from gateway.types import Datatype, InferRequest, InferResponse, RequestedOutput
 log = logging.getLogger("modelyard.grpc")
 
 SERVICE_NAME: str = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-_CONTENTS_FIELD = {
-    Datatype.BOOL: "bool_contents",
-    Datatype.INT8: "int_contents",
-    Datatype.INT16: "int_contents",
-    Datatype.INT32: "int_contents",
-    Datatype.INT64: "int64_contents",
-    Datatype.UINT8: "uint_contents",
-    Datatype.UINT16: "uint_contents",
-    Datatype.UINT32: "uint_contents",
-    Datatype.UINT64: "uint64_contents",
-    Datatype.FP32: "fp32_contents",
-    Datatype.FP64: "fp64_contents",
-    Datatype.BYTES: "bytes_contents",
-}
 _UNSUPPORTED_PARAMETERS = ("shared_memory_region", "classification")
 
 
@@ -300,7 +287,7 @@ def decode_infer_request(
 def _from_contents(
     name: str, datatype: Datatype, shape: tuple[int, ...], contents: Any, limits: InputLimits
 ) -> Tensor:
-    field = _CONTENTS_FIELD.get(datatype)
+    field = CONTENTS_FIELD.get(datatype)
     if field is None:
         raise MalformedRequest(f"input '{name}': {datatype} data can only be sent in raw_input_contents")
     return tensor_from_values(name, datatype, shape, list(getattr(contents, field)), limits)

@@ -116,7 +116,8 @@ async def test_infer_after_close_is_not_ready(affine_path: Path) -> None:
 
 def test_unknown_backend_says_which_exist() -> None:
     with pytest.raises(
-        ModelNotReady, match="unknown backend 'caffe'; known: onnxruntime, tensorflow, tfserving, torchserve"
+        ModelNotReady,
+        match="unknown backend 'caffe'; known: keras, litert, onnxruntime, tensorflow, tfserving, torchserve, v2",
     ):
         adapter_class("caffe")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +195,34 @@ def test_build_script_is_reproducible(tmp_path: Path) -> None:
     assert built == committed
     for relative in built:
         assert (tmp_path / "affine_tf" / relative).read_bytes() == (EXAMPLE / relative).read_bytes(), relative
+    # The same script's LiteRT twin is byte-identical too; the Keras twin's zip records when it was
+    # saved, so its config and weights are compared instead.
+    for version in ("1", "2"):
+        litert = Path(version) / "model.tflite"
+        assert (tmp_path / "affine_litert" / litert).read_bytes() == (
+            ROOT / "model_repo" / "affine_litert" / litert
+        ).read_bytes()
+        assert keras_contents(tmp_path / "affine_keras" / version / "model.keras") == keras_contents(
+            ROOT / "model_repo" / "affine_keras" / version / "model.keras"
+        )
+    for name in ("affine_litert", "affine_keras"):
+        assert (tmp_path / name / "config.yaml").read_text() == (
+            ROOT / "model_repo" / name / "config.yaml"
+        ).read_text()
+
+
+def keras_contents(path: Path) -> tuple[str, list[bytes]]:
+    """A .keras file's model config and its weights, as bytes, without the time it was saved."""
+    import zipfile
+
+    import h5py
+
+    with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory() as folder:
+        config = archive.read("config.json").decode()
+        archive.extract("model.weights.h5", folder)
+        weights: list[bytes] = []
+        with h5py.File(Path(folder) / "model.weights.h5") as h5:
+            h5.visititems(
+                lambda _, item: weights.append(item[()].tobytes()) if isinstance(item, h5py.Dataset) else None
+            )
+    return config, weights

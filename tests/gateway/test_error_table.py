@@ -20,7 +20,14 @@ from tritonclient.utils import InferenceServerException
 from adapters.base import LoadSpec, ModelAdapter
 from adapters.onnxruntime import OnnxRuntimeAdapter
 from conftest import InProcessGateway
-from gateway.errors import ERROR_TABLE, GatewayError, Overloaded
+from gateway.errors import (
+    ERROR_TABLE,
+    REMOTE_GRPC_ERRORS,
+    REMOTE_HTTP_ERRORS,
+    GatewayError,
+    Overloaded,
+    status_for,
+)
 from gateway.types import Datatype
 from scripts.build_models import _save
 from tests.model_builders import build_identity
@@ -98,3 +105,12 @@ def test_grpc_overload_carries_retry_after(table_gateway: InProcessGateway) -> N
         service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
     assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert ("retry-after", "1") in tuple(caught.value.trailing_metadata())
+
+
+def test_a_remote_backend_s_status_passes_through_unchanged() -> None:
+    """What the tfserving and v2 adapters read from a remote comes back out with the same code, so a
+    gateway in front of another (or of Triton) answers as the remote did. 422 is read as 400."""
+    for code, error in REMOTE_GRPC_ERRORS.items():
+        assert status_for(error("remote"))[1] == code
+    for status, error in REMOTE_HTTP_ERRORS.items():
+        assert status_for(error("remote"))[0] == (400 if status == 422 else status)

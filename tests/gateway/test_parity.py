@@ -164,6 +164,16 @@ async def test_onnx_and_tensorflow_deployments_of_affine_agree() -> None:
     assert (report.left, report.right) == ("affine:1", "affine_tf:1")  # the stable label
 
 
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("twin", ["affine_tf", "affine_litert", "affine_keras"])
+async def test_every_deployment_of_affine_agrees_with_onnx(twin: str, version: int) -> None:
+    """The example repository's one function on ONNX Runtime, TensorFlow, LiteRT and Keras."""
+    pytest.importorskip({"affine_litert": "ai_edge_litert", "affine_keras": "keras"}.get(twin, "tensorflow"))
+    report = await run_parity(REPO, Deployment("affine", version), Deployment(twin, version), batch=7)
+    assert report.ok, report.table()
+    assert [(d.name, d.shape) for d in report.outputs] == [("y", (7, 3))]
+
+
 async def test_two_versions_of_affine_differ_by_what_onnxruntime_says() -> None:
     report = await run_parity(REPO, Deployment("affine", 1), Deployment("affine", 2), batch=3)
     assert not report.ok

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
-from gateway.config import ModelConfig, VersionPolicy
+from adapters import ARTIFACTS, BACKENDS, REMOTE_BACKENDS
+from gateway.config import BackendName, ModelConfig, VersionPolicy
 from gateway.repository import scan, scan_model
 from scripts.build_models import _save, build_affine
 
@@ -46,11 +48,32 @@ def test_default_policy_is_the_latest_version(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("artifact", "backend"),
     [("model.onnx", "onnxruntime"), ("model.savedmodel", "tensorflow"), ("saved_model.pb", "tensorflow"),
-     ("model.mar", "torchserve"), ("model.pt", "torchserve")],
+     ("model.mar", "torchserve"), ("model.pt", "torchserve"), ("model.tflite", "litert"),
+     ("model.keras", "keras")],
 )  # fmt: skip
 def test_backend_follows_the_artifact_name(tmp_path: Path, artifact: str, backend: str) -> None:
     make(tmp_path, "m", [1], artifact=artifact)
     assert scan_model(tmp_path, "m").backend == backend
+
+
+def test_every_backend_is_known_to_config_and_repository() -> None:
+    """A backend is one adapters/ module plus its BACKENDS and ARTIFACTS entries and a config section."""
+    backends = set(BACKENDS)
+    assert set(get_args(BackendName)) == backends
+    assert set(ARTIFACTS) == backends
+    assert backends <= set(ModelConfig.model_fields)
+    assert backends >= REMOTE_BACKENDS and not any(ARTIFACTS[b] for b in REMOTE_BACKENDS)
+
+
+@pytest.mark.parametrize("backend", ["tfserving", "v2"])
+def test_remote_models_need_no_files(tmp_path: Path, backend: str) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.yaml").write_text(
+        f"backend: {backend}\nversion_policy: all\n{backend}: {{versions: {{1: '1', 3: '2'}}}}\n"
+    )
+    entry = scan_model(tmp_path, "m")
+    assert entry.ok, entry.problems
+    assert [(v.version, v.artifact) for v in entry.versions] == [(1, None), (3, None)]
 
 
 def test_non_numeric_folders_and_hidden_models_are_ignored(tmp_path: Path) -> None:
