@@ -2,12 +2,16 @@
 
 Sessions run in a thread pool of their own: ONNX Runtime releases the GIL while it computes, so
 the event loop keeps serving while a request runs. A request too small to be worth the hand-off
-(its rows times the measured time per row under `onnxruntime.inline_below_us`) runs on the loop.
+(its input elements times the measured time per element under `onnxruntime.inline_below_us`) runs
+on the loop. A model whose compute does not follow its input size (a loop over a value, say) could
+stall the loop that way: the first inline run that takes ten times the bound turns inlining off
+for that version.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -54,9 +58,11 @@ def default_providers() -> list[str]:
     return preferred or ["CPUExecutionProvider"]
 
 
-def _rows(inputs: Mapping[str, np.ndarray[Any, Any]]) -> int:
-    first = next(iter(inputs.values()), None)
-    return max(1, first.shape[0]) if first is not None and first.ndim else 1
+log = logging.getLogger("modelyard.onnxruntime")
+
+
+def _elements(inputs: Mapping[str, np.ndarray[Any, Any]]) -> int:
+    return max(1, sum(array.size for array in inputs.values()))
 
 
 def _tensor_spec(node: Any, label: str) -> TensorSpec:
@@ -94,8 +100,10 @@ class OnnxRuntimeAdapter(ModelAdapter):
         super().__init__(spec)
         self._session: ort.InferenceSession | None = None
         self._executor: ThreadPoolExecutor | None = None
-        # Measured compute per input row, in µs (an exponential moving average); None until the first run.
-        self._row_us: float | None = None
+        # Measured compute per input element, in µs (an exponential moving average); None until the
+        # first run, and None for good once an inline run has taken far longer than estimated.
+        self._element_us: float | None = None
+        self._inline = True
 
     async def load(self) -> None:
         if self.spec.artifact is None:
@@ -149,14 +157,23 @@ class OnnxRuntimeAdapter(ModelAdapter):
             raise ModelNotReady(f"{self.spec.label} is not loaded")
         feeds = {name: _to_ort(array) for name, array in inputs.items()}
         names = list(output_names)
-        rows = _rows(inputs)
+        elements = _elements(inputs)
         inline_below = self.spec.config.onnxruntime.inline_below_us
         try:
-            if self._row_us is not None and rows * self._row_us < inline_below:
-                results = self._run(session, names, feeds, rows)
+            if self._inline and self._element_us is not None and elements * self._element_us < inline_below:
+                results, took_us = self._run(session, names, feeds, elements)
+                if took_us > 10 * inline_below:
+                    self._inline = False
+                    log.warning(
+                        "%s: an inline run took %.0f µs against an estimate under %d µs; "
+                        "its runs go to the thread pool from now on",
+                        self.spec.label,
+                        took_us,
+                        inline_below,
+                    )
             else:
                 loop = asyncio.get_running_loop()
-                results = await loop.run_in_executor(executor, self._run, session, names, feeds, rows)
+                results, _ = await loop.run_in_executor(executor, self._run, session, names, feeds, elements)
         except _INPUT_ERRORS as exc:
             raise InvalidInput(f"{self.spec.label}: onnxruntime rejected the input: {exc}") from exc
         except Exception as exc:  # any other failure inside the runtime is the backend's
@@ -164,13 +181,17 @@ class OnnxRuntimeAdapter(ModelAdapter):
         return {name: _from_ort(value) for name, value in zip(names, results, strict=True)}
 
     def _run(
-        self, session: ort.InferenceSession, names: list[str], feeds: dict[str, Any], rows: int
-    ) -> list[Any]:
+        self, session: ort.InferenceSession, names: list[str], feeds: dict[str, Any], elements: int
+    ) -> tuple[list[Any], float]:
+        """The outputs, and how long the run took in µs (folded into the per-element estimate)."""
         started = time.perf_counter()
         results: list[Any] = session.run(names, feeds)
-        per_row = (time.perf_counter() - started) * 1e6 / rows
-        self._row_us = per_row if self._row_us is None else 0.9 * self._row_us + 0.1 * per_row
-        return results
+        took_us = (time.perf_counter() - started) * 1e6
+        per_element = took_us / elements
+        self._element_us = (
+            per_element if self._element_us is None else 0.9 * self._element_us + 0.1 * per_element
+        )
+        return results, took_us
 
     async def ready(self) -> bool:
         return self._session is not None

@@ -131,8 +131,9 @@ class OnnxRuntimeOptions(_Strict):
     # None means: CUDA where onnxruntime-gpu offers it, then CPU.
     providers: tuple[str, ...] | None = None
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
-    # A request whose expected compute (rows x the measured time per row) is below this runs on the
-    # event loop: handing a tiny run to the thread pool costs more than the run. 0: always the pool.
+    # A request whose expected compute (its input elements x the measured time per element) is below
+    # this runs on the event loop: handing a tiny run to the thread pool costs more than the run.
+    # 0: always the pool.
     inline_below_us: int = Field(default=150, ge=0)
 
 

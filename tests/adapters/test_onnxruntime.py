@@ -18,7 +18,7 @@ from gateway.config import ModelConfig
 from gateway.errors import BackendError, InvalidInput, ModelNotReady
 from gateway.types import Datatype, TensorSpec
 from scripts.build_models import _save, build_affine, build_text_normalizer
-from tests.model_builders import build_reshape
+from tests.model_builders import build_reshape, build_spin
 
 
 def spec_for(path: Path, config: ModelConfig | None = None, name: str = "m") -> LoadSpec:
@@ -143,3 +143,26 @@ async def test_tiny_requests_run_on_the_event_loop(
         np.testing.assert_array_equal(result["y"], first["y"])
     assert threads[0] is not threading.main_thread()
     assert all((t is threading.main_thread()) is inline for t in threads[1:])
+
+
+async def test_inlining_stops_when_a_run_outgrows_its_estimate(tmp_path: Path) -> None:
+    # The spin model's compute follows the value of n (an n x n product), not the input's size,
+    # so the per-element estimate is wrong for it: one long inline run turns inlining off.
+    path = tmp_path / "m" / "1" / "model.onnx"
+    _save(build_spin(), path)
+    config = ModelConfig.model_validate({"onnxruntime": {"inline_below_us": 2_000}})
+    threads: list[threading.Thread] = []
+    async with OnnxRuntimeAdapter(spec_for(path, config)) as adapter:
+        run = adapter._run
+
+        def recording_run(*args: Any) -> Any:
+            threads.append(threading.current_thread())
+            return run(*args)
+
+        adapter._run = recording_run  # type: ignore[method-assign]
+        small, large = np.array([2], dtype=np.int64), np.array([1024], dtype=np.int64)
+        for n in (small, small, large, small):
+            result = await adapter.infer({"n": n}, ["sum"])
+            assert result["sum"][0] == float(n[0]) ** 3
+    on_loop = [t is threading.main_thread() for t in threads]
+    assert on_loop == [False, True, True, False]
