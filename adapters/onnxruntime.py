@@ -3,9 +3,11 @@
 Sessions run in a thread pool of their own: ONNX Runtime releases the GIL while it computes, so
 the event loop keeps serving while a request runs. A request too small to be worth the hand-off
 (its input elements times the measured time per element under `onnxruntime.inline_below_us`) runs
-on the loop. A model whose compute does not follow its input size (a loop over a value, say) could
-stall the loop that way: the first inline run that takes ten times the bound turns inlining off
-for that version.
+on the loop. That estimate only holds for a graph whose work follows its input shapes, so a graph
+with control flow (Loop, If, Scan) or with a tensor sized by a computed value (ConstantOfShape,
+Range, Expand, Tile, Pad, Resize, OneHot, TopK fed by anything but a constant) never runs inline.
+As a last guard, the first inline run that takes ten times the bound turns inlining off for that
+version.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
@@ -49,6 +53,43 @@ _GRAPH_OPTIMIZATION = {
 }
 # ONNX Runtime's own error classes that mean "this input does not fit the graph".
 _INPUT_ERRORS = (ort_errors.InvalidArgument,)
+
+
+# Ops whose output size comes from the values of the inputs named here by position (a slice of
+# node.input): fed by anything but a constant, the run's cost no longer follows the input's size.
+_SIZED_BY_VALUES: dict[str, slice] = {
+    "ConstantOfShape": slice(0, None),
+    "Range": slice(0, None),
+    "Expand": slice(1, None),
+    "Tile": slice(1, None),
+    "Pad": slice(1, None),
+    "Resize": slice(1, None),
+    "Upsample": slice(1, None),
+    "OneHot": slice(1, 2),
+    "TopK": slice(1, 2),
+}
+_CONTROL_FLOW = frozenset({"Loop", "If", "Scan"})
+# A model file this large computes for longer than any inline bound; it is not worth parsing.
+_INLINE_SCAN_MAX_BYTES = 64 * 2**20
+
+
+def cost_follows_input_size(path: Path) -> bool:
+    """Whether the graph's work is fixed by its input shapes, so that a per-element estimate holds."""
+    if path.stat().st_size > _INLINE_SCAN_MAX_BYTES:
+        return False
+    try:
+        graph = onnx.load_model(str(path), load_external_data=False).graph
+    except Exception:  # onnxruntime loaded it; a parse onnx cannot do just means no inlining
+        return False
+    constants = {tensor.name for tensor in graph.initializer}
+    constants |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+    for node in graph.node:
+        if node.op_type in _CONTROL_FLOW:
+            return False
+        sized_by = _SIZED_BY_VALUES.get(node.op_type)
+        if sized_by is not None and any(name and name not in constants for name in node.input[sized_by]):
+            return False
+    return True
 
 
 def default_providers() -> list[str]:
@@ -101,9 +142,10 @@ class OnnxRuntimeAdapter(ModelAdapter):
         self._session: ort.InferenceSession | None = None
         self._executor: ThreadPoolExecutor | None = None
         # Measured compute per input element, in µs (an exponential moving average); None until the
-        # first run, and None for good once an inline run has taken far longer than estimated.
+        # first run. Inlining is for graphs whose work follows their input size, and stops for good
+        # once an inline run has taken far longer than estimated.
         self._element_us: float | None = None
-        self._inline = True
+        self._inline = False
 
     async def load(self) -> None:
         if self.spec.artifact is None:
@@ -115,6 +157,11 @@ class OnnxRuntimeAdapter(ModelAdapter):
         loop = asyncio.get_running_loop()
         self._session = await loop.run_in_executor(self._executor, self._create_session)
         self._signature = self._read_signature(self._session)
+        if self.spec.config.onnxruntime.inline_below_us > 0:
+            assert self.spec.artifact is not None
+            self._inline = await loop.run_in_executor(
+                self._executor, cost_follows_input_size, self.spec.artifact
+            )
 
     def _create_session(self) -> ort.InferenceSession:
         options = self.spec.config.onnxruntime

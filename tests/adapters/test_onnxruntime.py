@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
 from adapters import adapter_class
 from adapters.base import LoadSpec
-from adapters.onnxruntime import OnnxRuntimeAdapter, default_providers
+from adapters.onnxruntime import OnnxRuntimeAdapter, cost_follows_input_size, default_providers
 from gateway.config import ModelConfig
 from gateway.errors import BackendError, InvalidInput, ModelNotReady
 from gateway.types import Datatype, TensorSpec
@@ -145,14 +147,45 @@ async def test_tiny_requests_run_on_the_event_loop(
     assert all((t is threading.main_thread()) is inline for t in threads[1:])
 
 
+def test_graphs_sized_by_values_are_never_inlined(affine_path: Path, tmp_path: Path) -> None:
+    path = tmp_path / "spin.onnx"
+    _save(build_spin(), path)  # ConstantOfShape sized by the value of n
+    assert cost_follows_input_size(affine_path)
+    assert not cost_follows_input_size(path)
+    looped = tmp_path / "loop.onnx"
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["n", ""], [], body=body), helper.make_node("Identity", ["x"], ["y"])],
+        "looped",
+        [
+            helper.make_tensor_value_info("n", TensorProto.INT64, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    onnx.save(helper.make_model(graph), str(looped))
+    assert not cost_follows_input_size(looped)
+
+
 async def test_inlining_stops_when_a_run_outgrows_its_estimate(tmp_path: Path) -> None:
-    # The spin model's compute follows the value of n (an n x n product), not the input's size,
-    # so the per-element estimate is wrong for it: one long inline run turns inlining off.
+    # The spin model's compute follows the value of n (an n x n product), not the input's size.
+    # The graph scan keeps it off the loop; here inlining is forced on, as for a graph whose
+    # value-driven cost the scan missed, and one long inline run turns it off.
     path = tmp_path / "m" / "1" / "model.onnx"
     _save(build_spin(), path)
     config = ModelConfig.model_validate({"onnxruntime": {"inline_below_us": 2_000}})
     threads: list[threading.Thread] = []
     async with OnnxRuntimeAdapter(spec_for(path, config)) as adapter:
+        assert not adapter._inline
+        adapter._inline = True
         run = adapter._run
 
         def recording_run(*args: Any) -> Any:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import numpy as np
 import pytest
 
-from conftest import RunningGateway
+from conftest import RunningGateway, start_gateway
 from gateway.metrics import LATENCY_BUCKETS, Metrics
 from gateway.status import MetricsWindow, histogram_quantile
 
@@ -88,7 +90,7 @@ def test_status_json_names_models_backends_and_memory(gateway: RunningGateway) -
         (own,) = [p for p in status["processes"] if p["name"] == "gateway"]
         assert own["pid"] == gateway.process.pid and own["rss_bytes"] > 10 * 2**20
         assert "affine:1" in own["serves"] and "affine_tf:1" in own["serves"]
-        assert not status["repository_api"]
+        assert status["repository_api"]  # the session gateway turns it on
         index = {(e["name"], e["version"]): e for e in status["index"]}
         assert index[("broken_artifact", "1")]["state"] == "UNAVAILABLE"
 
@@ -111,6 +113,21 @@ def test_page_is_server_rendered_without_outside_resources(gateway: RunningGatew
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     for text in (page.text, panel.text):
         assert 'data-model="affine_tf"' in text and "tensorflow" in text
-        assert "<button" not in text  # the repository API is off
-    assert "--enable-repository-api" in panel.text
+    assert 'data-action="unload"' in panel.text  # the repository API is on here
     assert "src=" not in page.text and "https://" not in page.text
+
+
+def test_page_offers_no_buttons_while_the_repository_api_is_off(small_repo: Path, tmp_path: Path) -> None:
+    running = start_gateway(small_repo, tmp_path / "gateway.log")
+    try:
+        with httpx.Client(base_url=running.url) as client:
+            status = client.get("/status").json()
+            page = client.get("/")
+            panel = client.get("/status/panel")
+    finally:
+        running.stop()
+    assert not status["repository_api"]
+    for text in (page.text, panel.text):
+        assert 'data-model="affine"' in text
+        assert "<button" not in text
+    assert "--enable-repository-api" in panel.text

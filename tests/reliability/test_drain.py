@@ -19,10 +19,10 @@ from tests.model_builders import build_spin
 from tests.reliability.load import SteadyLoad
 from tests.reliability.test_overload import expected_sum, wait_for
 
-STEADY_N = 400  # milliseconds of work per request, about
-LONG_N = (
-    2048  # a second or more: still running when the signal comes (a power of two: float32 sums it exactly)
-)
+# An n x n product of ones: STEADY_N is a few milliseconds on one intra-op thread, LONG_N (a
+# power of two, so float32 sums it exactly) a couple of seconds, still running when the signal comes.
+STEADY_N = 400
+LONG_N = 4096
 
 
 def spin_body(n: int) -> dict[str, object]:
