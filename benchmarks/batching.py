@@ -1,6 +1,5 @@
 """Dynamic batching on the heavy MLP (1024 -> 2048 -> 2048 -> 10): the same model served twice by
-one gateway, batching off and on, under the same gRPC load from h2load (load.py where h2load is
-missing). The model (25 MB) is built here from fixed seeds rather than committed.
+one gateway, batching off and on, under the same load: gRPC from h2load, then REST binary from hey. The model (25 MB) is built here from fixed seeds rather than committed.
 
 Prints a markdown table (and writes it with --out): req/s, p50, p99, errors, the mean batch the
 gateway's metrics saw, and issue 6's two checks: the speed-up, and p99 against max_queue_delay plus
@@ -28,12 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peers import (
     H2LOAD,
+    Endpoint,
+    Payload,
     Row,
     check_grpc,
+    check_v2_binary,
     gateway,
     grpc_frame,
     grpc_infer_request,
     h2load_row,
+    hey_row,
+    v2_binary_body,
 )
 
 from scripts.build_models import _save, build_mlp
@@ -41,6 +45,7 @@ from scripts.build_models import _save, build_mlp
 SIZES = (1024, 2048, 2048, 10)
 MAX_BATCH = 16
 DELAY_US = 6000
+PROTOCOLS = ("gRPC", "REST binary")
 CONFIGS = {
     "heavy": "backend: onnxruntime\n",
     "heavy_batched": (
@@ -74,22 +79,63 @@ def batch_compute_ms(model: Path) -> float:
     return statistics.median(times)
 
 
-def mean_batch(metrics: str, model: str) -> float:
+def batch_totals(base: str, model: str) -> tuple[float, float]:
+    """The (sum, count) of the gateway's modelyard_batch_size histogram for one model, now."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as response:
+        metrics = response.read().decode()
+
     def value(series: str) -> float:
         found = re.search(
             rf'^modelyard_batch_size_{series}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', metrics, re.M
         )
         return float(found.group(1)) if found else 0.0
 
-    count = value("count")
-    return value("sum") / count if count else 1.0
+    return value("sum"), value("count")
+
+
+def measure(
+    name: str,
+    protocol: str,
+    args: argparse.Namespace,
+    base: str,
+    endpoint: Endpoint,
+    work: Path,
+    x: np.ndarray,
+    expected: np.ndarray,
+) -> tuple[Row, float]:
+    """One row for one model over one protocol, and the mean batch the gateway formed during it."""
+    before = batch_totals(base, name)
+    if protocol == "gRPC":
+        assert endpoint.grpc is not None
+        request = grpc_infer_request(name, "", x)
+        check, frame_size = check_grpc(endpoint.grpc, request, expected)
+        body = work / f"{name}.bin"
+        body.write_bytes(grpc_frame(request))
+        url = f"http://{endpoint.grpc}/inference.GRPCInferenceService/ModelInfer"
+        row = replace(h2load_row(name, url, args.concurrency, args, body, frame_size, work), check=check)
+    else:
+        binary, header_length = v2_binary_body(x)
+        body = work / f"{name}.rest.bin"
+        body.write_bytes(binary)
+        payload = Payload(
+            body, "application/octet-stream", (f"Inference-Header-Content-Length: {header_length}",)
+        )
+        url = f"{base}/v2/models/{name}/infer"
+        check = check_v2_binary(url, payload, expected)
+        found = hey_row(name, protocol, url, args.concurrency, args, payload, check)
+        if found is None:
+            raise SystemExit("batching.py's REST rows need hey: apt-get install hey (make bench-tools)")
+        row = found
+    after = batch_totals(base, name)
+    count = after[1] - before[1]
+    return row, (after[0] - before[0]) / count if count else 1.0
 
 
 def main() -> None:
     args = parse_args()
     if shutil.which(H2LOAD) is None:
         raise SystemExit("batching.py needs h2load: apt-get install nghttp2-client (make bench-tools)")
-    rows: list[Row] = []
+    results: dict[tuple[str, str], tuple[Row, float]] = {}
     with tempfile.TemporaryDirectory(prefix="modelyard-batching-") as tmp:
         work = Path(tmp)
         repo = work / "repo"
@@ -103,40 +149,40 @@ def main() -> None:
         options.intra_op_num_threads = 1
         expected = ort.InferenceSession(str(onnx_path), options).run(None, {"input": x})[0]
         with gateway(repo, "/v2/health/ready") as (base, endpoint, _):
-            assert endpoint.grpc is not None
-            for name in CONFIGS:
-                request = grpc_infer_request(name, "", x)
-                check, frame_size = check_grpc(endpoint.grpc, request, expected)
-                body = work / f"{name}.bin"
-                body.write_bytes(grpc_frame(request))
-                url = f"http://{endpoint.grpc}/inference.GRPCInferenceService/ModelInfer"
-                row = h2load_row(name, url, args.concurrency, args, body, frame_size, work)
-                rows.append(replace(row, check=check))
-            with urllib.request.urlopen(f"{base}/metrics", timeout=30) as response:
-                metrics = response.read().decode()
-    off, on = rows
-    batch = mean_batch(metrics, "heavy_batched")
+            for protocol in PROTOCOLS:
+                for name in CONFIGS:
+                    results[name, protocol] = measure(name, protocol, args, base, endpoint, work, x, expected)
     bound = DELAY_US / 1000 + compute_ms
     lines = [
-        f"# Dynamic batching, heavy MLP {' -> '.join(map(str, SIZES))}, gRPC batch-1 requests, "
+        f"# Dynamic batching, heavy MLP {' -> '.join(map(str, SIZES))}, batch-1 requests, "
         f"concurrency {args.concurrency}",
         "",
-        f"- {args.duration:g} s per row after {args.warmup:g} s warm-up, generator `{off.generator}`; "
-        f"one full batch ({MAX_BATCH} rows) computes in {compute_ms:.2f} ms in-process (median of 20)",
+        f"- {args.duration:g} s per row after {args.warmup:g} s warm-up; gRPC from h2load, REST binary "
+        f"(Triton's binary extension) from hey; one gateway on CPU 0, the generator on CPU 1; one full "
+        f"batch ({MAX_BATCH} rows) computes in {compute_ms:.2f} ms in-process (median of 20)",
         "",
-        "| model config | req/s | p50 ms | p99 ms | requests | errors | mean batch | check |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
-        f"| no batching | {off.req_per_s:.0f} | {off.p50_ms:.2f} | {off.p99_ms:.2f} | {off.requests} | "
-        f"{off.errors} | 1 | {off.check} |",
-        f"| `{CONFIGS['heavy_batched'].splitlines()[1]}` | {on.req_per_s:.0f} | {on.p50_ms:.2f} | "
-        f"{on.p99_ms:.2f} | {on.requests} | {on.errors} | {batch:.1f} | {on.check} |",
-        "",
-        f"- throughput with batching: {on.req_per_s / off.req_per_s:.2f}x without (goal >= 2.5x): "
-        f"{'met' if on.req_per_s >= 2.5 * off.req_per_s else 'NOT met'}",
-        f"- p99 with batching {on.p99_ms:.2f} ms vs max_queue_delay + one batch's compute = {bound:.2f} ms: "
-        f"{'met' if on.p99_ms <= bound else 'NOT met'}",
+        "| protocol | model config | req/s | p50 ms | p99 ms | requests | errors | mean batch | check |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    text = "\n".join(lines) + "\n"
+    verdicts = []
+    for protocol in PROTOCOLS:
+        for name, label in (
+            ("heavy", "no batching"),
+            ("heavy_batched", f"`{CONFIGS['heavy_batched'].splitlines()[1]}`"),
+        ):
+            row, batch = results[name, protocol]
+            lines.append(
+                f"| {protocol} | {label} | {row.req_per_s:.0f} | {row.p50_ms:.2f} | {row.p99_ms:.2f} | "
+                f"{row.requests} | {row.errors} | {batch:.1f} | {row.check} |"
+            )
+        (off, _), (on, _) = results["heavy", protocol], results["heavy_batched", protocol]
+        verdicts += [
+            f"- {protocol}: throughput with batching {on.req_per_s / off.req_per_s:.2f}x without (goal >= 2.5x): "
+            f"{'met' if on.req_per_s >= 2.5 * off.req_per_s else 'NOT met'}",
+            f"- {protocol}: p99 with batching {on.p99_ms:.2f} ms vs max_queue_delay + one batch's compute = "
+            f"{bound:.2f} ms: {'met' if on.p99_ms <= bound else 'NOT met'}",
+        ]
+    text = "\n".join([*lines, "", *verdicts]) + "\n"
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
