@@ -7,7 +7,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: serve test test-slow install dev lint typecheck pytest models bench bench-peers bench-tools clean \
+.PHONY: serve test test-slow install dev lint typecheck pytest models bench bench-peers soak bench-tools clean \
 	deploy-tools browser-tools torchserve-store images compose-up compose-down compose-smoke
 
 $(BIN)/python:
@@ -57,10 +57,18 @@ test-slow: dev deploy-tools
 # Issue 6's suite: the peers table (in-process limit, modelyard over REST JSON, REST binary and gRPC,
 # MLServer, KServe, TorchServe direct and behind modelyard), dynamic batching on the heavy MLP, and
 # memory. Results in benchmarks/results/.
+# BATCHING_ARGS and MEMORY_ARGS, like PEERS_ARGS below, shorten a smoke run ("--duration 2").
+BATCHING_ARGS ?= --duration 10
+MEMORY_ARGS ?= --duration 60
 bench: dev bench-tools
 	$(MAKE) bench-peers
-	$(BIN)/python benchmarks/batching.py --duration 10 --out benchmarks/results/batching.md
-	$(BIN)/python benchmarks/memory.py --duration 60
+	$(BIN)/python benchmarks/batching.py $(BATCHING_ARGS) --out benchmarks/results/batching.md
+	$(BIN)/python benchmarks/memory.py $(MEMORY_ARGS) --out benchmarks/results/memory.md
+
+# Issue 8's soak: minutes of good and hostile load on the example repository, RSS sampled throughout.
+SOAK_ARGS ?= --minutes 5
+soak: dev
+	$(BIN)/python benchmarks/soak.py $(SOAK_ARGS) --out benchmarks/results/soak.md
 
 # modelyard vs MLServer and KServe on the same ONNX model (benchmarks/README.md, "Peers"). The
 # peers' venvs are made under benchmarks/peers/ on first use. PEERS_ARGS, e.g. "--duration 5".

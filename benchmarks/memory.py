@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, default=ROOT / "model_repo")
     parser.add_argument("--duration", type=int, default=60, help="seconds of load in each run")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args()
 
     http, grpc = free_port(), free_port()
@@ -89,15 +91,23 @@ def main() -> None:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
 
-    print(
-        f"# gateway memory: {args.repo}, {os.cpu_count()} CPUs, load = benchmarks/load.py rest-json + grpc on mlp\n"
-    )
-    print("| when | gateway RSS MiB | with children MiB |")
-    print("|---|---:|---:|")
-    for label, own, total in rows:
-        print(f"| {label} | {own:.0f} | {total:.0f} |")
     growth = rows[2][1] - rows[1][1]
-    print(f"\ngrowth of the gateway's RSS between the two load runs: {growth:+.1f} MiB")
+    lines = [
+        f"# gateway memory: {args.repo.name}, {os.cpu_count()} CPUs, load = benchmarks/load.py rest-json + grpc on mlp",
+        "",
+        f"- {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `{' '.join(['benchmarks/memory.py', *sys.argv[1:]])}`",
+        "",
+        "| when | gateway RSS MiB | with children MiB |",
+        "|---|---:|---:|",
+        *(f"| {label} | {own:.0f} | {total:.0f} |" for label, own, total in rows),
+        "",
+        f"growth of the gateway's RSS between the two load runs: {growth:+.1f} MiB",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -762,13 +762,13 @@ def render(rows: list[Row], meta: dict[str, Any]) -> str:
         "# modelyard vs MLServer vs KServe vs TorchServe: `mlp` (64->256->256->10, FP32)",
         "",
         f"- Run: {meta['date']}, command `{meta['command']}`",
-        f"- Machine: {meta['cpu']}, {meta['cores']} cores (a 2-core VM shared with other work; "
-        "absolute numbers are a floor, compare rows only within this run)",
+        f"- Machine: {meta['cpu']}, {meta['cores']} cores (a VM: the load "
+        "average below says what else ran; compare rows only within this run)",
         f"- Load average (1, 5, 15 min) before: {meta['load_before']}, after: {meta['load_after']}",
         f"- Pinning: {meta['pinning']}",
         f"- {meta['duration']:g} s measured per row after {meta['warmup']:g} s warm-up; REST load from "
-        f"`hey` ({meta['hey']}), the same v2 JSON body every request; gRPC and in-process from "
-        "benchmarks/load.py",
+        f"`hey` ({meta['hey']}), the same body every request (v2 JSON, v2 binary, or TorchServe tensors); gRPC from "
+        "h2load (benchmarks/load.py where h2load is missing); in-process from benchmarks/load.py",
         f"- Versions: Python {meta['python']}, onnxruntime {meta['onnxruntime']} (all servers), "
         f"MLServer {meta.get('mlserver', '-')} (default settings: parallel_workers 1), "
         f"KServe {meta.get('kserve', '-')} (one worker; REST only: its gRPC server binds every "
