@@ -25,6 +25,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from memory import emit
 from peers import (
     H2LOAD,
     Endpoint,
@@ -182,11 +183,7 @@ def main() -> None:
             f"- {protocol}: p99 with batching {on.p99_ms:.2f} ms vs max_queue_delay + one batch's compute = "
             f"{bound:.2f} ms: {'met' if on.p99_ms <= bound else 'NOT met'}",
         ]
-    text = "\n".join([*lines, "", *verdicts]) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit([*lines, "", *verdicts], args.out)
 
 
 if __name__ == "__main__":

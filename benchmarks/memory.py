@@ -31,6 +31,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+READY_TIMEOUT_S = 180.0
+
+
+def wait_ready(base: str, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the gateway exited with {server.returncode} before it was ready")
+        try:
+            if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the gateway was not ready within {READY_TIMEOUT_S:.0f} s")
+
+
+def emit(lines: list[str], out: Path | None) -> None:
+    """Print a report, and write it to `out` where given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+
+
 def rss_mib(process: psutil.Process) -> tuple[float, float]:
     """(the gateway's own RSS, the RSS of the gateway and all its children), in MiB."""
     own = process.memory_info().rss
@@ -69,15 +95,7 @@ def main() -> None:
     ]  # fmt: skip
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(1200):  # bounded: 120 s for the whole repository to load
-            try:
-                if httpx.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise SystemExit("the gateway did not become ready")
+        wait_ready(f"http://127.0.0.1:{http}", server)
         process = psutil.Process(server.pid)
         time.sleep(2)
         rows = [("idle, repository loaded", *rss_mib(process))]
@@ -103,11 +121,7 @@ def main() -> None:
         "",
         f"growth of the gateway's RSS between the two load runs: {growth:+.1f} MiB",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

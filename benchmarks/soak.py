@@ -30,9 +30,8 @@ from pathlib import Path
 
 import httpx
 import psutil
-from memory import ROOT, free_port, rss_mib
+from memory import ROOT, emit, free_port, rss_mib, wait_ready
 
-READY_TIMEOUT_S = 180.0
 MIB = 2**20
 # (method path, body, headers): each is wrong in a different way, and each must be refused with a 4xx.
 BAD_REQUESTS: tuple[tuple[str, bytes, dict[str, str]], ...] = (
@@ -64,20 +63,6 @@ BAD_REQUESTS: tuple[tuple[str, bytes, dict[str, str]], ...] = (
     ("/v1/models/mlp:predict", b'{"instances": [[1, 2]]}', {}),
     ("/v2/models/mlp/infer", b"[" * 5000 + b"]" * 5000, {}),
 )
-
-
-def wait_ready(base: str, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the gateway exited with {server.returncode} before it was ready")
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"the gateway was not ready within {READY_TIMEOUT_S:.0f} s")
 
 
 class HostileClient(threading.Thread):
@@ -214,11 +199,7 @@ def main() -> None:
             for t, own, total in samples[:: max(1, len(samples) // 20)]
         ),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
