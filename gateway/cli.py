@@ -309,7 +309,7 @@ def bench(
     deployments: Annotated[
         str | None,
         typer.Option(
-            help="Backends (onnx, torchserve, tensorflow, tfserving: MODEL's or a twin's) or models, "
+            help="Backends (onnx, torchserve, tensorflow, tfserving, litert, keras, v2: MODEL's or a twin's) or models, "
             "each with an optional :VERSION; default: MODEL and its twins."
         ),
     ] = None,

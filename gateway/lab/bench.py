@@ -43,9 +43,21 @@ BACKEND_ALIASES = {
     "tensorflow": "tensorflow",
     "tf": "tensorflow",
     "tfserving": "tfserving",
+    "litert": "litert",
+    "tflite": "litert",
+    "keras": "keras",
+    "v2": "v2",
 }
 # Packages whose versions the report names, where they are installed beside the bench.
-BACKEND_PACKAGES = ("onnxruntime", "torch", "torchserve", "tensorflow", "tensorflow-serving-api")
+BACKEND_PACKAGES = (
+    "onnxruntime",
+    "torch",
+    "torchserve",
+    "tensorflow",
+    "tensorflow-serving-api",
+    "ai-edge-litert",
+    "keras",
+)
 READY_TIMEOUT_S = 300.0
 # Latencies kept per scenario for the CDF plot (evenly spaced quantiles of all of them).
 CDF_POINTS = 200
@@ -160,7 +172,7 @@ def resolve_targets(
 ) -> list[Target]:
     """The deployments to measure, from the gateway's /status.
 
-    --deployments takes backend kinds (onnx, torchserve, tensorflow, tfserving: MODEL's own backend or
+    --deployments takes backend kinds (onnx, torchserve, tensorflow, tfserving, litert, keras, v2: MODEL's own backend or
     the twin whose `twin_of` is MODEL) or model names, each with an optional :VERSION. --versions takes
     versions of MODEL. Neither: MODEL and each of its twins.
     """

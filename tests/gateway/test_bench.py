@@ -52,6 +52,9 @@ STATUS = {
         model("mlp_torch", "torchserve", "mlp", (1, 2)),
         model("mlp_tf", "tensorflow", "mlp"),
         model("other_onnx", "onnxruntime"),
+        model("affine", "onnxruntime"),
+        model("affine_litert", "litert", "affine"),
+        model("affine_keras", "keras", "affine"),
     ]
 }
 
@@ -65,6 +68,14 @@ def test_backend_kinds_resolve_to_the_model_and_its_twins() -> None:
     ]
     # Default: MODEL, then its twins by name.
     assert resolve_targets("mlp", None, None, STATUS) == [targets[0], targets[2], targets[1]]
+
+
+def test_the_litert_and_keras_twins_resolve_by_kind() -> None:
+    assert resolve_targets("affine", "onnx,tflite,keras", None, STATUS) == [
+        Target("onnxruntime", "affine", 1),
+        Target("litert", "affine_litert", 1),
+        Target("keras", "affine_keras", 1),
+    ]
 
 
 def test_model_names_and_versions_are_accepted_too() -> None:
