@@ -170,6 +170,9 @@ class KerasAdapter(ModelAdapter):
         except Exception as exc:  # any other failure inside the backend's kernels is the backend's
             raise BackendError(f"{self.spec.label}: Keras failed: {exc}") from exc
 
+    def process_id(self) -> int | None:
+        return os.getpid()  # in-process
+
     async def ready(self) -> bool:
         return self._model is not None
 

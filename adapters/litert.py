@@ -10,6 +10,7 @@ Dynamic batch: an interpreter whose allocated input shapes differ from the reque
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -177,6 +178,9 @@ class LiteRtAdapter(ModelAdapter):
             raise InvalidInput(f"{self.spec.label}: LiteRT rejected the input: {exc}") from exc
         except RuntimeError as exc:  # allocate_tensors or invoke failing inside the runtime
             raise BackendError(f"{self.spec.label}: LiteRT failed: {exc}") from exc
+
+    def process_id(self) -> int | None:
+        return os.getpid()  # in-process
 
     async def ready(self) -> bool:
         return self._runners is not None

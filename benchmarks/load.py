@@ -17,8 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
-import httpx
 import numpy as np
 import onnxruntime as ort
 import orjson
@@ -27,7 +27,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 # The load generator itself is the gateway package's, which `modelyard bench` uses too.
 from gateway.lab.load import (
     INPUT_POOL_SIZE,
-    REQUEST_TIMEOUT_S,
+    RestClient,
     Row,
     RunConfig,
     SyncSend,
@@ -157,16 +157,16 @@ def inprocess_send(session: ort.InferenceSession, workload: Workload) -> SyncSen
 
 
 async def ensure_ready(
-    args: argparse.Namespace, client: httpx.AsyncClient, stub: service_pb2_grpc.GRPCInferenceServiceStub
+    args: argparse.Namespace, client: RestClient, stub: service_pb2_grpc.GRPCInferenceServiceStub
 ) -> None:
     """Fail fast, before any mode runs, when a gateway endpoint needed by the chosen modes is down."""
     if {"rest-json", "rest-binary", "tfserving-rest"} & set(args.modes):
         try:
-            response = await client.get("/v2/health/ready")
-        except httpx.HTTPError as exc:
+            answer = await client.get("/v2/health/ready")
+        except (aiohttp.ClientError, TimeoutError) as exc:
             sys.exit(f"REST endpoint {args.http} unreachable: {exc!r}")
-        if response.status_code != 200:
-            sys.exit(f"REST endpoint {args.http} not ready: HTTP {response.status_code}")
+        if answer.status != 200:
+            sys.exit(f"REST endpoint {args.http} not ready: HTTP {answer.status}")
     if {"grpc", "tfserving-grpc"} & set(args.modes):
         try:
             ready = await stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=5.0)
@@ -178,10 +178,9 @@ async def ensure_ready(
 
 async def run_modes(args: argparse.Namespace, session: ort.InferenceSession, workload: Workload) -> list[Row]:
     config = RunConfig(args.concurrency, args.batch, args.duration, args.warmup)
-    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     grpc_options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
     async with (
-        httpx.AsyncClient(base_url=f"http://{args.http}", limits=limits, timeout=REQUEST_TIMEOUT_S) as client,
+        RestClient(f"http://{args.http}", args.concurrency) as client,
         grpc.aio.insecure_channel(args.grpc, options=grpc_options) as channel,
     ):
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)

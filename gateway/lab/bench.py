@@ -330,7 +330,7 @@ def make_workload(
     )
 
 
-def sender(protocol: str, client: httpx.AsyncClient, stub: Any, workload: load.Workload) -> load.AsyncSend:
+def sender(protocol: str, client: load.RestClient, stub: Any, workload: load.Workload) -> load.AsyncSend:
     if protocol == "rest-json":
         return load.rest_json_send(client, workload)
     if protocol == "rest-binary":
@@ -348,7 +348,7 @@ async def answers(target: Target, send: load.AsyncSend, count: int) -> list[np.n
         raise BenchError(f"{target.label} did not answer a request: {type(exc).__name__}: {exc}") from exc
 
 
-def noop_sender(protocol: str, client: httpx.AsyncClient, stub: Any) -> load.AsyncSend:
+def noop_sender(protocol: str, client: load.RestClient, stub: Any) -> load.AsyncSend:
     """The cheapest request the gateway answers on the protocol: its liveness check."""
     empty = np.empty(0, np.float32)
     if protocol == "grpc":
@@ -378,8 +378,10 @@ async def run_bench(
     concurrency = max(plan.concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    # httpx for the few control requests (status, metadata); the load goes over RestClient.
     async with (
         httpx.AsyncClient(base_url=url, limits=limits, timeout=load.REQUEST_TIMEOUT_S) as client,
+        load.RestClient(url, concurrency) as rest,
         grpc.aio.insecure_channel(grpc_address, options=options) as channel,
     ):
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -404,11 +406,11 @@ async def run_bench(
         for batch in plan.batch:
             ref = make_workload(reference, signatures[reference][:4], rows, batch)
             expected[batch] = await answers(
-                reference, sender(plan.protocol, client, stub, ref), load.INPUT_POOL_SIZE
+                reference, sender(plan.protocol, rest, stub, ref), load.INPUT_POOL_SIZE
             )
         for target in targets[1:]:
             workload = make_workload(target, signatures[target][:4], rows, plan.batch[0])
-            got = await answers(target, sender(plan.protocol, client, stub, workload), load.INPUT_POOL_SIZE)
+            got = await answers(target, sender(plan.protocol, rest, stub, workload), load.INPUT_POOL_SIZE)
             parity_rows.append(_parity(target, reference, workload.output_name, expected[plan.batch[0]], got))
 
         ceiling_config = load.RunConfig(concurrency, 1, plan.duration_s, plan.warmup_s)
@@ -424,7 +426,7 @@ async def run_bench(
                 Target("no-op", "/v2/health/live", 0),
                 plan.protocol,
                 ceiling_config,
-                noop_sender(plan.protocol, client, stub),
+                noop_sender(plan.protocol, rest, stub),
                 probe,
             )
 
@@ -438,7 +440,7 @@ async def run_bench(
                 workload = dataclasses.replace(
                     make_workload(target, signatures[target][:4], rows, batch), expected=expected[batch]
                 )
-                send = sender(plan.protocol, client, stub, workload)
+                send = sender(plan.protocol, rest, stub, workload)
                 for clients in plan.concurrency:
                     config = load.RunConfig(clients, batch, plan.duration_s, plan.warmup_s)
                     if progress:
