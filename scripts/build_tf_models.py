@@ -43,6 +43,7 @@ tensorflow: {signature: serving_default, intra_op_threads: 1, inter_op_threads: 
 AFFINE_LITERT_CONFIG = """\
 # The LiteRT twin of `affine`: the same weights per version, served in-process by ai-edge-litert.
 backend: litert
+twin_of: affine
 version_policy: all
 labels: {stable: 1, canary: 2}
 limits: {max_inflight: 64, max_queue: 256, timeout_ms: 2000}
@@ -52,6 +53,7 @@ litert: {threads: 1, pool_size: 2}
 AFFINE_KERAS_CONFIG = """\
 # The Keras 3 twin of `affine`: the same weights per version, served in-process by Keras on TensorFlow.
 backend: keras
+twin_of: affine
 version_policy: all
 labels: {stable: 1, canary: 2}
 limits: {max_inflight: 64, max_queue: 256, timeout_ms: 2000}
