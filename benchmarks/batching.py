@@ -1,5 +1,6 @@
 """Dynamic batching on the heavy MLP (1024 -> 2048 -> 2048 -> 10): the same model served twice by
-one gateway, batching off and on, under the same load: gRPC from h2load, then REST binary from hey. The model (25 MB) is built here from fixed seeds rather than committed.
+one gateway, batching off and on, under the same load: gRPC from h2load, then REST binary from hey.
+The model (25 MB) is built here from fixed seeds rather than committed.
 
 Prints a markdown table (and writes it with --out): req/s, p50, p99, errors, the mean batch the
 gateway's metrics saw, and issue 6's two checks: the speed-up, and p99 against max_queue_delay plus

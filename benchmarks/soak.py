@@ -9,7 +9,8 @@ of --segment seconds until --minutes have passed; every tenth answer is checked 
 Beside it, one client sends a fixed cycle of bad requests (malformed JSON, wrong shapes, a truncated
 binary body, unknown models and versions, a body over the size limit) and counts the answers: each
 must be a 4xx. The report gives the RSS samples, the growth between the first and the last minute,
-a least-squares slope, and the request and error counts.
+a least-squares slope, and the request and error counts; the script exits 1 when a good request
+failed or a bad one was answered with anything but a 4xx.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import psutil
 from memory import ROOT, emit, free_port, rss_mib, wait_ready
 
 MIB = 2**20
-# (method path, body, headers): each is wrong in a different way, and each must be refused with a 4xx.
+TRUNCATED_HEADER = b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "parameters": {"binary_data_size": 256}}]}'
+# (path, body, headers), all POSTed: each is wrong in a different way, and each must be refused with a 4xx.
 BAD_REQUESTS: tuple[tuple[str, bytes, dict[str, str]], ...] = (
     ("/v2/models/mlp/infer", b'{"inputs": [', {}),
     (
@@ -51,11 +53,11 @@ BAD_REQUESTS: tuple[tuple[str, bytes, dict[str, str]], ...] = (
         b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "INT8", "data": [1]}]}',
         {},
     ),
+    # A binary body whose tensor is cut short: 16 of the 256 bytes its header announces.
     (
         "/v2/models/mlp/infer",
-        b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "parameters": {"binary_data_size": 256}}]}'
-        + b"\x00" * 16,
-        {"Inference-Header-Content-Length": "113"},
+        TRUNCATED_HEADER + b"\x00" * 16,
+        {"Inference-Header-Content-Length": str(len(TRUNCATED_HEADER))},
     ),
     ("/v2/models/no_such_model/infer", b'{"inputs": []}', {}),
     ("/v2/models/mlp/versions/99/infer", b'{"inputs": []}', {}),
@@ -200,6 +202,11 @@ def main() -> None:
         ),
     ]
     emit(lines, args.out)
+    good_errors = sum(n for key, n in totals.items() if key.endswith("errors"))
+    if bad_5xx or good_errors:
+        raise SystemExit(
+            f"soak failed: {good_errors} good requests in error, {bad_5xx} bad ones not refused with a 4xx"
+        )
 
 
 if __name__ == "__main__":
