@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -42,6 +41,7 @@ from gateway.errors import (
     InvalidInput,
     ModelNotReady,
 )
+from gateway.net import free_port
 from gateway.types import ModelSignature, TensorSpec, datatype_of
 
 log = logging.getLogger("modelyard.torchserve")
@@ -90,12 +90,6 @@ class TorchServeOptions(BaseModel):
                 raise ModelNotReady(f"{label}: environment variable {env} (torchserve {env!r}) is not set")
             return os.environ[env]
         return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _error_message(content: bytes) -> str:
@@ -249,7 +243,7 @@ class ManagedTorchServe:
     async def _start(self) -> None:
         if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
             raise ModelNotReady("TorchServe needs Java 17 or later: no `java` on PATH and no JAVA_HOME")
-        inference, management, metrics = _free_port(), _free_port(), _free_port()
+        inference, management, metrics = free_port(), free_port(), free_port()
         config = self.workdir / "config.properties"
         config.write_text(
             "\n".join(
@@ -261,8 +255,8 @@ class ManagedTorchServe:
                     # two TorchServes on one machine would then collide.
                     "grpc_inference_address=127.0.0.1",
                     "grpc_management_address=127.0.0.1",
-                    f"grpc_inference_port={_free_port()}",
-                    f"grpc_management_port={_free_port()}",
+                    f"grpc_inference_port={free_port()}",
+                    f"grpc_management_port={free_port()}",
                     f"model_store={self.store}",
                     "default_workers_per_model=1",
                     "install_py_dep_per_model=false",

@@ -23,6 +23,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from adapters.base import LoadSpec, ModelAdapter, SharedResources, override_signature
 from adapters.tensorflow import read_options
+from gateway.codec import CONTENTS_FIELD, tensor_from_buffer, tensor_from_values, tensor_to_bytes
 from gateway.errors import (
     REMOTE_GRPC_ERRORS,
     REMOTE_HTTP_ERRORS,
@@ -33,7 +34,6 @@ from gateway.errors import (
     InvalidInput,
     ModelNotReady,
 )
-from gateway.protocols.tensors import CONTENTS_FIELD, tensor_from_buffer, tensor_from_values, tensor_to_bytes
 from gateway.types import Datatype, ModelSignature, Tensor, TensorSpec, datatype_of
 
 _HEADER_LENGTH = "Inference-Header-Content-Length"

@@ -25,7 +25,7 @@ import orjson
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 # The load generator itself is the gateway package's, which `modelyard bench` uses too.
-from gateway.lab.load import (
+from gateway.tools.lab.load import (
     INPUT_POOL_SIZE,
     RestClient,
     Row,

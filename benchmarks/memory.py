@@ -12,40 +12,28 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import psutil
 
+from gateway import net
+from gateway.net import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 READY_TIMEOUT_S = 180.0
 
 
 def wait_ready(base: str, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the gateway exited with {server.returncode} before it was ready")
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"the gateway was not ready within {READY_TIMEOUT_S:.0f} s")
+    try:
+        net.wait_ready(base, READY_TIMEOUT_S, process=server, interval_s=0.2)
+    except net.NotReady as exc:
+        raise SystemExit(f"the gateway: {exc}") from None
 
 
 def emit(lines: list[str], out: Path | None) -> None:

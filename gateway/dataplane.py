@@ -31,7 +31,7 @@ from gateway.errors import (
 )
 from gateway.limits import Limiter, Priority
 from gateway.metrics import Metrics
-from gateway.registry import LoadedModel, LoadedVersion, Registry, State, VersionStats
+from gateway.registry import LoadedModel, LoadedVersion, Registry, State
 from gateway.request_meta import client_deadline, current_request_id, priority, request_id
 from gateway.routing import Router
 from gateway.types import (
@@ -42,6 +42,7 @@ from gateway.types import (
     ModelMetadata,
     Tensor,
     TensorSpec,
+    VersionStats,
     datatype_of,
 )
 

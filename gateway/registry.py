@@ -18,7 +18,7 @@ from gateway.errors import BackendUnavailable, DeadlineExceeded, GatewayError, M
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.repository import ModelEntry, is_model_name, model_names, scan_model
-from gateway.types import IndexEntry, ModelSignature
+from gateway.types import IndexEntry, ModelSignature, VersionStats
 
 log = logging.getLogger("modelyard.registry")
 
@@ -35,31 +35,6 @@ class State(StrEnum):
     LOADING = "LOADING"
     UNLOADING = "UNLOADING"
     UNAVAILABLE = "UNAVAILABLE"
-
-
-@dataclass(slots=True)
-class Duration:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, ns: int) -> None:
-        self.count += 1
-        self.ns += ns
-
-
-@dataclass(slots=True)
-class VersionStats:
-    """Counters in the shape of Triton's statistics extension."""
-
-    last_inference_ms: int = 0
-    inference_count: int = 0
-    execution_count: int = 0
-    success: Duration = field(default_factory=Duration)
-    fail: Duration = field(default_factory=Duration)
-    queue: Duration = field(default_factory=Duration)
-    compute_input: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    compute_output: Duration = field(default_factory=Duration)
 
 
 @dataclass(slots=True)

@@ -18,11 +18,11 @@ from tritonclient.grpc import service_pb2_grpc
 
 from adapters import create_adapter
 from gateway.auth import Authorizer
+from gateway.codec import InputLimits
 from gateway.dataplane import DataPlane
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.protocols.http import create_app
-from gateway.protocols.tensors import InputLimits
 from gateway.protocols.v2_grpc import SERVICE_NAME, ErrorInterceptor, InferenceServicer
 from gateway.registry import AdapterFactory, Registry
 from gateway.routing import Router

@@ -15,13 +15,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import gateway
 from gateway.auth import Authorizer
+from gateway.codec import DEFAULT_LIMITS, InputLimits
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, PayloadTooLarge, retry_after, status_for
 from gateway.metrics import Metrics
 from gateway.protocols import v2_rest
 from gateway.protocols.openapi import V2_INFER_REQUEST, request_body
 from gateway.protocols.status_page import status_router
-from gateway.protocols.tensors import DEFAULT_LIMITS, InputLimits
 from gateway.protocols.tfserving_rest import tfserving_router
 from gateway.protocols.v2_rest import RESPONSE_ID_HEADER, json_response, v2_router
 from gateway.status import StatusReader

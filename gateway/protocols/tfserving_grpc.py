@@ -27,9 +27,9 @@ from tensorflow_serving.apis import (
     status_pb2,
 )
 
+from gateway.codec import DEFAULT_LIMITS, InputLimits, check_shape
 from gateway.dataplane import DataPlane
 from gateway.errors import InvalidInput, MalformedRequest, PayloadTooLarge, Unsupported
-from gateway.protocols.tensors import DEFAULT_LIMITS, InputLimits, check_shape
 from gateway.protocols.tfserving_rest import PREDICT_METHOD, SIGNATURE_NAME, TF_DTYPE_NAME, TF_STATE
 from gateway.types import (
     IndexEntry,

@@ -17,10 +17,10 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 
+from gateway.codec import DEFAULT_LIMITS, InputLimits, tensor_from_values
 from gateway.dataplane import DataPlane
 from gateway.errors import InvalidInput, MalformedRequest, ModelNotFound, Unsupported
 from gateway.protocols.openapi import TF_PREDICT_REQUEST, request_body
-from gateway.protocols.tensors import DEFAULT_LIMITS, InputLimits, tensor_from_values
 from gateway.protocols.v2_rest import RESPONSE_ID_HEADER, json_object, json_response
 from gateway.request_meta import REQUEST_ID_HEADER, request_id
 from gateway.types import Datatype, IndexEntry, InferRequest, InferResponse, Tensor, TensorSpec

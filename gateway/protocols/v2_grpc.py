@@ -16,9 +16,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from gateway.auth import Authorizer
-from gateway.dataplane import DataPlane, ModelStatistics
-from gateway.errors import GatewayError, MalformedRequest, Unsupported, retry_after, status_for
-from gateway.protocols.tensors import (
+from gateway.codec import (
     CONTENTS_FIELD,
     DEFAULT_LIMITS,
     InputLimits,
@@ -28,9 +26,10 @@ from gateway.protocols.tensors import (
     tensor_from_values,
     tensor_to_bytes,
 )
-from gateway.registry import Duration
+from gateway.dataplane import DataPlane, ModelStatistics
+from gateway.errors import GatewayError, MalformedRequest, Unsupported, retry_after, status_for
 from gateway.request_meta import REQUEST_ID_HEADER, request_id
-from gateway.types import Datatype, InferRequest, InferResponse, RequestedOutput, Tensor, TensorSpec
+from gateway.types import Datatype, Duration, InferRequest, InferResponse, RequestedOutput, Tensor, TensorSpec
 
 log = logging.getLogger("modelyard.grpc")
 

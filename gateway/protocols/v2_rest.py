@@ -12,10 +12,7 @@ from typing import Any, TypeVar
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from gateway.dataplane import DataPlane, ModelStatistics
-from gateway.errors import GatewayError, MalformedRequest, PayloadTooLarge, Unsupported
-from gateway.protocols.openapi import V2_REPOSITORY_INDEX_REQUEST, request_body
-from gateway.protocols.tensors import (
+from gateway.codec import (
     DEFAULT_LIMITS,
     InputLimits,
     parse_datatype_field,
@@ -25,9 +22,11 @@ from gateway.protocols.tensors import (
     tensor_to_bytes,
     tensor_to_values,
 )
-from gateway.registry import Duration
+from gateway.dataplane import DataPlane, ModelStatistics
+from gateway.errors import GatewayError, MalformedRequest, PayloadTooLarge, Unsupported
+from gateway.protocols.openapi import V2_REPOSITORY_INDEX_REQUEST, request_body
 from gateway.request_meta import REQUEST_ID_HEADER, request_id
-from gateway.types import InferRequest, InferResponse, RequestedOutput, Tensor
+from gateway.types import Duration, InferRequest, InferResponse, RequestedOutput, Tensor
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
 HEADER_LENGTH = "inference-header-content-length"

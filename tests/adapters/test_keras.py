@@ -15,9 +15,9 @@ import tritonclient.http as triton_http
 
 from adapters import adapter_class
 from adapters.base import LoadSpec
-from conftest import Protocol, TfServingProtocol, start_gateway
 from gateway.config import ModelConfig
 from gateway.errors import ModelNotReady
+from tests.support import Protocol, TfServingProtocol, start_gateway
 
 pytest.importorskip("keras", reason="the keras extra is not installed")
 

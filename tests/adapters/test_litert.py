@@ -13,10 +13,10 @@ from tritonclient.utils import InferenceServerException
 
 from adapters import adapter_class
 from adapters.base import LoadSpec
-from conftest import Protocol, TfServingProtocol, start_gateway
 from gateway.config import ModelConfig
 from gateway.errors import InvalidInput, ModelNotReady
 from gateway.types import Datatype, TensorSpec
+from tests.support import Protocol, TfServingProtocol, start_gateway
 
 ai_edge_litert = pytest.importorskip("ai_edge_litert.interpreter", reason="the litert extra is not installed")
 

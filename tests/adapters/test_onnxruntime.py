@@ -20,7 +20,7 @@ from gateway.config import ModelConfig
 from gateway.errors import BackendError, InvalidInput, ModelNotReady
 from gateway.types import Datatype, TensorSpec
 from scripts.build_models import _save, build_affine, build_text_normalizer
-from tests.model_builders import build_reshape, build_spin
+from tests.support.model_builders import build_reshape, build_spin
 
 
 def spec_for(path: Path, config: ModelConfig | None = None, name: str = "m") -> LoadSpec:

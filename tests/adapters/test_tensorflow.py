@@ -16,11 +16,11 @@ import pytest
 from adapters import adapter_class
 from adapters.base import LoadSpec
 from adapters.tensorflow import TensorFlowAdapter
-from conftest import ROOT
 from gateway.config import ModelConfig, load_model_config
 from gateway.errors import InvalidInput, ModelNotReady
 from gateway.repository import scan_model
 from gateway.types import Datatype, TensorSpec
+from tests.support import ROOT
 
 EXAMPLE = ROOT / "model_repo" / "affine_tf"
 X = np.random.default_rng(20261125).standard_normal((6, 4)).astype(np.float32)

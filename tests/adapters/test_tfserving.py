@@ -23,10 +23,10 @@ from tritonclient.utils import InferenceServerException
 from adapters import adapter_class
 from adapters.base import LoadSpec
 from adapters.tfserving import TfServingAdapter
-from conftest import RunningGateway, free_port
 from gateway.config import ModelConfig
 from gateway.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady
 from gateway.types import Datatype, TensorSpec
+from tests.support import RunningGateway, free_port
 
 X = np.random.default_rng(20261125).standard_normal((3, 4)).astype(np.float32)
 TRANSPORTS = ["grpc", "rest"]

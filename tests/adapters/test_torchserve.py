@@ -12,9 +12,9 @@ import pytest
 
 from adapters import torchserve_handler as wire
 from adapters.base import LoadSpec
-from conftest import ROOT, torchserve_missing
 from gateway.config import ModelConfig
 from gateway.errors import ModelNotReady
+from tests.support import ROOT, torchserve_missing
 
 
 def test_wire_format_round_trips_every_numeric_datatype() -> None:

@@ -28,10 +28,10 @@ from adapters import SharedResources
 from adapters.base import LoadSpec
 from adapters.v2 import V2Adapter
 from benchmarks import peer_venvs
-from conftest import ROOT, RunningGateway, TfServingProtocol, free_port, start_gateway
 from gateway.config import ModelConfig, TensorDecl
 from gateway.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady
 from gateway.types import Datatype, TensorSpec
+from tests.support import ROOT, RunningGateway, TfServingProtocol, free_port, start_gateway
 
 X = np.random.default_rng(20261125).standard_normal((3, 4)).astype(np.float32)
 PROTOCOLS = ["grpc", "rest"]
@@ -228,7 +228,7 @@ async def test_kserve_as_the_remote(kserve: str, test_repo: Path) -> None:
 
 @pytest.fixture(scope="module")
 def v2_gateway(gateway: RunningGateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
-    from tests.model_builders import build_v2_repository
+    from tests.support.model_builders import build_v2_repository
 
     repo = tmp_path_factory.mktemp("v2_repo")
     build_v2_repository(repo, grpc_address=gateway.grpc, rest_url=gateway.url)
@@ -305,7 +305,7 @@ def test_the_client_deadline_reaches_the_remote(v2_gateway: RunningGateway) -> N
     tensor = triton_grpc.InferInput("n", [1], "INT64")
     tensor.set_data_from_numpy(np.array([3000], np.int64))
     with pytest.raises(InferenceServerException) as caught:
-        client.infer("v2_spin_grpc", [tensor], client_timeout=0.5)
+        client.infer("v2_spin_grpc", [tensor], client_timeout=0.1)
     client.close()
     assert "DEADLINE_EXCEEDED" in str(caught.value.status())
 

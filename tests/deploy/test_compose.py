@@ -29,9 +29,9 @@ import httpx
 import pytest
 import yaml
 
-from conftest import RunningGateway, free_port, start_gateway, torchserve_missing
 from gateway.repository import scan
 from gateway.settings import Settings
+from tests.support import RunningGateway, free_port, start_gateway, torchserve_missing
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import torchserve_missing
-from gateway import containers
 from gateway.repository import scan
+from gateway.tools import containers
+from tests.support import torchserve_missing
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -18,13 +18,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.base import LoadSpec
 from adapters.onnxruntime import OnnxRuntimeAdapter
-from conftest import RunningGateway
 from gateway.batching import BatchingAdapter
 from gateway.config import Batching, ModelConfig
 from gateway.errors import BackendError, DeadlineExceeded
 from gateway.types import Datatype
 from scripts.build_models import _save, build_mlp
-from tests.model_builders import build_gather, build_identity
+from tests.support import RunningGateway
+from tests.support.model_builders import build_gather, build_identity
 
 RNG = np.random.default_rng(11)
 

@@ -14,8 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import ROOT, RunningGateway
-from gateway.lab.bench import (
+from gateway.tools.lab.bench import (
     BenchError,
     BenchPlan,
     BenchResult,
@@ -26,6 +25,7 @@ from gateway.lab.bench import (
     resolve_targets,
     verdicts,
 )
+from tests.support import ROOT, RunningGateway
 
 
 def modelyard(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import ROOT, free_port, start_gateway
+from tests.support import ROOT, free_port, start_gateway
 
 
 def modelyard() -> str:

@@ -14,8 +14,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import ROOT
-from gateway.convert import ConvertError, check_conversion, convert, next_version, torch_runner
+from gateway.tools.convert import ConvertError, check_conversion, convert, next_version, torch_runner
+from tests.support import ROOT
 
 REPO = ROOT / "model_repo"
 MLP_TORCH = REPO / "mlp_torch" / "1" / "model.pt"

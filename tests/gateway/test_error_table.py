@@ -19,7 +19,6 @@ from tritonclient.utils import InferenceServerException
 
 from adapters.base import LoadSpec, ModelAdapter
 from adapters.onnxruntime import OnnxRuntimeAdapter
-from conftest import InProcessGateway
 from gateway.errors import (
     ERROR_TABLE,
     REMOTE_GRPC_ERRORS,
@@ -30,7 +29,8 @@ from gateway.errors import (
 )
 from gateway.types import Datatype
 from scripts.build_models import _save
-from tests.model_builders import build_identity
+from tests.support import InProcessGateway
+from tests.support.model_builders import build_identity
 
 ROWS = list(ERROR_TABLE.items())
 

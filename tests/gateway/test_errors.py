@@ -16,7 +16,7 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import Protocol, RunningGateway
+from tests.support import Protocol, RunningGateway
 
 X = np.ones((1, 4), dtype=np.float32)
 Call = Callable[[Protocol], Any]

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from conftest import Protocol
+from tests.support import Protocol
 
 
 def as_dict(protocol: Protocol, method: str, *args: Any, **kwargs: Any) -> Any:

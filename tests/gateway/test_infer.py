@@ -9,8 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import Protocol
 from gateway.types import Datatype, numpy_dtype
+from tests.support import Protocol
 
 RNG_SEED = 20261125
 
@@ -122,7 +122,7 @@ def test_every_datatype_in_grpc_typed_contents(gateway: Any, datatype: Datatype)
     assert list(response.outputs[0].shape) == [2, 3]
     raw = response.raw_output_contents[0]
     if datatype is Datatype.BYTES:
-        from gateway.protocols.tensors import deserialize_bytes
+        from gateway.codec import deserialize_bytes
 
         assert list(deserialize_bytes("OUTPUT", raw, 6)) == list(data.ravel())
     else:

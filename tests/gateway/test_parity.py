@@ -10,8 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import ROOT, torchserve_missing
-from gateway.parity import (
+from gateway.tools.parity import (
     Deployment,
     ParityMismatch,
     ParityUsageError,
@@ -24,6 +23,7 @@ from gateway.parity import (
     run_parity,
 )
 from gateway.types import Datatype, TensorSpec
+from tests.support import ROOT, torchserve_missing
 
 REPO = ROOT / "model_repo"
 

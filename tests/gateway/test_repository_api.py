@@ -14,8 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from conftest import Protocol, RunningGateway
 from scripts.build_models import _save, build_affine
+from tests.support import Protocol, RunningGateway
 
 X = np.ones((1, 4), dtype=np.float32)
 

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from conftest import Protocol, RunningGateway
+from tests.support import Protocol, RunningGateway
 
 X = np.random.default_rng(4).standard_normal((2, 4)).astype(np.float32)
 

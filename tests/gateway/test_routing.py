@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import Protocol
 from gateway.repository import scan_model
+from tests.support import Protocol
 
 X = np.ones((1, 4), dtype=np.float32)
 

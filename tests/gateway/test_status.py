@@ -8,9 +8,9 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import RunningGateway, start_gateway
 from gateway.metrics import LATENCY_BUCKETS, Metrics
 from gateway.status import MetricsWindow, histogram_quantile
+from tests.support import RunningGateway, start_gateway
 
 LABELS = ("affine", "1", "onnxruntime", "rest")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, RunningGateway, start_gateway
+from tests.support import ROOT, RunningGateway, start_gateway
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Screenshots the tests keep; the folder is gitignored.

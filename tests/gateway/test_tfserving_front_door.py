@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import ROOT, Protocol, RunningGateway, TfServingError, TfServingProtocol, free_port
+from tests.support import ROOT, Protocol, RunningGateway, TfServingError, TfServingProtocol, free_port
 
 RNG_SEED = 20261125
 X = np.random.default_rng(RNG_SEED).standard_normal((5, 4)).astype(np.float32)

@@ -21,7 +21,8 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from conftest import (
+from scripts import build_models, build_torch_models
+from tests.support import (
     Protocol,
     RunningGateway,
     StandaloneTorchServe,
@@ -29,7 +30,6 @@ from conftest import (
     start_gateway,
     torchserve_missing,
 )
-from scripts import build_models, build_torch_models
 
 pytestmark = pytest.mark.skipif(torchserve_missing() is not None, reason=str(torchserve_missing()))
 

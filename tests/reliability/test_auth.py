@@ -18,8 +18,8 @@ import tritonclient.http as triton_http
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from conftest import RunningGateway, float_tensor_proto, start_gateway
 from gateway.protocols.http import route_action
+from tests.support import RunningGateway, float_tensor_proto, start_gateway
 
 KEYS = {name: secrets.token_urlsafe(24) for name in ("admin", "affine_infer", "other_model", "reader")}
 WRONG = secrets.token_urlsafe(24)

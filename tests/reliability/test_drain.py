@@ -13,11 +13,11 @@ import httpx
 import numpy as np
 import tritonclient.grpc as triton_grpc
 
-from conftest import start_gateway
 from scripts.build_models import _save
-from tests.model_builders import build_spin
 from tests.reliability.load import SteadyLoad
 from tests.reliability.test_overload import expected_sum, wait_for
+from tests.support import start_gateway
+from tests.support.model_builders import build_spin
 
 # An n x n product of ones: STEADY_N is a few milliseconds on one intra-op thread, LONG_N (a
 # power of two, so float32 sums it exactly) a couple of seconds, still running when the signal comes.

@@ -18,10 +18,10 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import RunningGateway, free_port, start_gateway
 from scripts.build_models import _save, build_affine
 from tests.reliability.load import SteadyLoad
 from tests.reliability.stand_ins import FailingTorchServe
+from tests.support import RunningGateway, free_port, start_gateway
 
 X = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], dtype=np.float32)
 BODY = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": X.ravel().tolist()}]}

@@ -23,11 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
-from conftest import FUZZ_CASES
+from gateway.codec import DEFAULT_LIMITS, InputLimits
 from gateway.errors import GatewayError, status_for
 from gateway.protocols import tfserving_rest, v2_grpc, v2_rest
-from gateway.protocols.tensors import DEFAULT_LIMITS, InputLimits
 from gateway.types import Datatype, InferRequest, TensorSpec
+from tests.support import FUZZ_CASES
 
 EXAMPLES = int(os.environ.get("MODELYARD_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(

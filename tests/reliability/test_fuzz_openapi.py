@@ -19,7 +19,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from conftest import FUZZ_CASES, RunningGateway
+from tests.support import FUZZ_CASES, RunningGateway
 
 EXAMPLES = int(os.environ.get("MODELYARD_FUZZ_API_EXAMPLES", "5"))
 REAL_MODEL = {"model_name": "affine", "model_version": "1", "model_label": "stable"}

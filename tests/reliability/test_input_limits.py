@@ -16,7 +16,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import RunningGateway, float_tensor_proto
+from tests.support import RunningGateway, float_tensor_proto
 
 # conftest.LIMITED_ENV's limits.
 MAX_BODY = 64 * 1024

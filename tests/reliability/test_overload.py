@@ -15,10 +15,10 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import RunningGateway, start_gateway
 from scripts.build_models import _save
-from tests.model_builders import build_spin
 from tests.reliability.test_faults import metric
+from tests.support import RunningGateway, start_gateway
+from tests.support.model_builders import build_spin
 
 CLIENTS = 48
 REQUESTS_PER_CLIENT = 4

@@ -13,9 +13,9 @@ import onnxruntime as ort
 import psutil
 import pytest
 
-from conftest import RunningGateway, start_gateway, torchserve_missing
 from scripts import build_models
 from tests.reliability.load import SteadyLoad
+from tests.support import RunningGateway, start_gateway, torchserve_missing
 
 pytestmark = [
     pytest.mark.slow,

@@ -21,8 +21,10 @@ from typing import Any, Literal
 import numpy as np
 
 from gateway.config import ConfigError, ModelConfig, load_model_config
-from gateway.errors import GatewayError
-from gateway.parity import (
+from gateway.registry import Registry
+from gateway.repository import CONFIG_FILE, is_model_name, scan_model
+from gateway.tools.errors import ToolError
+from gateway.tools.parity import (
     DEFAULT_ATOL,
     DEFAULT_BATCH,
     DEFAULT_RTOL,
@@ -34,8 +36,6 @@ from gateway.parity import (
     generate_inputs,
     load_deployment,
 )
-from gateway.registry import Registry
-from gateway.repository import CONFIG_FILE, is_model_name, scan_model
 from gateway.types import Datatype, TensorSpec
 
 SourceFormat = Literal["torchscript", "savedmodel"]
@@ -46,7 +46,7 @@ TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts")
 RunSource = Callable[[Arrays], dict[str, np.ndarray[Any, Any]]]
 
 
-class ConvertError(GatewayError):
+class ConvertError(ToolError):
     """The source cannot be converted, or the result cannot be written where it was asked to go."""
 
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from adapters import torchserve_handler
 from gateway.repository import ModelEntry
+from gateway.tools.errors import ToolError
 
 # The handler every archive carries, as in managed mode; it needs only numpy to import.
 HANDLER_FILE = Path(torchserve_handler.__file__)
@@ -43,7 +44,7 @@ TFSERVING_PORTS = {8500: "gRPC", 8501: "REST"}
 TORCHSERVE_PORTS = {8080: "inference", 8081: "management", 8082: "metrics"}
 
 
-class UpError(Exception):
+class UpError(ToolError):
     """Why `modelyard up` cannot start the container: one line for the user."""
 
 

@@ -13,7 +13,6 @@ import dataclasses
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -28,9 +27,10 @@ import httpx
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gateway import parity
-from gateway.errors import GatewayError
-from gateway.lab import load
+from gateway.net import NotReady, free_port, wait_ready
+from gateway.tools import parity
+from gateway.tools.errors import ToolError
+from gateway.tools.lab import load
 from gateway.types import Datatype, TensorSpec, numpy_dtype
 
 PROTOCOLS = ("rest-json", "rest-binary", "grpc")
@@ -64,7 +64,7 @@ CDF_POINTS = 200
 SEED = parity.SEED
 
 
-class BenchError(GatewayError):
+class BenchError(ToolError):
     """The bench cannot run as asked: bad flags, an unknown deployment, a gateway that is not there."""
 
 
@@ -235,13 +235,6 @@ def _resolve_one(
 # --- the gateway ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def started_gateway(model_repo: Path, log_path: Path) -> Iterator[tuple[str, str]]:
     """A gateway of this installation serving `model_repo` on free loopback ports, until the block ends."""
@@ -256,18 +249,10 @@ def started_gateway(model_repo: Path, log_path: Path) -> Iterator[tuple[str, str
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{http}"
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise BenchError(f"the gateway exited with {process.returncode}; its log: {log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v2/health/ready", timeout=1.0).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"the gateway was not ready after {READY_TIMEOUT_S:.0f} s; its log: {log_path}"
-                )
-            time.sleep(0.2)
+        try:
+            wait_ready(url, READY_TIMEOUT_S, process=process, interval_s=0.2)
+        except NotReady as exc:
+            raise BenchError(f"{exc}; its log: {log_path}") from None
         yield url, f"127.0.0.1:{grpc_port}"
     finally:
         process.terminate()

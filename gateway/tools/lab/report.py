@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import GatewayError
-from gateway.lab.bench import BenchResult, Scenario, format_table
+from gateway.tools.errors import ToolError
+from gateway.tools.lab.bench import BenchResult, Scenario, format_table
 
 PLOTS = {
     "latency_cdf.png": "Latency CDF per deployment",
@@ -24,7 +24,7 @@ PLOTS = {
 CSV_FIELDS = [f.name for f in dataclasses.fields(Scenario) if f.name != "latency_quantiles_ms"]
 
 
-class ReportError(GatewayError):
+class ReportError(ToolError):
     """The report cannot be written as asked (matplotlib missing, folder not writable)."""
 
 

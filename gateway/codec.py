@@ -1,4 +1,5 @@
-"""Tensor data on the wire, shared by the v2 REST and gRPC codecs.
+"""Tensor data on the wire, below both the front doors and the adapters: JSON values, binary
+buffers and the v2 gRPC contents fields to numpy and back.
 
 JSON data goes to numpy in one call; binary and raw contents go through `numpy.frombuffer`
 without a copy. Every shape is held to `InputLimits`, and every length is checked against the

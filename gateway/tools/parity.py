@@ -17,6 +17,7 @@ from adapters import ModelAdapter
 from gateway.config import preferred_version
 from gateway.errors import GatewayError, ModelNotReady
 from gateway.registry import Registry
+from gateway.tools.errors import ToolError
 from gateway.types import Datatype, ModelSignature, TensorSpec, numpy_dtype
 
 Arrays = Mapping[str, np.ndarray[Any, Any]]
@@ -28,11 +29,11 @@ DEFAULT_BATCH = 4
 SEED = 0
 
 
-class ParityUsageError(GatewayError):
+class ParityUsageError(ToolError):
     """The parity check was asked for something it cannot do: bad flags, unknown models, bad inputs."""
 
 
-class ParityMismatch(GatewayError):
+class ParityMismatch(ToolError):
     """The two sides cannot be compared output for output: their output names or shapes differ."""
 
 
