@@ -34,11 +34,11 @@ class SharedResources:
     Created once by the registry; each is built on first use and closed when the registry closes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, breakers: Breakers | None = None) -> None:
         self._items: dict[str, SharedResource] = {}
         self._lock = asyncio.Lock()
-        # The circuit breakers of remote backend endpoints, listed by the data plane.
-        self.breakers = Breakers()
+        # The circuit breakers of remote backend endpoints.
+        self.breakers = breakers or Breakers()
 
     async def get(self, key: str, factory: Callable[[], Awaitable[Resource]]) -> Resource:
         async with self._lock:

@@ -19,7 +19,9 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.context import current_request_id
 from gateway.errors import BackendUnavailable, ConnectionRefused, DeadlineExceeded
+from gateway.metrics import Metrics
 
 log = logging.getLogger("modelyard.breaker")
 
@@ -200,3 +202,28 @@ class Breakers:
             self.observe(backend, endpoint, event, detail)
         else:
             log.warning("event=breaker_%s backend=%s endpoint=%s detail=%r", event, backend, endpoint, detail)
+
+
+# modelyard_breaker_state's value for each state a breaker enters.
+_BREAKER_LEVEL = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def guard_observer(metrics: Metrics) -> GuardObserver:
+    """What each guard event does: its metric, and its log line with the request being served."""
+
+    def observe(backend: str, endpoint: str, event: str, detail: str) -> None:
+        if event == "retry":
+            metrics.backend_retries.labels(backend, endpoint).inc()
+        else:
+            metrics.breaker_transitions.labels(backend, endpoint, event).inc()
+            metrics.breaker_state.labels(backend, endpoint).set(_BREAKER_LEVEL[event])
+        log.warning(
+            "event=%s request_id=%s backend=%s endpoint=%s detail=%r",
+            event if event == "retry" else f"breaker_{event}",
+            current_request_id.get() or "",
+            backend,
+            endpoint,
+            detail,
+        )
+
+    return observe

@@ -71,7 +71,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve a model repository over REST and gRPC."""
-    from gateway.server import run
+    from gateway.server import StartupError, run
 
     given: dict[str, Any] = {
         "model_repo": model_repo,
@@ -91,7 +91,11 @@ def serve(
     except ValidationError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    run(settings)
+    try:
+        run(settings)
+    except StartupError as exc:
+        typer.echo(f"modelyard: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @repo_app.command("check")

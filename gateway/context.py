@@ -1,6 +1,10 @@
-"""What every protocol reads the same way from a request's headers or parameters: its id, its
-timeout and its priority. Small functions the protocol layers and the data plane call, cheap
-enough for the hot path."""
+"""The request context: what every front door reads the same way from a request's transport, built
+by one function that all four front doors (v2 and TF Serving, REST and gRPC) call.
+
+The data plane receives these parsed fields, never raw headers: the request id, the client's
+deadline, the priority, and the routing keys (header or metadata values that a model's label,
+canary and sticky-split rules may read).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 import time
 from collections.abc import Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import MalformedRequest
@@ -21,6 +26,27 @@ _MAX_ID_LENGTH = 128
 # breaker changes); None outside a request, and in batches, which serve several.
 current_request_id: ContextVar[str | None] = ContextVar("current_request_id", default=None)
 _PRIORITY_NAMES = {"high": Priority.HIGH, "normal": Priority.NORMAL, "low": Priority.LOW}
+# Credentials never travel with the routing keys: nothing below the front door needs them.
+_NOT_ROUTING = frozenset({"authorization", "x-api-key", "cookie"})
+_NO_KEYS: Mapping[str, str] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """One request's transport facts, parsed once at its front door."""
+
+    request_id: str
+    # The front door: rest or grpc (v2), tfserving_rest or tfserving_grpc, or shadow (a copy the
+    # gateway sends itself). It is the `protocol` label of the request metrics.
+    protocol: str
+    # Absolute time.monotonic() by which the client wants its answer (the soonest of the gRPC
+    # deadline, X-Timeout-Ms and Triton's `timeout` parameter); None: the client set none.
+    deadline: float | None = None
+    priority: Priority = Priority.NORMAL
+    # Header (or gRPC metadata) names in lower case and their values, for routing rules.
+    routing_keys: Mapping[str, str] = field(default_factory=dict)
+    # The label a request's `label` parameter names (the label header is the model's to name).
+    label: str | None = None
 
 
 def request_id(header: str | None, body_id: str | None = None) -> str:
@@ -42,7 +68,7 @@ def client_deadline(headers: Mapping[str, str], parameters: Mapping[str, Any]) -
             timeouts.append(float(header) / 1000)
         except ValueError:
             raise MalformedRequest(
-                f"{TIMEOUT_HEADER} must be a number of milliseconds, not {header!r}"
+                f"{TIMEOUT_HEADER} must be a number of milliseconds, not {header[:64]!r}"
             ) from None
     parameter = parameters.get("timeout")
     if parameter is not None:
@@ -65,7 +91,7 @@ def priority(headers: Mapping[str, str], header_name: str, parameters: Mapping[s
         try:
             return _PRIORITY_NAMES[value.strip().lower()]
         except KeyError:
-            raise MalformedRequest(f"{header_name} must be high, normal or low, not {value!r}") from None
+            raise MalformedRequest(f"{header_name} must be high, normal or low, not {value[:64]!r}") from None
     level = parameters.get("priority")
     if level is None:
         return Priority.NORMAL
@@ -74,3 +100,47 @@ def priority(headers: Mapping[str, str], header_name: str, parameters: Mapping[s
     if level == 1:
         return Priority.HIGH
     return Priority.LOW if level >= 3 else Priority.NORMAL
+
+
+def deadline_after(seconds: float | None) -> float | None:
+    """A transport's time remaining (gRPC's) as an absolute time.monotonic() deadline."""
+    return None if seconds is None else time.monotonic() + seconds
+
+
+class ContextBuilder:
+    """Builds every request's context; the front doors share one, made by the composition root."""
+
+    def __init__(self, priority_header: str = "x-priority") -> None:
+        self.priority_header = priority_header.lower()
+
+    def build(
+        self,
+        protocol: str,
+        headers: Mapping[str, str],
+        parameters: Mapping[str, Any] | None = None,
+        *,
+        transport_deadline: float | None = None,
+        body_id: str | None = None,
+    ) -> RequestContext:
+        """The context of a request from its headers (REST) or metadata (gRPC), lower-case names,
+        the request-level parameters its body carries, and the deadline its transport set."""
+        parameters = parameters or _NO_KEYS
+        rid = request_id(headers.get(REQUEST_ID_HEADER), body_id)
+        if not headers and not parameters:
+            return RequestContext(rid, protocol, transport_deadline)
+        asked = client_deadline(headers, parameters)
+        deadline = transport_deadline if asked is None else min(asked, transport_deadline or asked)
+        label = parameters.get("label")
+        return RequestContext(
+            request_id=rid,
+            protocol=protocol,
+            deadline=deadline,
+            priority=priority(headers, self.priority_header, parameters),
+            routing_keys={k: v for k, v in headers.items() if k not in _NOT_ROUTING},
+            label=None if label is None or label == "" else str(label),
+        )
+
+    @staticmethod
+    def grpc_metadata(metadata: Any) -> dict[str, str]:
+        """gRPC invocation metadata as a mapping of its text entries (binary `-bin` ones are left out)."""
+        return {key: value for key, value in metadata or () if isinstance(value, str)}

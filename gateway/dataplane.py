@@ -1,59 +1,55 @@
 """The one data plane: inference, metadata, health, statistics and repository control.
 
-REST and gRPC both call these methods, so the two protocols cannot drift apart.
+Every front door calls these methods with a decoded request and its parsed RequestContext, so
+the protocols cannot drift apart. A request is routed once; fallback and shadow copies are the
+rollouts module's (gateway/rollouts.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+import grpc
 
 import gateway
-from gateway.breaker import BreakerStatus
-from gateway.config import ShadowTarget, preferred_version
+from gateway.config import VersionPolicy, preferred_version
+from gateway.context import RequestContext, current_request_id
 from gateway.errors import (
     BackendUnavailable,
     DeadlineExceeded,
     Draining,
     GatewayError,
-    InvalidInput,
-    ModelNotFound,
     ModelNotReady,
     Overloaded,
     PermissionDenied,
     status_for,
 )
-from gateway.limits import Limiter, Priority
-from gateway.metrics import Metrics
-from gateway.registry import LoadedModel, LoadedVersion, Registry, State
-from gateway.request_meta import client_deadline, current_request_id, priority, request_id
-from gateway.routing import Router
+from gateway.limits import Limiter, acquire_all, release_all
+from gateway.metrics import Metrics, RequestSeries
+from gateway.registry import LoadedVersion, Registry, State
+from gateway.rollouts import Rollouts
+from gateway.routing import Route, Router
 from gateway.types import (
-    Datatype,
     IndexEntry,
     InferRequest,
     InferResponse,
     ModelMetadata,
+    ModelSignature,
     Tensor,
-    TensorSpec,
     VersionStats,
     datatype_of,
 )
 
 log = logging.getLogger("modelyard.dataplane")
 
-# Shadow copies running at once; beyond this they are dropped (and counted), never queued.
-MAX_SHADOWS_IN_FLIGHT = 64
-# modelyard_breaker_state's value for each state a breaker enters.
-_BREAKER_LEVEL = {"closed": 0, "half_open": 1, "open": 2}
 EXTENSIONS = ("binary_tensor_data", "model_repository", "statistics", "model_configuration")
-_TRITON_TYPE = {d: f"TYPE_{'STRING' if d is Datatype.BYTES else d.value}" for d in Datatype}
+# Front doors whose answers carry a gRPC status; the others answer with an HTTP status.
+_GRPC_PROTOCOLS = frozenset({"grpc", "tfserving_grpc"})
+_OK_CODE = {True: grpc.StatusCode.OK.name, False: "200"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,34 +66,49 @@ class ModelStatistics:
     stats: VersionStats
 
 
+@dataclass(frozen=True, slots=True)
+class ModelDescription:
+    """What a model's configuration says, for Triton's model configuration extension."""
+
+    name: str
+    backend: str
+    version_policy: VersionPolicy
+    max_batch_size: int
+    signature: ModelSignature
+
+
+@dataclass(slots=True)
+class _Served:
+    """Which model version answered a request (or last tried to), for its one count."""
+
+    model: str
+    version: str = ""
+    backend: str = ""
+
+
 class DataPlane:
     def __init__(
         self,
         registry: Registry,
         router: Router,
         metrics: Metrics,
-        rng: random.Random | None = None,
         *,
         global_limiter: Limiter | None = None,
-        priority_header: str = "x-priority",
         enable_repository_api: bool = False,
     ) -> None:
         self.registry = registry
-        self.enable_repository_api = enable_repository_api
         self.router = router
         self.metrics = metrics
-        self._rng = rng or random.Random()
-        self._shadows: set[asyncio.Task[None]] = set()
-        self._started = False
-        self._draining = False
+        self.enable_repository_api = enable_repository_api
+        self.rollouts = Rollouts(registry, metrics, self._run_alone)
         # Across all models, behind each model's own limiter; None: no global cap.
         self._global_limiter = global_limiter
-        self._priority_header = priority_header
+        self._started = False
+        self._draining = False
         # Requests accepted and not yet answered, so a drain knows when it is done.
         self._accepted = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        registry.shared.breakers.observe = self._guard_event
 
     # Health -----------------------------------------------------------------------------------
 
@@ -127,44 +138,21 @@ class DataPlane:
             return False
         return True
 
-    def breakers(self) -> list[BreakerStatus]:
-        """Every backend endpoint's circuit breaker: backend, endpoint, state, consecutive failures."""
-        return self.registry.shared.breakers.statuses()
-
-    def breaker_state(self, name: str, version: int) -> str | None:
-        """The circuit breaker state of the endpoint a loaded version calls; None where it has none."""
-        try:
-            loaded = self.registry.get(name).versions.get(version)
-        except GatewayError:
-            return None
-        guard = loaded.adapter.breaker() if loaded is not None and loaded.adapter is not None else None
-        return None if guard is None else guard.state.value
-
     async def model_ready(self, name: str, version: str | None) -> bool:
         try:
-            model = self.registry.get(name)
-            loaded = self.router.select(model, version)
+            loaded = self.router.select(self.registry.get(name), version)
         except ModelNotReady:
             return False
         return await _backend_ready(loaded)
 
     async def model_status(self, name: str, version: str | None) -> list[IndexEntry]:
-        """Each version's state, or only the one a version number or label names.
-
-        A version the registry holds as ready whose backend says otherwise is reported UNAVAILABLE.
-        """
+        """Each version's state, or only the one a version number or label names; a version the
+        registry holds as ready whose backend says otherwise is UNAVAILABLE."""
         model = self.registry.get(name)
         if not model.versions:
             raise ModelNotReady(f"model '{name}' is not ready: {model.reason or 'no version loaded'}")
         numbers = [self.router.resolve(model, version)] if version else sorted(model.versions)
-        entries = []
-        for number in numbers:
-            loaded = model.versions[number]
-            state, reason = loaded.state.value, loaded.reason
-            if loaded.ready and not await _backend_ready(loaded):
-                state, reason = State.UNAVAILABLE.value, "the backend reports the version is not ready"
-            entries.append(IndexEntry(name, str(number), state, reason))
-        return entries
+        return [await _entry(name, model.versions[number]) for number in numbers]
 
     # Metadata ---------------------------------------------------------------------------------
 
@@ -172,280 +160,164 @@ class DataPlane:
         return ServerMetadata("modelyard", gateway.__version__, EXTENSIONS)
 
     async def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
-        model, loaded = self._for_metadata(name, version)
-        assert loaded.signature is not None
+        route = self._for_metadata(name, version)
+        signature = route.signature
         return ModelMetadata(
             name=name,
-            versions=tuple(str(v) for v in model.ready_versions),
-            platform=loaded.signature.platform,
-            inputs=loaded.signature.inputs,
-            outputs=loaded.signature.outputs,
+            version=str(route.loaded.version),
+            versions=tuple(str(v) for v in route.model.ready_versions),
+            platform=signature.platform,
+            inputs=signature.inputs,
+            outputs=signature.outputs,
         )
 
-    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
-        """The model's configuration in the shape of Triton's model configuration extension."""
-        model, loaded = self._for_metadata(name, version)
-        assert loaded.signature is not None
-        policy = model.entry.config.version_policy
-        if policy.all:
-            version_policy: dict[str, Any] = {"all": {}}
-        elif policy.specific is not None:
-            version_policy = {"specific": {"versions": list(policy.specific)}}
-        else:
-            version_policy = {"latest": {"num_versions": policy.latest or 1}}
-        return {
-            "name": name,
-            "platform": loaded.signature.platform,
-            "backend": loaded.backend,
-            "version_policy": version_policy,
-            "max_batch_size": model.entry.config.batching.max_batch_size,
-            "input": [_triton_tensor(spec) for spec in loaded.signature.inputs],
-            "output": [_triton_tensor(spec) for spec in loaded.signature.outputs],
-        }
+    def model_description(self, name: str, version: str | None) -> ModelDescription:
+        route = self._for_metadata(name, version)
+        config = route.model.entry.config
+        return ModelDescription(
+            name, route.loaded.backend, config.version_policy, config.batching.max_batch_size, route.signature
+        )
 
-    def _for_metadata(self, name: str, version: str | None) -> tuple[LoadedModel, LoadedVersion]:
+    def _for_metadata(self, name: str, version: str | None) -> Route:
         model = self.registry.get(name)
         if version:
-            return model, self.router.select(model, version)
-        # Metadata must not depend on a traffic draw.
+            return Route(model, self.router.select(model, version))
+        # Metadata must not depend on a traffic draw: the version the model stands for.
         chosen = preferred_version(model.entry.config, model.ready_versions)
         if chosen is None:
-            return model, self.router.select(model, None)
-        return model, model.versions[chosen]
+            return Route(model, self.router.select(model, None))
+        return Route(model, model.versions[chosen])
 
     # Inference --------------------------------------------------------------------------------
 
-    async def infer(self, request: InferRequest) -> InferResponse:
-        """Runs the request on the version routing picks; on a fallback deployment when that one
-        is not ready; then sends shadow copies, which the client does not wait for.
+    async def infer(self, request: InferRequest, context: RequestContext) -> InferResponse:
+        """Runs the request where routing sends it; on a fallback deployment when that version is
+        not ready; then sends shadow copies, which the client does not wait for.
 
-        Every error leaves with the request's id, and every fault is counted and logged with it.
+        Each request is counted once, with the status it got; every error leaves with its id.
         """
-        if request.request_id is None:
-            request.request_id = request_id(None, request.id)
-        if self._draining:
-            error: GatewayError = Draining("the gateway is shutting down and takes no new requests")
-            self._record_fault(request, error)
-            raise error
+        started = time.perf_counter_ns()
+        served = _Served(request.model_name)
+        current_request_id.set(context.request_id)
         self._accepted += 1
         self._idle.clear()
-        current_request_id.set(request.request_id)
         try:
+            if self._draining:
+                raise Draining("the gateway is shutting down and takes no new requests")
             try:
-                response = await self._infer_routed(request)
+                response = await self._run(request, context, served)
             except (ModelNotReady, BackendUnavailable) as exc:
-                response = await self._fall_back(request, exc)
+                response = await self.rollouts.fall_back(request, context, exc)
+                served = _Served(response.parameters["deployment"], response.model_version, response.backend)
         except GatewayError as exc:
-            self._record_fault(request, exc)
+            exc.request_id = context.request_id
+            self._count(served, context, _code(exc, context), started)
+            self._record_fault(request, context, exc)
+            raise
+        except Exception:
+            self._count(
+                served, context, "INTERNAL" if context.protocol in _GRPC_PROTOCOLS else "500", started
+            )
             raise
         finally:
             self._accepted -= 1
             if not self._accepted:
                 self._idle.set()
-        self._send_shadows(request, response)
+        self._count(served, context, _OK_CODE[context.protocol in _GRPC_PROTOCOLS], started)
+        self.rollouts.shadow(request, context, response)
         return response
 
-    def _guard_event(self, backend: str, endpoint: str, event: str, detail: str) -> None:
-        """A backend endpoint's retry or breaker change: its metric and its log line."""
-        if event == "retry":
-            self.metrics.backend_retries.labels(backend, endpoint).inc()
-        else:
-            self.metrics.breaker_transitions.labels(backend, endpoint, event).inc()
-            self.metrics.breaker_state.labels(backend, endpoint).set(_BREAKER_LEVEL[event])
-        log.warning(
-            "event=%s request_id=%s backend=%s endpoint=%s detail=%r",
-            event if event == "retry" else f"breaker_{event}",
-            current_request_id.get() or "",
-            backend,
-            endpoint,
-            detail,
-        )
-
-    def _record_fault(self, request: InferRequest, error: GatewayError) -> None:
-        """The metric and the log line of a request that got no answer."""
-        error.request_id = request.request_id
-        if isinstance(error, Overloaded):
-            event, reason, level = "rejected", f"{error.limit}_limit", logging.INFO
-            self.metrics.rejections.labels(request.model_name, reason).inc()
-        elif isinstance(error, Draining):
-            event, reason, level = "rejected", "draining", logging.INFO
-            self.metrics.rejections.labels(request.model_name, reason).inc()
-        elif isinstance(error, (ModelNotReady, BackendUnavailable)):
-            event, reason, level = "rejected", "unavailable", logging.WARNING
-            self.metrics.rejections.labels(request.model_name, reason).inc()
-        elif isinstance(error, DeadlineExceeded):
-            event, reason, level = "timeout", error.stage, logging.WARNING
-            self.metrics.timeouts.labels(request.model_name, reason).inc()
-        else:
-            return  # the request's own fault (bad input) or a backend error: counted in modelyard_requests
-        log.log(
-            level,
-            "event=%s reason=%s request_id=%s model=%s version=%s protocol=%s detail=%r",
-            event,
-            reason,
-            request.request_id,
-            request.model_name,
-            request.model_version or "",
-            request.protocol,
-            error.message,
-        )
-
-    async def _fall_back(self, request: InferRequest, cause: GatewayError) -> InferResponse:
-        model = self.registry.get(request.model_name)
-        # A request that names a version or label wants that one: only default routing falls back.
-        if request.model_version or not model.entry.config.fallback:
-            raise cause
-        for deployment in model.entry.config.fallback:
-            try:
-                response = await self._infer_routed(
-                    replace(request, model_name=deployment, model_version=None)
-                )
-            except (ModelNotReady, BackendUnavailable, ModelNotFound) as exc:
-                log.warning(
-                    "fallback %s for model '%s' cannot answer either: %s", deployment, model.name, exc
-                )
-                continue
-            self.metrics.fallbacks.labels(model.name, deployment).inc()
-            log.warning(
-                "event=fallback request_id=%s model=%s to=%s detail=%r",
-                request.request_id,
-                model.name,
-                deployment,
-                cause.message,
-            )
-            response.parameters["deployment"] = deployment
-            response.model_name = model.name
-            return response
-        raise cause
-
-    def _send_shadows(self, request: InferRequest, response: InferResponse) -> None:
+    async def _run_alone(self, request: InferRequest, context: RequestContext) -> InferResponse:
+        """A fallback's or a shadow's run: routed afresh, counted by itself when it is a shadow."""
+        served = _Served(request.model_name)
+        if context.protocol != "shadow":
+            return await self._run(request, context, served)
+        started = time.perf_counter_ns()
         try:
-            targets = self.registry.get(request.model_name).entry.config.shadow
-        except GatewayError:
-            return  # unloaded while the request ran
-        for target in targets:
-            if self._rng.random() * 100 >= target.percent:
-                continue
-            name = target.model or request.model_name
-            label = f"{name}:{target.version}" if target.version else name
-            if len(self._shadows) >= MAX_SHADOWS_IN_FLIGHT:
-                self.metrics.shadow_requests.labels(request.model_name, label, "dropped").inc()
-                continue
-            copy = replace(
-                request,
-                model_name=name,
-                model_version=target.version,
-                protocol="shadow",
-                headers={},
-                deadline=None,
-            )
-            task = asyncio.create_task(self._shadow(request.model_name, label, target, copy, response))
-            self._shadows.add(task)
-            task.add_done_callback(self._shadows.discard)
-
-    async def _shadow(
-        self, model: str, label: str, target: ShadowTarget, request: InferRequest, primary: InferResponse
-    ) -> None:
-        try:
-            shadow = await self._infer_routed(request)
+            response = await self._run(request, context, served)
         except GatewayError as exc:
-            self.metrics.shadow_requests.labels(model, label, "error").inc()
-            log.info("shadow %s of model '%s' failed: %s", label, model, exc)
-            return
-        diff, matched = _compare(primary, shadow, target.atol, target.rtol)
-        self.metrics.shadow_abs_diff.labels(model, label).observe(diff)
-        self.metrics.shadow_requests.labels(model, label, "match" if matched else "mismatch").inc()
+            self._count(served, context, _code(exc, context), started)
+            raise
+        self._count(served, context, "200", started)
+        return response
 
-    async def _infer_routed(self, request: InferRequest) -> InferResponse:
-        arrived = time.perf_counter_ns()
+    async def _run(self, request: InferRequest, context: RequestContext, served: _Served) -> InferResponse:
         model = self.registry.get(request.model_name)
-        loaded = self.router.select(model, request.model_version, request.headers, request.parameters)
+        route = Route(
+            model, self.router.select(model, request.model_version, context.routing_keys, context.label)
+        )
+        loaded = route.loaded
+        served.model, served.version, served.backend = model.name, str(loaded.version), loaded.backend
+        series = self.metrics.series(model.name, served.version, loaded.backend, context.protocol)
+        stats = loaded.stats
+        arrived = time.perf_counter_ns()
         # Counted before the first await: a reload closes this version only once it reaches zero.
         loaded.inflight += 1
         try:
             if not await _backend_ready(loaded):
-                raise ModelNotReady(
-                    f"model '{model.name}' version {loaded.version}: its {loaded.backend} backend is not ready"
-                )
-            labels = (model.name, str(loaded.version), loaded.backend, request.protocol)
-            stats = loaded.stats
-            try:
-                response = await self._infer(model, loaded, request, stats, labels)
-            except GatewayError as exc:
-                self._count(labels, str(status_for(exc)[0]), arrived, stats, ok=False)
-                raise
-            except Exception:
-                self._count(labels, "500", arrived, stats, ok=False)
-                raise
-            self._count(labels, "200", arrived, stats, ok=True)
-            return response
+                raise ModelNotReady(f"{route.label}: its {loaded.backend} backend is not ready")
+            # A front door that decodes against the signature does it here, against this version's.
+            tensors = request.inputs if request.decode is None else request.decode(route.signature)
+            response = await self._compute(route, request, tensors, context, stats, series)
+        except GatewayError:
+            self._observe(stats, series, arrived, ok=False)
+            raise
         finally:
             loaded.inflight -= 1
+        self._observe(stats, series, arrived, ok=True)
+        return response
 
-    async def _infer(
+    @staticmethod
+    def _observe(stats: VersionStats, series: RequestSeries, arrived: int, ok: bool) -> None:
+        elapsed = time.perf_counter_ns() - arrived
+        (stats.success if ok else stats.fail).add(elapsed)
+        stats.last_inference_ms = int(time.time() * 1000)
+        series.duration.observe(elapsed / 1e9)
+
+    async def _compute(
         self,
-        model: LoadedModel,
-        loaded: LoadedVersion,
+        route: Route,
         request: InferRequest,
+        tensors: list[Tensor],
+        context: RequestContext,
         stats: VersionStats,
-        labels: tuple[str, str, str, str],
+        series: RequestSeries,
     ) -> InferResponse:
-        assert loaded.signature is not None and loaded.adapter is not None
-        started = time.perf_counter_ns()
-        inputs = _check_inputs(model.name, loaded, request)
-        output_names = _check_outputs(model.name, loaded, request)
-        stats.compute_input.add(time.perf_counter_ns() - started)
+        model, loaded = route.model, route.loaded
+        adapter = loaded.adapter
+        assert adapter is not None
+        checked = time.perf_counter_ns()
+        inputs = route.signature.check_inputs(route.label, tensors)
+        output_names = route.signature.check_outputs(route.label, request.outputs)
+        queued = time.perf_counter_ns()
+        stats.compute_input.add(queued - checked)
 
-        deadline = _deadline(request, model)
-        level = (
-            priority(request.headers, self._priority_header, request.parameters)
-            if request.headers or request.parameters
-            else Priority.NORMAL
-        )
-        limiter = model.limiter
-        queued_at = time.perf_counter_ns()
-        self.metrics.queued.labels(model.name).set(limiter.queued + 1)
-        try:
-            await limiter.acquire(deadline, level)
-        finally:
-            self.metrics.queued.labels(model.name).set(limiter.queued)
-        slots = [limiter]
-        if self._global_limiter is not None:
-            try:
-                await self._global_limiter.acquire(deadline, level)
-            except BaseException:
-                limiter.release()
-                raise
-            slots.append(self._global_limiter)
-        queue_ns = time.perf_counter_ns() - queued_at
-        stats.queue.add(queue_ns)
-        self.metrics.queue_duration.labels(*labels).observe(queue_ns / 1e9)
-        self.metrics.inflight.labels(model.name).set(limiter.inflight)
-
-        compute_started = time.perf_counter_ns()
+        deadline = _deadline(context, model.entry.config.limits.timeout_ms)
+        slots = (model.limiter,) if self._global_limiter is None else (model.limiter, self._global_limiter)
+        await acquire_all(slots, deadline, context.priority)
+        computing = time.perf_counter_ns()
+        stats.queue.add(computing - queued)
+        series.queue.observe((computing - queued) / 1e9)
         if deadline is None:
             # No deadline: await the backend directly, without a task to watch.
             try:
-                results = await loaded.adapter.infer(inputs, output_names)
+                results = await adapter.infer(inputs, output_names)
             finally:
-                _release(slots)
+                release_all(slots)
         else:
-            task = asyncio.ensure_future(loaded.adapter.infer(inputs, output_names, deadline=deadline))
+            task = asyncio.ensure_future(adapter.infer(inputs, output_names, deadline=deadline))
             done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
             if not done:
                 # The backend call cannot be recalled; its slots free when it really finishes, so
                 # a slow backend never gets more calls than the limits allow.
                 task.add_done_callback(lambda finished: _release_late(slots, finished))
-                raise DeadlineExceeded(
-                    f"model '{model.name}' version {loaded.version}: no answer before the deadline"
-                )
-            _release(slots)
+                raise DeadlineExceeded(f"{route.label}: no answer before the deadline")
+            release_all(slots)
             results = task.result()
-        self.metrics.inflight.labels(model.name).set(limiter.inflight)
-        compute_ns = time.perf_counter_ns() - compute_started
+        compute_ns = time.perf_counter_ns() - computing
         stats.compute_infer.add(compute_ns)
-        self.metrics.compute_duration.labels(*labels).observe(compute_ns / 1e9)
-        stats.inference_count += _batch_size(request)
+        series.compute.observe(compute_ns / 1e9)
+        stats.inference_count += _batch_size(tensors)
         stats.execution_count += 1
 
         requested = {o.name: o.parameters for o in request.outputs or ()}
@@ -453,21 +325,41 @@ class DataPlane:
             Tensor(name, datatype_of(array.dtype), tuple(array.shape), array, dict(requested.get(name, {})))
             for name, array in results.items()
         ]
-        return InferResponse(
-            model_name=model.name,
-            model_version=str(loaded.version),
-            outputs=outputs,
-            id=request.id,
-        )
+        return InferResponse(model.name, str(loaded.version), outputs, id=request.id, backend=loaded.backend)
 
-    def _count(
-        self, labels: tuple[str, str, str, str], code: str, arrived: int, stats: VersionStats, ok: bool
-    ) -> None:
-        elapsed = time.perf_counter_ns() - arrived
-        self.metrics.requests.labels(*labels, code).inc()
-        self.metrics.request_duration.labels(*labels).observe(elapsed / 1e9)
-        (stats.success if ok else stats.fail).add(elapsed)
-        stats.last_inference_ms = int(time.time() * 1000)
+    def _count(self, served: _Served, context: RequestContext, code: str, started: int) -> None:
+        # A name the repository does not know is counted under "": a client cannot mint series.
+        model = served.model if served.version or self.registry.knows(served.model) else ""
+        series = self.metrics.series(model, served.version, served.backend, context.protocol)
+        series.count(code)
+        if not served.version:  # refused before routing: its time is in no version's histogram
+            series.duration.observe((time.perf_counter_ns() - started) / 1e9)
+
+    def _record_fault(self, request: InferRequest, context: RequestContext, error: GatewayError) -> None:
+        """The metric and the log line of a request the gateway refused or gave up on."""
+        if isinstance(error, Overloaded):
+            event, reason, level = "rejected", f"{error.limit}_limit", logging.INFO
+        elif isinstance(error, Draining):
+            event, reason, level = "rejected", "draining", logging.INFO
+        elif isinstance(error, ModelNotReady | BackendUnavailable):
+            event, reason, level = "rejected", "unavailable", logging.WARNING
+        elif isinstance(error, DeadlineExceeded):
+            event, reason, level = "timeout", error.stage, logging.WARNING
+        else:
+            return  # the request's own fault (bad input) or a backend error: counted with its code
+        counter = self.metrics.timeouts if event == "timeout" else self.metrics.rejections
+        counter.labels(request.model_name, reason).inc()
+        log.log(
+            level,
+            "event=%s reason=%s request_id=%s model=%s version=%s protocol=%s detail=%r",
+            event,
+            reason,
+            context.request_id,
+            request.model_name,
+            request.model_version or "",
+            context.protocol,
+            error.message,
+        )
 
     # Statistics and repository ----------------------------------------------------------------
 
@@ -486,14 +378,7 @@ class DataPlane:
         entries = []
         for entry in self.registry.index():
             if entry.state == State.READY.value and entry.version:
-                loaded = self.registry.get(entry.name).versions[int(entry.version)]
-                if not await _backend_ready(loaded):
-                    entry = IndexEntry(
-                        entry.name,
-                        entry.version,
-                        State.UNAVAILABLE.value,
-                        f"{loaded.backend} backend is not ready",
-                    )
+                entry = await _entry(entry.name, self.registry.get(entry.name).versions[int(entry.version)])
             if not ready_only or entry.state == State.READY.value:
                 entries.append(entry)
         return entries
@@ -518,102 +403,38 @@ class DataPlane:
         await self.registry.load_all()
 
 
-def _compare(primary: InferResponse, shadow: InferResponse, atol: float, rtol: float) -> tuple[float, bool]:
-    """The largest absolute difference over the outputs both have, and whether they agree."""
-    theirs = {t.name: t for t in shadow.outputs}
-    largest, matched = 0.0, True
-    for mine in primary.outputs:
-        other = theirs.get(mine.name)
-        if other is None or other.data.shape != mine.data.shape:
-            matched = False
-            continue
-        if mine.data.dtype == object or other.data.dtype == object:
-            matched = matched and bool(np.array_equal(mine.data, other.data))
-            continue
-        a, b = mine.data.astype(np.float64), other.data.astype(np.float64)
-        if a.size:
-            largest = max(largest, float(np.max(np.abs(a - b))))
-        matched = matched and bool(np.allclose(b, a, rtol=rtol, atol=atol))
-    return largest, matched
-
-
 async def _backend_ready(loaded: LoadedVersion) -> bool:
     return loaded.ready and loaded.adapter is not None and await loaded.adapter.ready()
 
 
-def _release(slots: list[Limiter]) -> None:
-    for limiter in reversed(slots):
-        limiter.release()
+async def _entry(name: str, loaded: LoadedVersion) -> IndexEntry:
+    if loaded.ready and not await _backend_ready(loaded):
+        return IndexEntry(
+            name, str(loaded.version), State.UNAVAILABLE.value, f"{loaded.backend} backend is not ready"
+        )
+    return IndexEntry(name, str(loaded.version), loaded.state.value, loaded.reason)
 
 
-def _release_late(slots: list[Limiter], task: asyncio.Future[Any]) -> None:
-    _release(slots)
+def _code(error: GatewayError, context: RequestContext) -> str:
+    http, code = status_for(error)
+    return code.name if context.protocol in _GRPC_PROTOCOLS else str(http)
+
+
+def _release_late(slots: tuple[Limiter, ...], task: asyncio.Future[Any]) -> None:
+    release_all(slots)
     if not task.cancelled():
         task.exception()  # retrieved, so asyncio does not log it as lost
 
 
-def _triton_tensor(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "data_type": _TRITON_TYPE[spec.datatype], "dims": list(spec.shape)}
+def _deadline(context: RequestContext, timeout_ms: int | None) -> float | None:
+    """The soonest of the client's deadline and the model's `limits.timeout_ms`, which caps what
+    a client may ask for."""
+    if timeout_ms is None:
+        return context.deadline
+    own = time.monotonic() + timeout_ms / 1000
+    return own if context.deadline is None else min(own, context.deadline)
 
 
-def _check_inputs(name: str, loaded: LoadedVersion, request: InferRequest) -> dict[str, np.ndarray[Any, Any]]:
-    assert loaded.signature is not None
-    label = f"model '{name}' version {loaded.version}"
-    specs = {spec.name: spec for spec in loaded.signature.inputs}
-    inputs: dict[str, np.ndarray[Any, Any]] = {}
-    for tensor in request.inputs:
-        spec = specs.get(tensor.name)
-        if spec is None:
-            raise InvalidInput(f"{label} has no input '{tensor.name}'; its inputs are {', '.join(specs)}")
-        if tensor.name in inputs:
-            raise InvalidInput(f"{label}: input '{tensor.name}' is given twice")
-        if tensor.datatype != spec.datatype:
-            raise InvalidInput(
-                f"{label}: input '{tensor.name}' has datatype {tensor.datatype}, the model expects {spec.datatype}"
-            )
-        if not spec.accepts_shape(tensor.shape):
-            raise InvalidInput(
-                f"{label}: input '{tensor.name}' has shape {list(tensor.shape)}, the model expects "
-                f"{list(spec.shape)} (-1 is any size)"
-            )
-        inputs[tensor.name] = tensor.data
-    missing = [n for n in specs if n not in inputs]
-    if missing:
-        raise InvalidInput(f"{label}: missing input(s) {', '.join(missing)}")
-    return inputs
-
-
-def _check_outputs(name: str, loaded: LoadedVersion, request: InferRequest) -> list[str]:
-    assert loaded.signature is not None
-    known = [spec.name for spec in loaded.signature.outputs]
-    if not request.outputs:
-        return known
-    names = [o.name for o in request.outputs]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise InvalidInput(
-            f"model '{name}' version {loaded.version} has no output(s) {', '.join(unknown)}; "
-            f"its outputs are {', '.join(known)}"
-        )
-    if len(set(names)) != len(names):
-        raise InvalidInput(f"model '{name}' version {loaded.version}: an output is requested twice")
-    return names
-
-
-def _deadline(request: InferRequest, model: LoadedModel) -> float | None:
-    """The soonest of the client's deadline (gRPC's own, or a REST timeout) and the model's
-    `limits.timeout_ms`, which caps what a client may ask for."""
-    timeout_ms = model.entry.config.limits.timeout_ms
-    own = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
-    asked = (
-        client_deadline(request.headers, request.parameters)
-        if request.headers or request.parameters
-        else None
-    )
-    candidates = [d for d in (request.deadline, asked, own) if d is not None]
-    return min(candidates) if candidates else None
-
-
-def _batch_size(request: InferRequest) -> int:
-    first = request.inputs[0] if request.inputs else None
+def _batch_size(tensors: list[Tensor]) -> int:
+    first = tensors[0] if tensors else None
     return first.shape[0] if first is not None and first.shape else 1

@@ -89,6 +89,14 @@ class PermissionDenied(GatewayError):
     """The request's key is valid but not for this model or action, or the action is switched off."""
 
 
+class NoSuchEndpoint(GatewayError):
+    """No route of any protocol has this path."""
+
+
+class MethodNotAllowed(GatewayError):
+    """The path exists, but not for this HTTP method."""
+
+
 ERROR_TABLE: dict[type[GatewayError], tuple[int, grpc.StatusCode]] = {
     ModelNotFound: (404, grpc.StatusCode.NOT_FOUND),
     InvalidInput: (400, grpc.StatusCode.INVALID_ARGUMENT),
@@ -103,6 +111,8 @@ ERROR_TABLE: dict[type[GatewayError], tuple[int, grpc.StatusCode]] = {
     PayloadTooLarge: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
     Unauthenticated: (401, grpc.StatusCode.UNAUTHENTICATED),
     PermissionDenied: (403, grpc.StatusCode.PERMISSION_DENIED),
+    NoSuchEndpoint: (404, grpc.StatusCode.UNIMPLEMENTED),
+    MethodNotAllowed: (405, grpc.StatusCode.UNIMPLEMENTED),
     BackendError: (500, grpc.StatusCode.INTERNAL),
     GatewayError: (500, grpc.StatusCode.INTERNAL),
 }

@@ -82,3 +82,20 @@ class Limiter:
                     waiter.set_result(None)  # the slot moves to the next waiter; inflight stays
                     return
         self.inflight -= 1
+
+
+async def acquire_all(limiters: tuple[Limiter, ...], deadline: float | None, priority: Priority) -> None:
+    """A slot of each limiter in turn (the model's, then the gateway's); on any refusal, none."""
+    taken: list[Limiter] = []
+    try:
+        for limiter in limiters:
+            await limiter.acquire(deadline, priority)
+            taken.append(limiter)
+    except BaseException:
+        release_all(tuple(taken))
+        raise
+
+
+def release_all(limiters: tuple[Limiter, ...]) -> None:
+    for limiter in reversed(limiters):
+        limiter.release()

@@ -1,9 +1,34 @@
-"""Prometheus metrics, defined once and injected; each gateway owns its own registry."""
+"""Prometheus metrics, defined once and injected; each gateway owns its own registry.
+
+The per-request series are looked up once per (model, version, backend, protocol) and kept, so a
+request pays for no label lookups. Gauges of what is running and queued now are read from the
+limiters when Prometheus scrapes, so a request pays nothing to keep them.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import platform
+from collections.abc import Callable, Iterable, Iterator
+
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+import gateway
+
+# Counters carry no `_created` series: they double every counter's cardinality for a timestamp
+# no dashboard reads.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LABELS = ("model", "version", "backend", "protocol")
 # From 100 µs to 10 s: in-process ONNX calls sit at the low end, remote backends higher up.
@@ -27,11 +52,47 @@ LATENCY_BUCKETS = (
 )
 
 
+# (model, requests running now, requests queued now) for every loaded model, read at scrape time.
+LoadProbe = Callable[[], Iterable[tuple[str, int, int]]]
+
+
+class RequestSeries:
+    """The per-request series of one (model, version, backend, protocol), looked up once."""
+
+    __slots__ = ("_codes", "_labels", "_requests", "compute", "duration", "queue")
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, str, str, str]) -> None:
+        self._requests = metrics.requests
+        self._codes: dict[str, Counter] = {}
+        self.duration = metrics.request_duration.labels(*labels)
+        self.queue = metrics.queue_duration.labels(*labels)
+        self.compute = metrics.compute_duration.labels(*labels)
+        self._labels = labels
+
+    def count(self, code: str) -> None:
+        """One answered request, with its HTTP status (REST) or gRPC code name (gRPC)."""
+        counter = self._codes.get(code)
+        if counter is None:
+            counter = self._codes[code] = self._requests.labels(*self._labels, code)
+        counter.inc()
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._series: dict[tuple[str, str, str, str], RequestSeries] = {}
+        # The gateway's own process (CPU, memory, open files) and the Python it runs on.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.build_info = Gauge(
+            "modelyard_build_info",
+            "Always 1; the labels say which modelyard and Python serve.",
+            ("version", "python"),
+            registry=self.registry,
+        )
+        self.build_info.labels(gateway.__version__, platform.python_version()).set(1)
         self.requests = Counter(
             "modelyard_requests", "Inference requests by outcome.", (*LABELS, "code"), registry=self.registry
         )
@@ -89,18 +150,6 @@ class Metrics:
             buckets=(0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0),
             registry=self.registry,
         )
-        self.inflight = Gauge(
-            "modelyard_inflight_requests",
-            "Requests running on the backend now.",
-            ("model",),
-            registry=self.registry,
-        )
-        self.queued = Gauge(
-            "modelyard_queued_requests",
-            "Requests waiting for a slot now.",
-            ("model",),
-            registry=self.registry,
-        )
         self.model_ready = Gauge(
             "modelyard_model_ready",
             "1 when the version is ready to serve.",
@@ -141,5 +190,36 @@ class Metrics:
             registry=self.registry,
         )
 
+    def series(self, model: str, version: str, backend: str, protocol: str) -> RequestSeries:
+        key = (model, version, backend, protocol)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = RequestSeries(self, key)
+        return series
+
+    def watch_load(self, probe: LoadProbe) -> None:
+        """Serve the in-flight and queued gauges from `probe`, read at each scrape."""
+        self.registry.register(_LoadCollector(probe))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _LoadCollector(Collector):
+    """modelyard_inflight_requests and modelyard_queued_requests, per model, as the limiters hold them."""
+
+    def __init__(self, probe: LoadProbe) -> None:
+        self._probe = probe
+
+    def collect(self) -> Iterator[Metric]:
+        inflight = GaugeMetricFamily(
+            "modelyard_inflight_requests", "Requests running on the backend now.", labels=("model",)
+        )
+        queued = GaugeMetricFamily(
+            "modelyard_queued_requests", "Requests waiting for a slot now.", labels=("model",)
+        )
+        for model, running, waiting in self._probe():
+            inflight.add_metric((model,), running)
+            queued.add_metric((model,), waiting)
+        yield inflight
+        yield queued

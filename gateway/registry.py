@@ -78,14 +78,18 @@ class Registry:
     """
 
     def __init__(
-        self, root: Path, adapter_factory: AdapterFactory = create_adapter, metrics: Metrics | None = None
+        self,
+        root: Path,
+        adapter_factory: AdapterFactory = create_adapter,
+        metrics: Metrics | None = None,
+        shared: SharedResources | None = None,
     ) -> None:
         self.root = root
         self._adapter_factory = adapter_factory
         self._metrics = metrics
         self._models: dict[str, LoadedModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self.shared = SharedResources()
+        self.shared = shared or SharedResources()
         self._retries: dict[str, asyncio.Task[None]] = {}
         self._draining: set[asyncio.Task[None]] = set()
         # What each model's files looked like when it was last loaded, for polling.
@@ -101,8 +105,16 @@ class Registry:
             raise ModelNotReady(f"model '{name}' is in the repository but not loaded")
         raise ModelNotFound(f"model '{name}' is not in the repository")
 
+    def knows(self, name: str) -> bool:
+        """Whether the model is loaded or in the repository folder."""
+        return name in self._models or (is_model_name(name) and (self.root / name).is_dir())
+
     def models(self) -> list[LoadedModel]:
         return [self._models[name] for name in sorted(self._models)]
+
+    def load_levels(self) -> list[tuple[str, int, int]]:
+        """(model, requests running, requests queued) for every loaded model, from its limiter."""
+        return [(name, m.limiter.inflight, m.limiter.queued) for name, m in sorted(self._models.items())]
 
     async def load_all(self) -> None:
         """Load every model in the repository; one that fails is logged and left UNAVAILABLE."""
@@ -202,7 +214,7 @@ class Registry:
                 await self._close(model, drain=True)
                 log.info("model '%s' unloaded", name)
 
-    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+    def index(self) -> list[IndexEntry]:
         entries: list[IndexEntry] = []
         for name in sorted(set(model_names(self.root)) | set(self._models)):
             model = self._models.get(name)
@@ -215,8 +227,6 @@ class Registry:
                     IndexEntry(name, str(v.version), v.state.value, v.reason)
                     for v in sorted(model.versions.values(), key=lambda v: v.version)
                 )
-        if ready_only:
-            entries = [e for e in entries if e.state == State.READY.value]
         return entries
 
     async def aclose(self) -> None:

@@ -1,9 +1,10 @@
 """Picks the version that serves a request.
 
-In order: the version or label the request names (in the URL or `model_version`, then in the label
-header or the `label` parameter); then the first canary rule whose header matches; then the traffic
-split, sticky by a header's hash where configured; then the default or stable label; then the
-highest ready version.
+In order: the version or label the request names (in the URL or `model_version`, then in the
+`label` parameter or the model's label header); then the first canary rule whose header matches;
+then the traffic split, sticky by a header's hash where configured; then the default or stable
+label; then the highest ready version. Headers reach the router as the request context's routing
+keys, names in lower case.
 """
 
 from __future__ import annotations
@@ -11,11 +12,31 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 from gateway.config import DEFAULT_LABELS
 from gateway.errors import ModelNotFound, ModelNotReady
 from gateway.registry import LoadedModel, LoadedVersion
+from gateway.types import ModelSignature
+
+_NO_KEYS: Mapping[str, str] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one request runs: its model and the ready version routing chose, chosen once."""
+
+    model: LoadedModel
+    loaded: LoadedVersion
+
+    @property
+    def signature(self) -> ModelSignature:
+        assert self.loaded.signature is not None
+        return self.loaded.signature
+
+    @property
+    def label(self) -> str:
+        return f"model '{self.model.name}' version {self.loaded.version}"
 
 
 class Router:
@@ -26,17 +47,16 @@ class Router:
         self,
         model: LoadedModel,
         requested: str | None,
-        headers: Mapping[str, str] | None = None,
-        parameters: Mapping[str, Any] | None = None,
+        routing_keys: Mapping[str, str] | None = None,
+        label: str | None = None,
     ) -> LoadedVersion:
         """The version for `requested` (a version number, a label, or None/"" for the default),
-        with the request's headers and parameters for the rules that read them."""
+        with the request's routing keys and `label` parameter for the rules that read them."""
         if model.reason and not model.versions:
             raise ModelNotReady(f"model '{model.name}' is not ready: {model.reason}")
         routing = model.entry.config.routing
-        headers = headers or {}
-        label = (parameters or {}).get("label") or headers.get(routing.label_header.lower())
-        named = requested or (str(label) if label else None)
+        headers = routing_keys or _NO_KEYS
+        named = requested or label or headers.get(routing.label_header.lower())
         if named:
             return self._ready(model, self.resolve(model, named))
         for rule in routing.canary:

@@ -16,9 +16,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2_grpc
 
-from adapters import create_adapter
+from adapters import SharedResources, create_adapter
 from gateway.auth import Authorizer
+from gateway.breaker import Breakers, guard_observer
 from gateway.codec import InputLimits
+from gateway.context import ContextBuilder
 from gateway.dataplane import DataPlane
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
@@ -35,6 +37,10 @@ log = logging.getLogger("modelyard")
 _SEND_GRACE_S = 2.0
 
 
+class StartupError(Exception):
+    """The gateway cannot start as configured: a message for the operator; the CLI exits with it."""
+
+
 class _UvicornServer(uvicorn.Server):
     """uvicorn without its own signal handling: the gateway stops REST and gRPC together."""
 
@@ -47,7 +53,9 @@ class Gateway:
     def __init__(self, settings: Settings, adapter_factory: AdapterFactory = create_adapter) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.registry = Registry(settings.model_repo, adapter_factory, self.metrics)
+        shared = SharedResources(Breakers(observe=guard_observer(self.metrics)))
+        self.registry = Registry(settings.model_repo, adapter_factory, self.metrics, shared)
+        self.metrics.watch_load(self.registry.load_levels)
         global_limiter = None
         if settings.global_max_inflight is not None:
             global_limiter = Limiter(
@@ -58,21 +66,19 @@ class Gateway:
             Router(),
             self.metrics,
             global_limiter=global_limiter,
-            priority_header=settings.priority_header.lower(),
             enable_repository_api=settings.enable_repository_api,
         )
-        self.status = StatusReader(
-            self.dataplane,
-            self.metrics,
-            settings.enable_repository_api,
-            breaker_probe=self.dataplane.breaker_state,
-        )
+        self.status = StatusReader(self.dataplane, self.metrics, settings.enable_repository_api)
         self.limits = InputLimits.from_settings(settings)
+        # Every front door builds its requests' contexts with this one builder.
+        self.contexts = ContextBuilder(settings.priority_header)
         try:
             self.authorizer = Authorizer.from_settings(settings)
         except ValueError as exc:
-            raise SystemExit(f"modelyard: {exc}") from None
-        self.app = create_app(self.dataplane, self.metrics, self.limits, self.authorizer, self.status)
+            raise StartupError(str(exc)) from None
+        self.app = create_app(
+            self.dataplane, self.metrics, self.status, self.contexts, self.limits, self.authorizer
+        )
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._http: _UvicornServer | None = None
@@ -83,7 +89,7 @@ class Gateway:
     async def start(self) -> None:
         settings = self.settings
         if not settings.model_repo.is_dir():
-            raise SystemExit(f"modelyard: model repository {settings.model_repo} is not a folder")
+            raise StartupError(f"model repository {settings.model_repo} is not a folder")
         await self.dataplane.load_all()
         if settings.poll_interval_s is not None:
             self._poller = asyncio.create_task(self._poll_forever(settings.poll_interval_s))
@@ -116,7 +122,7 @@ class Gateway:
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane, self.limits), server
+            InferenceServicer(self.dataplane, self.contexts, self.limits), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self._services = [SERVICE_NAME, *self._add_tfserving_services(server)]
@@ -136,7 +142,7 @@ class Gateway:
             else:
                 server.add_secure_port(address, credentials)
         except RuntimeError as exc:
-            raise SystemExit(f"modelyard: cannot listen for gRPC on {address}: {exc}") from exc
+            raise StartupError(f"cannot listen for gRPC on {address}: {exc}") from exc
         await server.start()
         self._grpc = server
 
@@ -147,7 +153,7 @@ class Gateway:
         try:
             pair = (keyfile.read_bytes(), certfile.read_bytes())
         except OSError as exc:
-            raise SystemExit(f"modelyard: cannot read the TLS certificate or key: {exc}") from exc
+            raise StartupError(f"cannot read the TLS certificate or key: {exc}") from exc
         return grpc.ssl_server_credentials([pair])
 
     def _add_tfserving_services(self, server: grpc.aio.Server) -> list[str]:
@@ -157,7 +163,7 @@ class Gateway:
         except ImportError as exc:
             log.info("TF Serving gRPC API not served: %s (pip install 'modelyard[tensorflow]')", exc)
             return []
-        return tfserving_grpc.add_to_server(self.dataplane, server, self.limits)
+        return tfserving_grpc.add_to_server(self.dataplane, self.contexts, server, self.limits)
 
     async def _start_http(self) -> None:
         config = uvicorn.Config(
@@ -176,8 +182,8 @@ class Gateway:
         self._http_task = asyncio.create_task(self._http.serve())
         while not self._http.started:
             if self._http_task.done():
-                raise SystemExit(
-                    f"modelyard: cannot listen for HTTP on {self.settings.host}:{self.settings.http_port}"
+                raise StartupError(
+                    f"cannot listen for HTTP on {self.settings.host}:{self.settings.http_port}"
                 )
             await asyncio.sleep(0.01)
 

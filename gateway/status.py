@@ -28,10 +28,6 @@ WINDOW_S = 5.0
 HISTORY_S = 60.0
 MAX_SNAPSHOTS = 256
 
-# (model, version) -> the circuit breaker's state ("closed", "open", "half_open"), or None where the
-# version has no breaker. Issue 8's breaker plugs in here; without one, no breaker state is shown.
-BreakerProbe = Callable[[str, int], str | None]
-
 
 @dataclass(frozen=True, slots=True)
 class ModelTraffic:
@@ -88,7 +84,7 @@ class MetricsWindow:
                     continue
                 if sample.name == "modelyard_requests_total":
                     requests[model] = requests.get(model, 0) + int(sample.value)
-                    if sample.labels.get("code") != "200":
+                    if sample.labels.get("code") not in _SUCCESS_CODES:
                         errors[model] = errors.get(model, 0) + int(sample.value)
                 elif sample.name == "modelyard_request_duration_seconds_bucket":
                     bound = float(sample.labels["le"])
@@ -105,6 +101,8 @@ class MetricsWindow:
 
 
 _BOUNDS = (*LATENCY_BUCKETS, float("inf"))
+# The code label of an answered request: its HTTP status over REST, its gRPC code over gRPC.
+_SUCCESS_CODES = frozenset({"200", "OK"})
 
 
 def _difference(now: _Counts, before: _Counts | None, window: float) -> ModelTraffic:
@@ -147,7 +145,8 @@ class VersionStatus:
     reason: str
     backend: str
     backend_ready: bool
-    # The breaker's state where a BreakerProbe is wired and the version has a breaker; else None.
+    # The state of the circuit breaker of the endpoint it calls ("closed", "open", "half_open");
+    # None for in-process backends, which have none.
     breaker: str | None
     # The process that computes its answers: the gateway's own for in-process backends, a managed
     # server's; None for a remote backend, whose memory the gateway cannot see.
@@ -207,11 +206,9 @@ class StatusReader:
         dataplane: DataPlane,
         metrics: Metrics,
         repository_api: bool = False,
-        breaker_probe: BreakerProbe | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.repository_api = repository_api
-        self.breaker_probe = breaker_probe
         self.window = MetricsWindow(metrics)
         self._started = time.monotonic()
 
@@ -223,7 +220,7 @@ class StatusReader:
             config = model.entry.config
             versions = []
             for loaded in sorted(model.versions.values(), key=lambda v: v.version):
-                version = await self._version(model.name, loaded)
+                version = await _version(loaded)
                 versions.append(version)
                 if version.pid is not None:
                     served_by.setdefault(version.pid, []).append(f"{model.name}:{loaded.version}")
@@ -253,19 +250,21 @@ class StatusReader:
             index=index,
         )
 
-    async def _version(self, model: str, loaded: LoadedVersion) -> VersionStatus:
-        adapter = loaded.adapter
-        backend_ready = adapter is not None and loaded.ready and await adapter.ready()
-        return VersionStatus(
-            version=loaded.version,
-            state=loaded.state.value,
-            reason=loaded.reason,
-            backend=loaded.backend,
-            backend_ready=backend_ready,
-            breaker=self.breaker_probe(model, loaded.version) if self.breaker_probe else None,
-            pid=adapter.process_id() if adapter is not None else None,
-            inflight=loaded.inflight,
-        )
+
+async def _version(loaded: LoadedVersion) -> VersionStatus:
+    adapter = loaded.adapter
+    backend_ready = adapter is not None and loaded.ready and await adapter.ready()
+    guard = adapter.breaker() if adapter is not None else None
+    return VersionStatus(
+        version=loaded.version,
+        state=loaded.state.value,
+        reason=loaded.reason,
+        backend=loaded.backend,
+        backend_ready=backend_ready,
+        breaker=None if guard is None else guard.state.value,
+        pid=adapter.process_id() if adapter is not None else None,
+        inflight=loaded.inflight,
+    )
 
 
 def _process(pid: int, serves: list[str]) -> ProcessStatus:

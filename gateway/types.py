@@ -6,12 +6,14 @@ BYTES tensors are numpy object arrays of `bytes`. Protobuf never appears here.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 import numpy as np
+
+from gateway.errors import InvalidInput
 
 
 class Datatype(StrEnum):
@@ -94,9 +96,70 @@ class TensorSpec:
 
 @dataclass(slots=True, frozen=True)
 class ModelSignature:
+    """A model version's inputs and outputs, and the checks a request must pass against them."""
+
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     platform: str
+    _input_specs: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+    _output_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_input_specs", {spec.name: spec for spec in self.inputs})
+        object.__setattr__(self, "_output_names", tuple(spec.name for spec in self.outputs))
+
+    def check_inputs(self, label: str, tensors: list[Tensor]) -> dict[str, np.ndarray[Any, Any]]:
+        """The request's arrays by input name, once each fits its spec by name, datatype and
+        shape and every input is given once; `label` names the model and version in errors."""
+        specs = self._input_specs
+        arrays: dict[str, np.ndarray[Any, Any]] = {}
+        for tensor in tensors:
+            spec = specs.get(tensor.name)
+            if spec is None:
+                raise InvalidInput(
+                    f"{label} has no input {_quoted(tensor.name)}; its inputs are {', '.join(specs)}"
+                )
+            if tensor.name in arrays:
+                raise InvalidInput(f"{label}: input {_quoted(tensor.name)} is given twice")
+            if tensor.datatype != spec.datatype:
+                raise InvalidInput(
+                    f"{label}: input '{spec.name}' has datatype {tensor.datatype}, the model expects {spec.datatype}"
+                )
+            if not spec.accepts_shape(tensor.shape):
+                raise InvalidInput(
+                    f"{label}: input '{spec.name}' has shape {list(tensor.shape)}, the model expects "
+                    f"{list(spec.shape)} (-1 is any size)"
+                )
+            arrays[tensor.name] = tensor.data
+        if len(arrays) != len(specs):
+            missing = [name for name in specs if name not in arrays]
+            raise InvalidInput(f"{label}: missing input(s) {', '.join(missing)}")
+        return arrays
+
+    def check_outputs(self, label: str, requested: list[RequestedOutput] | None) -> list[str]:
+        """The output names to compute: all of them unless the request names some, each known and once."""
+        known = self._output_names
+        if not requested:
+            return list(known)
+        names = [output.name for output in requested]
+        unknown = [_quoted(n) for n in names if n not in known]
+        if unknown:
+            raise InvalidInput(
+                f"{label} has no output(s) {', '.join(unknown)}; its outputs are {', '.join(known)}"
+            )
+        if len(set(names)) != len(names):
+            raise InvalidInput(f"{label}: an output is requested twice")
+        return names
+
+
+# A client's name is echoed in errors only this long: a 10 MB name must not come back whole.
+MAX_ECHOED_NAME = 64
+
+
+def _quoted(name: str) -> str:
+    if len(name) <= MAX_ECHOED_NAME:
+        return f"'{name}'"
+    return f"'{name[:MAX_ECHOED_NAME]}...' ({len(name)} characters)"
 
 
 @dataclass(slots=True)
@@ -116,19 +179,17 @@ class RequestedOutput:
 
 @dataclass(slots=True)
 class InferRequest:
+    """A decoded inference request; the transport's facts travel beside it in a RequestContext."""
+
     model_name: str
     model_version: str | None
     inputs: list[Tensor]
     outputs: list[RequestedOutput] | None = None
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
-    protocol: str = "rest"
-    # Absolute time.monotonic() by which the answer is due, from the client's own deadline.
-    deadline: float | None = None
-    # HTTP headers or gRPC metadata, names in lower case: routing rules may read them.
-    headers: Mapping[str, str] = field(default_factory=dict)
-    # For logs and the client: X-Request-ID, else the v2 `id`, else generated (gateway/request_meta.py).
-    request_id: str | None = None
+    # For a front door that needs the signature to decode (TF Serving's REST rows): called once
+    # routing has chosen the version, with its signature, in place of `inputs`.
+    decode: Callable[[ModelSignature], list[Tensor]] | None = None
 
 
 @dataclass(slots=True)
@@ -138,11 +199,15 @@ class InferResponse:
     outputs: list[Tensor]
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
+    # The backend that computed it, for the metrics; not sent to the client.
+    backend: str = ""
 
 
 @dataclass(slots=True, frozen=True)
 class ModelMetadata:
     name: str
+    # The version these inputs and outputs are of: the one named, else the one the model stands for.
+    version: str
     versions: tuple[str, ...]
     platform: str
     inputs: tuple[TensorSpec, ...]

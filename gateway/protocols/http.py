@@ -16,8 +16,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import gateway
 from gateway.auth import Authorizer
 from gateway.codec import DEFAULT_LIMITS, InputLimits
+from gateway.context import ContextBuilder
 from gateway.dataplane import DataPlane
-from gateway.errors import GatewayError, PayloadTooLarge, retry_after, status_for
+from gateway.errors import (
+    GatewayError,
+    MalformedRequest,
+    MethodNotAllowed,
+    NoSuchEndpoint,
+    PayloadTooLarge,
+    retry_after,
+    status_for,
+)
 from gateway.metrics import Metrics
 from gateway.protocols import v2_rest
 from gateway.protocols.openapi import V2_INFER_REQUEST, request_body
@@ -103,9 +112,10 @@ def _too_large(limit: int) -> PayloadTooLarge:
 def create_app(
     dataplane: DataPlane,
     metrics: Metrics,
+    status: StatusReader,
+    contexts: ContextBuilder,
     limits: InputLimits = DEFAULT_LIMITS,
     authorizer: Authorizer | None = None,
-    status: StatusReader | None = None,
 ) -> ASGIApp:
     # With auth off there is no dependency at all, so requests pay nothing for it.
     dependencies = []
@@ -129,8 +139,8 @@ def create_app(
     )
     app.include_router(v2_router(dataplane, limits))
     # TF Serving's REST API is plain JSON: it needs nothing from the tensorflow extra.
-    app.include_router(tfserving_router(dataplane, limits))
-    app.include_router(status_router(status or StatusReader(dataplane, metrics)))
+    app.include_router(tfserving_router(dataplane, contexts, limits))
+    app.include_router(status_router(status))
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
@@ -142,12 +152,15 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        message = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
-        return json_response({"error": f"{request.method} {request.url.path}: {message}"}, exc.status_code)
+        return error_response(
+            _from_starlette(exc, request.method, request.url.path), request.method, request.url.path
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return json_response({"error": f"invalid request: {exc.errors()}"}, 400)
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        error = MalformedRequest(f"{request.method} {request.url.path}: invalid request: {problems}")
+        return error_response(error, request.method, request.url.path)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> Response:
@@ -155,7 +168,21 @@ def create_app(
 
     _document_infer(app)
     # The body limit wraps the infer fast path too, so it is outermost.
-    return BodySizeLimit(InferFastPath(app, dataplane, limits, authorizer), limits.max_body_bytes)
+    return BodySizeLimit(InferFastPath(app, dataplane, contexts, limits, authorizer), limits.max_body_bytes)
+
+
+def _from_starlette(exc: HTTPException, method: str, path: str) -> GatewayError:
+    """Starlette's own refusals (no route, wrong method) as gateway errors, so the one table maps them."""
+    where = f"{method} {path[:200]}"
+    if exc.status_code == 404:
+        return NoSuchEndpoint(f"{where}: no such endpoint")
+    if exc.status_code == 405:
+        return MethodNotAllowed(f"{where}: the method is not allowed here")
+    if exc.status_code == 413:
+        return PayloadTooLarge(f"{where}: {exc.detail}")
+    if 400 <= exc.status_code < 500:
+        return MalformedRequest(f"{where}: {exc.detail}")
+    return GatewayError(f"{where}: {exc.detail}")
 
 
 def error_response(exc: GatewayError, method: str, path: str) -> Response:
@@ -188,10 +215,16 @@ class InferFastPath:
     """
 
     def __init__(
-        self, app: FastAPI, dataplane: DataPlane, limits: InputLimits, authorizer: Authorizer | None
+        self,
+        app: FastAPI,
+        dataplane: DataPlane,
+        contexts: ContextBuilder,
+        limits: InputLimits,
+        authorizer: Authorizer | None,
     ) -> None:
         self.app = app
         self.dataplane = dataplane
+        self.contexts = contexts
         self.limits = limits
         self.authorize = authorizer.check if authorizer is not None and authorizer.enabled else None
 
@@ -213,7 +246,9 @@ class InferFastPath:
             body = await _read_body(receive)
             if body is None:
                 return  # the client went away
-            response = await v2_rest.infer(self.dataplane, body, headers, name, version, self.limits)
+            response = await v2_rest.infer(
+                self.dataplane, self.contexts, body, headers, name, version, self.limits
+            )
         except GatewayError as exc:
             response = error_response(exc, "POST", scope["path"])
         except Exception as exc:

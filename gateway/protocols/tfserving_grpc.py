@@ -9,7 +9,6 @@ Uses the official `tensorflow-serving-api` protos (the `tensorflow` extra); tens
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import tensorflow as tf
@@ -28,8 +27,9 @@ from tensorflow_serving.apis import (
 )
 
 from gateway.codec import DEFAULT_LIMITS, InputLimits, check_shape
+from gateway.context import REQUEST_ID_HEADER, ContextBuilder, deadline_after, request_id
 from gateway.dataplane import DataPlane
-from gateway.errors import InvalidInput, MalformedRequest, PayloadTooLarge, Unsupported
+from gateway.errors import GatewayError, InvalidInput, MalformedRequest, PayloadTooLarge, Unsupported
 from gateway.protocols.tfserving_rest import PREDICT_METHOD, SIGNATURE_NAME, TF_DTYPE_NAME, TF_STATE
 from gateway.types import (
     IndexEntry,
@@ -73,14 +73,26 @@ def _model_spec(name: str, version: str) -> Any:
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):  # type: ignore[misc]
-    def __init__(self, dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, dataplane: DataPlane, contexts: ContextBuilder, limits: InputLimits = DEFAULT_LIMITS
+    ) -> None:
         self.dataplane = dataplane
+        self.contexts = contexts
         self.limits = limits
 
     async def Predict(self, request: Any, context: Any) -> Any:
-        remaining = context.time_remaining()
-        infer_request = decode_predict(request, remaining, self.limits)
-        return encode_predict(await self.dataplane.infer(infer_request))
+        metadata = ContextBuilder.grpc_metadata(context.invocation_metadata())
+        try:
+            infer_request = decode_predict(request, self.limits)
+            request_context = self.contexts.build(
+                "tfserving_grpc", metadata, transport_deadline=deadline_after(context.time_remaining())
+            )
+        except GatewayError as exc:
+            exc.request_id = request_id(metadata.get(REQUEST_ID_HEADER))
+            raise
+        response = await self.dataplane.infer(infer_request, request_context)
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_context.request_id),))
+        return encode_predict(response)
 
     async def GetModelMetadata(self, request: Any, context: Any) -> Any:
         spec = request.model_spec
@@ -97,18 +109,21 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         signatures = get_model_metadata_pb2.SignatureDefMap()
         signatures.signature_def[SIGNATURE_NAME].CopyFrom(signature)
         response = get_model_metadata_pb2.GetModelMetadataResponse(
-            model_spec=_model_spec(spec.name, _version_of(spec) or "")
+            model_spec=_model_spec(spec.name, meta.version)
         )
         response.metadata["signature_def"].Pack(signatures)
         return response
 
     async def Classify(self, request: Any, context: Any) -> Any:
-        raise Unsupported(
-            f"{_label(request.model_spec)}: Classify is not supported by modelyard; use Predict"
-        )
+        await self._unsupported(request.model_spec, "Classify")
 
     async def Regress(self, request: Any, context: Any) -> Any:
-        raise Unsupported(f"{_label(request.model_spec)}: Regress is not supported by modelyard; use Predict")
+        await self._unsupported(request.model_spec, "Regress")
+
+    async def _unsupported(self, spec: Any, method: str) -> None:
+        # An unknown model is NOT_FOUND before anything else is said of it.
+        await self.dataplane.model_metadata(spec.name, _version_of(spec))
+        raise Unsupported(f"{_label(spec)}: {method} is not supported by modelyard; use Predict")
 
     async def MultiInference(self, request: Any, context: Any) -> Any:
         raise Unsupported("MultiInference is not supported by modelyard; use Predict")
@@ -131,10 +146,12 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):  # type: ignor
         )
 
 
-def add_to_server(dataplane: DataPlane, server: Any, limits: InputLimits = DEFAULT_LIMITS) -> list[str]:
+def add_to_server(
+    dataplane: DataPlane, contexts: ContextBuilder, server: Any, limits: InputLimits = DEFAULT_LIMITS
+) -> list[str]:
     """Register both TF Serving services; their full names, for reflection and health."""
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionServicer(dataplane, limits), server
+        PredictionServicer(dataplane, contexts, limits), server
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane), server)
     return [PREDICTION_SERVICE, MODEL_SERVICE]
@@ -162,9 +179,7 @@ def tensor_info(spec: TensorSpec) -> Any:
     )
 
 
-def decode_predict(
-    request: Any, time_remaining: float | None, limits: InputLimits = DEFAULT_LIMITS
-) -> InferRequest:
+def decode_predict(request: Any, limits: InputLimits = DEFAULT_LIMITS) -> InferRequest:
     spec = request.model_spec
     _check_signature(spec)
     if not spec.name:
@@ -188,8 +203,6 @@ def decode_predict(
         model_version=_version_of(spec),
         inputs=inputs,
         outputs=[RequestedOutput(name) for name in request.output_filter] or None,
-        protocol="grpc",
-        deadline=None if time_remaining is None else time.monotonic() + time_remaining,
     )
 
 

@@ -18,12 +18,20 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from gateway.codec import DEFAULT_LIMITS, InputLimits, tensor_from_values
+from gateway.context import REQUEST_ID_HEADER, ContextBuilder, request_id
 from gateway.dataplane import DataPlane
-from gateway.errors import InvalidInput, MalformedRequest, ModelNotFound, Unsupported
+from gateway.errors import GatewayError, InvalidInput, MalformedRequest, ModelNotFound, Unsupported
 from gateway.protocols.openapi import TF_PREDICT_REQUEST, request_body
 from gateway.protocols.v2_rest import RESPONSE_ID_HEADER, json_object, json_response
-from gateway.request_meta import REQUEST_ID_HEADER, request_id
-from gateway.types import Datatype, IndexEntry, InferRequest, InferResponse, Tensor, TensorSpec
+from gateway.types import (
+    Datatype,
+    IndexEntry,
+    InferRequest,
+    InferResponse,
+    ModelSignature,
+    Tensor,
+    TensorSpec,
+)
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
 SIGNATURE_NAME = "serving_default"
@@ -54,7 +62,9 @@ TF_STATE: dict[str, str] = {
 _NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
 
 
-def tfserving_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> APIRouter:
+def tfserving_router(
+    dataplane: DataPlane, contexts: ContextBuilder, limits: InputLimits = DEFAULT_LIMITS
+) -> APIRouter:
     router = APIRouter()
 
     def route(method: str, suffix: str, body: dict[str, Any] | None = None) -> Callable[[Endpoint], Endpoint]:
@@ -88,7 +98,7 @@ def tfserving_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS)
         }
         return json_response(
             {
-                "model_spec": {"name": model_name, "signature_name": "", "version": model_version or ""},
+                "model_spec": {"name": model_name, "signature_name": "", "version": meta.version},
                 "metadata": {"signature_def": {"signature_def": {SIGNATURE_NAME: signature}}},
             }
         )
@@ -97,21 +107,26 @@ def tfserving_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS)
     async def predict(
         request: Request, model_name: str, model_version: str | None = None, model_label: str | None = None
     ) -> Response:
-        version = requested(model_name, model_version, model_label)
-        body = json_object(await request.body(), limits)
-        meta = await dataplane.model_metadata(model_name, version)
-        infer_request, columnar = decode_predict(body, model_name, version, meta.inputs, limits)
-        infer_request.request_id = rid = request_id(request.headers.get(REQUEST_ID_HEADER))
-        response = await dataplane.infer(infer_request)
+        try:
+            version = requested(model_name, model_version, model_label)
+            body = json_object(await request.body(), limits)
+            infer_request, columnar = decode_predict(body, model_name, version, limits)
+            context = contexts.build("tfserving_rest", request.headers)
+        except GatewayError as exc:
+            exc.request_id = request_id(request.headers.get(REQUEST_ID_HEADER))
+            raise
+        response = await dataplane.infer(infer_request, context)
         return Response(
             encode_predict(response, columnar),
             media_type="application/json",
-            headers={RESPONSE_ID_HEADER: rid},
+            headers={RESPONSE_ID_HEADER: context.request_id},
         )
 
     async def unsupported(
         model_name: str, model_version: str | None = None, model_label: str | None = None
     ) -> Response:
+        # An unknown model is 404 before anything else is said of it.
+        await dataplane.model_metadata(model_name, requested(model_name, model_version, model_label))
         raise Unsupported(
             f"model '{model_name}' version {model_version or model_label or 'default'}: "
             "classify and regress are not supported by modelyard; use :predict"
@@ -154,33 +169,38 @@ def _is_b64(value: Any) -> bool:
 
 
 def decode_predict(
-    body: dict[str, Any],
-    model_name: str,
-    version: str | None,
-    specs: tuple[TensorSpec, ...],
-    limits: InputLimits = DEFAULT_LIMITS,
+    body: dict[str, Any], model_name: str, version: str | None, limits: InputLimits = DEFAULT_LIMITS
 ) -> tuple[InferRequest, bool]:
-    """An InferRequest from a predict body, and whether it was columnar ("inputs")."""
+    """An InferRequest from a predict body, and whether it was columnar ("inputs").
+
+    JSON numbers carry no datatype and rows may leave the input unnamed, so the tensors are built
+    against the signature of the version routing picks (`InferRequest.decode`), once it has.
+    """
     label = f"model '{model_name}' version {version or 'default'}"
-    signature = body.get("signature_name") or SIGNATURE_NAME
-    if signature != SIGNATURE_NAME:
-        raise InvalidInput(f"{label} has no signature '{signature}'; it serves '{SIGNATURE_NAME}'")
+    signature_name = body.get("signature_name") or SIGNATURE_NAME
+    if signature_name != SIGNATURE_NAME:
+        raise InvalidInput(f"{label} has no signature '{signature_name}'; it serves '{SIGNATURE_NAME}'")
     if ("instances" in body) == ("inputs" in body):
         raise MalformedRequest(
             "a predict request needs exactly one of 'instances' (rows) or 'inputs' (columns)"
         )
     columnar = "inputs" in body
-    columns = _columns(body["inputs"] if columnar else body["instances"], columnar, specs, label)
-    by_name = {spec.name: spec for spec in specs}
-    inputs = []
-    for name, values in columns.items():
-        spec = by_name.get(name)
-        if spec is None:
-            raise InvalidInput(f"{label} has no input '{name}'; its inputs are {', '.join(by_name)}")
-        inputs.append(_tensor(name, spec.datatype, values, limits))
-    return InferRequest(
-        model_name=model_name, model_version=version, inputs=inputs, protocol="rest"
-    ), columnar
+    data = body["inputs"] if columnar else body["instances"]
+    if not columnar and (not isinstance(data, list) or not data):
+        raise MalformedRequest("'instances' must be a non-empty list")
+
+    def decode(signature: ModelSignature) -> list[Tensor]:
+        specs = signature.inputs
+        by_name = {spec.name: spec for spec in specs}
+        inputs = []
+        for name, values in _columns(data, columnar, specs, label).items():
+            spec = by_name.get(name)
+            if spec is None:
+                raise InvalidInput(f"{label} has no input '{name}'; its inputs are {', '.join(by_name)}")
+            inputs.append(_tensor(name, spec.datatype, values, limits))
+        return inputs
+
+    return InferRequest(model_name=model_name, model_version=version, inputs=[], decode=decode), columnar
 
 
 def _columns(data: Any, columnar: bool, specs: tuple[TensorSpec, ...], label: str) -> dict[str, Any]:

@@ -7,7 +7,6 @@ plane's types, and its answers become protobuf again. Errors are mapped by `Erro
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,9 +25,10 @@ from gateway.codec import (
     tensor_from_values,
     tensor_to_bytes,
 )
+from gateway.context import REQUEST_ID_HEADER, ContextBuilder, deadline_after, request_id
 from gateway.dataplane import DataPlane, ModelStatistics
 from gateway.errors import GatewayError, MalformedRequest, Unsupported, retry_after, status_for
-from gateway.request_meta import REQUEST_ID_HEADER, request_id
+from gateway.protocols.triton import model_config as triton_model_config
 from gateway.types import Datatype, Duration, InferRequest, InferResponse, RequestedOutput, Tensor, TensorSpec
 
 log = logging.getLogger("modelyard.grpc")
@@ -128,8 +128,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(self, dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, dataplane: DataPlane, contexts: ContextBuilder, limits: InputLimits = DEFAULT_LIMITS
+    ) -> None:
         self.dataplane = dataplane
+        self.contexts = contexts
         self.limits = limits
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -159,7 +162,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         )
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
-        config = self.dataplane.model_config(request.name, request.version or None)
+        config = triton_model_config(self.dataplane.model_description(request.name, request.version or None))
         return service_pb2.ModelConfigResponse(
             config=json_format.ParseDict(config, model_config_pb2.ModelConfig())
         )
@@ -169,20 +172,25 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         return service_pb2.ModelStatisticsResponse(model_stats=[_statistics(row) for row in rows])
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        metadata = {
-            key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
-        }
+        metadata = ContextBuilder.grpc_metadata(context.invocation_metadata())
         try:
-            infer_request = decode_infer_request(request, context.time_remaining(), self.limits)
+            infer_request = decode_infer_request(request, self.limits)
+            request_context = self.contexts.build(
+                "grpc",
+                metadata,
+                infer_request.parameters,
+                transport_deadline=deadline_after(context.time_remaining()),
+                body_id=infer_request.id,
+            )
         except GatewayError as exc:
             exc.request_id = request_id(metadata.get(REQUEST_ID_HEADER), request.id)
             raise
-        infer_request.headers = metadata
-        infer_request.request_id = rid = request_id(metadata.get(REQUEST_ID_HEADER), infer_request.id)
-        response = await self.dataplane.infer(infer_request)
+        response = await self.dataplane.infer(infer_request, request_context)
         # The response's `id` echoes the client's v2 id, as the protocol says; the request id
         # (the client's, or a generated one) travels in trailing metadata.
-        context.set_trailing_metadata((("model-version", response.model_version), (REQUEST_ID_HEADER, rid)))
+        context.set_trailing_metadata(
+            (("model-version", response.model_version), (REQUEST_ID_HEADER, request_context.request_id))
+        )
         return encode_infer_response(response)
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
@@ -244,9 +252,7 @@ def _parameters(owner: str, params: Any) -> dict[str, Any]:
     return result
 
 
-def decode_infer_request(
-    request: Any, time_remaining: float | None, limits: InputLimits = DEFAULT_LIMITS
-) -> InferRequest:
+def decode_infer_request(request: Any, limits: InputLimits = DEFAULT_LIMITS) -> InferRequest:
     if not request.inputs:
         raise MalformedRequest("the request needs at least one input")
     raw = request.raw_input_contents
@@ -278,8 +284,6 @@ def decode_infer_request(
         outputs=outputs or None,
         id=request.id or None,
         parameters=_parameters("request", request.parameters),
-        protocol="grpc",
-        deadline=None if time_remaining is None else time.monotonic() + time_remaining,
     )
 
 

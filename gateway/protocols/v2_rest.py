@@ -22,10 +22,11 @@ from gateway.codec import (
     tensor_to_bytes,
     tensor_to_values,
 )
+from gateway.context import REQUEST_ID_HEADER, ContextBuilder, request_id
 from gateway.dataplane import DataPlane, ModelStatistics
 from gateway.errors import GatewayError, MalformedRequest, PayloadTooLarge, Unsupported
 from gateway.protocols.openapi import V2_REPOSITORY_INDEX_REQUEST, request_body
-from gateway.request_meta import REQUEST_ID_HEADER, request_id
+from gateway.protocols.triton import model_config as triton_model_config
 from gateway.types import Duration, InferRequest, InferResponse, RequestedOutput, Tensor
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
@@ -105,7 +106,7 @@ def v2_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> API
 
     @route("GET", "{model}/config")
     async def model_config(model_name: str, model_version: str | None = None) -> Response:
-        return json_response(dataplane.model_config(model_name, model_version))
+        return json_response(triton_model_config(dataplane.model_description(model_name, model_version)))
 
     @route("GET", "{model}/stats")
     async def model_stats(model_name: str, model_version: str | None = None) -> Response:
@@ -147,6 +148,7 @@ def v2_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> API
 
 async def infer(
     dataplane: DataPlane,
+    contexts: ContextBuilder,
     body: bytes,
     headers: Mapping[str, str],
     model_name: str,
@@ -154,18 +156,17 @@ async def infer(
     limits: InputLimits = DEFAULT_LIMITS,
 ) -> Response:
     """POST /v2/models/{name}[/versions/{version}]/infer: decode, run, encode."""
-    given_id = headers.get(REQUEST_ID_HEADER)
     try:
         body = decompress(body, headers.get("content-encoding"), limits)
         infer_request = decode_infer_request(
             body, headers.get(HEADER_LENGTH), model_name, model_version, limits
         )
+        context = contexts.build("rest", headers, infer_request.parameters, body_id=infer_request.id)
     except GatewayError as exc:
-        exc.request_id = request_id(given_id)
+        exc.request_id = request_id(headers.get(REQUEST_ID_HEADER))
         raise
-    infer_request.headers = headers
-    infer_request.request_id = request_id(given_id, infer_request.id)
-    return encode_infer_response(await dataplane.infer(infer_request), infer_request)
+    response = await dataplane.infer(infer_request, context)
+    return encode_infer_response(response, infer_request, context.request_id)
 
 
 def _tensor_metadata(spec: Any) -> dict[str, Any]:
@@ -315,17 +316,16 @@ def decode_infer_request(
         if not isinstance(raw_outputs, list):
             raise MalformedRequest("'outputs' must be a list")
         outputs = [_decode_output(index, raw) for index, raw in enumerate(raw_outputs)]
-    request_id = header.get("id")
-    if request_id is not None and not isinstance(request_id, str):
+    body_id = header.get("id")
+    if body_id is not None and not isinstance(body_id, str):
         raise MalformedRequest("'id' must be a string")
     return InferRequest(
         model_name=model_name,
         model_version=model_version,
         inputs=inputs,
         outputs=outputs,
-        id=request_id,
+        id=body_id,
         parameters=_parameters("request", header.get("parameters")),
-        protocol="rest",
     )
 
 
@@ -365,7 +365,7 @@ def _decode_output(index: int, raw: Any) -> RequestedOutput:
     return RequestedOutput(raw["name"], _parameters(f"output '{raw['name']}'", raw.get("parameters")))
 
 
-def encode_infer_response(response: InferResponse, request: InferRequest) -> Response:
+def encode_infer_response(response: InferResponse, request: InferRequest, request_id: str) -> Response:
     binary_default = bool(request.parameters.get("binary_data_output", False))
     outputs: list[dict[str, Any]] = []
     chunks: list[bytes] = []
@@ -390,9 +390,7 @@ def encode_infer_response(response: InferResponse, request: InferRequest) -> Res
     header["outputs"] = outputs
     encoded = orjson.dumps(header, option=_NUMPY_JSON)
     # The version that answered, for clients that route by header or traffic split.
-    headers = {VERSION_HEADER: response.model_version}
-    if request.request_id is not None:
-        headers[RESPONSE_ID_HEADER] = request.request_id
+    headers = {VERSION_HEADER: response.model_version, RESPONSE_ID_HEADER: request_id}
     if not chunks:
         return Response(encoded, media_type=JSON_TYPE, headers=headers)
     headers["Inference-Header-Content-Length"] = str(len(encoded))

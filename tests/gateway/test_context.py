@@ -6,9 +6,9 @@ import time
 
 import pytest
 
+from gateway.context import client_deadline, priority, request_id
 from gateway.errors import MalformedRequest
 from gateway.limits import Priority
-from gateway.request_meta import client_deadline, priority, request_id
 
 
 def test_request_id_prefers_the_header_then_the_body_then_makes_one() -> None:

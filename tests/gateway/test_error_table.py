@@ -24,6 +24,8 @@ from gateway.errors import (
     REMOTE_GRPC_ERRORS,
     REMOTE_HTTP_ERRORS,
     GatewayError,
+    MethodNotAllowed,
+    NoSuchEndpoint,
     Overloaded,
     status_for,
 )
@@ -114,3 +116,26 @@ def test_a_remote_backend_s_status_passes_through_unchanged() -> None:
         assert status_for(error("remote"))[1] == code
     for status, error in REMOTE_HTTP_ERRORS.items():
         assert status_for(error("remote"))[0] == (400 if status == 422 else status)
+
+
+def test_starlette_refusals_go_through_the_table(table_gateway: InProcessGateway) -> None:
+    """No route, or a route asked with the wrong method: answered from the table, in its body shape."""
+    unknown = httpx.get(f"http://{table_gateway.http}/v3/nothing/here", timeout=10)
+    assert unknown.status_code == status_for(NoSuchEndpoint("x"))[0] == 404
+    assert unknown.json() == {"error": "GET /v3/nothing/here: no such endpoint"}
+    wrong = httpx.delete(f"http://{table_gateway.http}/v2/health/live", timeout=10)
+    assert wrong.status_code == status_for(MethodNotAllowed("x"))[0] == 405
+    assert "DELETE /v2/health/live" in wrong.json()["error"]
+
+
+def test_tool_errors_are_kept_off_the_serving_table() -> None:
+    """A tool's failure is an exit status, not a request's answer: it has its own base class."""
+    from gateway.tools.containers import UpError
+    from gateway.tools.convert import ConvertError
+    from gateway.tools.errors import ToolError
+    from gateway.tools.lab.bench import BenchError
+    from gateway.tools.lab.report import ReportError
+    from gateway.tools.parity import ParityMismatch, ParityUsageError
+
+    for error in (BenchError, ReportError, ConvertError, ParityUsageError, ParityMismatch, UpError):
+        assert issubclass(error, ToolError) and not issubclass(error, GatewayError), error

@@ -279,3 +279,19 @@ def test_gateway_without_the_tensorflow_extra(tmp_path: Path) -> None:
         process.terminate()
         process.wait(30)
     assert "TF Serving gRPC API not served" in log.read_text()
+
+
+def test_metadata_without_a_version_names_the_version_it_serves(gateway: RunningGateway) -> None:
+    """affine_tf's labels make version 1 its stable one: the version a request naming none gets."""
+    import grpc
+    from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
+
+    answer = httpx.get(f"{gateway.url}/v1/models/affine_tf/metadata", timeout=30).json()
+    assert answer["model_spec"]["version"] == "1"
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = "affine_tf"
+    with grpc.insecure_channel(gateway.grpc) as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(
+            request, timeout=30
+        )
+    assert response.model_spec.version.value == 1

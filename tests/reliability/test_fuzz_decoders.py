@@ -26,7 +26,7 @@ from tritonclient.grpc import service_pb2
 from gateway.codec import DEFAULT_LIMITS, InputLimits
 from gateway.errors import GatewayError, status_for
 from gateway.protocols import tfserving_rest, v2_grpc, v2_rest
-from gateway.types import Datatype, InferRequest, TensorSpec
+from gateway.types import Datatype, InferRequest, ModelSignature, TensorSpec
 from tests.support import FUZZ_CASES
 
 EXAMPLES = int(os.environ.get("MODELYARD_FUZZ_EXAMPLES", "150"))
@@ -251,7 +251,7 @@ def grpc_requests(draw: st.DrawFn) -> Any:
 @given(request=grpc_requests())
 def test_v2_grpc_decoder(limits: InputLimits, request: Any) -> None:
     count("v2 gRPC")
-    decodes_or_refuses(lambda: v2_grpc.decode_infer_request(request, None, limits), limits)
+    decodes_or_refuses(lambda: v2_grpc.decode_infer_request(request, limits), limits)
 
 
 SPECS = st.lists(
@@ -284,8 +284,11 @@ def test_tfserving_rest_decoder(limits: InputLimits, body: Any, specs: tuple[Ten
     count("TF Serving REST")
     raw = orjson.dumps(body)
 
-    def decode() -> tuple[InferRequest, bool]:
-        return tfserving_rest.decode_predict(v2_rest.json_object(raw, limits), "m", None, specs, limits)
+    def decode() -> InferRequest:
+        request, _ = tfserving_rest.decode_predict(v2_rest.json_object(raw, limits), "m", None, limits)
+        assert request.decode is not None
+        request.inputs = request.decode(ModelSignature(specs, (), "test"))
+        return request
 
     decodes_or_refuses(decode, limits)
 
@@ -330,7 +333,7 @@ def test_tfserving_grpc_decoder(limits: InputLimits, request: Any) -> None:
     from gateway.protocols import tfserving_grpc
 
     count("TF Serving gRPC")
-    decodes_or_refuses(lambda: tfserving_grpc.decode_predict(request, None, limits), limits)
+    decodes_or_refuses(lambda: tfserving_grpc.decode_predict(request, limits), limits)
 
 
 def test_nan_and_inf_decode_as_floats() -> None:

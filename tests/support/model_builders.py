@@ -154,6 +154,8 @@ MLP_BATCHED = "backend: onnxruntime\nbatching: {max_batch_size: 16, max_queue_de
 EXAMPLE_REPO = Path(__file__).resolve().parents[2] / "model_repo"
 SPIN_LIMITED = "backend: onnxruntime\nlimits: {max_inflight: 1, max_queue: 0}\n"
 SPIN_DEADLINE = "backend: onnxruntime\nlimits: {timeout_ms: 50}\n"
+SPIN_QUEUED = "backend: onnxruntime\nlimits: {max_inflight: 1, max_queue: 4}\n"
+SPLIT_DTYPES = "backend: onnxruntime\nversion_policy: all\ntraffic: {1: 50, 2: 50}\n"
 
 
 def build_test_repository(repo: Path) -> None:
@@ -198,6 +200,14 @@ def build_test_repository(repo: Path) -> None:
     build_quantized_litert(repo / "quantized_litert" / "1" / "model.tflite")
     # No limits: the remote of the v2 backend's deadline test.
     _save(build_spin(), repo / "spin" / "1" / "model.onnx")
+    # One request at a time with a queue behind it: priorities through every front door.
+    _save(build_spin(), repo / "spin_queued" / "1" / "model.onnx")
+    (repo / "spin_queued" / "config.yaml").write_text(SPIN_QUEUED)
+    # A 50/50 split between versions of different input datatypes: a request decoded against one
+    # version's signature and run on the other fails, so each must be routed once.
+    _save(build_identity(Datatype.FP32), repo / "split_dtypes" / "1" / "model.onnx")
+    _save(build_identity(Datatype.INT64), repo / "split_dtypes" / "2" / "model.onnx")
+    (repo / "split_dtypes" / "config.yaml").write_text(SPLIT_DTYPES)
 
 
 QUANTIZED_SEED = 20261125
