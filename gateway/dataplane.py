@@ -10,13 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
 import gateway
-from gateway.config import VersionPolicy, preferred_version
+from gateway.config import preferred_version
 from gateway.context import RequestContext, current_request_id
 from gateway.errors import (
     BackendUnavailable,
@@ -24,21 +21,22 @@ from gateway.errors import (
     Draining,
     GatewayError,
     ModelNotReady,
-    Overloaded,
     PermissionDenied,
-    status_for,
 )
 from gateway.limits import Limiter, acquire_all, release_all
 from gateway.metrics import Metrics, RequestSeries
+from gateway.outcomes import Outcomes, Served
 from gateway.registry import LoadedVersion, Registry, State
-from gateway.rollouts import Rollouts
+from gateway.rollouts import SHADOW_PROTOCOL, Rollouts
 from gateway.routing import Route, Router
 from gateway.types import (
     IndexEntry,
     InferRequest,
     InferResponse,
+    ModelDescription,
     ModelMetadata,
-    ModelSignature,
+    ModelStatistics,
+    ServerMetadata,
     Tensor,
     VersionStats,
     datatype_of,
@@ -47,43 +45,6 @@ from gateway.types import (
 log = logging.getLogger("modelyard.dataplane")
 
 EXTENSIONS = ("binary_tensor_data", "model_repository", "statistics", "model_configuration")
-# Front doors whose answers carry a gRPC status; the others answer with an HTTP status.
-_GRPC_PROTOCOLS = frozenset({"grpc", "tfserving_grpc"})
-_OK_CODE = {True: grpc.StatusCode.OK.name, False: "200"}
-
-
-@dataclass(frozen=True, slots=True)
-class ServerMetadata:
-    name: str
-    version: str
-    extensions: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelStatistics:
-    name: str
-    version: str
-    stats: VersionStats
-
-
-@dataclass(frozen=True, slots=True)
-class ModelDescription:
-    """What a model's configuration says, for Triton's model configuration extension."""
-
-    name: str
-    backend: str
-    version_policy: VersionPolicy
-    max_batch_size: int
-    signature: ModelSignature
-
-
-@dataclass(slots=True)
-class _Served:
-    """Which model version answered a request (or last tried to), for its one count."""
-
-    model: str
-    version: str = ""
-    backend: str = ""
 
 
 class DataPlane:
@@ -101,6 +62,7 @@ class DataPlane:
         self.metrics = metrics
         self.enable_repository_api = enable_repository_api
         self.rollouts = Rollouts(registry, metrics, self._run_alone)
+        self.outcomes = Outcomes(registry, metrics)
         # Across all models, behind each model's own limiter; None: no global cap.
         self._global_limiter = global_limiter
         self._started = False
@@ -197,7 +159,7 @@ class DataPlane:
         Each request is counted once, with the status it got; every error leaves with its id.
         """
         started = time.perf_counter_ns()
-        served = _Served(request.model_name)
+        served = Served(request.model_name)
         current_request_id.set(context.request_id)
         self._accepted += 1
         self._idle.clear()
@@ -208,40 +170,37 @@ class DataPlane:
                 response = await self._run(request, context, served)
             except (ModelNotReady, BackendUnavailable) as exc:
                 response = await self.rollouts.fall_back(request, context, exc)
-                served = _Served(response.parameters["deployment"], response.model_version, response.backend)
+                served = Served(response.parameters["deployment"], response.model_version, response.backend)
         except GatewayError as exc:
             exc.request_id = context.request_id
-            self._count(served, context, _code(exc, context), started)
-            self._record_fault(request, context, exc)
+            self.outcomes.refused(request, served, context, exc, started)
             raise
         except Exception:
-            self._count(
-                served, context, "INTERNAL" if context.protocol in _GRPC_PROTOCOLS else "500", started
-            )
+            self.outcomes.failed(served, context, started)
             raise
         finally:
             self._accepted -= 1
             if not self._accepted:
                 self._idle.set()
-        self._count(served, context, _OK_CODE[context.protocol in _GRPC_PROTOCOLS], started)
+        self.outcomes.answered(served, context, started)
         self.rollouts.shadow(request, context, response)
         return response
 
     async def _run_alone(self, request: InferRequest, context: RequestContext) -> InferResponse:
         """A fallback's or a shadow's run: routed afresh, counted by itself when it is a shadow."""
-        served = _Served(request.model_name)
-        if context.protocol != "shadow":
+        served = Served(request.model_name)
+        if context.protocol != SHADOW_PROTOCOL:
             return await self._run(request, context, served)
         started = time.perf_counter_ns()
         try:
             response = await self._run(request, context, served)
         except GatewayError as exc:
-            self._count(served, context, _code(exc, context), started)
+            self.outcomes.counted(served, context, exc, started)
             raise
-        self._count(served, context, "200", started)
+        self.outcomes.answered(served, context, started)
         return response
 
-    async def _run(self, request: InferRequest, context: RequestContext, served: _Served) -> InferResponse:
+    async def _run(self, request: InferRequest, context: RequestContext, served: Served) -> InferResponse:
         model = self.registry.get(request.model_name)
         route = Route(
             model, self.router.select(model, request.model_version, context.routing_keys, context.label)
@@ -327,40 +286,6 @@ class DataPlane:
         ]
         return InferResponse(model.name, str(loaded.version), outputs, id=request.id, backend=loaded.backend)
 
-    def _count(self, served: _Served, context: RequestContext, code: str, started: int) -> None:
-        # A name the repository does not know is counted under "": a client cannot mint series.
-        model = served.model if served.version or self.registry.knows(served.model) else ""
-        series = self.metrics.series(model, served.version, served.backend, context.protocol)
-        series.count(code)
-        if not served.version:  # refused before routing: its time is in no version's histogram
-            series.duration.observe((time.perf_counter_ns() - started) / 1e9)
-
-    def _record_fault(self, request: InferRequest, context: RequestContext, error: GatewayError) -> None:
-        """The metric and the log line of a request the gateway refused or gave up on."""
-        if isinstance(error, Overloaded):
-            event, reason, level = "rejected", f"{error.limit}_limit", logging.INFO
-        elif isinstance(error, Draining):
-            event, reason, level = "rejected", "draining", logging.INFO
-        elif isinstance(error, ModelNotReady | BackendUnavailable):
-            event, reason, level = "rejected", "unavailable", logging.WARNING
-        elif isinstance(error, DeadlineExceeded):
-            event, reason, level = "timeout", error.stage, logging.WARNING
-        else:
-            return  # the request's own fault (bad input) or a backend error: counted with its code
-        counter = self.metrics.timeouts if event == "timeout" else self.metrics.rejections
-        counter.labels(request.model_name, reason).inc()
-        log.log(
-            level,
-            "event=%s reason=%s request_id=%s model=%s version=%s protocol=%s detail=%r",
-            event,
-            reason,
-            context.request_id,
-            request.model_name,
-            request.model_version or "",
-            context.protocol,
-            error.message,
-        )
-
     # Statistics and repository ----------------------------------------------------------------
 
     def statistics(self, name: str | None, version: str | None) -> list[ModelStatistics]:
@@ -413,11 +338,6 @@ async def _entry(name: str, loaded: LoadedVersion) -> IndexEntry:
             name, str(loaded.version), State.UNAVAILABLE.value, f"{loaded.backend} backend is not ready"
         )
     return IndexEntry(name, str(loaded.version), loaded.state.value, loaded.reason)
-
-
-def _code(error: GatewayError, context: RequestContext) -> str:
-    http, code = status_for(error)
-    return code.name if context.protocol in _GRPC_PROTOCOLS else str(http)
 
 
 def _release_late(slots: tuple[Limiter, ...], task: asyncio.Future[Any]) -> None:

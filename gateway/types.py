@@ -9,11 +9,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gateway.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from gateway.config import VersionPolicy
 
 
 class Datatype(StrEnum):
@@ -247,3 +250,28 @@ class VersionStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerMetadata:
+    name: str
+    version: str
+    extensions: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatistics:
+    name: str
+    version: str
+    stats: VersionStats
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDescription:
+    """What a model's configuration says, for Triton's model configuration extension."""
+
+    name: str
+    backend: str
+    version_policy: VersionPolicy
+    max_batch_size: int
+    signature: ModelSignature

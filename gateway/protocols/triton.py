@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.dataplane import ModelDescription
-from gateway.types import Datatype, TensorSpec
+from gateway.types import Datatype, ModelDescription, TensorSpec
 
 _TRITON_TYPE = {d: f"TYPE_{'STRING' if d is Datatype.BYTES else d.value}" for d in Datatype}
 

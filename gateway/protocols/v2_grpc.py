@@ -26,10 +26,19 @@ from gateway.codec import (
     tensor_to_bytes,
 )
 from gateway.context import REQUEST_ID_HEADER, ContextBuilder, deadline_after, request_id
-from gateway.dataplane import DataPlane, ModelStatistics
+from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, MalformedRequest, Unsupported, retry_after, status_for
 from gateway.protocols.triton import model_config as triton_model_config
-from gateway.types import Datatype, Duration, InferRequest, InferResponse, RequestedOutput, Tensor, TensorSpec
+from gateway.types import (
+    Datatype,
+    Duration,
+    InferRequest,
+    InferResponse,
+    ModelStatistics,
+    RequestedOutput,
+    Tensor,
+    TensorSpec,
+)
 
 log = logging.getLogger("modelyard.grpc")
 

@@ -23,11 +23,11 @@ from gateway.codec import (
     tensor_to_values,
 )
 from gateway.context import REQUEST_ID_HEADER, ContextBuilder, request_id
-from gateway.dataplane import DataPlane, ModelStatistics
+from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, MalformedRequest, PayloadTooLarge, Unsupported
 from gateway.protocols.openapi import V2_REPOSITORY_INDEX_REQUEST, request_body
 from gateway.protocols.triton import model_config as triton_model_config
-from gateway.types import Duration, InferRequest, InferResponse, RequestedOutput, Tensor
+from gateway.types import Duration, InferRequest, InferResponse, ModelStatistics, RequestedOutput, Tensor
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
 HEADER_LENGTH = "inference-header-content-length"
