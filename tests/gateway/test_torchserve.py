@@ -174,7 +174,7 @@ def test_bad_input_is_invalid_argument(ts: Protocol, model: str, width: int) -> 
 
 
 def test_declaring_no_tensors_is_a_clear_load_error(tmp_path: Path) -> None:
-    from conftest import ROOT
+    from tests.support import ROOT
 
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "model_repo" / "mlp_torch" / "1", repo / "undeclared" / "1")
@@ -198,7 +198,7 @@ def test_tf_serving_clients_reach_the_torchserve_model(
     pytest.importorskip("tensorflow_serving", reason="the TF Serving gRPC API needs the tensorflow extra")
     import grpc
 
-    from conftest import TfServingProtocol
+    from tests.support import TfServingProtocol
 
     with (
         httpx.Client(base_url=ts_gateway.url, timeout=60) as http,
@@ -334,7 +334,7 @@ def test_remote_torchserve_serves(remote_gateway: RunningGateway, model: str, pr
     tensor = module.InferInput("input", [3, 64], "FP32")
     tensor.set_data_from_numpy(ROWS[:3])
     result = client.infer(model, [tensor])
-    from conftest import ROOT
+    from tests.support import ROOT
 
     np.testing.assert_allclose(
         result.as_numpy("logits"), onnx_reference(ROOT / "model_repo", ROWS[:3]), rtol=1e-4, atol=1e-5
@@ -354,7 +354,7 @@ def test_remote_without_the_token_is_unavailable_with_the_reason(remote_gateway:
 def test_remote_model_comes_up_by_itself_when_its_torchserve_starts_late(tmp_path: Path) -> None:
     """The gateway starts first; its remote model waits UNAVAILABLE, and loads on a retry once
     TorchServe answers, with nobody calling the repository API."""
-    from conftest import free_port
+    from tests.support import free_port
 
     inference, management = free_port(), free_port()
     repo = tmp_path / "repo"
