@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -101,6 +103,18 @@ class Metrics:
             ("model",),
             registry=self.registry,
         )
+        # The signals to autoscale a replica on (Prometheus adds the pod label): what it carries
+        # now across all models, read when scraped.
+        self.gateway_inflight = Gauge(
+            "modelyard_gateway_inflight_requests",
+            "Inference requests this gateway has accepted and not yet answered, queued or running.",
+            registry=self.registry,
+        )
+        self.gateway_queued = Gauge(
+            "modelyard_gateway_queued_requests",
+            "Inference requests waiting for a slot now, across all models and the global limit.",
+            registry=self.registry,
+        )
         self.model_ready = Gauge(
             "modelyard_model_ready",
             "1 when the version is ready to serve.",
@@ -140,6 +154,11 @@ class Metrics:
             ("backend", "endpoint"),
             registry=self.registry,
         )
+
+    def watch_load(self, inflight: Callable[[], float], queued: Callable[[], float]) -> None:
+        """Where the gateway-wide gauges read their values when scraped."""
+        self.gateway_inflight.set_function(inflight)
+        self.gateway_queued.set_function(queued)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -47,12 +47,15 @@ class Gateway:
     def __init__(self, settings: Settings, adapter_factory: AdapterFactory = create_adapter) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.registry = Registry(settings.model_repo, adapter_factory, self.metrics)
+        self.registry = Registry(
+            settings.model_repo, adapter_factory, self.metrics, model_name=settings.model_name
+        )
         global_limiter = None
         if settings.global_max_inflight is not None:
             global_limiter = Limiter(
                 settings.global_max_inflight, settings.global_max_queue, "the gateway", scope="global"
             )
+        self._global_limiter = global_limiter
         self.dataplane = DataPlane(
             self.registry,
             Router(),
@@ -61,6 +64,7 @@ class Gateway:
             priority_header=settings.priority_header.lower(),
             enable_repository_api=settings.enable_repository_api,
         )
+        self.metrics.watch_load(lambda: self.dataplane.accepted, self._queued)
         self.status = StatusReader(
             self.dataplane,
             self.metrics,
@@ -79,6 +83,10 @@ class Gateway:
         self._http_task: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
         self._services: list[str] = [SERVICE_NAME]
+
+    def _queued(self) -> int:
+        waiting = sum(model.limiter.queued for model in self.registry.models())
+        return waiting + (self._global_limiter.queued if self._global_limiter is not None else 0)
 
     async def start(self) -> None:
         settings = self.settings
