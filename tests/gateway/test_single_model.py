@@ -134,7 +134,7 @@ def test_the_flat_shape_serves_under_the_given_name(flat_gateway: RunningGateway
             assert client.is_model_ready("fraud"), kind
             version, y = infer(kind, client)
             assert version == "1"
-            np.testing.assert_allclose(y, affine(1, X), rtol=1e-6)
+            np.testing.assert_allclose(y, affine(1, X), rtol=1e-5, atol=1e-6)
             with pytest.raises(InferenceServerException) as caught:
                 client.get_model_metadata("mnt-models")  # the folder's own name is no model
             assert "not in the repository" in str(caught.value), kind
@@ -149,9 +149,9 @@ def test_the_versioned_shape_serves_every_version(versioned_gateway: RunningGate
         try:
             version, y = infer(kind, client)
             assert version == "2", kind  # the highest, with no labels or traffic
-            np.testing.assert_allclose(y, affine(2, X), rtol=1e-6)
+            np.testing.assert_allclose(y, affine(2, X), rtol=1e-5, atol=1e-6)
             version, y = infer(kind, client, "1")
             assert version == "1", kind
-            np.testing.assert_allclose(y, affine(1, X), rtol=1e-6)
+            np.testing.assert_allclose(y, affine(1, X), rtol=1e-5, atol=1e-6)
         finally:
             client.close()
