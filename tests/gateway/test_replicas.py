@@ -17,19 +17,11 @@ import tritonclient.grpc as triton_grpc
 
 from conftest import RunningGateway, start_gateway
 from scripts.build_models import _save, build_affine
+from tests.model_builders import ROUTED
 
+# ROUTED: a sticky 50/50 split of versions 1 and 2, x-canary: yes -> 2, x-beta-tester -> stable (1).
 KEYS = [f"user-{i}" for i in range(40)]
 BODY = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
-ROUTED = """\
-version_policy: all
-labels: {stable: 1, canary: 2}
-traffic: {1: 50, 2: 50}
-routing:
-  sticky_header: X-User-Id
-  canary:
-    - {header: x-canary, equals: "yes", version: 2}
-    - {header: x-beta-tester, label: stable}
-"""
 # The split moves most keys to version 2.
 SHIFTED = ROUTED.replace("traffic: {1: 50, 2: 50}", "traffic: {1: 10, 2: 90}")
 # Version 3 takes the canary's place and half the traffic.
