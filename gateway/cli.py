@@ -30,6 +30,13 @@ def serve(
     model_repo: Annotated[
         Path | None, typer.Option(help="Model repository folder [env MODELYARD_MODEL_REPO].")
     ] = None,
+    model_name: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve --model-repo as this one model's folder, as KServe leaves /mnt/models "
+            "[env MODELYARD_MODEL_NAME]."
+        ),
+    ] = None,
     host: Annotated[str | None, typer.Option(help="Address to bind [env MODELYARD_HOST].")] = None,
     http_port: Annotated[
         int | None, typer.Option(help="HTTP port, default 8000 [env MODELYARD_HTTP_PORT].")
@@ -75,6 +82,7 @@ def serve(
 
     given: dict[str, Any] = {
         "model_repo": model_repo,
+        "model_name": model_name,
         "host": host,
         "http_port": http_port,
         "grpc_port": grpc_port,

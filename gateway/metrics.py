@@ -54,6 +54,8 @@ LATENCY_BUCKETS = (
 
 # (model, requests running now, requests queued now) for every loaded model, read at scrape time.
 LoadProbe = Callable[[], Iterable[tuple[str, int, int]]]
+# (requests accepted and not yet answered, requests queued) across the whole gateway.
+GatewayLoadProbe = Callable[[], tuple[int, int]]
 
 
 class RequestSeries:
@@ -197,19 +199,21 @@ class Metrics:
             series = self._series[key] = RequestSeries(self, key)
         return series
 
-    def watch_load(self, probe: LoadProbe) -> None:
-        """Serve the in-flight and queued gauges from `probe`, read at each scrape."""
-        self.registry.register(_LoadCollector(probe))
+    def watch_load(self, per_model: LoadProbe, gateway_wide: GatewayLoadProbe) -> None:
+        """Serve the in-flight and queued gauges, per model and for the whole gateway (the signals
+        to autoscale a replica on; Prometheus adds the pod label), read at each scrape."""
+        self.registry.register(_LoadCollector(per_model, gateway_wide))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _LoadCollector(Collector):
-    """modelyard_inflight_requests and modelyard_queued_requests, per model, as the limiters hold them."""
+    """The in-flight and queued gauges, per model as the limiters hold them, and gateway-wide."""
 
-    def __init__(self, probe: LoadProbe) -> None:
-        self._probe = probe
+    def __init__(self, per_model: LoadProbe, gateway_wide: GatewayLoadProbe) -> None:
+        self._per_model = per_model
+        self._gateway_wide = gateway_wide
 
     def collect(self) -> Iterator[Metric]:
         inflight = GaugeMetricFamily(
@@ -218,8 +222,19 @@ class _LoadCollector(Collector):
         queued = GaugeMetricFamily(
             "modelyard_queued_requests", "Requests waiting for a slot now.", labels=("model",)
         )
-        for model, running, waiting in self._probe():
+        for model, running, waiting in self._per_model():
             inflight.add_metric((model,), running)
             queued.add_metric((model,), waiting)
+        accepted, waiting = self._gateway_wide()
         yield inflight
         yield queued
+        yield GaugeMetricFamily(
+            "modelyard_gateway_inflight_requests",
+            "Inference requests this gateway has accepted and not yet answered, queued or running.",
+            value=accepted,
+        )
+        yield GaugeMetricFamily(
+            "modelyard_gateway_queued_requests",
+            "Inference requests waiting for a slot now, across all models and the global limit.",
+            value=waiting,
+        )

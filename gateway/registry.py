@@ -17,7 +17,7 @@ from gateway.config import preferred_version
 from gateway.errors import BackendUnavailable, DeadlineExceeded, GatewayError, ModelNotFound, ModelNotReady
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
-from gateway.repository import ModelEntry, is_model_name, model_names, scan_model
+from gateway.repository import ModelEntry, Repository
 from gateway.types import IndexEntry, ModelSignature, VersionStats
 
 log = logging.getLogger("modelyard.registry")
@@ -83,8 +83,11 @@ class Registry:
         adapter_factory: AdapterFactory = create_adapter,
         metrics: Metrics | None = None,
         shared: SharedResources | None = None,
+        model_name: str | None = None,
     ) -> None:
         self.root = root
+        # With a model name, `root` is that one model's folder (KServe's /mnt/models).
+        self.repository = Repository(root, model_name)
         self._adapter_factory = adapter_factory
         self._metrics = metrics
         self._models: dict[str, LoadedModel] = {}
@@ -101,13 +104,13 @@ class Registry:
         model = self._models.get(name)
         if model is not None:
             return model
-        if is_model_name(name) and (self.root / name).is_dir():
+        if self.repository.folder(name) is not None:
             raise ModelNotReady(f"model '{name}' is in the repository but not loaded")
         raise ModelNotFound(f"model '{name}' is not in the repository")
 
     def knows(self, name: str) -> bool:
         """Whether the model is loaded or in the repository folder."""
-        return name in self._models or (is_model_name(name) and (self.root / name).is_dir())
+        return name in self._models or self.repository.folder(name) is not None
 
     def models(self) -> list[LoadedModel]:
         return [self._models[name] for name in sorted(self._models)]
@@ -119,7 +122,7 @@ class Registry:
     async def load_all(self) -> None:
         """Load every model in the repository; one that fails is logged and left UNAVAILABLE."""
         results = await asyncio.gather(
-            *(self.load(name) for name in model_names(self.root)), return_exceptions=True
+            *(self.load(name) for name in self.repository.names()), return_exceptions=True
         )
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, GatewayError):
@@ -135,12 +138,13 @@ class Registry:
     async def poll(self) -> None:
         """Brings what is loaded in line with the folder: new models load, removed ones unload,
         and a model whose files or config changed loads again (its old versions serve until then)."""
-        on_disk = set(model_names(self.root))
+        on_disk = set(self.repository.names())
         for name in sorted(set(self._models) - on_disk):
             log.info("model '%s' left the repository: unloading", name)
             await self.unload(name, hold_back=False)
         for name in sorted(on_disk - self._held_back):
-            if name in self._models and self._fingerprints.get(name) == _fingerprint(self.root / name):
+            folder = self.repository.folder(name)
+            if name in self._models and folder and self._fingerprints.get(name) == _fingerprint(folder):
                 continue
             log.info("model '%s' is new or changed on disk: loading", name)
             with contextlib.suppress(GatewayError):  # logged, and shown in the index
@@ -168,11 +172,12 @@ class Registry:
                 return
 
     async def _load(self, name: str) -> LoadedModel:
-        if not is_model_name(name) or not (self.root / name).is_dir():
+        folder = self.repository.folder(name)
+        if folder is None:
             raise ModelNotFound(f"model '{name}' is not in the repository {self.root}")
         async with self._lock(name):
-            self._fingerprints[name] = _fingerprint(self.root / name)
-            entry = scan_model(self.root, name)
+            self._fingerprints[name] = _fingerprint(folder)
+            entry = self.repository.scan(name)
             if not entry.ok:
                 for problem in entry.problems:
                     log.error("cannot load %s", problem)
@@ -216,7 +221,7 @@ class Registry:
 
     def index(self) -> list[IndexEntry]:
         entries: list[IndexEntry] = []
-        for name in sorted(set(model_names(self.root)) | set(self._models)):
+        for name in sorted(set(self.repository.names()) | set(self._models)):
             model = self._models.get(name)
             if model is None:
                 entries.append(IndexEntry(name, "", State.UNAVAILABLE.value, "not loaded"))

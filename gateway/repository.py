@@ -74,8 +74,9 @@ def _backend_of(artifact: Path) -> str:
     return next(backend for name, backend in ARTIFACT_BACKENDS if artifact.name == name)
 
 
-def scan_model(root: Path, name: str) -> ModelEntry:
-    path = root / name
+def scan_model(root: Path, name: str, path: Path | None = None) -> ModelEntry:
+    """Model `name` of the repository `root`; `path` is its folder where that is not `root / name`."""
+    path = root / name if path is None else path
     problems: list[str] = []
     config = ModelConfig()
     config_path = path / CONFIG_FILE
@@ -156,3 +157,63 @@ def scan_model(root: Path, name: str) -> ModelEntry:
 
 def scan(root: Path) -> dict[str, ModelEntry]:
     return {name: scan_model(root, name) for name in model_names(root)}
+
+
+@dataclass(frozen=True, slots=True)
+class Repository:
+    """Where the models are. Triton's shape: a folder per model under `root`. With `model_name`,
+    `root` is that one model's folder instead, as KServe's storage initializer leaves /mnt/models."""
+
+    root: Path
+    model_name: str | None = None
+
+    def names(self) -> list[str]:
+        if self.model_name is None:
+            return model_names(self.root)
+        return [self.model_name] if self.root.is_dir() else []
+
+    def folder(self, name: str) -> Path | None:
+        """The model's folder, or None where `name` is no model here."""
+        if self.model_name is None:
+            path = self.root / name
+            return path if is_model_name(name) and path.is_dir() else None
+        return self.root if name == self.model_name and self.root.is_dir() else None
+
+    def scan(self, name: str) -> ModelEntry:
+        if self.model_name is None:
+            return scan_model(self.root, name)
+        return scan_single_model(self.root, name)
+
+
+def scan_single_model(folder: Path, name: str) -> ModelEntry:
+    """`folder` as one model, `name`: version folders in Triton's shape, or else an artifact directly
+    in it (KServe's storage initializer copies a single file there), served as version 1."""
+    has_versions = folder.is_dir() and any(p.is_dir() and p.name.isdigit() for p in folder.iterdir())
+    config, problems = _read_config(folder / CONFIG_FILE)
+    artifact = None if has_versions else _find_artifact(folder, config.backend)
+    if artifact is None:
+        # Triton's shape, one level down; an empty folder gets scan_model's "no version folders".
+        return scan_model(folder, name, path=folder)
+    named = {*config.labels.values(), *config.traffic}
+    named |= {rule.version for rule in config.routing.canary if rule.version is not None}
+    if named - {1}:
+        problems.append(
+            f"model '{name}': {folder} holds one artifact, served as version 1, but config.yaml "
+            f"names versions {sorted(named - {1})}"
+        )
+    if not config.version_policy.select([1]):
+        problems.append(f"model '{name}': version_policy selects none of the versions [1]")
+    others = [*config.fallback, *(t.model for t in config.shadow if t.model is not None)]
+    if others:
+        problems.append(f"model '{name}': it is the only model here, so {others} cannot be reached")
+    backend = config.backend or _backend_of(artifact)
+    return ModelEntry(name, folder, config, backend, (VersionEntry(1, folder, artifact),), tuple(problems))
+
+
+def _read_config(path: Path) -> tuple[ModelConfig, list[str]]:
+    if not path.exists():
+        return ModelConfig(), []
+    try:
+        return load_model_config(path), []
+    except ConfigError as exc:
+        return ModelConfig(), [str(exc)]

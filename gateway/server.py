@@ -54,13 +54,15 @@ class Gateway:
         self.settings = settings
         self.metrics = Metrics()
         shared = SharedResources(Breakers(observe=guard_observer(self.metrics)))
-        self.registry = Registry(settings.model_repo, adapter_factory, self.metrics, shared)
-        self.metrics.watch_load(self.registry.load_levels)
+        self.registry = Registry(
+            settings.model_repo, adapter_factory, self.metrics, shared, model_name=settings.model_name
+        )
         global_limiter = None
         if settings.global_max_inflight is not None:
             global_limiter = Limiter(
                 settings.global_max_inflight, settings.global_max_queue, "the gateway", scope="global"
             )
+        self._global_limiter = global_limiter
         self.dataplane = DataPlane(
             self.registry,
             Router(),
@@ -68,6 +70,7 @@ class Gateway:
             global_limiter=global_limiter,
             enable_repository_api=settings.enable_repository_api,
         )
+        self.metrics.watch_load(self.registry.load_levels, self._gateway_load)
         self.status = StatusReader(self.dataplane, self.metrics, settings.enable_repository_api)
         self.limits = InputLimits.from_settings(settings)
         # Every front door builds its requests' contexts with this one builder.
@@ -85,6 +88,13 @@ class Gateway:
         self._http_task: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
         self._services: list[str] = [SERVICE_NAME]
+
+    def _gateway_load(self) -> tuple[int, int]:
+        """(requests accepted and not yet answered, requests queued across models and the global cap)."""
+        waiting = sum(model.limiter.queued for model in self.registry.models())
+        if self._global_limiter is not None:
+            waiting += self._global_limiter.queued
+        return self.dataplane.accepted, waiting
 
     async def start(self) -> None:
         settings = self.settings

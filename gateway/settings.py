@@ -8,11 +8,16 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.repository import MODEL_NAME
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODELYARD_", protected_namespaces=(), extra="ignore")
 
     model_repo: Path = Path("model_repo")
+    # Serve model_repo as this one model's folder (version folders, or the artifact itself), as
+    # KServe's storage initializer leaves /mnt/models; None: model_repo holds a folder per model.
+    model_name: str | None = Field(default=None, pattern=MODEL_NAME.pattern)
     host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
     grpc_port: int = Field(default=8001, ge=0, le=65535)

@@ -24,6 +24,12 @@ from gateway.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
+# Overlays of KServe objects only: KServe makes their pods, so they hold no gateway Deployment.
+KSERVE_OVERLAYS = ("kserve",)
+STACK_OVERLAYS = [name for name in OVERLAYS if name not in KSERVE_OVERLAYS]
+# The API groups of custom resources, checked against their CRDs' schemas in test_crds.py;
+# kubernetes-validate knows only the built-in kinds.
+CUSTOM_GROUPS = ("serving.kserve.io", "keda.sh")
 # The newest Kubernetes whose schemas kubernetes-validate bundles.
 KUBERNETES_VERSION = kubernetes_validate.latest_version()
 SETTINGS_ENV = {f"MODELYARD_{name.upper()}" for name in Settings.model_fields}
@@ -39,9 +45,19 @@ def render(target: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-@pytest.fixture(scope="module", params=OVERLAYS)
+@pytest.fixture(scope="module", params=STACK_OVERLAYS)
 def overlay(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
     return request.param, render(K8S / "overlays" / request.param)
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def any_overlay(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, render(K8S / "overlays" / request.param)
+
+
+def group_of(obj: dict[str, Any]) -> str:
+    api_version: str = obj["apiVersion"]
+    return api_version.rpartition("/")[0]
 
 
 def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -72,10 +88,12 @@ def test_the_base_renders() -> None:
         assert kind in kinds
 
 
-def test_every_object_passes_the_schema_check(overlay: tuple[str, list[dict[str, Any]]]) -> None:
-    name, objects = overlay
+def test_every_object_passes_the_schema_check(any_overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    name, objects = any_overlay
     assert objects, f"{name} renders nothing"
     for obj in objects:
+        if group_of(obj) in CUSTOM_GROUPS:
+            continue
         try:
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -291,3 +309,58 @@ def test_the_gpu_variant_puts_each_backend_on_a_gpu() -> None:
     for name in BACKENDS:
         cpu = main_container(find(render(K8S / "overlays" / "prod"), "Deployment", name))
         assert "nvidia.com/gpu" not in cpu["resources"]["limits"]
+
+
+def test_every_object_is_in_the_namespace(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    """Objects that a component adds in an overlay miss the base's namespace unless it is set again."""
+    name, objects = overlay
+    for obj in objects:
+        if obj["kind"] != "Namespace":
+            where = obj["metadata"].get("namespace")
+            assert where == "modelyard", f"{name}: {obj['kind']} {obj['metadata']['name']} is in {where}"
+
+
+def test_one_autoscaler_at_most_drives_the_gateway(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    """KEDA makes an HPA of its own: a second one on the same Deployment would fight it."""
+    name, objects = overlay
+    drivers = [
+        o["kind"]
+        for o in objects
+        if o["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")
+        and o["spec"]["scaleTargetRef"]["name"] == GATEWAY
+    ]
+    assert len(drivers) == (0 if name == "dev" else 1), f"{name}: {drivers}"
+
+
+def test_keda_counts_the_gateway_pods_alone(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    """Other pods in the namespace (InferenceServices on the modelyard runtime) export the same
+    gauges: each query must select the scaled Deployment's pods."""
+    _, objects = overlay
+    for scaled in (o for o in objects if o["kind"] == "ScaledObject"):
+        target = scaled["spec"]["scaleTargetRef"]["name"]
+        namespace = scaled["metadata"]["namespace"]
+        queries = [t["metadata"]["query"] for t in scaled["spec"]["triggers"] if t["type"] == "prometheus"]
+        gateway_queries = [q for q in queries if "modelyard_" in q]
+        assert len(gateway_queries) >= 2
+        for query in gateway_queries:
+            assert f'namespace="{namespace}"' in query and f'pod=~"{target}-.*"' in query, query
+
+
+def test_the_custom_metrics_hpa_reads_what_the_adapter_serves() -> None:
+    objects = render(K8S / "overlays" / "prod-custom-metrics")
+    hpa = find(objects, "HorizontalPodAutoscaler", GATEWAY)
+    wanted = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
+    assert len(wanted) == 2
+    rules_map = find(objects, "ConfigMap", "modelyard-prometheus-adapter-rules")
+    rules = yaml.safe_load(rules_map["data"]["prometheus-adapter-rules.yaml"])["rules"]
+    served = {}
+    for rule in rules:
+        # Per pod: the series' namespace and pod labels name the objects the HPA asks about.
+        assert rule["resources"]["overrides"] == {
+            "namespace": {"resource": "namespace"},
+            "pod": {"resource": "pod"},
+        }
+        served[rule["name"]["as"]] = rule["seriesQuery"]
+    assert wanted <= set(served)
+    for name in wanted:
+        assert served[name].startswith(name + "{"), served[name]

@@ -1,4 +1,4 @@
-"""Shadow traffic and fallback over REST and gRPC. Models from tests/model_builders.py:
+"""Shadow traffic and fallback over REST and gRPC. Models from tests/support/model_builders.py:
 `shadowed` serves affine v1 and copies every request to its v2 (other weights: mismatch) and to
 `affine_twin` (same weights: match); `slow_shadowed` copies to `affine_slow` (same answers, ~1 s);
 `primary_broken` cannot load and falls back to `affine_twin`."""

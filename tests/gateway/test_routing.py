@@ -1,6 +1,6 @@
 """Routing rules over REST and gRPC: labels by header or parameter, header canaries, sticky traffic
 splits, and the version that answered reported back. Model `routed`: affine v1 and v2, traffic
-50/50, sticky on X-User-Id, canary rules on x-canary and x-beta-tester (tests/model_builders.py)."""
+50/50, sticky on X-User-Id, canary rules on x-canary and x-beta-tester (tests/support/model_builders.py)."""
 
 from __future__ import annotations
 
