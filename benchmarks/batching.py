@@ -34,6 +34,7 @@ from drive import (
     gateway,
     grpc_row,
     rest_row,
+    stop_servers_on_sigterm,
 )
 from memory import emit
 
@@ -132,6 +133,7 @@ def measure(
 
 def main() -> None:
     args = parse_args()
+    stop_servers_on_sigterm()
     if shutil.which(H2LOAD) is None:
         raise SystemExit("batching.py needs h2load: apt-get install nghttp2-client (make bench-tools)")
     results: dict[tuple[str, str], tuple[Row, float]] = {}

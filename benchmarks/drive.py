@@ -100,6 +100,11 @@ class Running:
 # --- processes, ports, pinning ---------------------------------------------------------------
 
 
+def stop_servers_on_sigterm() -> None:
+    """A SIGTERM ends the run as an exception would, so `server()` stops what it started."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -61,6 +61,7 @@ from drive import (
     reference,
     rest_row,
     server,
+    stop_servers_on_sigterm,
     v2_body,
 )
 from goals import (
@@ -461,6 +462,7 @@ def write_payloads(work: Path, x: Any) -> Payloads:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    stop_servers_on_sigterm()
     if shutil.which(H2LOAD) is None:
         print(
             "h2load is missing (apt-get install -y nghttp2-client): rows fall back to hey and load.py",
