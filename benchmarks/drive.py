@@ -515,9 +515,15 @@ def load_py_row(
             command += ["--grpc", endpoint.grpc] if endpoint.grpc else []
         # The in-process limit stands in for a server, so it gets the server's CPU.
         cpu = 0 if mode == "inprocess" else 1
+        # load.py imports the gateway's load generator: this checkout's, not the editable install's.
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
+        }
         subprocess.run(
             pinned(cpu, command),
             cwd=ROOT,
+            env=env,
             check=True,
             timeout=args.warmup + args.duration + 120,
             stdout=subprocess.DEVNULL,
