@@ -390,10 +390,13 @@ def rest_row(
     check: str,
     work: Path,
     model: str = MODEL,
+    generator: str = H2LOAD,
 ) -> Row | None:
-    """One REST POST row: h2load --h1, else hey, else (v2 JSON only) load.py; None when none can."""
-    if shutil.which(H2LOAD) is None:
-        return hey_row(target, protocol, url, concurrency, args, payload, check)
+    """One REST POST row: h2load --h1 (or hey when asked for), else hey, else (v2 JSON only)
+    load.py; None when none can."""
+    if generator == HEY or shutil.which(H2LOAD) is None:
+        row = hey_row(target, protocol, url, concurrency, args, payload, check)
+        return None if row is None else replace(row, model=model)
     headers = (f"Content-Type: {payload.content_type}", *payload.headers)
     row = h2load_row(target, protocol, url, concurrency, args, payload.file, headers, work, h1=True)
     return replace(row, check=check, model=model)
