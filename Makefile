@@ -54,9 +54,10 @@ test: lint typecheck pytest
 test-slow: dev deploy-tools
 	$(BIN)/python -m pytest -m slow
 
-# Issue 6's suite: the peers table (in-process limit, modelyard over REST JSON, REST binary and gRPC,
-# MLServer, KServe, TorchServe direct and behind modelyard), dynamic batching on the heavy MLP, and
-# memory. Results in benchmarks/results/.
+# The benchmark suite: the peers table (in-process limits, the canned-answer floor, modelyard over
+# REST JSON, REST binary and gRPC, MLServer in its best and its default setting, KServe, the heavy
+# MLP with batching off and on, TorchServe direct and behind modelyard) with the goals' verdicts,
+# dynamic batching on the heavy MLP, and memory. Results in benchmarks/results/.
 # BATCHING_ARGS and MEMORY_ARGS, like PEERS_ARGS below, shorten a smoke run ("--duration 2").
 BATCHING_ARGS ?= --duration 10
 MEMORY_ARGS ?= --duration 60
@@ -71,14 +72,15 @@ soak: dev
 	$(BIN)/python benchmarks/soak.py $(SOAK_ARGS) --out benchmarks/results/soak.md
 
 # modelyard vs MLServer and KServe on the same ONNX model (benchmarks/README.md, "Peers"). The
-# peers' venvs are made under benchmarks/peers/ on first use. PEERS_ARGS, e.g. "--duration 5".
+# peers' venvs are made under benchmarks/peers/ on first use. PEERS_ARGS, e.g. a smoke run:
+# PEERS_ARGS="--duration 2 --warmup 1 --concurrency 1,8".
 PEERS_ARGS ?=
 bench-peers: dev bench-tools
 	$(BIN)/python benchmarks/peers.py $(PEERS_ARGS)
 
-# Debian's hey drives the REST rows of bench-peers, and h2load (nghttp2-client) its gRPC rows.
-# Installs them only when missing, and only as root where apt can; elsewhere peers.py falls back to
-# load.py for those rows and says so in its table.
+# h2load (Debian's nghttp2-client) drives the REST and gRPC rows of the benchmarks; hey is the REST
+# fallback. Installs them only when missing, and only as root where apt can; elsewhere peers.py
+# falls back to hey or load.py for those rows and says so in its table.
 bench-tools:
 	@if { ! command -v hey || ! command -v h2load; } >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing hey and h2load (Debian packages) for the peers benchmark"; \

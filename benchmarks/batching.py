@@ -1,9 +1,9 @@
 """Dynamic batching on the heavy MLP (1024 -> 2048 -> 2048 -> 10): the same model served twice by
-one gateway, batching off and on, under the same load: gRPC from h2load, then REST binary from hey.
+one gateway, batching off and on, under the same load from h2load: gRPC, then REST binary.
 The model (25 MB) is built here from fixed seeds rather than committed.
 
 Prints a markdown table (and writes it with --out): req/s, p50, p99, errors, the mean batch the
-gateway's metrics saw, and issue 6's two checks: the speed-up, and p99 against max_queue_delay plus
+gateway's metrics saw, and its two goals: the speed-up, and p99 against max_queue_delay plus
 one full batch's compute (measured here, in-process, on the server's CPU).
 """
 
@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,21 +25,18 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from memory import emit
-from peers import (
+from drive import (
     H2LOAD,
     Endpoint,
-    Payload,
     Row,
-    check_grpc,
+    binary_payload,
     check_v2_binary,
     gateway,
-    grpc_frame,
-    grpc_infer_request,
-    h2load_row,
-    hey_row,
-    v2_binary_body,
+    grpc_row,
+    rest_row,
+    stop_servers_on_sigterm,
 )
+from memory import emit
 
 from scripts.build_models import _save, build_mlp
 
@@ -95,6 +91,18 @@ def batch_totals(base: str, model: str) -> tuple[float, float]:
     return value("sum"), value("count")
 
 
+def build_repo(repo: Path, configs: dict[str, str]) -> Path:
+    """The heavy MLP (fixed seeds) once per config in `repo`; the first copy's model.onnx path."""
+    first = None
+    for name, config in configs.items():
+        path = repo / name / "1" / "model.onnx"
+        _save(build_mlp(SIZES, seed=11, name=name), path)
+        (repo / name / "config.yaml").write_text(config)
+        first = first or path
+    assert first is not None
+    return first
+
+
 def measure(
     name: str,
     protocol: str,
@@ -105,28 +113,18 @@ def measure(
     x: np.ndarray,
     expected: np.ndarray,
 ) -> tuple[Row, float]:
-    """One row for one model over one protocol, and the mean batch the gateway formed during it."""
+    """One row for one model over one protocol at `args.concurrency`, and the mean batch the
+    gateway formed during it."""
     before = batch_totals(base, name)
     if protocol == "gRPC":
-        assert endpoint.grpc is not None
-        request = grpc_infer_request(name, "", x)
-        check, frame_size = check_grpc(endpoint.grpc, request, expected)
-        body = work / f"{name}.bin"
-        body.write_bytes(grpc_frame(request))
-        url = f"http://{endpoint.grpc}/inference.GRPCInferenceService/ModelInfer"
-        row = replace(h2load_row(name, url, args.concurrency, args, body, frame_size, work), check=check)
+        row = grpc_row("modelyard", endpoint, args.concurrency, args, work, name, x=x, expected=expected)
     else:
-        binary, header_length = v2_binary_body(x)
-        body = work / f"{name}.rest.bin"
-        body.write_bytes(binary)
-        payload = Payload(
-            body, "application/octet-stream", (f"Inference-Header-Content-Length: {header_length}",)
-        )
+        payload = binary_payload(work / f"{name}.rest.bin", x)
         url = f"{base}/v2/models/{name}/infer"
         check = check_v2_binary(url, payload, expected)
-        found = hey_row(name, protocol, url, args.concurrency, args, payload, check)
+        found = rest_row("modelyard", protocol, url, args.concurrency, args, payload, check, work, name)
         if found is None:
-            raise SystemExit("batching.py's REST rows need hey: apt-get install hey (make bench-tools)")
+            raise SystemExit("batching.py's REST rows need h2load or hey (make bench-tools)")
         row = found
     after = batch_totals(base, name)
     count = after[1] - before[1]
@@ -135,16 +133,14 @@ def measure(
 
 def main() -> None:
     args = parse_args()
+    stop_servers_on_sigterm()
     if shutil.which(H2LOAD) is None:
         raise SystemExit("batching.py needs h2load: apt-get install nghttp2-client (make bench-tools)")
     results: dict[tuple[str, str], tuple[Row, float]] = {}
     with tempfile.TemporaryDirectory(prefix="modelyard-batching-") as tmp:
         work = Path(tmp)
         repo = work / "repo"
-        for name, config in CONFIGS.items():
-            _save(build_mlp(SIZES, seed=11, name=name), repo / name / "1" / "model.onnx")
-            (repo / name / "config.yaml").write_text(config)
-        onnx_path = repo / "heavy" / "1" / "model.onnx"
+        onnx_path = build_repo(repo, CONFIGS)
         compute_ms = batch_compute_ms(onnx_path)
         x = np.random.default_rng(0).standard_normal((1, SIZES[0])).astype(np.float32)
         options = ort.SessionOptions()
@@ -159,8 +155,8 @@ def main() -> None:
         f"# Dynamic batching, heavy MLP {' -> '.join(map(str, SIZES))}, batch-1 requests, "
         f"concurrency {args.concurrency}",
         "",
-        f"- {args.duration:g} s per row after {args.warmup:g} s warm-up; gRPC from h2load, REST binary "
-        f"(Triton's binary extension) from hey; one gateway on CPU 0, the generator on CPU 1; one full "
+        f"- {args.duration:g} s per row after {args.warmup:g} s warm-up; gRPC and REST binary (Triton's "
+        f"binary extension) from h2load; one gateway on CPU 0, the generator on CPU 1; one full "
         f"batch ({MAX_BATCH} rows) computes in {compute_ms:.2f} ms in-process (median of 20)",
         "",
         "| protocol | model config | req/s | p50 ms | p99 ms | requests | errors | mean batch | check |",

@@ -54,7 +54,7 @@ def installed_version(venv: Path, package: str) -> str:
 
 
 def kserve_command(venv: Path, model: Path, name: str, http_port: int, grpc_port: int) -> list[str]:
-    """KServe's Python model server serving one ONNX model on loopback, v2 REST only."""
+    """KServe's Python model server serving one ONNX model on loopback, v2 REST and gRPC."""
     return [
         str(venv / "bin" / "python"),
         str(KSERVE_SERVER),

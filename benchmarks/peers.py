@@ -1,17 +1,21 @@
-"""Peers benchmark: modelyard against MLServer and KServe on the same ONNX model, in one run.
+"""Peers benchmark: modelyard against MLServer and KServe on the same ONNX model, in one run, with
+the floor (a canned-answer server on the gateway's own stack) and the hot path's goals.
 
-Installs MLServer and KServe into their own venvs under benchmarks/peers/ (pinned, on demand),
-serves model_repo/mlp/1/model.onnx from each with the minimal runtimes in benchmarks/peer_runtimes/,
-and drives every target with the same load: Debian's `hey` for REST (JSON and binary), benchmarks/load.py
-for gRPC and for the in-process onnxruntime limit. Then the same weights as TorchScript on a TorchServe
-the gateway manages: TorchServe's own REST API called directly, and modelyard in front of it.
-Servers run on CPU 0, the load generator on CPU 1. Writes a markdown table and JSON to
-benchmarks/results/. See benchmarks/README.md.
+Serves model_repo/mlp/1/model.onnx from each server (MLServer and KServe in their own pinned venvs
+under benchmarks/peers/, with the minimal runtimes in benchmarks/peer_runtimes/; MLServer in its
+best setting for one core and in its default one), next to a canned-answer server
+(benchmarks/canned.py), and drives every target with the same load: h2load for REST (HTTP/1.1)
+and gRPC, benchmarks/load.py for the in-process onnxruntime limit. Then the heavy MLP
+(1024 -> 2048 -> 2048 -> 10, built from fixed seeds) with the gateway's dynamic batching off and
+on, and mlp's weights as TorchScript on a TorchServe the gateway manages. Servers run on CPU 0,
+the load generator on CPU 1. Prints the table and every goal's verdict (benchmarks/goals.py), and
+writes them as markdown and JSON to benchmarks/results/. See benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -19,57 +23,92 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
-import numpy as np
 import onnxruntime as ort
+from batching import CONFIGS as BATCHING_CONFIGS
+from batching import SIZES as HEAVY_SIZES
+from batching import build_repo, measure
+from canned import write_answers
+from drive import (
+    H2LOAD,
+    HEY,
+    MODEL,
+    ONNX_MODEL,
+    OUTPUT_NAME,
+    ROOT,
+    Endpoint,
+    Payload,
+    Row,
+    binary_payload,
+    check_rest,
+    check_torchserve,
+    check_v2_binary,
+    free_port,
+    gateway,
+    grpc_row,
+    load_py_row,
+    make_input,
+    pinned,
+    present,
+    reference,
+    rest_row,
+    server,
+    stop_servers_on_sigterm,
+    v2_body,
+)
+from goals import (
+    CANNED,
+    HEAVY,
+    HEAVY_BATCHED,
+    HEAVY_BATCHED_C8,
+    INPROCESS,
+    KSERVE,
+    MLSERVER,
+    MODELYARD,
+    find,
+    goal_table,
+    verdicts,
+)
 from peer_venvs import PEER_PACKAGE, PEERS_DIR, RUNTIMES_DIR, ensure_venv, installed_version, kserve_command
-from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from adapters import torchserve_handler as wire
 
-ROOT = Path(__file__).resolve().parent.parent
-ONNX_MODEL = ROOT / "model_repo" / "mlp" / "1" / "model.onnx"
-MODEL = "mlp"
 TORCH_MODEL = "mlp_torch"  # model_repo/mlp_torch version 1: mlp's weights as TorchScript
 TORCH_VERSION = "1"
 BATCH_ROW = 8  # the batch-8 row's rows per request, at concurrency 8
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
-INPUT_SEED = 20240601
-RTOL = 1e-4
-ATOL = 1e-5
-# Bounded waits: a server that is not ready in this time is reported, not waited on forever.
-READY_TIMEOUT_S = 180.0
-STOP_TIMEOUT_S = 15.0
-# hey's summary prints latencies in seconds with 4 decimals, so percentiles have 0.1 ms resolution.
-HEY = "hey"
-H2LOAD = "h2load"  # Debian's nghttp2-client: a compiled HTTP/2 load generator, here sending gRPC frames
-GRPC_SERVICE = "inference.GRPCInferenceService"
-
-
-@dataclass(frozen=True)
-class Payload:
-    """A request body for hey: the file, its content type, and any extra headers."""
-
-    file: Path
-    content_type: str
-    headers: tuple[str, ...] = ()
+MLSERVER_DEFAULT = "MLServer (default: parallel_workers 1)"
+TARGETS = ("canned", "mlserver", "mlserver-default", "kserve", "heavy", "torchserve")
+# Dynamic batching for the heavy model at 8 clients: a batch is full when all 8 are in it.
+HEAVY_BATCHING_C8 = "batching: {max_batch_size: 8, max_queue_delay_us: 2000}"
+HEAVY_CONFIGS = {
+    HEAVY: BATCHING_CONFIGS[HEAVY],
+    HEAVY_BATCHED_C8: f"backend: onnxruntime\n{HEAVY_BATCHING_C8}\n",
+    HEAVY_BATCHED: BATCHING_CONFIGS[HEAVY_BATCHED],
+}
+# What each peer runs with, for the report: the best documented setting for one core.
+SETTINGS = {
+    MLSERVER: "`parallel_workers: 0` (inference in the server's own process: MLServer's docs say the "
+    "inference pool's IPC overhead is 'particularly noticeable for lightweight inference methods' and "
+    "to disable parallel inference for them), `debug: false` (no access log line per request), metrics "
+    "on as modelyard's are, adaptive batching off (modelyard's mlp rows do not batch either)",
+    MLSERVER_DEFAULT: "the same with MLServer's default `parallel_workers: 1` (every request goes "
+    "through one inference worker process); shown beside it, not used as a peer by the goals",
+    KSERVE: "one worker (`workers=1`, its default: REST and its gRPC server in one event loop), "
+    "uvloop (its default), no log line per request (`enable_latency_logging=False`, its loggers at "
+    "WARNING through a log config); gRPC is KServe's own GRPCServer, servicer and interceptors, bound "
+    "to 127.0.0.1 instead of the `[::]` it hard-codes (peer_runtimes/kserve_server.py)",
+    CANNED: "benchmarks/canned.py: a bare ASGI app on uvicorn+httptools and grpc.aio with tritonclient's "
+    "generated GRPCInferenceService, on one uvloop loop as the gateway runs them, returning prebuilt "
+    "bytes of the correct answer: the floor of the stack",
+}
 
 
 @dataclass(frozen=True)
@@ -79,116 +118,87 @@ class Payloads:
     torchserve: Payload
 
 
-@dataclass(frozen=True)
-class Row:
-    target: str
-    protocol: str
-    generator: str
-    concurrency: int
-    req_per_s: float
-    p50_ms: float
-    p99_ms: float
-    requests: int
-    errors: int
-    check: str
-    batch: int = 1
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One running server: where its v2 REST infer lives, and its gRPC port when it has one."""
-
-    name: str
-    http: str
-    grpc: str | None
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels for the mlp rows")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per row")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds discarded before each row")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peers.md")
     parser.add_argument(
-        "--skip", default="", help="comma-separated targets to leave out: mlserver,kserve,torchserve"
+        "--skip", default="", help=f"comma-separated targets to leave out: {','.join(TARGETS)}"
     )
     args = parser.parse_args(argv)
     args.levels = [int(level) for level in args.concurrency.split(",") if level.strip()]
     if not args.levels or min(args.levels) < 1 or args.duration <= 0 or args.warmup < 0:
         parser.error("concurrency levels must be >= 1, duration > 0, warmup >= 0")
     args.skipped = {name.strip() for name in args.skip.split(",") if name.strip()}
+    unknown = args.skipped - set(TARGETS)
+    if unknown:
+        parser.error(
+            f"unknown targets to skip: {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}"
+        )
     return args
 
 
-# --- processes, ports, pinning ---------------------------------------------------------------
+def at(args: argparse.Namespace, concurrency: int) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "concurrency": concurrency})
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+# --- the targets: each returns its rows --------------------------------------------------------
 
 
-def pinned(cpu: int, command: list[str]) -> list[str]:
-    """Prefix `taskset -c cpu` when the machine has a second CPU to keep server and load apart."""
-    if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
-        return ["taskset", "-c", str(cpu), *command]
-    return command
+def v2_rows(
+    target: str,
+    base: str,
+    endpoint: Endpoint,
+    args: argparse.Namespace,
+    payloads: Payloads,
+    expected: Any,
+    work: Path,
+    protocols: tuple[str, ...] = ("REST JSON", "REST binary", "gRPC"),
+) -> list[Row]:
+    """mlp at every level over each protocol, each protocol's answer checked before its rows."""
+    url = f"{base}/v2/models/{MODEL}/infer"
+    rows: list[Row] = []
+    if "REST JSON" in protocols:
+        check = check_rest(url, payloads.json.file.read_bytes(), expected)
+        for level in args.levels:
+            rows += present(rest_row(target, "REST JSON", url, level, args, payloads.json, check, work))
+    if "REST binary" in protocols:
+        check = check_v2_binary(url, payloads.binary, expected)
+        for level in args.levels:
+            rows += present(rest_row(target, "REST binary", url, level, args, payloads.binary, check, work))
+    if "gRPC" in protocols:
+        for level in args.levels:
+            rows.append(grpc_row(target, endpoint, level, args, work))
+    return rows
 
 
-def http_ok(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
+def gateway_target(args: argparse.Namespace, payloads: Payloads, expected: Any, work: Path) -> list[Row]:
+    # A repository holding only mlp, so the gateway starts fast and serves exactly what the peers serve.
+    repo = work / "repo"
+    shutil.copytree(ROOT / "model_repo" / MODEL, repo / MODEL)
+    with gateway(repo, f"/v2/models/{MODEL}/ready") as (base, endpoint, _):
+        rows = v2_rows(MODELYARD, base, endpoint, args, payloads, expected, work)
+        rows.append(grpc_row(MODELYARD, endpoint, BATCH_ROW, args, work, batch=BATCH_ROW))
+    return rows
 
 
-@contextmanager
-def server(name: str, command: list[str], ready_url: str, cwd: Path, env: dict[str, str]) -> Iterator[Path]:
-    """Run `command` in its own process group until the block ends; it must answer `ready_url` first.
-
-    Yields the path of the server's log."""
-    log = tempfile.NamedTemporaryFile(prefix=f"peers-{name}-", suffix=".log", delete=False)  # noqa: SIM115
-    proc = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not http_ok(ready_url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = Path(log.name).read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{name} did not become ready at {ready_url}:\n{tail}")
-            time.sleep(0.2)
-        print(f"{name}: ready", file=sys.stderr)
-        yield Path(log.name)
-    finally:
-        stop(proc)
-        log.close()
-        Path(log.name).unlink(missing_ok=True)
+def canned_target(args: argparse.Namespace, payloads: Payloads, expected: Any, work: Path) -> list[Row]:
+    answers = work / "canned"
+    write_answers(answers, MODEL, "1", OUTPUT_NAME, expected)
+    http_port, grpc_port = free_port(), free_port()
+    command = [sys.executable, str(ROOT / "benchmarks" / "canned.py"), "--answers", str(answers)]
+    command += ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+    base = f"http://127.0.0.1:{http_port}"
+    endpoint = Endpoint(CANNED, f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
+    with server("canned", pinned(0, command), f"{base}/v2/health/ready", ROOT, dict(os.environ)):
+        return v2_rows(CANNED, base, endpoint, args, payloads, expected, work)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the whole process group (servers fork workers), SIGKILL it if it lingers."""
-    for sig, wait_s in ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-# --- peer venvs and runtimes -------------------------------------------------------------------
-
-
-def mlserver_dir(work: Path, http_port: int, grpc_port: int) -> Path:
+def mlserver_dir(work: Path, http_port: int, grpc_port: int, parallel_workers: int) -> Path:
     """MLServer's settings and model-settings next to the runtime module, as `mlserver start` expects."""
-    folder = work / "mlserver"
+    folder = work / f"mlserver-{parallel_workers}"
     folder.mkdir()
     shutil.copy(RUNTIMES_DIR / "mlserver_runtime.py", folder / "mlserver_runtime.py")
     settings = {
@@ -197,6 +207,7 @@ def mlserver_dir(work: Path, http_port: int, grpc_port: int) -> Path:
         "grpc_port": grpc_port,
         "metrics_port": free_port(),
         "debug": False,
+        "parallel_workers": parallel_workers,
     }
     model_settings = {
         "name": MODEL,
@@ -208,369 +219,58 @@ def mlserver_dir(work: Path, http_port: int, grpc_port: int) -> Path:
     return folder
 
 
-# --- the workload and its check ----------------------------------------------------------------
-
-
-def make_input(rows: int = 1) -> np.ndarray:
-    return np.random.default_rng(INPUT_SEED).standard_normal((rows, 64)).astype(np.float32)
-
-
-def reference(x: np.ndarray) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(ONNX_MODEL), options, providers=["CPUExecutionProvider"])
-    output: np.ndarray = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-    return output
-
-
-def v2_body(x: np.ndarray) -> bytes:
-    tensor = {"name": INPUT_NAME, "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
-    return json.dumps({"inputs": [tensor]}).encode()
-
-
-def v2_binary_body(x: np.ndarray) -> tuple[bytes, int]:
-    """A v2 request with Triton's binary extension both ways, and its JSON header's length."""
-    header = {
-        "inputs": [
-            {
-                "name": INPUT_NAME,
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "parameters": {"binary_data_size": x.nbytes},
-            }
-        ],
-        "outputs": [{"name": OUTPUT_NAME, "parameters": {"binary_data": True}}],
-    }
-    encoded = json.dumps(header).encode()
-    return encoded + x.astype("<f4").tobytes(), len(encoded)
-
-
-def post(url: str, payload: Payload) -> tuple[bytes, dict[str, str]]:
-    headers = {"Content-Type": payload.content_type}
-    headers.update(h.split(": ", 1) for h in payload.headers)  # type: ignore[arg-type]
-    request = urllib.request.Request(url, data=payload.file.read_bytes(), headers=headers)
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return response.read(), {k.lower(): v for k, v in response.headers.items()}
-
-
-def compare(got: np.ndarray, expected: np.ndarray) -> str:
-    if got.shape != expected.shape or not np.allclose(got, expected, rtol=RTOL, atol=ATOL):
-        return f"failed: output differs from onnxruntime (shape {list(got.shape)})"
-    return "ok"
-
-
-def check_v2_binary(url: str, payload: Payload, expected: np.ndarray) -> str:
-    """One binary-extension request before timing: 'ok', or why the answer is not onnxruntime's."""
-    try:
-        body, headers = post(url, payload)
-        length = int(headers["inference-header-content-length"])
-    except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
-        return f"failed: {exc}"
-    header = json.loads(body[:length])
-    output = header["outputs"][0]
-    got = np.frombuffer(body[length:], dtype="<f4").reshape(output["shape"])
-    return compare(got, expected)
-
-
-def check_torchserve(url: str, payload: Payload, expected: np.ndarray) -> str:
-    """One request to TorchServe's /predictions in modelyard's tensor format, checked the same way."""
-    try:
-        body, _ = post(url, payload)
-        _, outputs = wire.decode(body, "outputs")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        return f"failed: {exc}"
-    if OUTPUT_NAME not in outputs:
-        return f"failed: no output {OUTPUT_NAME!r} in {sorted(outputs)}"
-    return compare(outputs[OUTPUT_NAME], expected)
-
-
-def check_rest(url: str, body: bytes, expected: np.ndarray) -> str:
-    """One v2 JSON request before timing: 'ok', or why the answer is not onnxruntime's."""
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            answer = json.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        return f"failed: {exc}"
-    outputs = {output.get("name"): output for output in answer.get("outputs", [])}
-    if OUTPUT_NAME not in outputs:
-        return f"failed: no output {OUTPUT_NAME!r} in {sorted(outputs)}"
-    output = outputs[OUTPUT_NAME]
-    got = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
-    if got.shape != expected.shape or not np.allclose(got, expected, rtol=RTOL, atol=ATOL):
-        return f"failed: output differs from onnxruntime (shape {list(got.shape)})"
-    return "ok"
-
-
-# --- load generators ---------------------------------------------------------------------------
-
-
-def run_hey(url: str, concurrency: int, seconds: float, payload: Payload | None) -> str:
-    command = [HEY, "-z", f"{seconds:g}s", "-c", str(concurrency), "-cpus", "1", "-t", "30"]
-    if payload is not None:
-        command += ["-m", "POST", "-T", payload.content_type, "-D", str(payload.file)]
-        for header in payload.headers:
-            command += ["-H", header]
-    result = subprocess.run(
-        pinned(1, [*command, url]), capture_output=True, text=True, timeout=seconds + 120, check=True
-    )
-    return result.stdout
-
-
-def parse_hey(summary: str) -> tuple[int, int, float, float, float]:
-    """(ok, errors, total seconds, p50 ms, p99 ms) from hey's text summary."""
-    total_match = re.search(r"Total:\s+([\d.]+) secs", summary)
-    total = float(total_match.group(1)) if total_match else math.nan
-    codes = {int(code): int(count) for code, count in re.findall(r"\[(\d+)\]\s+(\d+) responses", summary)}
-    error_block = summary.split("Error distribution:", 1)[1] if "Error distribution:" in summary else ""
-    transport_errors = sum(int(count) for count in re.findall(r"\[(\d+)\]", error_block))
-    ok = codes.get(200, 0)
-    errors = sum(count for code, count in codes.items() if code != 200) + transport_errors
-    percentiles = dict(re.findall(r"(\d+)%+ in ([\d.]+) secs", summary))
-    p50 = float(percentiles["50"]) * 1000 if "50" in percentiles else math.nan
-    p99 = float(percentiles["99"]) * 1000 if "99" in percentiles else math.nan
-    return ok, errors, total, p50, p99
-
-
-def hey_row(
-    target: str,
-    protocol: str,
-    url: str,
-    concurrency: int,
+def mlserver_target(
     args: argparse.Namespace,
-    body: Payload | None,
-    check: str,
-) -> Row | None:
-    """One REST row from hey; without hey, v2 JSON rows come from load.py's rest-json mode, others
-    are left out."""
-    if shutil.which(HEY) is None:
-        if body is None or protocol != "REST JSON":
-            return None
-        host_port = urllib.parse.urlsplit(url).netloc
-        row = load_py_row(target, "rest-json", concurrency, args, Endpoint(target, host_port, None))
-        return replace(row, protocol=protocol)
-    if args.warmup > 0:
-        run_hey(url, concurrency, args.warmup, body)
-    ok, errors, total, p50, p99 = parse_hey(run_hey(url, concurrency, args.duration, body))
-    rate = ok / total if total and total > 0 else math.nan
-    print(f"{target} {protocol} c={concurrency}: {rate:.0f} req/s", file=sys.stderr)
-    return Row(target, protocol, "hey", concurrency, rate, p50, p99, ok + errors, errors, check)
-
-
-def load_py_row(
-    target: str,
-    mode: str,
-    concurrency: int,
-    args: argparse.Namespace,
-    endpoint: Endpoint | None,
-    model: str = MODEL,
-    version: str = "",
-    batch: int = 1,
-) -> Row:
-    """One row from benchmarks/load.py (gRPC, the in-process limit, or REST without hey).
-
-    load.py checks every 10th answer against onnxruntime itself."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "load.json"
-        command = [sys.executable, str(ROOT / "benchmarks" / "load.py"), "--modes", mode]
-        command += ["--onnx", str(ONNX_MODEL), "--model", model, "--concurrency", str(concurrency)]
-        command += ["--version", version, "--batch", str(batch)]
-        command += [
-            "--duration",
-            f"{args.duration:g}",
-            "--warmup",
-            f"{args.warmup:g}",
-            "--json-out",
-            str(out),
-        ]
-        if endpoint is not None:
-            command += ["--http", endpoint.http]
-            command += ["--grpc", endpoint.grpc] if endpoint.grpc else []
-        # The in-process limit stands in for a server, so it gets the server's CPU.
-        cpu = 0 if mode == "inprocess" else 1
-        subprocess.run(
-            pinned(cpu, command),
-            cwd=ROOT,
-            check=True,
-            timeout=args.warmup + args.duration + 120,
-            stdout=subprocess.DEVNULL,
-        )
-        row = json.loads(out.read_text())["rows"][0]
-    nan = math.nan
-    print(f"{target} {mode} c={concurrency}: {row['req_per_s']:.0f} req/s", file=sys.stderr)
-    return Row(
-        target,
-        {"inprocess": "in-process", "grpc": "gRPC"}.get(mode, mode),
-        "load.py",
-        concurrency,
-        row["req_per_s"],
-        nan if row["p50_ms"] is None else row["p50_ms"],
-        nan if row["p99_ms"] is None else row["p99_ms"],
-        row["requests"],
-        row["errors"],
-        "every 10th",
-        batch,
-    )
-
-
-def grpc_frame(message: bytes) -> bytes:
-    """One uncompressed gRPC message on the wire: a flag byte, a big-endian length, the message."""
-    return b"\x00" + len(message).to_bytes(4, "big") + message
-
-
-def grpc_infer_request(model: str, version: str, x: np.ndarray) -> bytes:
-    request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
-    tensor = request.inputs.add(name=INPUT_NAME, datatype="FP32", shape=list(x.shape))
-    del tensor  # raw contents carry the data, in input order
-    request.raw_input_contents.append(x.astype("<f4").tobytes())
-    return request.SerializeToString()
-
-
-def check_grpc(address: str, request: bytes, expected: np.ndarray) -> tuple[str, int]:
-    """One ModelInfer before timing: ('ok' or why not, the size of the answer's gRPC frame)."""
-    channel = grpc.insecure_channel(address)
-    try:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        response = stub.ModelInfer(service_pb2.ModelInferRequest.FromString(request), timeout=30)
-    except grpc.RpcError as exc:
-        return f"failed: {exc.code().name}: {exc.details()}", 0
-    finally:
-        channel.close()
-    outputs = [o.name for o in response.outputs]
-    if OUTPUT_NAME not in outputs or len(response.raw_output_contents) != len(outputs):
-        return f"failed: no raw output {OUTPUT_NAME!r} in {outputs}", 0
-    index = outputs.index(OUTPUT_NAME)
-    shape = list(response.outputs[index].shape)
-    got = np.frombuffer(response.raw_output_contents[index], dtype="<f4").reshape(shape)
-    return compare(got, expected), len(grpc_frame(response.SerializeToString()))
-
-
-def grpc_row(
-    target: str,
-    endpoint: Endpoint,
-    concurrency: int,
-    args: argparse.Namespace,
+    payloads: Payloads,
+    expected: Any,
     work: Path,
-    model: str = MODEL,
-    version: str = "",
-    batch: int = 1,
-) -> Row:
-    """One gRPC ModelInfer row from h2load; from load.py where h2load is missing.
-
-    h2load cannot read gRPC trailers, so a request counts as answered only if the answers' DATA
-    bytes add up to one full, checked answer frame per request; any shortfall counts as errors."""
-    assert endpoint.grpc is not None
-    if shutil.which(H2LOAD) is None:
-        return load_py_row(target, "grpc", concurrency, args, endpoint, model, version, batch)
-    x = make_input(batch)
-    request = grpc_infer_request(model, version, x)
-    check, frame_size = check_grpc(endpoint.grpc, request, reference(x))
-    body = work / f"grpc-{model}-{version or 'default'}-{batch}.bin"
-    body.write_bytes(grpc_frame(request))
-    url = f"http://{endpoint.grpc}/{GRPC_SERVICE}/ModelInfer"
-    row = h2load_row(target, url, concurrency, args, body, frame_size, work)
-    return replace(row, check=check, batch=batch)
-
-
-def h2load_row(
-    target: str, url: str, concurrency: int, args: argparse.Namespace, body: Path, frame_size: int, work: Path
-) -> Row:
-    """A gRPC row from h2load: one connection per client, one stream at a time on each."""
-    command = [H2LOAD, "-c", str(concurrency), "-m", "1", "-d", str(body)]
-    command += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
-    if args.warmup > 0:
-        subprocess.run(
-            pinned(1, [*command, "-D", f"{round(args.warmup * 1000)}ms", url]),
-            capture_output=True,
-            timeout=args.warmup + 120,
-            check=True,
-        )
-    log = work / "h2load.log"
-    result = subprocess.run(
-        pinned(1, [*command, "-D", f"{round(args.duration * 1000)}ms", "--log-file", str(log), url]),
-        capture_output=True,
-        text=True,
-        timeout=args.duration + 120,
-        check=True,
-    )
-    durations_us, statuses = [], []
-    for line in log.read_text().splitlines():
-        _, status, duration = line.split("\t")
-        statuses.append(int(status))
-        durations_us.append(int(duration))
-    log.unlink()
-    data = re.search(r"\((\d+)\) data", result.stdout)
-    data_bytes = int(data.group(1)) if data else 0
-    requests = len(durations_us)
-    answered = min(requests, data_bytes // frame_size) if frame_size else 0
-    errors = requests - answered + sum(1 for status in statuses if status != 200)
-    ok = [d for d, status in zip(durations_us, statuses, strict=True) if status == 200]
-    p50, p99 = (
-        (float(np.percentile(ok, 50)) / 1000, float(np.percentile(ok, 99)) / 1000)
-        if ok
-        else (math.nan, math.nan)
-    )
-    rate = max(0, requests - errors) / args.duration
-    print(f"{target} gRPC c={concurrency}: {rate:.0f} req/s", file=sys.stderr)
-    return Row(target, "gRPC", "h2load", concurrency, rate, p50, p99, requests, errors, "-")
-
-
-def present(row: Row | None) -> list[Row]:
-    return [] if row is None else [row]
-
-
-# --- targets -----------------------------------------------------------------------------------
-
-
-def gateway_target(
-    args: argparse.Namespace, payloads: Payloads, expected: np.ndarray, work: Path
+    parallel_workers: int,
+    target: str,
 ) -> list[Row]:
-    # A repository holding only mlp, so the gateway starts fast and serves exactly what the peers serve.
-    repo = work / "repo"
-    shutil.copytree(ROOT / "model_repo" / "mlp", repo / MODEL)
-    rows = []
-    with gateway(repo, f"/v2/models/{MODEL}/ready") as (base, endpoint, _):
-        url = f"{base}/v2/models/{MODEL}/infer"
-        check = check_rest(url, payloads.json.file.read_bytes(), expected)
-        check_binary = check_v2_binary(url, payloads.binary, expected)
-        for level in args.levels:
-            live = f"{base}/v2/health/live"
-            rows += present(
-                hey_row("hey ceiling (GET /v2/health/live)", "REST GET", live, level, args, None, "-")
-            )
-        if shutil.which(H2LOAD) and endpoint.grpc:
-            live_body = work / "grpc-live.bin"
-            live_body.write_bytes(grpc_frame(service_pb2.ServerLiveRequest().SerializeToString()))
-            live_size = len(grpc_frame(service_pb2.ServerLiveResponse(live=True).SerializeToString()))
-            live_url = f"http://{endpoint.grpc}/{GRPC_SERVICE}/ServerLive"
-            for level in args.levels:
-                row = h2load_row(
-                    "h2load ceiling (ServerLive)", live_url, level, args, live_body, live_size, work
-                )
-                rows.append(replace(row, protocol="gRPC no-op"))
-        for level in args.levels:
-            rows += present(hey_row("modelyard", "REST JSON", url, level, args, payloads.json, check))
-        for level in args.levels:
-            rows += present(
-                hey_row("modelyard", "REST binary", url, level, args, payloads.binary, check_binary)
-            )
-        for level in args.levels:
-            rows.append(grpc_row("modelyard", endpoint, level, args, work))
-        rows.append(grpc_row("modelyard", endpoint, BATCH_ROW, args, work, batch=BATCH_ROW))
-    return rows
-
-
-@contextmanager
-def gateway(repo: Path, ready_path: str) -> Iterator[tuple[str, Endpoint, Path]]:
-    """`modelyard serve` on `repo`, pinned to the server CPU: (REST base URL, endpoint, its log)."""
+    venv = ensure_venv("mlserver")
     http_port, grpc_port = free_port(), free_port()
-    command = [str(ROOT / ".venv" / "bin" / "modelyard"), "serve", "--model-repo", str(repo)]
-    command += ["--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-    command += ["--log-level", "info"]
+    folder = mlserver_dir(work, http_port, grpc_port, parallel_workers)
     base = f"http://127.0.0.1:{http_port}"
-    endpoint = Endpoint("modelyard", f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
-    with server("modelyard", pinned(0, command), f"{base}{ready_path}", ROOT, dict(os.environ)) as log:
-        yield base, endpoint, log
+    command = pinned(0, [str(venv / "bin" / "mlserver"), "start", str(folder)])
+    env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}"}
+    # MLServer answers raw_output_contents when the request sends raw_input_contents, so the gRPC
+    # rows drive it with the same request as modelyard's.
+    endpoint = Endpoint(target, f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
+    with server(target, command, f"{base}/v2/models/{MODEL}/ready", folder, env):
+        return v2_rows(target, base, endpoint, args, payloads, expected, work, ("REST JSON", "gRPC"))
+
+
+def kserve_target(args: argparse.Namespace, payloads: Payloads, expected: Any, work: Path) -> list[Row]:
+    venv = ensure_venv("kserve")
+    http_port, grpc_port = free_port(), free_port()
+    command = kserve_command(venv, ONNX_MODEL, MODEL, http_port, grpc_port)
+    base = f"http://127.0.0.1:{http_port}"
+    endpoint = Endpoint(KSERVE, f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
+    with server("kserve", pinned(0, command), f"{base}/v2/models/{MODEL}/ready", work, dict(os.environ)):
+        return v2_rows(KSERVE, base, endpoint, args, payloads, expected, work, ("REST JSON", "gRPC"))
+
+
+def heavy_target(args: argparse.Namespace, work: Path) -> list[Row]:
+    """The heavy MLP: its in-process batch-1 limit, then one gateway serving it with batching off,
+    batching sized for 8 clients, and benchmarks/batching.py's batching (sized for 16)."""
+    repo = work / "heavy_repo"
+    onnx = build_repo(repo, HEAVY_CONFIGS)
+    rows = [
+        load_py_row(INPROCESS, "inprocess", level, args, None, model=HEAVY, onnx=onnx) for level in (1, 8)
+    ]
+    x = make_input(1, HEAVY_SIZES[0])
+    expected = reference(x, onnx)
+    plan = [
+        (8, model, protocol) for model in (HEAVY, HEAVY_BATCHED_C8) for protocol in ("gRPC", "REST binary")
+    ]
+    plan += [(16, model, "gRPC") for model in (HEAVY, HEAVY_BATCHED)]
+    with gateway(repo, "/v2/health/ready") as (base, endpoint, _):
+        for concurrency, model, protocol in plan:
+            row, mean_batch = measure(
+                model, protocol, at(args, concurrency), base, endpoint, work, x, expected
+            )
+            rows.append(replace(row, mean_batch=mean_batch if model != HEAVY else None))
+    return rows
 
 
 # The second TorchServe pass: the gateway's own dynamic batching in front of TorchServe's, so that
@@ -583,16 +283,17 @@ TORCHSERVE_PASSES = (
 )
 
 
-def torchserve_target(
-    args: argparse.Namespace, payloads: Payloads, expected: np.ndarray, work: Path
-) -> list[Row]:
+def torchserve_target(args: argparse.Namespace, payloads: Payloads, expected: Any, work: Path) -> list[Row]:
     """mlp's weights as TorchScript on the TorchServe the gateway manages (it inherits the gateway's
     CPU pinning): TorchServe's REST API called directly, then modelyard in front of it; once as
     model_repo has it, once with the gateway's batching added. Each pass starts its own TorchServe,
-    and its direct rows are the baseline for its gateway rows."""
+    and its direct rows are the baseline for its gateway rows.
+
+    Their REST rows come from hey: TorchServe's status line has no reason phrase ("HTTP/1.1 200 "),
+    which h2load 1.52 does not count as an answer."""
     rows = []
-    for direct_target, gateway_target_name, extra in TORCHSERVE_PASSES:
-        repo = work / f"torch_repo_{len(rows)}"
+    for index, (direct_target, gateway_target_name, extra) in enumerate(TORCHSERVE_PASSES):
+        repo = work / f"torch_repo_{index}"
         shutil.copytree(ROOT / "model_repo" / TORCH_MODEL, repo / TORCH_MODEL)
         if extra:
             config = repo / TORCH_MODEL / "config.yaml"
@@ -606,7 +307,7 @@ def torchserve_target(
 def torchserve_pass(
     args: argparse.Namespace,
     payloads: Payloads,
-    expected: np.ndarray,
+    expected: Any,
     work: Path,
     repo: Path,
     direct_target: str,
@@ -614,8 +315,9 @@ def torchserve_pass(
     extra: str,
 ) -> list[Row]:
     rows = []
-    with gateway(repo, f"/v2/models/{TORCH_MODEL}/versions/{TORCH_VERSION}/ready") as (base, endpoint, log):
-        found = re.search(r"managed TorchServe up \(pid \d+, inference port (\d+)\)", log.read_text())
+    ready = f"/v2/models/{TORCH_MODEL}/versions/{TORCH_VERSION}/ready"
+    with gateway(repo, ready) as (base, endpoint, running):
+        found = re.search(r"managed TorchServe up \(pid \d+, inference port (\d+)\)", running.log.read_text())
         if found is None:
             raise RuntimeError("the gateway's log does not say which port its TorchServe listens on")
         direct = f"http://127.0.0.1:{found.group(1)}/predictions/{TORCH_MODEL}/{TORCH_VERSION}"
@@ -624,63 +326,17 @@ def torchserve_pass(
         check_json = check_rest(url, payloads.json.file.read_bytes(), expected)
         check_binary = check_v2_binary(url, payloads.binary, expected)
         for level in args.levels:
-            rows += present(
-                hey_row(direct_target, "REST tensors", direct, level, args, payloads.torchserve, check_direct)
-            )
-            rows += present(
-                hey_row(gateway_target_name, "REST binary", url, level, args, payloads.binary, check_binary)
-            )
-            if not extra:  # the batching pass measures the binary and gRPC paths only
+            for target, protocol, address, payload, check in (
+                (direct_target, "REST tensors", direct, payloads.torchserve, check_direct),
+                (gateway_target_name, "REST binary", url, payloads.binary, check_binary),
+                # The batching pass measures the binary and gRPC paths only.
+                *([] if extra else [(gateway_target_name, "REST JSON", url, payloads.json, check_json)]),
+            ):
                 rows += present(
-                    hey_row(gateway_target_name, "REST JSON", url, level, args, payloads.json, check_json)
+                    rest_row(target, protocol, address, level, args, payload, check, work, TORCH_MODEL, HEY)
                 )
-            rows.append(
-                replace(
-                    grpc_row("modelyard", endpoint, level, args, work, TORCH_MODEL, TORCH_VERSION),
-                    target=gateway_target_name,
-                )
-            )
-    return rows
-
-
-def mlserver_target(
-    args: argparse.Namespace, payloads: Payloads, expected: np.ndarray, work: Path
-) -> list[Row]:
-    body = payloads.json
-    venv = ensure_venv("mlserver")
-    http_port, grpc_port = free_port(), free_port()
-    folder = mlserver_dir(work, http_port, grpc_port)
-    base = f"http://127.0.0.1:{http_port}"
-    command = pinned(0, [str(venv / "bin" / "mlserver"), "start", str(folder)])
-    env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}"}
-    rows = []
-    with server("mlserver", command, f"{base}/v2/models/{MODEL}/ready", folder, env):
-        url = f"{base}/v2/models/{MODEL}/infer"
-        check = check_rest(url, body.file.read_bytes(), expected)
-        for level in args.levels:
-            rows += present(hey_row("MLServer", "REST JSON", url, level, args, body, check))
-        # MLServer answers raw_output_contents when the request sends raw_input_contents, so
-        # load.py's gRPC mode (the one modelyard's gRPC rows use) drives it unchanged.
-        endpoint = Endpoint("MLServer", f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
-        for level in args.levels:
-            rows.append(grpc_row("MLServer", endpoint, level, args, work))
-    return rows
-
-
-def kserve_target(
-    args: argparse.Namespace, payloads: Payloads, expected: np.ndarray, work: Path
-) -> list[Row]:
-    body = payloads.json
-    venv = ensure_venv("kserve")
-    http_port, grpc_port = free_port(), free_port()
-    command = kserve_command(venv, ONNX_MODEL, MODEL, http_port, grpc_port)
-    base = f"http://127.0.0.1:{http_port}"
-    rows = []
-    with server("kserve", pinned(0, command), f"{base}/v2/models/{MODEL}/ready", work, dict(os.environ)):
-        url = f"{base}/v2/models/{MODEL}/infer"
-        check = check_rest(url, body.file.read_bytes(), expected)
-        for level in args.levels:
-            rows += present(hey_row("KServe", "REST JSON", url, level, args, body, check))
+            row = grpc_row(MODELYARD, endpoint, level, args, work, TORCH_MODEL, TORCH_VERSION)
+            rows.append(replace(row, target=gateway_target_name))
     return rows
 
 
@@ -693,112 +349,74 @@ def ratio(value: float, base: float | None) -> str:
     return f"{value / base:.2f}"
 
 
-def fmt(value: float, digits: int = 2) -> str:
-    return "-" if math.isnan(value) else f"{value:.{digits}f}"
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def goals(rows: list[Row]) -> list[str]:
-    """Issue 6's concurrency-8 goal against each peer, per protocol: 2x req/s, at most half the p99."""
+def torchserve_lines(rows: list[Row]) -> list[str]:
+    """modelyard in front of TorchServe against TorchServe's own REST API, from the same start."""
     lines = []
-    for protocol in ("REST JSON", "gRPC"):
-        ours = find(rows, "modelyard", protocol, 8)
-        for peer in ("MLServer", "KServe"):
-            theirs = find(rows, peer, protocol, 8)
-            if ours is None or theirs is None:
-                continue
-            speedup = ours.req_per_s / theirs.req_per_s if theirs.req_per_s else math.nan
-            p99_share = ours.p99_ms / theirs.p99_ms if theirs.p99_ms else math.nan
-            verdict = "met" if speedup >= 2 and p99_share <= 0.5 else "NOT met"
-            lines.append(
-                f"- {protocol}, concurrency 8, vs {peer}: {speedup:.2f}x req/s (goal >= 2x), "
-                f"p99 {p99_share:.2f} of theirs (goal <= 0.5): {verdict}"
-            )
-    limit = find(rows, "onnxruntime", "in-process", 1)
-    for protocol, allowed in (("gRPC", 0.3), ("REST binary", 0.5)):
-        ours = find(rows, "modelyard", protocol, 1)
-        if limit is None or ours is None:
-            continue
-        added = ours.p50_ms - limit.p50_ms
-        verdict = "met" if added <= allowed else "NOT met"
-        lines.append(
-            f"- overhead at concurrency 1 over {protocol}: p50 {ours.p50_ms:.2f} ms vs in-process "
-            f"{limit.p50_ms:.2f} ms, +{added:.2f} ms (goal <= +{allowed} ms): {verdict}"
-        )
     for direct_target, gateway_target_name, extra in TORCHSERVE_PASSES:
         for row in rows:
-            if row.target != direct_target:
+            ours = find(rows, gateway_target_name, "REST binary", row.concurrency, model=TORCH_MODEL)
+            if row.target != direct_target or ours is None:
                 continue
-            ours = find(rows, gateway_target_name, "REST binary", row.concurrency)
-            if ours is None:
-                continue
-            verdict = (
-                "met" if ours.req_per_s >= row.req_per_s and ours.p50_ms <= 1.1 * row.p50_ms else "NOT met"
-            )
             lines.append(
-                f"- in front of TorchServe{' with `' + extra + '`' if extra else ''}, concurrency "
-                f"{row.concurrency}, REST binary vs TorchServe's REST (same start): "
-                f"{ratio(ours.req_per_s, row.req_per_s)}x req/s (goal >= 1), p50 {ours.p50_ms:.2f} vs "
-                f"{row.p50_ms:.2f} ms (goal within 10%): {verdict}"
+                f"- in front of TorchServe{' with `' + extra + '`' if extra else ''}, c={row.concurrency}, "
+                f"REST binary: {ratio(ours.req_per_s, row.req_per_s)}x TorchServe's own req/s, p50 "
+                f"{ours.p50_ms:.2f} vs {row.p50_ms:.2f} ms"
             )
     return lines
 
 
-def find(rows: list[Row], target: str | None, protocol: str, concurrency: int, batch: int = 1) -> Row | None:
-    return next(
-        (
-            r
-            for r in rows
-            if (target is None or r.target == target)
-            and r.protocol == protocol
-            and r.concurrency == concurrency
-            and r.batch == batch
-        ),
-        None,
-    )
-
-
 def render(rows: list[Row], meta: dict[str, Any]) -> str:
     lines = [
-        "# modelyard vs MLServer vs KServe vs TorchServe: `mlp` (64->256->256->10, FP32)",
+        "# modelyard vs MLServer vs KServe (and TorchServe), with the canned-answer floor",
+        "",
+        "`mlp` is 64->256->256->10 FP32 (model_repo/mlp); `heavy*` is 1024->2048->2048->10 FP32, built from "
+        "fixed seeds at run time (benchmarks/batching.py). Every request carries batch 1 unless the batch "
+        "column says otherwise.",
         "",
         f"- Run: {meta['date']}, command `{meta['command']}`",
-        f"- Machine: {meta['cpu']}, {meta['cores']} cores (a VM: the load "
-        "average below says what else ran; compare rows only within this run)",
+        f"- Machine: {meta['cpu']}, {meta['cores']} cores (a shared VM: the load average below says what "
+        "else ran; compare rows only within this run)",
         f"- Load average (1, 5, 15 min) before: {meta['load_before']}, after: {meta['load_after']}",
         f"- Pinning: {meta['pinning']}",
-        f"- {meta['duration']:g} s measured per row after {meta['warmup']:g} s warm-up; REST load from "
-        f"`hey` ({meta['hey']}), the same body every request (v2 JSON, v2 binary, or TorchServe tensors); gRPC from "
-        "h2load (benchmarks/load.py where h2load is missing); in-process from benchmarks/load.py",
+        f"- {meta['duration']:g} s measured per row after {meta['warmup']:g} s warm-up; load from "
+        f"{meta['generator']}, the same body every request (v2 JSON, v2 binary, a raw-contents "
+        "ModelInferRequest, or TorchServe tensors); in-process from benchmarks/load.py",
         f"- Versions: Python {meta['python']}, onnxruntime {meta['onnxruntime']} (all servers), "
-        f"MLServer {meta.get('mlserver', '-')} (default settings: parallel_workers 1), "
-        f"KServe {meta.get('kserve', '-')} (one worker; REST only: its gRPC server binds every "
-        "interface and this suite binds loopback only), "
-        f"TorchServe {meta['torchserve']} with torch {meta['torch']} (the gateway's managed one: "
-        "1 worker, TorchServe batching up to 8 with 2 ms delay, as model_repo/mlp_torch/config.yaml; "
-        f"the `modelyard+batching` rows add `{GATEWAY_BATCHING}` to that config, on a second TorchServe start)",
-        "- check: one REST request per target before timing compared with onnxruntime (np.allclose, "
-        "rtol 1e-4, atol 1e-5); load.py rows compare every 10th answer. errors: non-200 answers, "
-        "transport errors, mismatches. hey reports latency with 0.1 ms resolution.",
+        f"MLServer {meta.get('mlserver', '-')}, KServe {meta.get('kserve', '-')}, TorchServe "
+        f"{meta['torchserve']} with torch {meta['torch']}",
+        f"- {MLSERVER}: {SETTINGS[MLSERVER]}",
+        f"- {MLSERVER_DEFAULT}: {SETTINGS[MLSERVER_DEFAULT]}",
+        f"- {KSERVE} (0.21): {SETTINGS[KSERVE]}",
+        f"- {CANNED}: {SETTINGS[CANNED]}",
+        f"- modelyard: `python -m gateway serve` on a repository of mlp alone (heavy: of the three heavy "
+        f"deployments, with `{HEAVY_BATCHING_C8}` for c=8 and batching.py's config for c=16); TorchServe "
+        "rows: model_repo/mlp_torch on the gateway's managed TorchServe (1 worker, TorchServe batching up "
+        f"to 8 with 2 ms delay), the `modelyard+batching` rows add `{GATEWAY_BATCHING}` on a second start",
+        "- check: one request per target and protocol before timing, compared with onnxruntime "
+        "(np.allclose, rtol 1e-4, atol 1e-5); load.py rows compare every 10th answer. errors: non-200 "
+        "answers, transport errors, gRPC answers short of a full answer frame, mismatches.",
         "",
-        "| target | protocol | generator | batch | concurrency | req/s | p50 ms | p99 ms | requests | errors | "
-        "vs MLServer req/s (same protocol) | vs in-process req/s | check |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| target | model | protocol | generator | batch | c | req/s | p50 ms | p99 ms | requests | errors | "
+        "x canned (same protocol, c) | mean batch | check |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
-        # MLServer on the same protocol: the comparison issue 6 asks for.
-        peer = find(rows, "MLServer", row.protocol, row.concurrency, row.batch)
-        limit = find(rows, None, "in-process", row.concurrency, row.batch)
-        mlserver = peer.req_per_s if peer else None
-        inproc = limit.req_per_s if limit else None
+        floor = find(rows, CANNED, row.protocol, row.concurrency, row.batch) if row.model == MODEL else None
         lines.append(
-            f"| {row.target} | {row.protocol} | {row.generator} | {row.batch} | {row.concurrency} | "
-            f"{fmt(row.req_per_s, 0)} | "
-            f"{fmt(row.p50_ms)} | {fmt(row.p99_ms)} | {row.requests} | {row.errors} | "
-            f"{ratio(row.req_per_s, mlserver)} | {ratio(row.req_per_s, inproc)} | {row.check} |"
+            f"| {row.target} | {row.model} | {row.protocol} | {row.generator} | {row.batch} | {row.concurrency} | "
+            f"{fmt(row.req_per_s, 0)} | {fmt(row.p50_ms, 3)} | {fmt(row.p99_ms)} | {row.requests} | "
+            f"{row.errors} | {ratio(row.req_per_s, floor.req_per_s if floor else None)} | "
+            f"{fmt(row.mean_batch, 1)} | {row.check} |"
         )
-    goal_lines = goals(rows)
-    if goal_lines:
-        lines += ["", "Issue 6 goals measured here:", "", *goal_lines]
+    lines += ["", "## Goals", "", *goal_table(), "", "Verdicts from this run's rows:", ""]
+    lines += [verdict.line() for verdict in verdicts(rows)]
+    extra = torchserve_lines(rows)
+    if extra:
+        lines += ["", "In front of TorchServe (same TorchServe start):", "", *extra]
     if meta.get("failures"):
         lines += ["", "Targets that did not run:", "", *[f"- {failure}" for failure in meta["failures"]]]
     return "\n".join(lines) + "\n"
@@ -817,11 +435,14 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def hey_version() -> str:
-    result = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Version}", "hey"], capture_output=True, text=True, timeout=30
-    )
-    return f"Debian package {result.stdout.strip()}" if result.returncode == 0 else "version unknown"
+def generator() -> str:
+    if shutil.which(H2LOAD):
+        result = subprocess.run([H2LOAD, "--version"], capture_output=True, text=True, timeout=30)
+        version = result.stdout.strip().splitlines()[0] if result.stdout.strip() else "version unknown"
+        return f"h2load ({version}; `--h1` for REST, per-request latencies in µs)"
+    if shutil.which(HEY):
+        return "hey for REST (0.1 ms latency resolution; h2load is missing), load.py for gRPC"
+    return "load.py (h2load and hey are missing)"
 
 
 def package_version(name: str) -> str:
@@ -831,25 +452,25 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
-def write_payloads(work: Path, x: np.ndarray) -> Payloads:
-    json_file, binary_file, tensors_file = work / "body.json", work / "body.bin", work / "body.tensors"
+def write_payloads(work: Path, x: Any) -> Payloads:
+    json_file, tensors_file = work / "body.json", work / "body.tensors"
     json_file.write_bytes(v2_body(x))
-    binary, header_length = v2_binary_body(x)
-    binary_file.write_bytes(binary)
-    tensors_file.write_bytes(wire.encode_tensors("inputs", {INPUT_NAME: x}, {"outputs": [OUTPUT_NAME]}))
+    tensors_file.write_bytes(wire.encode_tensors("inputs", {"input": x}, {"outputs": [OUTPUT_NAME]}))
     return Payloads(
         Payload(json_file, "application/json"),
-        Payload(
-            binary_file, "application/octet-stream", (f"Inference-Header-Content-Length: {header_length}",)
-        ),
+        binary_payload(work / "body.bin", x),
         Payload(tensors_file, wire.CONTENT_TYPE),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    if shutil.which(HEY) is None:
-        print("hey is missing (apt-get install -y hey): REST rows fall back to load.py", file=sys.stderr)
+    stop_servers_on_sigterm()
+    if shutil.which(H2LOAD) is None:
+        print(
+            "h2load is missing (apt-get install -y nghttp2-client): rows fall back to hey and load.py",
+            file=sys.stderr,
+        )
     meta: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(
@@ -867,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else "none (taskset or a second CPU missing)",
         "duration": args.duration,
         "warmup": args.warmup,
-        "hey": hey_version() if shutil.which(HEY) else "MISSING: REST rows from load.py rest-json instead",
+        "generator": generator(),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
         "torchserve": package_version("torchserve"),
@@ -880,24 +501,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="modelyard-peers-") as tmp:
         work = Path(tmp)
         payloads = write_payloads(work, x)
-        rows += [load_py_row("onnxruntime", "inprocess", level, args, None) for level in args.levels]
-        rows.append(load_py_row("onnxruntime", "inprocess", BATCH_ROW, args, None, batch=BATCH_ROW))
-        rows += gateway_target(args, payloads, expected, work)
+        rows += [load_py_row(INPROCESS, "inprocess", level, args, None) for level in args.levels]
+        rows.append(load_py_row(INPROCESS, "inprocess", BATCH_ROW, args, None, batch=BATCH_ROW))
         targets = (
-            ("mlserver", mlserver_target),
-            ("kserve", kserve_target),
-            ("torchserve", torchserve_target),
+            ("canned", lambda: canned_target(args, payloads, expected, work)),
+            ("modelyard", lambda: gateway_target(args, payloads, expected, work)),
+            ("mlserver", lambda: mlserver_target(args, payloads, expected, work, 0, MLSERVER)),
+            (
+                "mlserver-default",
+                lambda: mlserver_target(args, payloads, expected, work, 1, MLSERVER_DEFAULT),
+            ),
+            ("kserve", lambda: kserve_target(args, payloads, expected, work)),
+            ("heavy", lambda: heavy_target(args, work)),
+            ("torchserve", lambda: torchserve_target(args, payloads, expected, work)),
         )
         for name, target in targets:
             if name in args.skipped:
                 continue
-            # A peer that fails to install or start is reported under the table; the others still run.
+            # A target that fails to install or start is reported under the table; the others still run.
             try:
-                rows += target(args, payloads, expected, work)
-                if name in PEER_PACKAGE:
-                    meta[name] = installed_version(PEERS_DIR / name, PEER_PACKAGE[name])
+                rows += target()
             except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
                 meta["failures"].append(f"{name}: {str(exc)[:500]}")
+        for name in ("mlserver", "kserve"):
+            if (PEERS_DIR / name).is_dir():
+                with contextlib.suppress(subprocess.SubprocessError, OSError):
+                    meta[name] = installed_version(PEERS_DIR / name, PEER_PACKAGE[name])
     meta["load_after"] = load_average()
     text = render(rows, meta)
     print(text)
@@ -908,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(row).items()}
         for row in rows
     ]
-    payload = {"meta": meta, "rows": records}
+    payload = {"meta": meta, "rows": records, "verdicts": [asdict(v) for v in verdicts(rows)]}
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
 
 

@@ -25,7 +25,7 @@ from gateway.dataplane import DataPlane
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.protocols.http import create_app
-from gateway.protocols.v2_grpc import SERVICE_NAME, ErrorInterceptor, InferenceServicer
+from gateway.protocols.v2_grpc import SERVICE_NAME, ErrorInterceptor, GuardedServer, InferenceServicer
 from gateway.registry import AdapterFactory, Registry
 from gateway.routing import Router
 from gateway.settings import Settings
@@ -128,14 +128,17 @@ class Gateway:
     async def _start_grpc(self) -> None:
         limit = self.settings.grpc_max_message_mb * 1024 * 1024
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(self.authorizer)],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
+        # The unary services register through the guard, which maps errors and checks access.
+        guarded = ErrorInterceptor(self.authorizer).guarding(server)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane, self.contexts, self.limits), server
+            InferenceServicer(self.dataplane, self.contexts, self.limits), guarded
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self._services = [SERVICE_NAME, *self._add_tfserving_services(server)]
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded)
+        self._services = [SERVICE_NAME, *self._add_tfserving_services(guarded)]
+        # Reflection is a streaming service, which the guard leaves alone; it tells an aio server
+        # from a sync one by its type, so it registers on the server itself.
         reflection.enable_server_reflection(
             (
                 *self._services,
@@ -166,7 +169,7 @@ class Gateway:
             raise StartupError(f"cannot read the TLS certificate or key: {exc}") from exc
         return grpc.ssl_server_credentials([pair])
 
-    def _add_tfserving_services(self, server: grpc.aio.Server) -> list[str]:
+    def _add_tfserving_services(self, server: GuardedServer) -> list[str]:
         """TF Serving's gRPC services, where the tensorflow extra is installed; else none."""
         try:
             from gateway.protocols import tfserving_grpc

@@ -1,13 +1,14 @@
 """Open Inference Protocol v2 over gRPC: service `inference.GRPCInferenceService`.
 
 Uses the generated code that tritonclient ships. Protobuf stops here: requests become the data
-plane's types, and its answers become protobuf again. Errors are mapped by `ErrorInterceptor`.
+plane's types, and its answers become protobuf again. Errors are mapped by `ErrorInterceptor`,
+which wraps each method's handler as the services register.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -84,26 +85,29 @@ def _credentials(context: grpc.aio.ServicerContext) -> str | bytes | None:
     return None
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ErrorInterceptor:
     """The gRPC side of the error table: every unary method's GatewayError becomes its status code.
 
     With an enabled `Authorizer`, it is also gRPC's one access check: each unary call is checked
     from its metadata, its method's action and its model, before the servicer runs.
+
+    It wraps each unary method's handler once, as the services register through `guarding(server)`,
+    rather than as a grpc.aio ServerInterceptor: an interceptor runs on every call to find the
+    handler and builds a new one each time, which costs each request more than the wrapper does.
     """
 
     def __init__(self, authorizer: Authorizer | None = None) -> None:
         self._authorizer = authorizer if authorizer is not None and authorizer.enabled else None
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
+    def guarding(self, server: grpc.aio.Server) -> GuardedServer:
+        """`server`, to register services on: their unary handlers arrive wrapped."""
+        return GuardedServer(server, self)
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The handler of `method` (`/package.Service/Method`), its unary-unary call guarded."""
         if handler is None or handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
-        method = handler_call_details.method
         authorizer = self._authorizer
         action = method_action(method)
 
@@ -134,6 +138,51 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+class GuardedServer:
+    """What the generated `add_*Servicer_to_server` functions and gRPC's health and reflection
+    modules register services on: the real server, each unary handler wrapped by the guard first.
+    Anything else (ports, start, stop) is the server's own."""
+
+    def __init__(self, server: grpc.aio.Server, guard: ErrorInterceptor) -> None:
+        self._server = server
+        self._guard = guard
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        guard = self._guard
+        wrapped = {name: guard.wrap(f"/{service}/{name}", handler) for name, handler in handlers.items()}
+        self._server.add_registered_method_handlers(service, wrapped)
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_GuardedGeneric(h, self._guard) for h in handlers))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+class _GuardedGeneric(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """A generic handler whose answers are guarded, each method's wrapped once and kept.
+
+    gRPC asks generic handlers only for methods no registered handler serves; each of them knows
+    a fixed set of methods, so the cache is bounded by its service."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, guard: ErrorInterceptor) -> None:
+        self._inner = inner
+        self._guard = guard
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        found = self._wrapped.get(method)
+        if found is None:
+            handler = self._inner.service(handler_call_details)
+            if handler is None:
+                return None
+            found = self._wrapped[method] = self._guard.wrap(method, handler)
+        return found
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]

@@ -24,8 +24,9 @@ from tests.reliability.test_overload import wait_for
 from tests.support import RunningGateway
 
 X = np.ones((1, 4), np.float32)
-# An n x n product: about 0.6 s at n=3000 on this project's machines, far past a 50 ms deadline.
-LONG_N, QUEUED_N, SHORT_N = 3000, 600, 2
+# An n x n product: about 0.6 s at n=3000 on this project's machines, far past a 50 ms deadline;
+# the priority test's holder runs about 1.8 s (n=4096), time enough to queue two requests behind it.
+LONG_N, HOLD_N, QUEUED_N, SHORT_N = 3000, 4096, 600, 2
 DOORS = ["v2-rest", "v2-grpc", "tfserving-rest", "tfserving-grpc"]
 # The `protocol` label of the request metrics for each door.
 METRIC_PROTOCOL = {
@@ -160,7 +161,7 @@ def test_a_priority_holds(door: Door, gateway: RunningGateway) -> None:
         finished[key] = time.monotonic()
 
     holder_door = Door("v2-rest", gateway)
-    holder = threading.Thread(target=send, args=("holder", LONG_N, "normal", holder_door.infer))
+    holder = threading.Thread(target=send, args=("holder", HOLD_N, "normal", holder_door.infer))
     holder.start()
     wait_for(gateway, "modelyard_inflight_requests", "spin_queued", lambda value: value == 1)
     low = threading.Thread(target=send, args=("low", QUEUED_N, "low", door.infer))

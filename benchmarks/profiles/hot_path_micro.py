@@ -1,0 +1,228 @@
+"""The gRPC infer path's Python pieces, timed one by one in-process: µs per call, best of several
+repeats (the least disturbed by other work on a shared machine).
+
+    python benchmarks/profiles/hot_path_micro.py [--repeat 7] [--number 20000]
+
+The pieces are the gateway's own functions, called on mlp's batch-1 request as the bench sends
+it: the metadata dict, decode, the data plane (with onnxruntime, and with a backend that answers
+at once), the metric `.labels()` lookups a request makes, the error interceptor's per-call work,
+and encode. Run from the repository root; it imports the checkout's gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+import timeit
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tritonclient.grpc import service_pb2  # noqa: E402
+
+from gateway.protocols.v2_grpc import (  # noqa: E402
+    ErrorInterceptor,
+    decode_infer_request,
+    encode_infer_response,
+)
+from gateway.server import Gateway  # noqa: E402
+from gateway.settings import Settings  # noqa: E402
+from gateway.types import InferRequest  # noqa: E402
+
+# What tritonclient's gRPC client sends as metadata on an infer call, as the servicer sees it.
+METADATA = (("user-agent", "grpc-python/1.85.3 grpc-c/52.0.0 (linux; chttp2)"),)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--number", type=int, default=20000)
+    return parser.parse_args()
+
+
+def best_us(fn: Callable[[], object], args: argparse.Namespace, number: int | None = None) -> float:
+    n = number or args.number
+    return min(timeit.repeat(fn, number=n, repeat=args.repeat)) / n * 1e6
+
+
+def async_best_us(
+    loop: asyncio.AbstractEventLoop,
+    make: Callable[[], Any],
+    args: argparse.Namespace,
+    number: int,
+    setup: Callable[[], None] = lambda: None,
+) -> float:
+    """µs per awaited call of `make()`, looped inside one task (no task creation counted);
+    `setup` runs before each repeat."""
+
+    async def run() -> float:
+        setup()
+        started = time.perf_counter()
+        for _ in range(number):
+            await make()
+        return time.perf_counter() - started
+
+    return min(loop.run_until_complete(run()) for _ in range(args.repeat)) / number * 1e6
+
+
+def mlp_request() -> Any:
+    x = np.random.default_rng(20240601).standard_normal((1, 64)).astype(np.float32)
+    request = service_pb2.ModelInferRequest(model_name="mlp")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+class FixedAdapter:
+    """Stands in for a loaded adapter's `infer`: the answer at once, to time the data plane alone."""
+
+    def __init__(self, answer: dict[str, np.ndarray[Any, Any]]) -> None:
+        self.answer = answer
+
+    async def ready(self) -> bool:
+        return True
+
+    async def infer(
+        self, inputs: Mapping[str, Any], output_names: Sequence[str], *, deadline: float | None = None
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        return self.answer
+
+
+def main() -> None:
+    args = parse_args()
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    repo = Path(tempfile.mkdtemp(prefix="modelyard-micro-"))
+    shutil.copytree(ROOT / "model_repo" / "mlp", repo / "mlp")
+    gateway = Gateway(Settings(model_repo=repo, log_level="warning"))
+    loop.run_until_complete(gateway.dataplane.load_all())
+    gateway.dataplane.mark_started()
+    dataplane, limits = gateway.dataplane, gateway.limits
+    request = mlp_request()
+    results: list[tuple[str, float]] = []
+
+    results.append(
+        (
+            "metadata dict from invocation_metadata (ModelInfer's first line)",
+            best_us(lambda: {k: v for k, v in METADATA if isinstance(v, str)}, args),
+        )
+    )
+    results.append(
+        ("decode_infer_request", best_us(lambda: decode_infer_request(request, None, limits), args))
+    )
+
+    def fresh() -> InferRequest:
+        decoded = decode_infer_request(request, None, limits)
+        decoded.headers = {}
+        decoded.request_id = "bench"
+        return decoded
+
+    decode_us = best_us(fresh, args)
+    number = args.number // 4
+    loaded = dataplane.registry.get("mlp").versions[1]
+    adapter: Any = loaded.adapter
+
+    options = adapter.spec.config.onnxruntime
+    default_bound = options.inline_below_us
+
+    def inline_on() -> None:
+        # On a shared machine a preempted run trips the adapter's 10x guard (it reads wall time)
+        # and turns inlining off for good; a bound out of reach keeps every run inline here.
+        object.__setattr__(options, "inline_below_us", 10**9)
+        adapter._inline, adapter._element_us = True, 0.0
+
+    def through_pool() -> None:
+        object.__setattr__(options, "inline_below_us", default_bound)
+        adapter._inline = False
+
+    for label, setup in (("inline", inline_on), ("thread pool", through_pool)):
+        setup()
+        total = async_best_us(loop, lambda: dataplane.infer(fresh()), args, number, setup) - decode_us
+        results.append((f"DataPlane.infer, onnxruntime {label} (decode subtracted)", total))
+    x = fresh().inputs[0].data
+    for label, setup in (("inline", inline_on), ("thread pool", through_pool)):
+        setup()
+        results.append(
+            (
+                f"OnnxRuntimeAdapter.infer alone, {label}",
+                async_best_us(loop, lambda: adapter.infer({"input": x}, ["logits"]), args, number, setup),
+            )
+        )
+    session = adapter._session
+    results.append(
+        ("onnxruntime Session.run alone", best_us(lambda: session.run(["logits"], {"input": x}), args))
+    )
+    inline_on()
+    answer = loop.run_until_complete(adapter.infer({"input": x}, ["logits"]))
+    loaded.adapter = FixedAdapter(answer)  # type: ignore[assignment]
+    fixed = async_best_us(loop, lambda: dataplane.infer(fresh()), args, number) - decode_us
+    results.append(("DataPlane.infer, backend answering at once (decode subtracted)", fixed))
+    loaded.adapter = adapter
+
+    metrics = gateway.metrics
+    labels = ("mlp", "1", "onnxruntime", "grpc")
+
+    def lookups() -> None:
+        # The .labels() calls one request makes in the data plane (dataplane.py's _infer and _count).
+        metrics.queued.labels("mlp")
+        metrics.queued.labels("mlp")
+        metrics.queue_duration.labels(*labels)
+        metrics.inflight.labels("mlp")
+        metrics.inflight.labels("mlp")
+        metrics.compute_duration.labels(*labels)
+        metrics.requests.labels(*labels, "200")
+        metrics.request_duration.labels(*labels)
+
+    results.append(("the 8 metric .labels() lookups of one request", best_us(lookups, args)))
+    children = [metrics.requests.labels(*labels, "200"), metrics.request_duration.labels(*labels)]
+    results.append(("one cached child's inc() (no lookup)", best_us(children[0].inc, args)))
+    results.append(
+        ("one cached histogram child's observe()", best_us(lambda: children[1].observe(0.0005), args))
+    )
+
+    response = loop.run_until_complete(dataplane.infer(fresh()))
+    results.append(("encode_infer_response", best_us(lambda: encode_infer_response(response), args)))
+    encoded = encode_infer_response(response)
+    results.append(("ModelInferResponse.SerializeToString", best_us(encoded.SerializeToString, args)))
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: None,
+        request_deserializer=service_pb2.ModelInferRequest.FromString,
+        response_serializer=service_pb2.ModelInferResponse.SerializeToString,
+    )
+    interceptor = ErrorInterceptor(None)
+    details = SimpleNamespace(
+        method="/inference.GRPCInferenceService/ModelInfer", invocation_metadata=METADATA
+    )
+
+    async def continuation(_: Any) -> Any:
+        return handler
+
+    results.append(
+        (
+            "ErrorInterceptor.intercept_service per call (new closure and handler)",
+            async_best_us(loop, lambda: interceptor.intercept_service(continuation, details), args, number),
+        )
+    )
+    loop.run_until_complete(gateway.registry.aclose())
+    loop.close()
+    shutil.rmtree(repo)
+    width = max(len(name) for name, _ in results)
+    print(f"{'piece':<{width}}  µs per call (best of {args.repeat})")
+    for name, us in results:
+        print(f"{name:<{width}}  {us:8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The peers bench's goal verdicts: computed from a run's rows, met or not with the numbers, and
+never met from a row that had errors or failed its check."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import goals
+from drive import Row
+
+
+def row(
+    target: str,
+    protocol: str,
+    c: int,
+    rate: float,
+    p50: float = 1.0,
+    p99: float = 2.0,
+    model: str = "mlp",
+    check: str = "ok",
+) -> Row:
+    return Row(target, protocol, "h2load", c, rate, p50, p99, 1000, 0, check, model=model)
+
+
+def passing_run() -> list[Row]:
+    """Rows that meet every goal by a margin."""
+    return [
+        row(goals.MODELYARD, "gRPC", 8, 3000, p99=2.0),
+        row(goals.MODELYARD, "REST JSON", 8, 4000, p99=2.0),
+        row(goals.MLSERVER, "gRPC", 8, 1000, p99=8.0),
+        row(goals.KSERVE, "gRPC", 8, 1100, p99=6.0),
+        row(goals.MLSERVER, "REST JSON", 8, 1200, p99=7.0),
+        row(goals.KSERVE, "REST JSON", 8, 1000, p99=9.0),
+        # MLServer's default setting is slower and never the peer the goals compare with.
+        row("MLServer (default: parallel_workers 1)", "gRPC", 8, 300, p99=40.0),
+        row(goals.MODELYARD, "REST JSON", 1, 800, p50=0.30),
+        row(goals.CANNED, "REST JSON", 1, 3000, p50=0.20),
+        row(goals.MODELYARD, "REST binary", 1, 800, p50=0.30),
+        row(goals.CANNED, "REST binary", 1, 3000, p50=0.20),
+        row(goals.MODELYARD, "gRPC", 1, 800, p50=0.60),
+        row(goals.CANNED, "gRPC", 1, 2000, p50=0.40),
+        row(goals.INPROCESS, "in-process", 1, 900, model=goals.HEAVY, check="every 10th"),
+        row(goals.INPROCESS, "in-process", 8, 850, model=goals.HEAVY, check="every 10th"),
+        row(goals.MODELYARD, "gRPC", 8, 800, model=goals.HEAVY),
+        row(goals.MODELYARD, "REST binary", 8, 820, model=goals.HEAVY),
+        row(goals.MODELYARD, "gRPC", 8, 1500, model=goals.HEAVY_BATCHED_C8),
+        row(goals.MODELYARD, "REST binary", 8, 1400, model=goals.HEAVY_BATCHED_C8),
+        row(goals.MODELYARD, "gRPC", 16, 500, model=goals.HEAVY),
+        row(goals.MODELYARD, "gRPC", 16, 1300, model=goals.HEAVY_BATCHED),
+    ]
+
+
+def by_subject(rows: list[Row]) -> dict[str, goals.Verdict]:
+    return {v.subject: v for v in goals.verdicts(rows)}
+
+
+def test_every_goal_met_by_a_run_that_meets_it() -> None:
+    verdicts = goals.verdicts(passing_run())
+    assert {v.goal for v in verdicts} == {g.key for g in goals.GOALS}
+    assert [v for v in verdicts if v.met is not True] == []
+
+
+def test_the_faster_peer_is_the_bar_and_the_verdict_gives_the_numbers() -> None:
+    rows = [
+        r
+        for r in passing_run()
+        if not (r.target == goals.MODELYARD and r.protocol == "gRPC" and r.concurrency == 8)
+    ]
+    rows.append(row(goals.MODELYARD, "gRPC", 8, 2640, p99=2.0))  # 2.4x KServe's 1100, 2.64x MLServer's
+    verdict = by_subject(rows)["mlp c=8 gRPC"]
+    assert verdict.met is False
+    assert "KServe 1100 req/s" in verdict.detail and "2.40x" in verdict.detail
+    assert "NOT met" in verdict.line()
+
+
+def test_p99_is_held_to_the_better_peer() -> None:
+    rows = passing_run()
+    rows = [
+        replace(r, p99_ms=3.5) if r.target == goals.MODELYARD and r.protocol == "gRPC" else r for r in rows
+    ]
+    assert by_subject(rows)["mlp c=8 gRPC p99"].met is False  # KServe's 6.0 ms: at most 3.0
+
+
+def test_overhead_is_measured_against_the_canned_floor() -> None:
+    rows = [
+        replace(r, p50_ms=0.70)
+        if r.target == goals.MODELYARD and r.concurrency == 1 and r.protocol == "gRPC"
+        else r
+        for r in passing_run()
+    ]
+    verdict = by_subject(rows)["mlp c=1 gRPC p50 over the canned answer"]
+    assert verdict.met is False and "+0.300 ms" in verdict.detail
+
+
+def test_the_batch1_limit_is_the_fastest_in_process_row() -> None:
+    rows = [r for r in passing_run() if r.model != goals.HEAVY_BATCHED_C8]
+    rows += [
+        row(goals.MODELYARD, "gRPC", 8, 1349, model=goals.HEAVY_BATCHED_C8),  # 1.499x of 900
+        row(goals.MODELYARD, "REST binary", 8, 1351, model=goals.HEAVY_BATCHED_C8),
+    ]
+    subjects = by_subject(rows)
+    assert subjects["heavy c=8 gRPC with batching vs the batch-1 limit"].met is False
+    assert subjects["heavy c=8 REST binary with batching vs the batch-1 limit"].met is True
+
+
+@pytest.mark.parametrize("fault", [{"errors": 3}, {"check": "failed: output differs from onnxruntime"}])
+def test_a_faulty_row_never_meets_a_goal(fault: dict[str, object]) -> None:
+    rows = [
+        replace(r, **fault) if r.target == goals.KSERVE and r.protocol == "gRPC" else r for r in passing_run()
+    ]  # type: ignore[arg-type]
+    verdict = by_subject(rows)["mlp c=8 gRPC"]
+    assert verdict.met is False and "KServe gRPC c=8" in verdict.detail
+
+
+def test_a_missing_row_is_not_measured() -> None:
+    rows = [r for r in passing_run() if r.model != goals.HEAVY_BATCHED]
+    verdict = by_subject(rows)["heavy c=16 gRPC, batching on vs off"]
+    assert verdict.met is None and "not measured" in verdict.line()
