@@ -35,7 +35,7 @@ from gateway.errors import (
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.repository import CONFIG_FILE, ModelEntry, Repository, VersionEntry, is_remote
-from gateway.residency import FIRST_LOAD_FACTOR, Footprint, Residency, artifact_bytes
+from gateway.residency import Footprint, Residency, artifact_bytes
 from gateway.samples import warm_up
 from gateway.types import IndexEntry, ModelSignature, VersionStats
 
@@ -384,13 +384,17 @@ class Registry:
         started = time.monotonic()
         loaded.state = State.LOADING
         outcome = "ok"
+        adapter: ModelAdapter | None = None
         try:
+            # Built outside the measurement: building imports the backend's runtime, a cost of the
+            # process, not of this version.
+            adapter = self._build(entry, loaded, found)
             if is_remote(entry.config, entry.backend):
-                await self._open(entry, loaded, found)
+                await self._open(entry, loaded, adapter)
             else:
-                estimate = FIRST_LOAD_FACTOR * artifact_bytes(found.artifact)
+                files = artifact_bytes(found.artifact)
                 await self.residency.load(
-                    model.name, loaded, estimate, lambda: self._open(entry, loaded, found)
+                    model.name, loaded, files, lambda: self._open(entry, loaded, adapter)
                 )
         except NoRoom as exc:
             log.warning("cannot load %s now: %s", label, exc)
@@ -407,6 +411,9 @@ class Registry:
         else:
             loaded.loads += 1
             self.loads += 1
+        if adapter is not None and loaded.adapter is not adapter:
+            with contextlib.suppress(Exception):  # built, but it never served: closing twice is safe
+                await adapter.aclose()
         if self._metrics is not None:
             labels = (model.name, str(loaded.version), loaded.backend)
             self._metrics.model_loads.labels(*labels, trigger, outcome).inc()
@@ -414,9 +421,7 @@ class Registry:
                 self._metrics.model_load_duration.labels(*labels).observe(time.monotonic() - started)
             self._metrics.model_ready.labels(*labels).set(int(loaded.ready))
 
-    async def _open(self, entry: ModelEntry, loaded: LoadedVersion, found: VersionEntry) -> None:
-        """Builds, loads and warms up the version's adapter, and only then hands it to the version:
-        no request sees it half loaded."""
+    def _build(self, entry: ModelEntry, loaded: LoadedVersion, found: VersionEntry) -> ModelAdapter:
         default = preferred_version(entry.config, [v.version for v in entry.versions])
         spec = LoadSpec(
             entry.name, found.version, found.path, found.artifact, entry.config, default, self.shared
@@ -426,13 +431,19 @@ class Registry:
             adapter = BatchingAdapter(
                 adapter, entry.config.batching, self._batch_observer(spec, loaded.backend)
             )
+        return adapter
+
+    async def _open(self, entry: ModelEntry, loaded: LoadedVersion, adapter: ModelAdapter) -> None:
+        """Loads and warms up the version's adapter, and only then hands it to the version: no
+        request sees it half loaded."""
+        label = f"model '{entry.name}' version {loaded.version}"
         try:
             await adapter.load()
             signature = await adapter.metadata()
             if entry.config.warmup is not None:
-                await warm_up(adapter, signature, entry.config.warmup, entry.path, spec.label)
+                await warm_up(adapter, signature, entry.config.warmup, entry.path, label)
             if loaded.closed:
-                raise ModelNotReady(f"{spec.label} was unloaded while it loaded")
+                raise ModelNotReady(f"{label} was unloaded while it loaded")
         except BaseException:
             with contextlib.suppress(Exception):
                 await adapter.aclose()

@@ -2,19 +2,27 @@
 
 A version's resident bytes are measured, never guessed: the resident set of the gateway's process
 and every process below it (a managed TorchServe and its workers) just before its load and just
-after it (warmup included), with the peak in between sampled every few milliseconds. Every load
+after it (warmup included), with the peak in between (the kernel's high-water mark). Every load
 the budget covers runs alone, under one lock, so no other load moves those figures; requests that
 run on other versions meanwhile move them by their transient buffers only.
 
 Before a load, the least recently used versions that no request is running on unload until the
 others' resident bytes plus the load's peak fit the budget. The peak is the version's own from its
-last load; a version never loaded yet is assumed to peak at twice its files (ONNX Runtime, for
-one, holds the file's bytes and the tensors built from them at once). After the load, its measured
-resident bytes take the place of the estimate, and idle versions unload again if the total is over.
+last load; a version never loaded yet is assumed to peak at its files' size times the largest
+ratio of peak to files that its backend has shown so far (twice, before it has shown one: ONNX
+Runtime, for one, holds the file's bytes and the tensors built from them at once). After the load,
+freed heap pages go back to the system, its measured resident bytes take the place of the
+estimate, and idle versions unload again if the total is over.
 
-An unload is measured too. What it gives back short of the version's figure (a runtime's one-time
-start, which the first version it loaded carried, or pages a backend keeps) stays counted against
-the budget as retained memory: the largest such shortfall of each backend, above a noise floor.
+An unload is measured too. The first version a backend loads also carries its runtime's one-time
+start (thread pools, allocators): what that version's first unload does not give back is the
+runtime's, part of the gateway's base from then on. What any later unload does not give back
+(pages a backend keeps) stays counted against the budget as retained memory: the largest such
+shortfall of each backend, above a noise floor.
+
+Under a budget, allocations of 1 MiB and more get pages of their own (glibc's M_MMAP_THRESHOLD,
+which otherwise rises to 32 MiB as the process runs): the memory an unloaded model frees then goes
+back to the system at once, and the next measurement sees the same process the budget counts.
 
 A version that requests are running on is never unloaded: the data plane counts a request on its
 version before it waits for anything, and the count and the unload are checked and made in one
@@ -49,8 +57,10 @@ log = logging.getLogger("modelyard.residency")
 
 # How long a load waits for versions that requests are running on to become idle and make room.
 ROOM_WAIT_S = 30.0
-# A version never loaded is assumed to peak at this many times the size of its files.
-FIRST_LOAD_FACTOR = 2
+# A version never loaded is assumed to peak at this many times the size of its files, until its
+# backend has loaded files of at least LEARN_FROM_BYTES and shown its own ratio.
+FIRST_LOAD_FACTOR = 2.0
+LEARN_FROM_BYTES = 2**20
 # An unload that gives back this much less than the version's figure (or this share of it) has
 # left memory behind; less is the noise of other requests' buffers.
 RETAINED_FLOOR_BYTES = 4 * 2**20
@@ -96,20 +106,6 @@ def parse_budget(text: str, machine_bytes: int | None = None) -> int:
     return value
 
 
-def family_rss() -> int:
-    """Resident bytes of this process and every process below it."""
-    return _rss_of(psutil.Process(), recursive=True)
-
-
-def _rss_of(process: psutil.Process, recursive: bool, children: list[psutil.Process] | None = None) -> int:
-    members = [process, *(children if children is not None else process.children(recursive=recursive))]
-    total = 0
-    for member in members:
-        with contextlib.suppress(psutil.Error):
-            total += member.memory_info().rss
-    return total
-
-
 def artifact_bytes(path: Path | None) -> int:
     """The size of a version's files on disk: its first load's estimate."""
     if path is None:
@@ -132,46 +128,79 @@ class Footprint:
     peak: int
 
 
-class _PeakSampler:
-    """The highest resident set of this process and its children while a load runs, sampled in a
-    thread (the load itself runs in a worker thread or another process, so this one gets turns)."""
+class _Peak:
+    """The highest resident set of this process and the processes below it while a block runs: the
+    kernel's own high-water mark (VmHWM, reset through /proc/PID/clear_refs) where the system keeps
+    one, else sampled in a thread every few milliseconds, which can miss a short spike."""
 
-    def __init__(self, measure: Callable[[], int]) -> None:
-        self._measure = measure
+    def __init__(self, meter: _Meter) -> None:
+        self._meter = meter
+        self.bytes = meter()
+        self._pids = [p.pid for p in meter.members()]
+        self._kernel = all(_reset_high_water(pid) for pid in self._pids)
         self._stop = threading.Event()
-        self.peak = measure()
         self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
 
     def _sample(self) -> None:
         while not self._stop.wait(_SAMPLE_S):
-            self.peak = max(self.peak, self._measure())
+            self.bytes = max(self.bytes, self._meter())
 
-    def __enter__(self) -> _PeakSampler:
-        self._thread.start()
+    def __enter__(self) -> _Peak:
+        if not self._kernel:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._measure())
+        if self._kernel:
+            marks = [_high_water(p.pid) for p in self._meter.members()]
+            self.bytes = max(self.bytes, sum(mark for mark in marks if mark is not None))
+        else:
+            self._stop.set()
+            self._thread.join()
+        self.bytes = max(self.bytes, self._meter())
 
 
-class _FamilyMeter:
-    """family_rss for a sampler: the list of child processes is read again every 100 ms, not at
-    every sample, since finding them walks every process on the machine."""
+def _reset_high_water(pid: int) -> bool:
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _high_water(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class _Meter:
+    """Resident bytes of this process and every process below it. The list of child processes is
+    read again every 100 ms, not at every call, since finding them walks every process there is."""
 
     def __init__(self) -> None:
         self._me = psutil.Process()
         self._children: list[psutil.Process] = []
         self._listed = 0.0
 
-    def __call__(self) -> int:
+    def members(self) -> list[psutil.Process]:
         now = time.monotonic()
         if now - self._listed > 0.1:
             with contextlib.suppress(psutil.Error):
                 self._children = self._me.children(recursive=True)
             self._listed = now
-        return _rss_of(self._me, True, self._children)
+        return [self._me, *self._children]
+
+    def __call__(self) -> int:
+        total = 0
+        for member in self.members():
+            with contextlib.suppress(psutil.Error):
+                total += member.memory_info().rss
+        return total
 
 
 def _return_freed_memory() -> None:
@@ -180,6 +209,11 @@ def _return_freed_memory() -> None:
     gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def _map_large_allocations() -> None:
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, _MAPPED_FROM_BYTES)
 
 
 def _load_libc() -> Any:
@@ -194,6 +228,8 @@ def _load_libc() -> Any:
 
 
 _LIBC = _load_libc()
+_M_MMAP_THRESHOLD = -3
+_MAPPED_FROM_BYTES = 2**20
 
 
 class Residency:
@@ -204,21 +240,28 @@ class Residency:
         self,
         budget: int | None = None,
         metrics: Metrics | None = None,
-        measure: Callable[[], int] | None = None,
         room_wait_s: float = ROOM_WAIT_S,
     ) -> None:
         self.budget = budget
         self._metrics = metrics
-        self._measure = measure or _FamilyMeter()
+        self._measure = _Meter()
         self._room_wait_s = room_wait_s
         self._lock = asyncio.Lock()
         # id(version) -> (model name, version): identity, since a reload makes new versions.
         self._resident: dict[int, tuple[str, LoadedVersion]] = {}
         # backend -> bytes its unloads did not give back, counted against the budget.
         self._retained: dict[str, int] = {}
+        # backend -> the version that loaded its runtime, until that version first unloads; then
+        # what the runtime kept, which is the gateway's base and not the budget's.
+        self._first: dict[str, int] = {}
+        self._runtime: dict[str, int] = {}
+        # backend -> the largest peak / files ratio its loads have shown.
+        self._peak_ratio: dict[str, float] = {}
         self.evictions = 0
-        if metrics is not None and budget is not None:
-            metrics.memory_budget.set(budget)
+        if budget is not None:
+            _map_large_allocations()
+            if metrics is not None:
+                metrics.memory_budget.set(budget)
 
     @property
     def resident_bytes(self) -> int:
@@ -228,30 +271,42 @@ class Residency:
     def retained_bytes(self) -> int:
         return sum(self._retained.values())
 
+    @property
+    def runtime_bytes(self) -> int:
+        """What backends' runtimes kept of their first load: the gateway's base, not the budget's."""
+        return sum(self._runtime.values())
+
     def holds(self, loaded: LoadedVersion) -> bool:
         return id(loaded) in self._resident
 
     async def load(
-        self, model: str, loaded: LoadedVersion, estimate: int, open_version: Callable[[], Awaitable[None]]
+        self, model: str, loaded: LoadedVersion, files: int, open_version: Callable[[], Awaitable[None]]
     ) -> None:
         """Runs `open_version` (which leaves `loaded` ready) alone, after making room for it, and
-        records what it measured."""
+        records what it measured. `files` is the size of the version's files on disk."""
         label = f"model '{model}' version {loaded.version}"
         async with self._lock:
             known = loaded.footprint
             if self.budget is not None:
                 if known is not None and known.resident > self.budget - self.retained_bytes:
                     raise ModelNotReady(_too_large(label, known.resident, self.budget))
+                estimate = int(files * self._peak_ratio.get(loaded.backend, FIRST_LOAD_FACTOR))
                 await self._make_room(loaded, known.peak if known is not None else estimate, label)
             meter = self._measure
             before = meter()
-            with _PeakSampler(meter) as sampler:
+            with _Peak(meter) as peak:
                 await open_version()
+            # What the load freed (the file's bytes, parse buffers) leaves the figure.
+            await asyncio.to_thread(_return_freed_memory)
             after = meter()
-            loaded.footprint = Footprint(
-                max(0, after - before), max(0, sampler.peak - before, after - before)
-            )
+            loaded.footprint = Footprint(max(0, after - before), max(0, peak.bytes - before, after - before))
+            if files >= LEARN_FROM_BYTES and loaded.backend in self._runtime.keys() | self._first.keys():
+                # Not the load that started the runtime: its peak holds the runtime's start too.
+                ratio = loaded.footprint.peak / files
+                self._peak_ratio[loaded.backend] = max(ratio, self._peak_ratio.get(loaded.backend, 0.0))
             self._resident[id(loaded)] = (model, loaded)
+            if loaded.backend not in self._runtime:
+                self._first.setdefault(loaded.backend, id(loaded))
             self._publish(model, loaded)
             log.info(
                 "event=resident model=%s version=%d resident_mib=%.1f peak_mib=%.1f total_mib=%.1f",
@@ -270,6 +325,8 @@ class Residency:
 
     def release(self, model: str, loaded: LoadedVersion) -> None:
         """Forgets a version the registry has closed (unloaded or replaced)."""
+        if self._first.get(loaded.backend) == id(loaded):
+            del self._first[loaded.backend]
         if self._resident.pop(id(loaded), None) is not None and self._metrics is not None:
             with contextlib.suppress(KeyError):
                 self._metrics.resident_bytes.remove(model, str(loaded.version), loaded.backend)
@@ -321,7 +378,10 @@ class Residency:
                 log.exception("closing model '%s' version %d", model, victim.version)
         await asyncio.to_thread(_return_freed_memory)
         shortfall = _bytes(victim) - max(0, before - self._measure())
-        if shortfall > max(RETAINED_FLOOR_BYTES, RETAINED_FLOOR_SHARE * _bytes(victim)):
+        if self._first.get(victim.backend) == id(victim):
+            del self._first[victim.backend]
+            self._runtime[victim.backend] = max(0, shortfall)
+        elif shortfall > max(RETAINED_FLOOR_BYTES, RETAINED_FLOOR_SHARE * _bytes(victim)):
             self._retained[victim.backend] = max(self._retained.get(victim.backend, 0), shortfall)
         self.evictions += 1
         victim.evictions += 1

@@ -166,8 +166,10 @@ class MemoryStatus:
     load_mode: str
     budget_bytes: int | None
     resident_bytes: int
-    # What unloads did not give back (a runtime's one-time start): it counts against the budget.
+    # What unloads did not give back: it counts against the budget.
     retained_bytes: int
+    # What backends' runtimes kept of their first load: the gateway's base, not the budget's.
+    runtime_bytes: int
     loads: int
     evictions: int
 
@@ -267,6 +269,7 @@ class StatusReader:
             residency.budget,
             residency.resident_bytes,
             residency.retained_bytes,
+            residency.runtime_bytes,
             registry.loads,
             residency.evictions,
         )
