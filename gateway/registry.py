@@ -217,6 +217,9 @@ class Registry:
                 raise InvalidInput(
                     f"failed to load '{name}', the config does not fit config.yaml: {exc}"
                 ) from None
+            problems = self.repository.scan(name, override).problems
+            if problems:
+                raise InvalidInput(f"failed to load '{name}', with this config: {'; '.join(problems)}")
             self._overrides[name] = dict(override)
         else:
             self._overrides.pop(name, None)

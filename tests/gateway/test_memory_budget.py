@@ -18,8 +18,11 @@ import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 from tritonclient.utils import InferenceServerException
 
+from gateway.residency import parse_budget
+from gateway.settings import Settings
 from scripts.build_models import _save, build_affine, build_matmul, matmul_weights
 from tests.support import Protocol, RunningGateway, start_gateway
 
@@ -326,3 +329,39 @@ def test_a_version_with_requests_in_flight_is_never_unloaded(tight_gateway: Runn
     assert not [snapshot for snapshot in seen if snapshot[1] > 0 and snapshot[0] != "READY"]
     assert ("READY", 1, "LOADING") in seen  # w1's load did wait for w0's request
     assert metric(tight_gateway, "modelyard_model_evictions_total", model="w0") == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2GiB", 2 * 2**30),
+        ("1500MB", 1_500_000_000),
+        ("1073741824", 1073741824),
+        ("512 mib", 512 * 2**20),
+        ("0.5GiB", 2**29),
+        ("50%", 8 * 2**30),
+        ("12.5%", 2 * 2**30),
+    ],
+)
+def test_a_budget_is_bytes_or_a_share_of_the_machine(text: str, expected: int) -> None:
+    assert parse_budget(text, machine_bytes=16 * 2**30) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "0", "0%", "150%", "2XB", "-1GiB", ""])
+def test_a_budget_that_is_neither_is_refused(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="memory budget"):
+        parse_budget(text, machine_bytes=16 * 2**30)
+    monkeypatch.setenv("MODELYARD_MODEL_MEMORY_BUDGET", text)
+    with pytest.raises(ValidationError, match="memory budget"):
+        Settings()
+
+
+def test_the_budget_and_load_mode_come_from_flags_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELYARD_MODEL_MEMORY_BUDGET", "3GiB")
+    monkeypatch.setenv("MODELYARD_LOAD_MODE", "on_demand")
+    settings = Settings()
+    assert (settings.model_memory_budget_bytes, settings.load_mode) == (3 * 2**30, "on_demand")
+    assert Settings(model_memory_budget="1GiB").model_memory_budget_bytes == 2**30
+    monkeypatch.setenv("MODELYARD_LOAD_MODE", "lazy")
+    with pytest.raises(ValidationError, match="load_mode"):
+        Settings()
