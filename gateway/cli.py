@@ -10,7 +10,8 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from gateway.registry import Registry, State
+from gateway.loaded import State
+from gateway.registry import Registry
 from gateway.repository import scan
 from gateway.settings import Settings
 from gateway.tools.commands import register as register_tools

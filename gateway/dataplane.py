@@ -25,9 +25,10 @@ from gateway.errors import (
     PermissionDenied,
 )
 from gateway.limits import Limiter, acquire_all, release_all
+from gateway.loaded import LoadedVersion, State
 from gateway.metrics import Metrics, RequestSeries
 from gateway.outcomes import Outcomes, Served
-from gateway.registry import LoadedVersion, Registry, State
+from gateway.registry import Registry
 from gateway.rollouts import SHADOW_PROTOCOL, Rollouts
 from gateway.routing import Route, Router
 from gateway.types import (

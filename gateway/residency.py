@@ -34,24 +34,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import gc
 import logging
 import re
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from gateway.errors import ModelNotReady, NoRoom
+from gateway.loaded import Footprint, LoadedVersion
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
-    from gateway.registry import LoadedVersion
 
 log = logging.getLogger("modelyard.residency")
 
@@ -116,16 +114,6 @@ def artifact_bytes(path: Path | None) -> int:
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     except OSError:
         return 0
-
-
-@dataclass(frozen=True, slots=True)
-class Footprint:
-    """What a version added to the resident set at its last load."""
-
-    # From just before the load to just after it, warmup included: what it holds while resident.
-    resident: int
-    # The most it added at any moment of the load.
-    peak: int
 
 
 class _Peak:
@@ -204,9 +192,9 @@ class _Meter:
 
 
 def _return_freed_memory() -> None:
-    """Collects cycles and hands freed heap pages back to the system, so the next measurement sees
-    what an unload really freed."""
-    gc.collect()
+    """Hands freed heap pages back to the system, so the next measurement sees what a load or an
+    unload really left. (No gc.collect: the backends' objects go by their reference counts, and a
+    full collection of a process that has TensorFlow's modules in it takes some 150 ms.)"""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
@@ -389,6 +377,7 @@ class Residency:
             labels = (model, str(victim.version), victim.backend)
             self._metrics.evictions.labels(*labels).inc()
             self._metrics.resident_bytes.labels(*labels).set(0)
+            self._metrics.model_ready.labels(*labels).set(0)
         log.info("event=evicted model=%s version=%d reason='%s'", model, victim.version, reason)
 
     def _publish(self, model: str, loaded: LoadedVersion) -> None:

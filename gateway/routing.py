@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from gateway.config import DEFAULT_LABELS
 from gateway.errors import ModelNotFound, ModelNotReady
-from gateway.registry import LoadedModel, LoadedVersion
+from gateway.loaded import LoadedModel, LoadedVersion
 from gateway.types import ModelSignature
 
 _NO_KEYS: Mapping[str, str] = {}

@@ -19,8 +19,8 @@ import psutil
 import gateway
 from gateway.config import preferred_version
 from gateway.dataplane import DataPlane
+from gateway.loaded import LoadedVersion
 from gateway.metrics import LATENCY_BUCKETS, Metrics
-from gateway.registry import LoadedVersion
 
 # The traffic figures cover at least this many seconds of the most recent history, where there is that much.
 WINDOW_S = 5.0

@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 from gateway.residency import parse_budget
 from gateway.settings import Settings
 from scripts.build_models import _save, build_affine, build_matmul, matmul_weights
-from tests.support import Protocol, RunningGateway, start_gateway
+from tests.support import Protocol, RunningGateway, start_gateway, torchserve_missing
 
 ROWS, COLS = 2048, 2048  # 16 MiB of FP32 weights per model
 MODEL_MIB = ROWS * COLS * 4 / 2**20
@@ -365,3 +365,45 @@ def test_the_budget_and_load_mode_come_from_flags_or_the_environment(monkeypatch
     monkeypatch.setenv("MODELYARD_LOAD_MODE", "lazy")
     with pytest.raises(ValidationError, match="load_mode"):
         Settings()
+
+
+@pytest.mark.skipif(torchserve_missing() is not None, reason=str(torchserve_missing()))
+def test_a_managed_torchserve_is_measured_by_its_processes(tmp_path: Path) -> None:
+    """TorchServe's frontend and workers are the gateway's children: a version's figure is what
+    registering it added, and unloading it gives that back."""
+    from scripts import build_torch_models
+
+    build_torch_models.build_repository(tmp_path / "repo")
+    config = tmp_path / "repo" / "mlp_torch" / "config.yaml"
+    config.write_text(config.read_text() + "load: on_demand\n")
+    gateway = start_gateway(
+        tmp_path / "repo", tmp_path / "ts.log", "--model-memory-budget", "8GiB", "--enable-repository-api"
+    )
+    rows = np.ones((2, 64), np.float32)
+    try:
+        family = psutil.Process(gateway.process.pid)
+
+        def rss() -> int:
+            return sum(p.memory_info().rss for p in [family, *family.children(recursive=True)])
+
+        with triton_http.InferenceServerClient(gateway.http, network_timeout=300) as http:
+            proto = Protocol("rest", triton_http, http)
+            proto.client.infer("mlp_torch", [proto.input("input", rows, "FP32")], model_version="1")
+            before = rss()
+            proto.client.infer("mlp_torch", [proto.input("input", rows, "FP32")], model_version="2")
+            grown = rss() - before
+        (model,) = [m for m in status(gateway)["models"] if m["name"] == "mlp_torch"]
+        first, second = (v["resident_bytes"] for v in model["versions"])
+        assert first > second > 20 * 2**20  # the first carries TorchServe's own start
+        assert 0.5 < second / grown < 2, (second, grown)
+        held = rss()
+        assert (
+            httpx.post(f"{gateway.url}/v2/repository/models/mlp_torch/unload", timeout=120).status_code == 200
+        )
+        for _ in range(300):  # bounded: 30 s for TorchServe to stop the workers
+            if held - rss() > second / 2:
+                break
+            time.sleep(0.1)
+        assert held - rss() > second / 2
+    finally:
+        assert gateway.stop() == 0
