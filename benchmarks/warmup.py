@@ -1,7 +1,7 @@
 """First-request latency with and without warmup, for ONNX Runtime and TensorFlow models. Not a
 test: run it by hand or through `make bench-warmup`.
 
-    python benchmarks/warmup.py [--trials 5] [--runs 5] [--out benchmarks/results/warmup.md]
+    python benchmarks/warmup.py [--trials 5] [--runs 20] [--out benchmarks/results/warmup.md]
 
 The models: `mlp` (64 -> 256 -> 256 -> 10) on ONNX Runtime and its TensorFlow twin `mlp_tf`, from
 model_repo/; and `cnn`, four 3x3 convolutions over a 224x224 RGB image on ONNX Runtime, made at
@@ -9,15 +9,16 @@ each run in a temporary folder (its first runs allocate the activations that `ml
 
 For each model and each setting (no warmup; `warmup: {runs: N}`, inputs generated from the
 signature), a fresh gateway serves a repository of that model, loaded at start. Once it answers
-ready, one keep-alive HTTP connection sends a health request (so the connection is open), then the
-first inference request, then 50 more. The first-request penalty is the first request's latency
+ready, one tritonclient HTTP connection (binary tensors) asks for readiness (so the connection is
+open), then sends the first inference request, then 50 more. The first-request penalty is the first request's latency
 over the median of the other 50; the warmup's share of it is 1 - penalty with / penalty without,
 from the medians over the trials.
 
-Part of a first request's penalty is the gateway's own: its request path running for the first
-time in the process (Python's interpreter specializes code as it runs, buffers and series are made
-on first use), which no model's warmup touches. So each setting also runs on gateways where another
-model (`affine`) has answered one request first, which leaves the model's own first-run penalty.
+Part of a first request's end-to-end penalty is the gateway's own: its request path running for the
+first time in the process (Python's interpreter specializes code as it runs; buffers and metric
+series are made on first use), which no model's warmup touches. So the table also gives the
+backend's own share: the compute time of the first request and of the next ones, from the gateway's
+statistics (`compute_infer`, the time the adapter's call took).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import numpy as np
 import psutil
+import tritonclient.http as triton_http
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -89,12 +90,14 @@ def build_cnn(path: Path) -> None:
 
 
 STEADY_REQUESTS = 50
-OPENER = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
 
 
-def trial(model: str, config: str, opened: bool) -> tuple[float, float]:
-    """(first request's latency, median of the next ones), in ms, on a fresh gateway; `opened`: after
-    one request to another model."""
+Trial = tuple[float, float, float, float]
+
+
+def trial(model: str, config: str) -> Trial:
+    """On a fresh gateway, in ms: the first request's latency and the median of the next ones; the
+    first request's compute and the mean of the next ones' (from the gateway's statistics)."""
     with tempfile.TemporaryDirectory(prefix="modelyard-warmup-") as folder:
         repo = Path(folder)
         if model == "cnn":
@@ -102,44 +105,43 @@ def trial(model: str, config: str, opened: bool) -> tuple[float, float]:
         else:
             shutil.copytree(ROOT / "model_repo" / model / "1", repo / model / "1")
         (repo / model / "config.yaml").write_text(config)
-        if opened:
-            shutil.copytree(ROOT / "model_repo" / "affine" / "1", repo / "affine" / "1")
         http, grpc = free_port(), free_port()
         command = [
             sys.executable, "-m", "gateway", "serve", "--model-repo", str(repo), "--http-port", str(http),
             "--grpc-port", str(grpc), "--log-level", "warning",
         ]  # fmt: skip
         server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{http}"
         try:
-            wait_ready(url, server)
-            with httpx.Client(base_url=url, timeout=120) as client:
-                meta = client.get(f"/v2/models/{model}").json()
-                (spec,) = meta["inputs"]
+            wait_ready(f"http://127.0.0.1:{http}", server)
+            with triton_http.InferenceServerClient(f"127.0.0.1:{http}", network_timeout=120) as client:
+                (spec,) = client.get_model_metadata(model)["inputs"]
                 shape = [1 if d == -1 else d for d in spec["shape"]]
-                data = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-                body = {
-                    "inputs": [
-                        {
-                            "name": spec["name"],
-                            "datatype": "FP32",
-                            "shape": shape,
-                            "data": data.ravel().tolist(),
-                        }
-                    ]
-                }
-                client.get("/v2/health/ready").raise_for_status()
-                if opened:
-                    client.post("/v2/models/affine/infer", json=OPENER).raise_for_status()
-                latencies = []
+                tensor = triton_http.InferInput(spec["name"], shape, "FP32")
+                tensor.set_data_from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+                assert client.is_server_ready()  # the connection is open before the clock starts
+                latencies, computes = [], []
                 for _ in range(1 + STEADY_REQUESTS):
                     started = time.perf_counter()
-                    client.post(f"/v2/models/{model}/infer", json=body).raise_for_status()
+                    client.infer(model, [tensor])
                     latencies.append((time.perf_counter() - started) * 1000)
+                    if len(computes) < 2:  # after the first request, and after all of them
+                        computes.append(compute_ms(client, model))
+                computes[1] = compute_ms(client, model)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
-    return latencies[0], statistics.median(latencies[1:])
+    first_compute = computes[0]
+    return (
+        latencies[0],
+        statistics.median(latencies[1:]),
+        first_compute,
+        (computes[1] - first_compute) / STEADY_REQUESTS,
+    )
+
+
+def compute_ms(client: triton_http.InferenceServerClient, model: str) -> float:
+    (row,) = client.get_inference_statistics(model)["model_stats"]
+    return float(row["inference_stats"]["compute_infer"]["ns"]) / 1e6
 
 
 def main() -> None:
@@ -147,40 +149,46 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--runs", type=int, default=5, help="warmup runs")
+    parser.add_argument("--runs", type=int, default=20, help="warmup runs")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
     rows = []
     for model, config in MODELS.items():
-        for opened in (False, True):
-            results: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
-            for _ in range(args.trials):  # alternated, so drift on a shared machine hits both alike
-                results["off"].append(trial(model, config, opened))
-                results["on"].append(trial(model, config + f"warmup: {{runs: {args.runs}}}\n", opened))
-            first = {k: statistics.median(f for f, _ in v) for k, v in results.items()}
-            steady = {k: statistics.median(s for _, s in v) for k, v in results.items()}
-            penalty = {k: statistics.median(f - s for f, s in v) for k, v in results.items()}
+        results: dict[str, list[Trial]] = {"off": [], "on": []}
+        for _ in range(args.trials):  # alternated, so drift on a shared machine hits both alike
+            results["off"].append(trial(model, config))
+            results["on"].append(trial(model, config + f"warmup: {{runs: {args.runs}}}\n"))
+        cells = []
+        for first, steady in ((0, 1), (2, 3)):  # end to end; the backend's compute
+            med = {
+                k: (statistics.median(t[first] for t in v), statistics.median(t[steady] for t in v))
+                for k, v in results.items()
+            }
+            penalty = {k: statistics.median(t[first] - t[steady] for t in v) for k, v in results.items()}
             removed = 1 - penalty["on"] / penalty["off"] if penalty["off"] > 0 else float("nan")
-            gateway = "after another model's request" if opened else "the gateway's first request"
-            rows.append(
-                f"| {model} ({config.split()[1]}) | {gateway} | {first['off']:.1f} | {steady['off']:.2f} "
-                f"| {penalty['off']:.1f} | {first['on']:.1f} | {steady['on']:.2f} | {penalty['on']:.1f} "
-                f"| {removed * 100:.0f} % |"
-            )
-            print(rows[-1], flush=True)
+            cells += [
+                f"{med['off'][0]:.1f} / {med['off'][1]:.1f}",
+                f"{penalty['off']:.1f}",
+                f"{med['on'][0]:.1f} / {med['on'][1]:.1f}",
+                f"{penalty['on']:.1f}",
+                f"{removed * 100:.0f} %",
+            ]
+        rows.append(f"| {model} ({config.split()[1]}) | {' | '.join(cells)} |")
+        print(rows[-1], flush=True)
     lines = [
         "# warmup: first-request latency with and without warmup",
         "",
         f"- {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `{' '.join(['benchmarks/warmup.py', *sys.argv[1:]])}`",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}",
-        f"- {args.trials} fresh gateways per model and setting; REST JSON, batch 1; warmup: "
-        f"`{{runs: {args.runs}}}` on generated inputs. Medians over the trials, ms.",
+        f"- {args.trials} fresh gateways per model and setting; tritonclient HTTP, binary tensors, batch 1; "
+        f"warmup: `{{runs: {args.runs}}}` on generated inputs. Medians over the trials, ms; first / steady, "
+        "and the penalty (first minus steady).",
         "",
-        "| model | first request | first, no warmup | steady | penalty | first, warmup | steady | penalty "
-        "| penalty removed |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | end to end, no warmup | penalty | with warmup | penalty | removed "
+        "| compute, no warmup | penalty | with warmup | penalty | removed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
     ]
     emit(lines, args.out)

@@ -273,6 +273,22 @@ def test_metadata_of_a_model_never_loaded_loads_it(budget_gateway: RunningGatewa
         assert metric(budget_gateway, "modelyard_model_loads_total", model="fresh", outcome="ok") == 1
 
 
+def test_the_status_page_shows_the_budget_and_each_versions_figures(budget_gateway: RunningGateway) -> None:
+    with (
+        httpx.Client(base_url=budget_gateway.url, timeout=60) as http,
+        triton_http.InferenceServerClient(budget_gateway.http, network_timeout=120) as triton,
+    ):
+        infer(Protocol("rest", triton_http, triton), "w0")
+        memory = http.get("/status").json()["memory"]
+        assert memory["load_mode"] == "on_demand"
+        assert memory["budget_bytes"] == int(BUDGET_MIB * 2**20)
+        assert memory["loads"] >= 1 and memory["evictions"] >= 1
+        page = http.get("/").text
+    assert f"resident (and {memory['retained_bytes'] / 2**20:.1f} MiB their unloads kept) of a " in page
+    assert f"{BUDGET_MIB * 2**20 / 2**20:.1f} MiB budget" in page
+    assert "<th>resident</th><th>loads / evictions</th>" in page
+
+
 @pytest.fixture
 def tight_gateway(tmp_path: Path) -> Iterator[RunningGateway]:
     """Room for one load at a time: loading a second model needs the first one gone."""
