@@ -278,7 +278,8 @@ def test_the_status_page_shows_the_budget_and_each_versions_figures(budget_gatew
         httpx.Client(base_url=budget_gateway.url, timeout=60) as http,
         triton_http.InferenceServerClient(budget_gateway.http, network_timeout=120) as triton,
     ):
-        infer(Protocol("rest", triton_http, triton), "w0")
+        for name in MODELS:  # more than fit: some unload for room
+            infer(Protocol("rest", triton_http, triton), name)
         memory = http.get("/status").json()["memory"]
         assert memory["load_mode"] == "on_demand"
         assert memory["budget_bytes"] == int(BUDGET_MIB * 2**20)
