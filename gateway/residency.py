@@ -2,9 +2,10 @@
 
 A version's resident bytes are measured, never guessed: the resident set of the gateway's process
 and every process below it (a managed TorchServe and its workers) just before its load and just
-after it (warmup included), with the peak in between (the kernel's high-water mark). Every load
-the budget covers runs alone, under one lock, so no other load moves those figures; requests that
-run on other versions meanwhile move them by their transient buffers only.
+after it (warmup included), with the peak in between (the kernel's high-water mark). Under a
+budget every load runs alone, under one lock, so no other load moves those figures; requests that
+run on other versions meanwhile move them by their transient buffers only. Without a budget, loads
+run side by side as they always have, and a figure can include another load's memory.
 
 Before a load, the least recently used versions that no request is running on unload until the
 others' resident bytes plus the load's peak fit the budget. The peak is the version's own from its
@@ -273,7 +274,9 @@ class Residency:
         """Runs `open_version` (which leaves `loaded` ready) alone, after making room for it, and
         records what it measured. `files` is the size of the version's files on disk."""
         label = f"model '{model}' version {loaded.version}"
-        async with self._lock:
+        # Without a budget nothing depends on the figures: loads run side by side, as before.
+        exclusive = self._lock if self.budget is not None else contextlib.nullcontext()
+        async with exclusive:
             known = loaded.footprint
             if self.budget is not None:
                 if known is not None and known.resident > self.budget - self.retained_bytes:
