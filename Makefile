@@ -8,6 +8,7 @@ GRPC_PORT ?= 8001
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
 .PHONY: serve test test-slow install dev lint typecheck pytest models bench bench-peers soak bench-tools clean \
+	bench-budget bench-warmup \
 	deploy-tools browser-tools torchserve-store images compose-up compose-down compose-smoke
 
 $(BIN)/python:
@@ -65,6 +66,18 @@ bench: dev bench-tools
 	$(MAKE) bench-peers
 	$(BIN)/python benchmarks/batching.py $(BATCHING_ARGS) --out benchmarks/results/batching.md
 	$(BIN)/python benchmarks/memory.py $(MEMORY_ARGS) --out benchmarks/results/memory.md
+
+# The memory budget's figure: 12 ONNX models of 100 MiB (made in a temporary folder) on demand
+# under a budget for 4, round-robin traffic over all 12 (docs/models.md). BUDGET_ARGS, e.g.
+# "--models 6 --mib 20 --fit 2 --rounds 1" for a smoke run.
+BUDGET_ARGS ?=
+bench-budget: dev
+	$(BIN)/python benchmarks/budget.py $(BUDGET_ARGS) --out benchmarks/results/budget.md
+
+# First-request latency with and without warmup, ONNX Runtime and TensorFlow (docs/models.md).
+WARMUP_ARGS ?= --trials 5
+bench-warmup: dev
+	$(BIN)/python benchmarks/warmup.py $(WARMUP_ARGS) --out benchmarks/results/warmup.md
 
 # Issue 8's soak: minutes of good and hostile load on the example repository, RSS sampled throughout.
 SOAK_ARGS ?= --minutes 5

@@ -10,7 +10,8 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from gateway.registry import Registry, State
+from gateway.loaded import State
+from gateway.registry import Registry
 from gateway.repository import scan
 from gateway.settings import Settings
 from gateway.tools.commands import register as register_tools
@@ -61,6 +62,20 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    load_mode: Annotated[
+        str | None,
+        typer.Option(
+            help="eager: load every model at start; on_demand: each at its first request "
+            "[env MODELYARD_LOAD_MODE]."
+        ),
+    ] = None,
+    model_memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory the resident models may hold, e.g. 2GiB or 50%; least recently used idle "
+            "versions unload to make room [env MODELYARD_MODEL_MEMORY_BUDGET]."
+        ),
+    ] = None,
     api_keys_file: Annotated[
         Path | None,
         typer.Option(help="YAML/JSON file of API keys; turns auth on [env MODELYARD_API_KEYS_FILE]."),
@@ -89,6 +104,8 @@ def serve(
         "log_level": log_level,
         "poll_interval_s": poll_interval,
         "enable_repository_api": enable_repository_api,
+        "load_mode": load_mode,
+        "model_memory_budget": model_memory_budget,
         "api_keys_file": api_keys_file,
         "tls_certfile": tls_certfile,
         "tls_keyfile": tls_keyfile,
@@ -142,7 +159,7 @@ async def _check(directory: Path, load: bool) -> int:
                 typer.echo(f"ok    model '{name}': versions {versions} ({entry.backend})")
                 continue
             try:
-                model = await registry.load(name)
+                model = await registry.load(name, resident=True)
             except Exception:
                 model = registry.get(name)
             failed = [v for v in model.versions.values() if v.state is not State.READY]

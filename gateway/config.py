@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
@@ -137,8 +138,40 @@ class OnnxRuntimeOptions(_Strict):
     inline_below_us: int = Field(default=150, ge=0)
 
 
+LoadMode = Literal["eager", "on_demand"]
+
+
+class Warmup(_Strict):
+    """Requests run when a version loads (and every time it loads again), before it turns ready:
+    the inputs of .npz files in the model's folder, or inputs generated from its signature."""
+
+    # Files beside config.yaml, each one request's inputs keyed by input name; none: generated.
+    samples: tuple[str, ...] = ()
+    # How many times each request runs.
+    runs: int = Field(default=1, ge=1, le=1000)
+    # Rows of generated inputs: the size of every -1 dimension.
+    batch: int = Field(default=1, ge=1, le=4096)
+
+    @field_validator("samples", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("samples")
+    @classmethod
+    def _inside_the_model(cls, samples: tuple[str, ...]) -> tuple[str, ...]:
+        for name in samples:
+            path = PurePosixPath(name)
+            if path.is_absolute() or ".." in path.parts or path.suffix != ".npz":
+                raise ValueError(f"warmup sample {name!r} must be an .npz file inside the model's folder")
+        return samples
+
+
 class ModelConfig(_Strict):
     backend: BackendName | None = None
+    # eager: loaded at start; on_demand: at its first request. None: the gateway's --load-mode.
+    load: LoadMode | None = None
+    warmup: Warmup | None = None
     version_policy: VersionPolicy = VersionPolicy(latest=1)
     labels: dict[str, int] = Field(default_factory=dict)
     traffic: dict[int, float] = Field(default_factory=dict)
@@ -202,13 +235,36 @@ class ConfigError(ValueError):
     """A config.yaml that cannot be read or does not fit the schema."""
 
 
-def load_model_config(path: Path) -> ModelConfig:
+# Sections of settings: an override's section changes the keys it names and keeps the others.
+# Every other key (a version policy, the labels, the tensors) is replaced whole.
+MERGED_SECTIONS = frozenset(
+    {"batching", "limits", "routing", "warmup", "onnxruntime", "torchserve", "tfserving", "tensorflow"}
+    | {"litert", "keras", "v2"}
+)
+
+
+def merge_override(raw: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """config.yaml's mapping with an override's keys laid over it."""
+    merged = dict(raw)
+    for key, value in override.items():
+        below = merged.get(key)
+        if key in MERGED_SECTIONS and isinstance(below, dict) and isinstance(value, Mapping):
+            merged[key] = {**below, **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_model_config(path: Path, override: Mapping[str, Any] | None = None) -> ModelConfig:
+    """The model's config.yaml (absent: all defaults), with `override`'s keys laid over it."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    if override:
+        raw = merge_override(raw, override)
     try:
         return ModelConfig.model_validate(raw)
     except ValidationError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import gateway
@@ -24,9 +25,10 @@ from gateway.errors import (
     PermissionDenied,
 )
 from gateway.limits import Limiter, acquire_all, release_all
+from gateway.loaded import LoadedVersion, State
 from gateway.metrics import Metrics, RequestSeries
 from gateway.outcomes import Outcomes, Served
-from gateway.registry import LoadedVersion, Registry, State
+from gateway.registry import Registry
 from gateway.rollouts import SHADOW_PROTOCOL, Rollouts
 from gateway.routing import Route, Router
 from gateway.types import (
@@ -101,11 +103,13 @@ class DataPlane:
         return True
 
     async def model_ready(self, name: str, version: str | None) -> bool:
+        """Whether a request would be served: a version that loads on demand is ready in that sense,
+        since its request waits for the load."""
         try:
             loaded = self.router.select(self.registry.get(name), version)
         except ModelNotReady:
             return False
-        return await _backend_ready(loaded)
+        return loaded.loadable or await _backend_ready(loaded)
 
     async def model_status(self, name: str, version: str | None) -> list[IndexEntry]:
         """Each version's state, or only the one a version number or label names; a version the
@@ -122,33 +126,37 @@ class DataPlane:
         return ServerMetadata("modelyard", gateway.__version__, EXTENSIONS)
 
     async def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
-        route = self._for_metadata(name, version)
+        route = await self._for_metadata(name, version)
         signature = route.signature
         return ModelMetadata(
             name=name,
             version=str(route.loaded.version),
-            versions=tuple(str(v) for v in route.model.ready_versions),
+            versions=tuple(str(v) for v in route.model.servable_versions),
             platform=signature.platform,
             inputs=signature.inputs,
             outputs=signature.outputs,
         )
 
-    def model_description(self, name: str, version: str | None) -> ModelDescription:
-        route = self._for_metadata(name, version)
+    async def model_description(self, name: str, version: str | None) -> ModelDescription:
+        route = await self._for_metadata(name, version)
         config = route.model.entry.config
         return ModelDescription(
             name, route.loaded.backend, config.version_policy, config.batching.max_batch_size, route.signature
         )
 
-    def _for_metadata(self, name: str, version: str | None) -> Route:
+    async def _for_metadata(self, name: str, version: str | None) -> Route:
+        """The version metadata describes. One that is not resident answers from the signature of
+        its last load; one never loaded yet loads first, as a request would have it load."""
         model = self.registry.get(name)
         if version:
-            return Route(model, self.router.select(model, version))
-        # Metadata must not depend on a traffic draw: the version the model stands for.
-        chosen = preferred_version(model.entry.config, model.ready_versions)
-        if chosen is None:
-            return Route(model, self.router.select(model, None))
-        return Route(model, model.versions[chosen])
+            loaded = self.router.select(model, version)
+        else:
+            # Metadata must not depend on a traffic draw: the version the model stands for.
+            chosen = preferred_version(model.entry.config, model.servable_versions)
+            loaded = self.router.select(model, None) if chosen is None else model.versions[chosen]
+        if loaded.signature is None:
+            await self.registry.make_resident(model, loaded, None)
+        return Route(model, loaded)
 
     # Inference --------------------------------------------------------------------------------
 
@@ -210,19 +218,26 @@ class DataPlane:
         series = self.metrics.series(model.name, served.version, loaded.backend, context.protocol)
         stats = loaded.stats
         arrived = time.perf_counter_ns()
-        # Counted before the first await: a reload closes this version only once it reaches zero.
+        deadline = _deadline(context, model.entry.config.limits.timeout_ms)
+        # Counted before the first await: a reload closes this version, and the memory budget
+        # unloads it, only once it is back to zero.
         loaded.inflight += 1
+        loaded.last_used = time.monotonic()
         try:
+            if not loaded.ready:
+                self.metrics.load_waits.labels(model.name).inc()
+                await self.registry.make_resident(model, loaded, deadline)
             if not await _backend_ready(loaded):
                 raise ModelNotReady(f"{route.label}: its {loaded.backend} backend is not ready")
             # A front door that decodes against the signature does it here, against this version's.
             tensors = request.inputs if request.decode is None else request.decode(route.signature)
-            response = await self._compute(route, request, tensors, context, stats, series)
+            response = await self._compute(route, request, tensors, context, stats, series, deadline)
         except GatewayError:
             self._observe(stats, series, arrived, ok=False)
             raise
         finally:
             loaded.inflight -= 1
+            loaded.last_used = time.monotonic()
         self._observe(stats, series, arrived, ok=True)
         return response
 
@@ -241,6 +256,7 @@ class DataPlane:
         context: RequestContext,
         stats: VersionStats,
         series: RequestSeries,
+        deadline: float | None,
     ) -> InferResponse:
         model, loaded = route.model, route.loaded
         adapter = loaded.adapter
@@ -251,7 +267,6 @@ class DataPlane:
         queued = time.perf_counter_ns()
         stats.compute_input.add(queued - checked)
 
-        deadline = _deadline(context, model.entry.config.limits.timeout_ms)
         slots = (model.limiter,) if self._global_limiter is None else (model.limiter, self._global_limiter)
         await acquire_all(slots, deadline, context.priority)
         computing = time.perf_counter_ns()
@@ -308,9 +323,11 @@ class DataPlane:
                 entries.append(entry)
         return entries
 
-    async def load_model(self, name: str) -> None:
+    async def load_model(self, name: str, config: Mapping[str, Any] | None = None) -> None:
+        """A repository load; `config` (config.yaml keys) stands in for the file's, as Triton's load
+        with a config does."""
         self._check_repository_api("load", name)
-        await self.registry.load(name)
+        await self.registry.load_from_api(name, config)
 
     async def unload_model(self, name: str) -> None:
         self._check_repository_api("unload", name)

@@ -38,6 +38,10 @@ class ModelNotReady(GatewayError):
     """The model or version exists but is not loaded, or failed to load."""
 
 
+class NoRoom(ModelNotReady):
+    """A load found no room in the memory budget: the versions that hold it have requests running."""
+
+
 class BackendUnavailable(GatewayError):
     """The backend that serves the model cannot be reached."""
 

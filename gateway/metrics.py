@@ -51,6 +51,10 @@ LATENCY_BUCKETS = (
     10.0,
 )
 
+# Model loads: from a few milliseconds (a small ONNX graph) to minutes (a managed TorchServe's first).
+LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+VERSION_LABELS = ("model", "version", "backend")
+
 
 # (model, requests running now, requests queued now) for every loaded model, read at scrape time.
 LoadProbe = Callable[[], Iterable[tuple[str, int, int]]]
@@ -159,6 +163,45 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Loads on demand and the memory budget.
+        self.model_loads = Counter(
+            "modelyard_model_loads",
+            "Version loads, by trigger (load: at start, by the repository API or polling; request: on "
+            "demand) and outcome (ok, failed, no_room).",
+            (*VERSION_LABELS, "trigger", "outcome"),
+            registry=self.registry,
+        )
+        self.model_load_duration = Histogram(
+            "modelyard_model_load_duration_seconds",
+            "Time a version took to load, warmup included, until it turned ready.",
+            VERSION_LABELS,
+            buckets=LOAD_BUCKETS,
+            registry=self.registry,
+        )
+        self.evictions = Counter(
+            "modelyard_model_evictions",
+            "Versions unloaded to make room in the memory budget.",
+            VERSION_LABELS,
+            registry=self.registry,
+        )
+        self.resident_bytes = Gauge(
+            "modelyard_model_resident_bytes",
+            "Memory a version holds, as measured at its load (0 while it is not resident).",
+            VERSION_LABELS,
+            registry=self.registry,
+        )
+        self.memory_budget = Gauge(
+            "modelyard_model_memory_budget_bytes",
+            "The memory budget the resident versions share (absent: no budget).",
+            registry=self.registry,
+        )
+        self.load_waits = Counter(
+            "modelyard_load_waits",
+            "Requests that waited for their version to load (its first, or its first since an unload).",
+            ("model",),
+            registry=self.registry,
+        )
+
         # Faults: each also has a structured log line with the request id.
         self.rejections = Counter(
             "modelyard_rejected_requests",
@@ -169,7 +212,7 @@ class Metrics:
         )
         self.timeouts = Counter(
             "modelyard_deadline_exceeded",
-            "Requests whose deadline passed, by stage: queue, batch_queue, backend.",
+            "Requests whose deadline passed, by stage: load, queue, batch_queue, backend.",
             ("model", "stage"),
             registry=self.registry,
         )

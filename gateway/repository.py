@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def model_names(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and is_model_name(p.name))
 
 
-def _is_remote(config: ModelConfig, backend: str | None) -> bool:
+def is_remote(config: ModelConfig, backend: str | None) -> bool:
     """Remote backends serve from elsewhere: their version folders need no artifact, or may be absent."""
     return backend in REMOTE_BACKENDS or (
         backend == "torchserve" and config.torchserve.get("mode") == "remote"
@@ -74,23 +75,19 @@ def _backend_of(artifact: Path) -> str:
     return next(backend for name, backend in ARTIFACT_BACKENDS if artifact.name == name)
 
 
-def scan_model(root: Path, name: str, path: Path | None = None) -> ModelEntry:
-    """Model `name` of the repository `root`; `path` is its folder where that is not `root / name`."""
+def scan_model(
+    root: Path, name: str, path: Path | None = None, override: Mapping[str, Any] | None = None
+) -> ModelEntry:
+    """Model `name` of the repository `root`; `path` is its folder where that is not `root / name`.
+    `override` holds config.yaml keys that stand in for the file's (a repository load's config)."""
     path = root / name if path is None else path
-    problems: list[str] = []
-    config = ModelConfig()
-    config_path = path / CONFIG_FILE
-    if config_path.exists():
-        try:
-            config = load_model_config(config_path)
-        except ConfigError as exc:
-            problems.append(str(exc))
+    config, problems = _read_config(path / CONFIG_FILE, override)
     if not path.is_dir():
         return ModelEntry(name, path, config, None, (), (f"model '{name}': no folder {path}",))
 
     found = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
     backend: str | None = config.backend
-    remote = _is_remote(config, backend)
+    remote = is_remote(config, backend)
     if remote and not found and backend in REMOTE_BACKENDS:
         # A remote model has no files here: its versions may be listed in config.yaml instead of
         # as empty folders (which git cannot hold).
@@ -140,6 +137,7 @@ def scan_model(root: Path, name: str, path: Path | None = None) -> ModelEntry:
             problems.append(f"model '{name}': it lists itself as a fallback")
         elif not (root / deployment).is_dir():
             problems.append(f"model '{name}': fallback '{deployment}' is not a model in {root}")
+    problems += _missing_samples(name, path, config)
     for target in config.shadow:
         if target.model is not None and not (root / target.model).is_dir():
             problems.append(f"model '{name}': shadow model '{target.model}' is not a model in {root}")
@@ -179,21 +177,21 @@ class Repository:
             return path if is_model_name(name) and path.is_dir() else None
         return self.root if name == self.model_name and self.root.is_dir() else None
 
-    def scan(self, name: str) -> ModelEntry:
+    def scan(self, name: str, override: Mapping[str, Any] | None = None) -> ModelEntry:
         if self.model_name is None:
-            return scan_model(self.root, name)
-        return scan_single_model(self.root, name)
+            return scan_model(self.root, name, override=override)
+        return scan_single_model(self.root, name, override)
 
 
-def scan_single_model(folder: Path, name: str) -> ModelEntry:
+def scan_single_model(folder: Path, name: str, override: Mapping[str, Any] | None = None) -> ModelEntry:
     """`folder` as one model, `name`: version folders in Triton's shape, or else an artifact directly
     in it (KServe's storage initializer copies a single file there), served as version 1."""
     has_versions = folder.is_dir() and any(p.is_dir() and p.name.isdigit() for p in folder.iterdir())
-    config, problems = _read_config(folder / CONFIG_FILE)
+    config, problems = _read_config(folder / CONFIG_FILE, override)
     artifact = None if has_versions else _find_artifact(folder, config.backend)
     if artifact is None:
         # Triton's shape, one level down; an empty folder gets scan_model's "no version folders".
-        return scan_model(folder, name, path=folder)
+        return scan_model(folder, name, path=folder, override=override)
     named = {*config.labels.values(), *config.traffic}
     named |= {rule.version for rule in config.routing.canary if rule.version is not None}
     if named - {1}:
@@ -206,14 +204,22 @@ def scan_single_model(folder: Path, name: str) -> ModelEntry:
     others = [*config.fallback, *(t.model for t in config.shadow if t.model is not None)]
     if others:
         problems.append(f"model '{name}': it is the only model here, so {others} cannot be reached")
+    problems += _missing_samples(name, folder, config)
     backend = config.backend or _backend_of(artifact)
     return ModelEntry(name, folder, config, backend, (VersionEntry(1, folder, artifact),), tuple(problems))
 
 
-def _read_config(path: Path) -> tuple[ModelConfig, list[str]]:
-    if not path.exists():
-        return ModelConfig(), []
+def _read_config(path: Path, override: Mapping[str, Any] | None = None) -> tuple[ModelConfig, list[str]]:
     try:
-        return load_model_config(path), []
+        return load_model_config(path, override), []
     except ConfigError as exc:
         return ModelConfig(), [str(exc)]
+
+
+def _missing_samples(name: str, folder: Path, config: ModelConfig) -> list[str]:
+    samples = config.warmup.samples if config.warmup is not None else ()
+    return [
+        f"model '{name}': warmup sample {sample} is not a file in {folder}"
+        for sample in samples
+        if not (folder / sample).is_file()
+    ]

@@ -5,6 +5,9 @@ In order: the version or label the request names (in the URL or `model_version`,
 then the traffic split, sticky by a header's hash where configured; then the default or stable
 label; then the highest ready version. Headers reach the router as the request context's routing
 keys, names in lower case.
+
+A version that loads on demand (or was unloaded to make room) counts as ready here: the data plane
+waits for its load. Error texts begin as Triton's do, which clients look for.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 from gateway.config import DEFAULT_LABELS
 from gateway.errors import ModelNotFound, ModelNotReady
-from gateway.registry import LoadedModel, LoadedVersion
+from gateway.loaded import LoadedModel, LoadedVersion
 from gateway.types import ModelSignature
 
 _NO_KEYS: Mapping[str, str] = {}
@@ -53,7 +56,9 @@ class Router:
         """The version for `requested` (a version number, a label, or None/"" for the default),
         with the request's routing keys and `label` parameter for the rules that read them."""
         if model.reason and not model.versions:
-            raise ModelNotReady(f"model '{model.name}' is not ready: {model.reason}")
+            raise ModelNotReady(
+                f"Request for unknown model: '{model.name}' has no available versions: {model.reason}"
+            )
         routing = model.entry.config.routing
         headers = routing_keys or _NO_KEYS
         named = requested or label or headers.get(routing.label_header.lower())
@@ -68,9 +73,12 @@ class Router:
         return self._ready(model, self.default_version(model, sticky))
 
     def default_version(self, model: LoadedModel, sticky_key: str | None = None) -> int:
-        ready = model.ready_versions
+        ready = model.servable_versions
         if not ready:
-            raise ModelNotReady(f"model '{model.name}' has no ready version: {model.reason or 'none loaded'}")
+            reason = f": {model.reason}" if model.reason else ""
+            raise ModelNotReady(
+                f"Request for unknown model: '{model.name}' has no available versions{reason}"
+            )
         config = model.entry.config
         weighted = [(v, w) for v, w in sorted(config.traffic.items()) if v in ready and w > 0]
         if weighted:
@@ -93,14 +101,16 @@ class Router:
         if requested.isdigit():
             version = int(requested)
             if version not in model.versions:
-                loaded = ", ".join(str(v) for v in sorted(model.versions)) or "none"
-                raise ModelNotFound(f"model '{model.name}' has no version {version} (loaded: {loaded})")
+                known = ", ".join(str(v) for v in sorted(model.versions)) or "none"
+                raise ModelNotFound(
+                    f"Request for unknown model: '{model.name}' version {version} is not found (versions: {known})"
+                )
             return version
         labels = model.entry.config.labels
         if requested not in labels:
             known = ", ".join(sorted(labels)) or "none"
             raise ModelNotFound(
-                f"model '{model.name}' has no version or label '{requested}' (labels: {known})"
+                f"Request for unknown model: '{model.name}' has no version or label '{requested}' (labels: {known})"
             )
         return labels[requested]
 
@@ -108,11 +118,12 @@ class Router:
     def _ready(model: LoadedModel, version: int) -> LoadedVersion:
         loaded = model.versions.get(version)
         if loaded is None:
-            raise ModelNotFound(f"model '{model.name}' has no version {version}")
-        if not loaded.ready:
+            raise ModelNotFound(f"Request for unknown model: '{model.name}' version {version} is not found")
+        if not (loaded.ready or loaded.loadable):
             reason = f": {loaded.reason}" if loaded.reason else ""
             raise ModelNotReady(
-                f"model '{model.name}' version {version} is not ready ({loaded.state}){reason}"
+                f"Request for unknown model: '{model.name}' version {version} is not at ready state "
+                f"({loaded.state}){reason}"
             )
         return loaded
 

@@ -27,6 +27,7 @@ from gateway.metrics import Metrics
 from gateway.protocols.http import create_app
 from gateway.protocols.v2_grpc import SERVICE_NAME, ErrorInterceptor, GuardedServer, InferenceServicer
 from gateway.registry import AdapterFactory, Registry
+from gateway.residency import Residency
 from gateway.routing import Router
 from gateway.settings import Settings
 from gateway.status import StatusReader
@@ -55,7 +56,13 @@ class Gateway:
         self.metrics = Metrics()
         shared = SharedResources(Breakers(observe=guard_observer(self.metrics)))
         self.registry = Registry(
-            settings.model_repo, adapter_factory, self.metrics, shared, model_name=settings.model_name
+            settings.model_repo,
+            adapter_factory,
+            self.metrics,
+            shared,
+            model_name=settings.model_name,
+            load_mode=settings.load_mode,
+            residency=Residency(settings.model_memory_budget_bytes, self.metrics),
         )
         global_limiter = None
         if settings.global_max_inflight is not None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.config import LoadMode
 from gateway.repository import MODEL_NAME
+from gateway.residency import parse_budget
 
 
 class Settings(BaseSettings):
@@ -39,6 +41,13 @@ class Settings(BaseSettings):
     # The repository control API (load and unload a model) changes what the gateway serves:
     # off unless asked for, as Triton's --model-control-mode=explicit is.
     enable_repository_api: bool = False
+    # When models load: eager (at start) or on_demand (at each one's first request); a model's
+    # `load:` in config.yaml says otherwise for that model.
+    load_mode: LoadMode = "eager"
+    # The most memory the models may hold resident, measured at each load: bytes ("2GiB",
+    # "1500MB", "1073741824") or a share of the machine's memory ("50%"). Past it, a load first
+    # unloads the least recently used versions that no request is running on. None: no budget.
+    model_memory_budget: str | None = None
 
     # Input hardening: every request is held to these before anything is allocated for it.
     # A REST body over this is refused while it is read (413), a gzip/deflate body too once inflated.
@@ -67,6 +76,17 @@ class Settings(BaseSettings):
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("TLS needs both tls_certfile and tls_keyfile")
         return self
+
+    @field_validator("model_memory_budget")
+    @classmethod
+    def _budget(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_budget(value)
+        return value
+
+    @property
+    def model_memory_budget_bytes(self) -> int | None:
+        return None if self.model_memory_budget is None else parse_budget(self.model_memory_budget)
 
     @property
     def max_request_body_bytes(self) -> int:

@@ -19,8 +19,8 @@ import psutil
 import gateway
 from gateway.config import preferred_version
 from gateway.dataplane import DataPlane
+from gateway.loaded import LoadedVersion
 from gateway.metrics import LATENCY_BUCKETS, Metrics
-from gateway.registry import LoadedVersion
 
 # The traffic figures cover at least this many seconds of the most recent history, where there is that much.
 WINDOW_S = 5.0
@@ -152,6 +152,26 @@ class VersionStatus:
     # server's; None for a remote backend, whose memory the gateway cannot see.
     pid: int | None
     inflight: int
+    # Memory it holds now, as measured at its load: 0 while not resident, None where it was never
+    # measured (not loaded yet, or a remote backend's).
+    resident_bytes: int | None
+    loads: int
+    evictions: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryStatus:
+    """The memory budget and what the resident versions hold of it."""
+
+    load_mode: str
+    budget_bytes: int | None
+    resident_bytes: int
+    # What unloads did not give back: it counts against the budget.
+    retained_bytes: int
+    # What backends' runtimes kept of their first load: the gateway's base, not the budget's.
+    runtime_bytes: int
+    loads: int
+    evictions: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +215,7 @@ class GatewayStatus:
     models: list[ModelStatus]
     processes: list[ProcessStatus]
     index: list[IndexRow]
+    memory: MemoryStatus
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -231,7 +252,7 @@ class StatusReader:
                     reason=model.reason,
                     backend=model.entry.backend,
                     twin_of=config.twin_of,
-                    default_version=preferred_version(config, model.ready_versions),
+                    default_version=preferred_version(config, model.servable_versions),
                     labels=dict(config.labels),
                     traffic_weights={str(v): w for v, w in config.traffic.items()},
                     versions=versions,
@@ -241,6 +262,17 @@ class StatusReader:
         index = [
             IndexRow(e.name, e.version, e.state, e.reason) for e in await self.dataplane.repository_index()
         ]
+        registry = self.dataplane.registry
+        residency = registry.residency
+        memory = MemoryStatus(
+            registry.load_mode,
+            residency.budget,
+            residency.resident_bytes,
+            residency.retained_bytes,
+            residency.runtime_bytes,
+            registry.loads,
+            residency.evictions,
+        )
         return GatewayStatus(
             version=gateway.__version__,
             uptime_s=round(time.monotonic() - self._started, 1),
@@ -248,6 +280,7 @@ class StatusReader:
             models=models,
             processes=[_process(pid, serves) for pid, serves in served_by.items()],
             index=index,
+            memory=memory,
         )
 
 
@@ -264,7 +297,16 @@ async def _version(loaded: LoadedVersion) -> VersionStatus:
         breaker=None if guard is None else guard.state.value,
         pid=adapter.process_id() if adapter is not None else None,
         inflight=loaded.inflight,
+        resident_bytes=_resident(loaded),
+        loads=loaded.loads,
+        evictions=loaded.evictions,
     )
+
+
+def _resident(loaded: LoadedVersion) -> int | None:
+    if loaded.footprint is None:
+        return None
+    return loaded.footprint.resident if loaded.adapter is not None else 0
 
 
 def _process(pid: int, serves: list[str]) -> ProcessStatus:

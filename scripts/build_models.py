@@ -96,6 +96,23 @@ def build_mlp(
     return _model(graph)
 
 
+def matmul_weights(rows: int, cols: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+
+
+def build_matmul(rows: int, cols: int, seed: int) -> onnx.ModelProto:
+    """y = x @ W on FP32 [-1, rows] -> [-1, cols]: a model whose size is its weights,
+    rows x cols x 4 bytes (the memory-budget tests and benchmark make them of any size)."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", cols])],
+        initializer=[numpy_helper.from_array(matmul_weights(rows, cols, seed), "W")],
+    )
+    return _model(graph)
+
+
 def build_text_normalizer() -> onnx.ModelProto:
     """BYTES in, BYTES out: lower-cases each string and drops English stop words."""
     node = helper.make_node(

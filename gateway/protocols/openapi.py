@@ -65,6 +65,12 @@ V2_REPOSITORY_INDEX_REQUEST: dict[str, Any] = {
     "properties": {"repository_name": {"type": "string"}, "ready": {"type": "boolean"}},
 }
 
+# A repository load: `config` is Triton's ModelConfig as a JSON string.
+V2_REPOSITORY_LOAD_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "properties": {"parameters": {"type": "object", "properties": {"config": {"type": "string"}}}},
+}
+
 
 def request_body(schema: dict[str, Any], required: bool = True, binary: bool = False) -> dict[str, Any]:
     """`openapi_extra` declaring a JSON body of `schema` (and, with `binary`, the binary form)."""

@@ -12,7 +12,7 @@ from html import escape
 from fastapi import APIRouter, Response
 
 from gateway.protocols.v2_rest import json_response
-from gateway.status import GatewayStatus, ModelStatus, ModelTraffic, ProcessStatus, StatusReader
+from gateway.status import GatewayStatus, MemoryStatus, ModelStatus, ModelTraffic, ProcessStatus, StatusReader
 
 REFRESH_MS = 2000
 
@@ -52,6 +52,7 @@ def render_panel(status: GatewayStatus) -> str:
             _traffic_table(status.models),
             "<h2>Processes</h2>",
             _process_table(status.processes),
+            _memory_line(status.memory),
             "<h2>Repository</h2>",
             _index_table(status),
         ]
@@ -77,7 +78,7 @@ def _models_table(models: list[ModelStatus]) -> str:
             rows.append(
                 f'<tr data-model="{escape(model.name)}">'
                 + _cells(escape(model.name) + twin, "-", escape(model.backend or "-"), escape(model.state))
-                + _cells("-", "-", labels, weights)
+                + _cells("-", "-", labels, weights, "-", "-")
                 + "</tr>"
             )
         for version in model.versions:
@@ -88,10 +89,24 @@ def _models_table(models: list[ModelStatus]) -> str:
                 f'<tr data-model="{escape(model.name)}" data-version="{version.version}">'
                 + _cells(escape(model.name) + twin, str(version.version), escape(version.backend), state)
                 + _cells(health, breaker, labels, weights)
+                + _cells(_mib(version.resident_bytes), f"{version.loads} / {version.evictions}")
                 + "</tr>"
             )
-    head = "<tr><th>model</th><th>version</th><th>backend</th><th>state</th><th>backend health</th><th>breaker</th><th>labels</th><th>traffic weights</th></tr>"
-    return f'<table id="models">{head}{"".join(rows) or _empty(8)}</table>'
+    head = "<tr><th>model</th><th>version</th><th>backend</th><th>state</th><th>backend health</th><th>breaker</th><th>labels</th><th>traffic weights</th><th>resident</th><th>loads / evictions</th></tr>"
+    return f'<table id="models">{head}{"".join(rows) or _empty(10)}</table>'
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f} MiB"
+
+
+def _memory_line(memory: MemoryStatus) -> str:
+    budget = "no budget" if memory.budget_bytes is None else f"of a {_mib(memory.budget_bytes)} budget"
+    return (
+        f'<p class="meta" id="memory">models: {_mib(memory.resident_bytes)} resident '
+        f"(and {_mib(memory.retained_bytes)} their unloads kept) {budget}; "
+        f"{memory.loads} loads, {memory.evictions} evictions; load mode {escape(memory.load_mode)}</p>"
+    )
 
 
 def _ms(value: float | None) -> str:

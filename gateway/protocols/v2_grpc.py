@@ -29,6 +29,7 @@ from gateway.codec import (
 from gateway.context import REQUEST_ID_HEADER, ContextBuilder, deadline_after, request_id
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, MalformedRequest, Unsupported, retry_after, status_for
+from gateway.protocols.triton import load_parameters
 from gateway.protocols.triton import model_config as triton_model_config
 from gateway.types import (
     Datatype,
@@ -220,7 +221,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         )
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
-        config = triton_model_config(self.dataplane.model_description(request.name, request.version or None))
+        config = triton_model_config(
+            await self.dataplane.model_description(request.name, request.version or None)
+        )
         return service_pb2.ModelConfigResponse(
             config=json_format.ParseDict(config, model_config_pb2.ModelConfig())
         )
@@ -263,7 +266,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         )
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
-        await self.dataplane.load_model(request.model_name)
+        parameters = {
+            key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+            for key, value in request.parameters.items()
+        }
+        config = load_parameters(request.model_name, parameters)
+        await self.dataplane.load_model(request.model_name, config)
         return service_pb2.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:

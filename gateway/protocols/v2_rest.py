@@ -25,7 +25,8 @@ from gateway.codec import (
 from gateway.context import REQUEST_ID_HEADER, ContextBuilder, request_id
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, MalformedRequest, PayloadTooLarge, Unsupported
-from gateway.protocols.openapi import V2_REPOSITORY_INDEX_REQUEST, request_body
+from gateway.protocols.openapi import V2_REPOSITORY_INDEX_REQUEST, V2_REPOSITORY_LOAD_REQUEST, request_body
+from gateway.protocols.triton import load_parameters
 from gateway.protocols.triton import model_config as triton_model_config
 from gateway.types import Duration, InferRequest, InferResponse, ModelStatistics, RequestedOutput, Tensor
 
@@ -106,7 +107,9 @@ def v2_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> API
 
     @route("GET", "{model}/config")
     async def model_config(model_name: str, model_version: str | None = None) -> Response:
-        return json_response(triton_model_config(dataplane.model_description(model_name, model_version)))
+        return json_response(
+            triton_model_config(await dataplane.model_description(model_name, model_version))
+        )
 
     @route("GET", "{model}/stats")
     async def model_stats(model_name: str, model_version: str | None = None) -> Response:
@@ -133,9 +136,19 @@ def v2_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> API
             ]
         )
 
-    @route("POST", "/v2/repository/models/{model_name}/load", versioned=False)
-    async def repository_load(model_name: str) -> Response:
-        await dataplane.load_model(model_name)
+    @route(
+        "POST",
+        "/v2/repository/models/{model_name}/load",
+        versioned=False,
+        body=request_body(V2_REPOSITORY_LOAD_REQUEST, False),
+    )
+    async def repository_load(model_name: str, request: Request) -> Response:
+        body = await request.body()
+        options = json_object(body, limits) if body.strip() else {}
+        parameters = options.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise MalformedRequest(f"failed to load '{model_name}', 'parameters' must be a JSON object")
+        await dataplane.load_model(model_name, load_parameters(model_name, parameters))
         return json_response({})
 
     @route("POST", "/v2/repository/models/{model_name}/unload", versioned=False)

@@ -14,11 +14,13 @@ from typing import Any
 import numpy as np
 
 from adapters import ModelAdapter
+from gateway import samples
 from gateway.config import preferred_version
 from gateway.errors import GatewayError, ModelNotReady
 from gateway.registry import Registry
+from gateway.samples import SampleError
 from gateway.tools.errors import ToolError
-from gateway.types import Datatype, ModelSignature, TensorSpec, numpy_dtype
+from gateway.types import ModelSignature, TensorSpec
 
 Arrays = Mapping[str, np.ndarray[Any, Any]]
 
@@ -26,7 +28,7 @@ Arrays = Mapping[str, np.ndarray[Any, Any]]
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5
 DEFAULT_BATCH = 4
-SEED = 0
+SEED = samples.SEED
 
 
 class ParityUsageError(ToolError):
@@ -133,70 +135,26 @@ def generate_inputs(
     """Reproducible inputs for a signature: -1 dimensions become `batch`."""
     if batch < 1:
         raise ParityUsageError(f"--batch must be at least 1, not {batch}")
-    rng = np.random.default_rng(seed)
-    arrays: dict[str, np.ndarray[Any, Any]] = {}
-    for spec in specs:
-        shape = tuple(batch if d == -1 else d for d in spec.shape)
-        dtype = numpy_dtype(spec.datatype)
-        if spec.datatype is Datatype.BYTES:
-            raise ParityUsageError(
-                f"input '{spec.name}' is BYTES, which cannot be generated: give the inputs with --inputs FILE.npz"
-            )
-        if spec.datatype is Datatype.BOOL:
-            arrays[spec.name] = rng.integers(0, 2, shape).astype(dtype)
-        elif dtype.kind == "f":
-            arrays[spec.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            low = 0 if dtype.kind == "u" else -5
-            arrays[spec.name] = rng.integers(low, 10, shape).astype(dtype)
-    return arrays
+    try:
+        return samples.generate_inputs(specs, batch, seed, hint="give the inputs with --inputs FILE.npz")
+    except SampleError as exc:
+        raise ParityUsageError(str(exc)) from exc
 
 
 def read_inputs(path: Path) -> dict[str, np.ndarray[Any, Any]]:
     """Arrays from an .npz file, keyed by input name."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
-    except (OSError, ValueError) as exc:
-        raise ParityUsageError(f"cannot read inputs from {path}: {exc}") from exc
+        return samples.read_inputs(path)
+    except SampleError as exc:
+        raise ParityUsageError(str(exc)) from exc
 
 
 def fit_inputs(inputs: Arrays, specs: Sequence[TensorSpec], side: str) -> dict[str, np.ndarray[Any, Any]]:
     """The inputs checked against one side's signature, cast to its datatypes where that loses no kind."""
-    wanted = {spec.name: spec for spec in specs}
-    missing = sorted(set(wanted) - set(inputs))
-    extra = sorted(set(inputs) - set(wanted))
-    if missing or extra:
-        problems = [f"missing {', '.join(missing)}"] if missing else []
-        problems += [f"unknown {', '.join(extra)}"] if extra else []
-        raise ParityUsageError(
-            f"inputs do not fit {side}: {'; '.join(problems)} (its inputs are {', '.join(wanted)})"
-        )
-    fitted: dict[str, np.ndarray[Any, Any]] = {}
-    for name, spec in wanted.items():
-        array = np.asarray(inputs[name])
-        if not spec.accepts_shape(tuple(array.shape)):
-            raise ParityUsageError(
-                f"input '{name}' has shape {list(array.shape)}; {side} takes {list(spec.shape)}"
-            )
-        if spec.datatype is Datatype.BYTES:
-            fitted[name] = _as_bytes(array, name, side)
-            continue
-        dtype = numpy_dtype(spec.datatype)
-        if not np.can_cast(array.dtype, dtype, "same_kind"):
-            raise ParityUsageError(f"input '{name}' is {array.dtype}; {side} takes {spec.datatype}")
-        fitted[name] = array.astype(dtype, copy=False)
-    return fitted
-
-
-def _as_bytes(array: np.ndarray[Any, Any], name: str, side: str) -> np.ndarray[Any, Any]:
-    """A BYTES tensor as the gateway carries it: an object array of bytes. An .npz holds strings as
-    fixed-width bytes or unicode, since object arrays would need pickle to load."""
-    if array.dtype.kind == "S":
-        return np.array([bytes(v) for v in array.ravel()], dtype=object).reshape(array.shape)
-    if array.dtype.kind == "U":
-        return np.array([str(v).encode() for v in array.ravel()], dtype=object).reshape(array.shape)
-    raise ParityUsageError(f"input '{name}' is {array.dtype}; {side} takes BYTES (strings)")
+    try:
+        return samples.fit_inputs(inputs, specs, side)
+    except SampleError as exc:
+        raise ParityUsageError(str(exc)) from exc
 
 
 def diff_output(

@@ -186,7 +186,7 @@ async def test_two_versions_of_affine_differ_by_what_onnxruntime_says() -> None:
 
 
 async def test_an_unknown_model_or_version_is_a_usage_error() -> None:
-    with pytest.raises(ParityUsageError, match="model 'nope' is not in the repository"):
+    with pytest.raises(ParityUsageError, match="failed to load 'nope', failed to poll from model repository"):
         await run_parity(REPO, Deployment("affine"), Deployment("nope"))
     with pytest.raises(ParityUsageError, match="model 'affine' has no version 9"):
         await run_parity(REPO, Deployment("affine", 1), Deployment("affine", 9))
@@ -276,7 +276,7 @@ def test_command_takes_strings_for_bytes_inputs(tmp_path: Path) -> None:
     [
         (["affine", "--versions", "1,2", "--deployments", "affine,affine_tf"], "not both"),
         (["affine"], "give the two sides"),
-        (["nope", "--versions", "1,2"], "model 'nope' is not in the repository"),
+        (["nope", "--versions", "1,2"], "failed to load 'nope', failed to poll from model repository"),
         (["text_normalizer", "--deployments", "text_normalizer,text_normalizer:1"], "BYTES"),
         (["affine", "--versions", "1,2", "--inputs", "/no/such.npz"], "cannot read inputs from /no/such.npz"),
         (["affine", "--versions", "1,2", "--batch", "0"], "--batch must be at least 1"),

@@ -137,7 +137,7 @@ def test_the_flat_shape_serves_under_the_given_name(flat_gateway: RunningGateway
             np.testing.assert_allclose(y, affine(1, X), rtol=1e-5, atol=1e-6)
             with pytest.raises(InferenceServerException) as caught:
                 client.get_model_metadata("mnt-models")  # the folder's own name is no model
-            assert "not in the repository" in str(caught.value), kind
+            assert "Request for unknown model: 'mnt-models' is not found" in str(caught.value), kind
         finally:
             client.close()
     index = httpx.post(f"{flat_gateway.url}/v2/repository/index").json()
