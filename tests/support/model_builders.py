@@ -151,7 +151,7 @@ routing:
 """
 MLP_BATCHED = "backend: onnxruntime\nbatching: {max_batch_size: 16, max_queue_delay_us: 2000}\n"
 
-EXAMPLE_REPO = Path(__file__).resolve().parent.parent / "model_repo"
+EXAMPLE_REPO = Path(__file__).resolve().parents[2] / "model_repo"
 SPIN_LIMITED = "backend: onnxruntime\nlimits: {max_inflight: 1, max_queue: 0}\n"
 SPIN_DEADLINE = "backend: onnxruntime\nlimits: {timeout_ms: 50}\n"
 
