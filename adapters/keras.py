@@ -17,7 +17,6 @@ import asyncio
 import importlib
 import os
 import sys
-import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
@@ -26,13 +25,11 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters.base import LoadSpec, ModelAdapter, override_signature
-from adapters.tensorflow import read_options
+from adapters.base import IMPORT_LOCK, LoadSpec, ModelAdapter, override_signature
 from gateway.errors import BackendError, GatewayError, InvalidInput, ModelNotReady
 from gateway.types import ModelSignature, TensorSpec, datatype_of
 
 PLATFORM = "keras"
-_IMPORT_LOCK = threading.Lock()
 
 
 class KerasOptions(BaseModel):
@@ -45,9 +42,9 @@ class KerasOptions(BaseModel):
     workers: int = Field(default=2, ge=1)
 
 
-def import_keras(backend: str, label: str) -> ModuleType:
+def import_keras(adapter: type[ModelAdapter], backend: str, label: str) -> ModuleType:
     """Keras on `backend`, imported on first use; a clear error when this process already runs another."""
-    with _IMPORT_LOCK:
+    with IMPORT_LOCK:
         if "keras" not in sys.modules and "tensorflow" not in sys.modules:
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             os.environ.setdefault("KERAS_BACKEND", backend)
@@ -56,8 +53,8 @@ def import_keras(backend: str, label: str) -> ModuleType:
             running = str(keras.backend.backend())
         except ImportError as exc:
             raise ModelNotReady(
-                f"{label}: Keras on the {backend} backend cannot be imported: install the 'keras' extra "
-                f"(pip install 'modelyard[keras]') and {backend} itself ({exc})"
+                f"{label}: Keras on the {backend} backend cannot be imported: {adapter.install_hint()}, "
+                f"and {backend} itself ({exc})"
             ) from exc
     if running != backend:
         raise ModelNotReady(
@@ -80,10 +77,14 @@ def _tensor_spec(name: str, tensor: Any, label: str) -> TensorSpec:
 
 class KerasAdapter(ModelAdapter):
     backend: ClassVar[str] = "keras"
+    artifacts: ClassVar[tuple[str, ...]] = ("model.keras",)
+    extra: ClassVar[str | None] = "keras"
+    options_model: ClassVar[type[BaseModel]] = KerasOptions
+    packages: ClassVar[tuple[str, ...]] = ("keras",)
 
     def __init__(self, spec: LoadSpec) -> None:
         super().__init__(spec)
-        self._options: KerasOptions = read_options(spec, spec.config.keras, KerasOptions)
+        self._options: KerasOptions = self.read_options(spec)
         self._keras: ModuleType | None = None
         self._model: Any = None
         self._input_names: tuple[str, ...] = ()
@@ -120,7 +121,7 @@ class KerasAdapter(ModelAdapter):
         self._keras, self._model = keras, model
 
     def _load_model(self) -> tuple[ModuleType, Any]:
-        keras = import_keras(self._options.backend, self.spec.label)
+        keras = import_keras(type(self), self._options.backend, self.spec.label)
         artifact = self.spec.artifact
         assert artifact is not None
         try:

@@ -41,7 +41,7 @@ import onnxruntime as ort
 from peer_venvs import PEER_PACKAGE, PEERS_DIR, RUNTIMES_DIR, ensure_venv, installed_version, kserve_command
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from adapters import torchserve_handler as wire
+from adapters.torchserve import modelyard_handler as wire
 
 ROOT = Path(__file__).resolve().parent.parent
 ONNX_MODEL = ROOT / "model_repo" / "mlp" / "1" / "model.onnx"

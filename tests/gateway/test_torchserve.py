@@ -341,6 +341,31 @@ def test_remote_torchserve_serves(remote_gateway: RunningGateway, model: str, pr
     )
 
 
+# aiohttp warns (a ResourceWarning, silent outside tests) of bodies over 1 MiB sent as bytes.
+@pytest.mark.filterwarnings("ignore:Sending a large body directly with raw bytes:ResourceWarning")
+async def test_torchserve_s_statuses_read_back_through_the_shared_table(
+    remote_torchservers: dict[str, StandaloneTorchServe],
+) -> None:
+    """The same reading as TF Serving's and v2's (tests/gateway/test_error_table.py): a model
+    TorchServe does not have is not ready (503), a body over its max_request_size is too large (413)."""
+    from adapters.torchserve import TorchServeClient
+    from adapters.torchserve import modelyard_handler as wire
+    from gateway.errors import ModelNotReady, PayloadTooLarge
+
+    server = remote_torchservers["open"]
+    client = TorchServeClient(server.inference_url, server.management_url, None, None, 60.0)
+    try:
+        small = wire.encode_tensors("inputs", {"input": ROWS[:1]})
+        with pytest.raises(ModelNotReady, match="TorchServe answered 404"):
+            await client.predict("model 'm' version 1", "no_such_model", None, small, 60.0)
+        # TorchServe's default max_request_size is 6553500 bytes; this body is about 7.7 MB.
+        large = wire.encode_tensors("inputs", {"input": np.zeros((30_000, 64), np.float32)})
+        with pytest.raises(PayloadTooLarge, match="TorchServe answered 413"):
+            await client.predict("model 'm' version 1", "mlp", None, large, 60.0)
+    finally:
+        await client.aclose()
+
+
 def test_remote_without_the_token_is_unavailable_with_the_reason(remote_gateway: RunningGateway) -> None:
     with httpx.Client(base_url=remote_gateway.url) as http:
         assert http.get("/v2/models/without_token/ready").status_code == 503
