@@ -4,6 +4,8 @@ TensorFlow, and a TensorFlow model beside them says what to install while the re
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -72,3 +74,18 @@ def test_litert_and_v2_serve_without_tensorflow(gateway: RunningGateway, tmp_pat
     finally:
         running.stop()
     assert "Traceback" not in running.output(), running.output()[-3000:]
+
+
+def test_the_registry_imports_no_framework() -> None:
+    """Listing the backends and their attributes costs no extra's import."""
+    probe = (
+        "import sys, adapters, gateway.repository\n"
+        "assert len(adapters.BACKENDS) >= 7\n"
+        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'tensorflow', 'tensorflow_serving', 'keras', 'ai_edge_litert', 'torch', 'ts', 'model_archiver'})))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
