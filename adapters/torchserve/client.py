@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import io
 import json
 from typing import Any
 
@@ -19,6 +21,15 @@ from gateway.errors import (
     DeadlineExceeded,
     remote_http_error,
 )
+
+# aiohttp writes a bytes body in one piece, and warns above this size; a file-like body goes in
+# chunks, so the event loop is not held and a server that answers early (TorchServe's 413) leaves
+# no transport stuck behind a body it will never read.
+_CHUNKED_ABOVE = 1 << 20
+
+
+def _payload(body: bytes) -> bytes | io.BytesIO:
+    return io.BytesIO(body) if len(body) > _CHUNKED_ABOVE else body
 
 
 def error_message(content: bytes) -> str:
@@ -83,7 +94,7 @@ class TorchServeClient:
         limit = self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout)
         try:
             async with self.inference.post(
-                path, data=body, headers={"Content-Type": wire.CONTENT_TYPE}, timeout=limit
+                path, data=_payload(body), headers={"Content-Type": wire.CONTENT_TYPE}, timeout=limit
             ) as response:
                 status, content = response.status, await response.read()
         except TimeoutError as exc:
@@ -115,6 +126,10 @@ class TorchServeClient:
     async def aclose(self) -> None:
         await self.inference.close()
         await self.management.aclose()
+        # asyncio closes a transport on the loop's next pass: without one, a gateway (or test)
+        # whose loop ends right after this leaves its last connections unclosed (aiohttp's
+        # "graceful shutdown").
+        await asyncio.sleep(0)
 
 
 async def remote_client(shared: SharedResources, options: TorchServeOptions, label: str) -> TorchServeClient:
