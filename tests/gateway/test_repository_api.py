@@ -208,8 +208,8 @@ def test_reload_under_steady_traffic_drops_nothing(gateway: RunningGateway, relo
 def test_polling_follows_the_folder(tmp_path: Path) -> None:
     """With --poll-interval, new versions, new models, config changes and removals take effect by
     themselves; a model unloaded through the API stays unloaded until loaded through it again."""
-    from tests.support import start_gateway
     from scripts.build_models import build_mlp
+    from tests.support import start_gateway
 
     repo = tmp_path / "repo"
     _save(build_affine(1), repo / "polled" / "1" / "model.onnx")
