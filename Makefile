@@ -128,11 +128,11 @@ COMPOSE ?= docker-compose -p modelyard
 
 torchserve-store: $(foreach v,$(TS_VERSIONS),$(TS_STORE)/$(TS_MODEL)-v$(v).mar)
 
-$(TS_STORE)/$(TS_MODEL)-v%.mar: model_repo/$(TS_MODEL)/%/model.pt adapters/torchserve_handler.py | $(VENV)/.installed
+$(TS_STORE)/$(TS_MODEL)-v%.mar: model_repo/$(TS_MODEL)/%/model.pt adapters/torchserve/modelyard_handler.py | $(VENV)/.installed
 	mkdir -p $(TS_STORE)/build-v$*
 	echo '{"inputs": ["input"], "outputs": ["logits"], "threads": 1}' > $(TS_STORE)/build-v$*/modelyard.json
 	$(BIN)/torch-model-archiver --model-name $(TS_MODEL) --version $* --serialized-file $< \
-		--handler adapters/torchserve_handler.py --extra-files $(TS_STORE)/build-v$*/modelyard.json \
+		--handler adapters/torchserve/modelyard_handler.py --extra-files $(TS_STORE)/build-v$*/modelyard.json \
 		--export-path $(TS_STORE)/build-v$* --force
 	mv $(TS_STORE)/build-v$*/$(TS_MODEL).mar $@
 	rm -rf $(TS_STORE)/build-v$*

@@ -1,17 +1,28 @@
-"""The backend interface: every backend kind implements `ModelAdapter` in one module of its own."""
+"""The backend interface: every backend kind implements `ModelAdapter` in one module of its own,
+and describes itself in the class attributes the registry (adapters/__init__.py) reads.
+
+Importing an adapter class costs nothing heavy: a backend imports its framework when a version
+loads (`import_framework`), so a missing extra fails only the models that need it, with the hint
+that says what to install.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Any, ClassVar, Protocol, Self, TypeVar
 
+import grpc
+import httpx
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gateway.breaker import Breakers, EndpointGuard
 from gateway.config import ModelConfig
@@ -19,6 +30,10 @@ from gateway.errors import ModelNotReady
 from gateway.types import ModelSignature, TensorSpec
 
 log = logging.getLogger("modelyard.adapters")
+
+# Versions load on worker threads, and two threads importing TensorFlow (or Keras, which imports
+# it) at once can each see the other's half-initialized modules: one framework import at a time.
+IMPORT_LOCK = threading.RLock()
 
 
 class SharedResource(Protocol):
@@ -46,6 +61,26 @@ class SharedResources:
                 self._items[key] = await factory()
             return self._items[key]  # type: ignore[return-value]
 
+    async def grpc_channel(self, address: str, max_message_mb: int) -> grpc.aio.Channel:
+        """One gRPC channel per address for every version that calls it. Messages carry whole
+        tensors: far more than gRPC's 4 MiB default."""
+
+        async def open_channel() -> _Channel:
+            limit = max_message_mb * 1024 * 1024
+            options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+            return _Channel(grpc.aio.insecure_channel(address, options=options))
+
+        return (await self.get(f"grpc:{address}:{max_message_mb}", open_channel)).channel
+
+    async def http_client(self, base_url: str) -> httpx.AsyncClient:
+        """One keep-alive HTTP client per base URL for every version that calls it."""
+        base_url = base_url.rstrip("/")
+
+        async def open_client() -> httpx.AsyncClient:
+            return httpx.AsyncClient(base_url=base_url)
+
+        return await self.get(f"http:{base_url}", open_client)
+
     async def aclose(self) -> None:
         items, self._items = list(self._items.items()), {}
         for key, item in reversed(items):
@@ -53,6 +88,14 @@ class SharedResources:
                 await item.aclose()
             except Exception:
                 log.exception("closing shared resource %s", key)
+
+
+@dataclass
+class _Channel:
+    channel: grpc.aio.Channel
+
+    async def aclose(self) -> None:
+        await self.channel.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +120,16 @@ class LoadSpec:
         return f"model '{self.model_name}' version {self.version}"
 
 
+class NoOptions(BaseModel):
+    """The options of a backend whose config.yaml section takes no keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptionsError(ValueError):
+    """A backend's config.yaml section that its options model refuses; one `key: problem` per fault."""
+
+
 class ModelAdapter(ABC):
     """One loaded model version on one backend.
 
@@ -84,11 +137,80 @@ class ModelAdapter(ABC):
     boundary with `raise ... from exc`.
     """
 
+    # The backend describes itself; config.yaml's backend names and sections, artifact detection,
+    # remote checks, the bench's aliases and the install hints all derive from these.
     backend: ClassVar[str]
+    # File or folder names in a version folder that select this backend when config.yaml names
+    # none, in order of preference. None for a backend that serves from elsewhere.
+    artifacts: ClassVar[tuple[str, ...]] = ()
+    # It serves from elsewhere: its version folders need no artifact, and may be absent.
+    remote: ClassVar[bool] = False
+    # The pip extra that brings its framework; None when the core install has everything it needs.
+    extra: ClassVar[str | None] = None
+    # Validates its config.yaml section, the key named like the backend (at scan and at load).
+    options_model: ClassVar[type[BaseModel]] = NoOptions
+    # Other names `modelyard bench --deployments` accepts for it.
+    aliases: ClassVar[tuple[str, ...]] = ()
+    # The distributions whose versions the bench's report names.
+    packages: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, spec: LoadSpec) -> None:
         self.spec = spec
         self._signature: ModelSignature | None = None
+
+    # What the backend is -------------------------------------------------------------------------
+
+    @classmethod
+    def parse_options(cls, config: ModelConfig) -> BaseModel:
+        """The backend's section of `config`, validated by `options_model`."""
+        try:
+            return cls.options_model.model_validate(dict(config.section(cls.backend)))
+        except ValidationError as exc:
+            raise OptionsError(
+                "; ".join(
+                    f"{'.'.join(str(p) for p in (cls.backend, *e['loc']))}: {e['msg']}" for e in exc.errors()
+                )
+            ) from exc
+
+    @classmethod
+    def read_options(cls, spec: LoadSpec) -> Any:
+        """`parse_options` for the version being loaded; a bad section is ModelNotReady."""
+        try:
+            return cls.parse_options(spec.config)
+        except OptionsError as exc:
+            raise ModelNotReady(f"{spec.label}: invalid config.yaml section: {exc}") from exc
+
+    @classmethod
+    def serves_remotely(cls, options: BaseModel) -> bool:
+        """Whether, with these options, the backend serves from elsewhere (`remote`, unless a
+        backend's mode says otherwise)."""
+        return cls.remote
+
+    @classmethod
+    def listed_versions(cls, options: BaseModel) -> tuple[int, ...]:
+        """The versions a remote model's section lists in its `versions` mapping (local version ->
+        the remote's), which stand for version folders that git cannot hold empty."""
+        versions: Mapping[Any, Any] = getattr(options, "versions", None) or {}
+        return tuple(sorted(int(v) for v in versions if str(v).isdigit()))
+
+    @classmethod
+    def install_hint(cls) -> str:
+        if cls.extra is None:
+            return "it is part of modelyard's core install (pip install modelyard)"
+        return f"install the '{cls.extra}' extra (pip install 'modelyard[{cls.extra}]')"
+
+    @classmethod
+    def import_framework(cls, module: str, label: str) -> ModuleType:
+        """A module of the backend's framework, imported when a version loads."""
+        try:
+            with IMPORT_LOCK:
+                return importlib.import_module(module)
+        except ImportError as exc:
+            raise ModelNotReady(
+                f"{label}: backend '{cls.backend}' cannot import {module}: {cls.install_hint()} ({exc})"
+            ) from exc
+
+    # One version ---------------------------------------------------------------------------------
 
     @abstractmethod
     async def load(self) -> None:

@@ -17,11 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter, OpResolverType
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.base import LoadSpec, ModelAdapter, override_signature
-from adapters.tensorflow import read_options
 from gateway.errors import BackendError, InvalidInput, ModelNotReady
 from gateway.types import ModelSignature, TensorSpec, datatype_of
 
@@ -59,7 +57,7 @@ class _Runner:
     """One interpreter, used by one thread at a time. Tensors go by their signature names (`x`, not
     `serving_default_x:0`) where the model has a signature, else by their tensor names."""
 
-    def __init__(self, interpreter: Interpreter, signature: str | None) -> None:
+    def __init__(self, interpreter: Any, signature: str | None) -> None:
         self.interpreter = interpreter
         if signature is None:
             self.input_details = {str(d["name"]): d for d in interpreter.get_input_details()}
@@ -93,10 +91,15 @@ class _Runner:
 
 class LiteRtAdapter(ModelAdapter):
     backend: ClassVar[str] = "litert"
+    artifacts: ClassVar[tuple[str, ...]] = ("model.tflite",)
+    extra: ClassVar[str | None] = "litert"
+    options_model: ClassVar[type[BaseModel]] = LiteRtOptions
+    aliases: ClassVar[tuple[str, ...]] = ("tflite",)
+    packages: ClassVar[tuple[str, ...]] = ("ai-edge-litert",)
 
     def __init__(self, spec: LoadSpec) -> None:
         super().__init__(spec)
-        self._options: LiteRtOptions = read_options(spec, spec.config.litert, LiteRtOptions)
+        self._options: LiteRtOptions = self.read_options(spec)
         self._runners: queue.SimpleQueue[_Runner] | None = None
         self._executor: ThreadPoolExecutor | None = None
 
@@ -124,11 +127,11 @@ class LiteRtAdapter(ModelAdapter):
     def _create_runner(self) -> _Runner:
         options, artifact = self._options, self.spec.artifact
         assert artifact is not None
-        resolver = (
-            OpResolverType.AUTO if options.xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        )
+        litert = self.import_framework("ai_edge_litert.interpreter", self.spec.label)
+        resolvers = litert.OpResolverType
+        resolver = resolvers.AUTO if options.xnnpack else resolvers.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            interpreter = Interpreter(
+            interpreter = litert.Interpreter(
                 model_path=str(artifact), num_threads=options.threads, experimental_op_resolver_type=resolver
             )
             interpreter.allocate_tensors()

@@ -19,16 +19,35 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.base import LoadSpec, ModelAdapter, override_signature
 from gateway.errors import BackendError, InvalidInput, ModelNotReady
 from gateway.types import Datatype, ModelSignature, TensorSpec
+
+
+class OnnxRuntimeOptions(BaseModel):
+    """The `onnxruntime:` section of config.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Threads ONNX Runtime uses inside one operator, and across independent operators.
+    intra_op_threads: int = Field(default=1, ge=0)
+    inter_op_threads: int = Field(default=1, ge=0)
+    # None means: CUDA where onnxruntime-gpu offers it, then CPU.
+    providers: tuple[str, ...] | None = None
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    # A request whose expected compute (its input elements x the measured time per element) is below
+    # this runs on the event loop: handing a tiny run to the thread pool costs more than the run.
+    # 0: always the pool.
+    inline_below_us: int = Field(default=150, ge=0)
+
 
 _DATATYPE_OF_ORT: dict[str, Datatype] = {
     "tensor(bool)": Datatype.BOOL,
@@ -136,9 +155,14 @@ def _from_ort(array: Any) -> np.ndarray[Any, Any]:
 
 class OnnxRuntimeAdapter(ModelAdapter):
     backend: ClassVar[str] = "onnxruntime"
+    artifacts: ClassVar[tuple[str, ...]] = ("model.onnx",)
+    options_model: ClassVar[type[BaseModel]] = OnnxRuntimeOptions
+    aliases: ClassVar[tuple[str, ...]] = ("onnx",)
+    packages: ClassVar[tuple[str, ...]] = ("onnxruntime",)
 
     def __init__(self, spec: LoadSpec) -> None:
         super().__init__(spec)
+        self._options: OnnxRuntimeOptions = self.read_options(spec)
         self._session: ort.InferenceSession | None = None
         self._executor: ThreadPoolExecutor | None = None
         # Measured compute per input element, in µs (an exponential moving average); None until the
@@ -157,14 +181,14 @@ class OnnxRuntimeAdapter(ModelAdapter):
         loop = asyncio.get_running_loop()
         self._session = await loop.run_in_executor(self._executor, self._create_session)
         self._signature = self._read_signature(self._session)
-        if self.spec.config.onnxruntime.inline_below_us > 0:
+        if self._options.inline_below_us > 0:
             assert self.spec.artifact is not None
             self._inline = await loop.run_in_executor(
                 self._executor, cost_follows_input_size, self.spec.artifact
             )
 
     def _create_session(self) -> ort.InferenceSession:
-        options = self.spec.config.onnxruntime
+        options = self._options
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
         session_options.inter_op_num_threads = options.inter_op_threads
@@ -205,7 +229,7 @@ class OnnxRuntimeAdapter(ModelAdapter):
         feeds = {name: _to_ort(array) for name, array in inputs.items()}
         names = list(output_names)
         elements = _elements(inputs)
-        inline_below = self.spec.config.onnxruntime.inline_below_us
+        inline_below = self._options.inline_below_us
         try:
             if self._inline and self._element_us is not None and elements * self._element_us < inline_below:
                 results, took_us = self._run(session, names, feeds, elements)

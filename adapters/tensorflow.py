@@ -16,16 +16,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from adapters.base import LoadSpec, ModelAdapter, override_signature
+from adapters.base import LoadSpec, ModelAdapter
+from adapters.tf_signature import signature_of
 from gateway.errors import BackendError, InvalidInput, ModelNotReady
-from gateway.types import ModelSignature, TensorSpec, datatype_of
-
-# TensorFlow's C++ start-up chatter (CUDA probing, CPU features) is not the gateway's business.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import tensorflow as tf
+from gateway.types import ModelSignature
 
 PLATFORM = "tensorflow_savedmodel"
 
@@ -35,19 +31,19 @@ class TensorFlowOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # The SavedModel signature served, and the tags of the MetaGraph that holds it.
     signature: str = "serving_default"
     tags: tuple[str, ...] = ("serve",)
-    # 0 lets TensorFlow choose (one thread per core).
+    # The version's own session thread pools; 0 lets TensorFlow choose (one thread per core).
     intra_op_threads: int = Field(default=1, ge=0)
     inter_op_threads: int = Field(default=1, ge=0)
 
 
-def read_options(spec: LoadSpec, section: Mapping[str, Any], options: type[BaseModel]) -> Any:
-    try:
-        return options.model_validate(dict(section))
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ModelNotReady(f"{spec.label}: invalid config.yaml section: {problems}") from exc
+def import_tensorflow(adapter: type[ModelAdapter], label: str) -> Any:
+    """TensorFlow, imported when the first version that needs it loads."""
+    # TensorFlow's C++ start-up chatter (CUDA probing, CPU features) is not the gateway's business.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return adapter.import_framework("tensorflow", label)
 
 
 def savedmodel_dir(spec: LoadSpec) -> Path:
@@ -58,46 +54,19 @@ def savedmodel_dir(spec: LoadSpec) -> Path:
     return artifact.parent if artifact.name == "saved_model.pb" else artifact
 
 
-def tensor_spec(name: str, info: Any, label: str) -> tuple[TensorSpec, bool]:
-    """A signature tensor as a v2 spec, and whether its rank is unknown."""
-    try:
-        datatype = datatype_of(np.dtype(tf.dtypes.as_dtype(info.dtype).as_numpy_dtype))
-    except (TypeError, ValueError):
-        raise ModelNotReady(
-            f"{label}: tensor '{name}' has dtype {tf.dtypes.as_dtype(info.dtype).name}, which modelyard cannot serve"
-        ) from None
-    if info.tensor_shape.unknown_rank:
-        return TensorSpec(name, datatype, ()), True
-    shape = tuple(d.size if d.size >= 0 else -1 for d in info.tensor_shape.dim)
-    return TensorSpec(name, datatype, shape), False
-
-
-def signature_of(
-    tensors: Mapping[str, Any], declared: Sequence[Any] | None, label: str
-) -> tuple[TensorSpec, ...]:
-    specs, unknown_rank = [], set()
-    for name in sorted(tensors):
-        spec, unknown = tensor_spec(name, tensors[name], label)
-        specs.append(spec)
-        if unknown:
-            unknown_rank.add(name)
-    merged = override_signature(tuple(specs), declared, label)
-    declared_names = {d.name for d in declared or ()}
-    missing = sorted(unknown_rank - declared_names)
-    if missing:
-        raise ModelNotReady(
-            f"{label}: tensor(s) {', '.join(missing)} have no known rank; declare their shapes in config.yaml"
-        )
-    return merged
-
-
 class TensorFlowAdapter(ModelAdapter):
     backend: ClassVar[str] = "tensorflow"
+    artifacts: ClassVar[tuple[str, ...]] = ("model.savedmodel", "saved_model.pb")
+    extra: ClassVar[str | None] = "tensorflow"
+    options_model: ClassVar[type[BaseModel]] = TensorFlowOptions
+    aliases: ClassVar[tuple[str, ...]] = ("tf",)
+    packages: ClassVar[tuple[str, ...]] = ("tensorflow",)
 
     def __init__(self, spec: LoadSpec) -> None:
         super().__init__(spec)
-        self._options: TensorFlowOptions = read_options(spec, spec.config.tensorflow, TensorFlowOptions)
-        self._session: tf.compat.v1.Session | None = None
+        self._options: TensorFlowOptions = self.read_options(spec)
+        self._tf: Any = None
+        self._session: Any = None
         self._executor: ThreadPoolExecutor | None = None
         # signature key -> graph tensor name, for inputs and outputs
         self._feeds: dict[str, str] = {}
@@ -110,17 +79,19 @@ class TensorFlowAdapter(ModelAdapter):
             thread_name_prefix=f"tf-{self.spec.model_name}-{self.spec.version}",
         )
         loop = asyncio.get_running_loop()
-        session, signature_def = await loop.run_in_executor(self._executor, self._load_session, path)
+        # TensorFlow takes seconds to import: off the event loop, with the session.
+        tf, session, signature_def = await loop.run_in_executor(self._executor, self._load_session, path)
         self._feeds = {key: info.name for key, info in signature_def.inputs.items()}
         self._fetches = {key: info.name for key, info in signature_def.outputs.items()}
         self._signature = ModelSignature(
-            inputs=signature_of(signature_def.inputs, self.spec.config.inputs, self.spec.label),
-            outputs=signature_of(signature_def.outputs, self.spec.config.outputs, self.spec.label),
+            inputs=signature_of(tf, signature_def.inputs, self.spec.config.inputs, self.spec.label),
+            outputs=signature_of(tf, signature_def.outputs, self.spec.config.outputs, self.spec.label),
             platform=PLATFORM,
         )
-        self._session = session
+        self._tf, self._session = tf, session
 
-    def _load_session(self, path: Path) -> tuple[tf.compat.v1.Session, Any]:
+    def _load_session(self, path: Path) -> tuple[Any, Any, Any]:
+        tf = import_tensorflow(type(self), self.spec.label)
         options = self._options
         config = tf.compat.v1.ConfigProto(
             intra_op_parallelism_threads=options.intra_op_threads,
@@ -146,7 +117,7 @@ class TensorFlowAdapter(ModelAdapter):
                 f"{self.spec.label}: the SavedModel has no signature '{options.signature}'; "
                 f"it has {', '.join(servable) or 'none'}"
             )
-        return session, signatures[options.signature]
+        return tf, session, signatures[options.signature]
 
     async def infer(
         self,
@@ -155,7 +126,7 @@ class TensorFlowAdapter(ModelAdapter):
         *,
         deadline: float | None = None,
     ) -> dict[str, np.ndarray[Any, Any]]:
-        session, executor = self._session, self._executor
+        tf, session, executor = self._tf, self._session, self._executor
         if session is None or executor is None:
             raise ModelNotReady(f"{self.spec.label} is not loaded")
         feeds = {self._feeds[name]: array for name, array in inputs.items()}

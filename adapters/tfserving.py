@@ -1,8 +1,10 @@
 """A remote TF Serving: `PredictionService.Predict` over one long-lived gRPC channel, or REST.
 
 Each local version N of the model is version N of `model_name` on the TF Serving side. gRPC is
-used whenever `grpc` is given; REST (one long-lived httpx client) only when just `rest` is. TF
-Serving's status codes become gateway errors at this boundary, with `raise ... from exc`.
+used whenever `grpc` is given; REST (one long-lived httpx client) only when just `rest` is; either
+is shared by every version that calls the same address (`SharedResources`). TF Serving's status
+codes become gateway errors at this boundary, with `raise ... from exc`. TensorFlow and TF
+Serving's API protos are imported when the first version loads.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import grpc
@@ -22,66 +24,43 @@ from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapters.base import LoadSpec, ModelAdapter
-from adapters.tensorflow import read_options, signature_of
+from adapters.tensorflow import import_tensorflow
+from adapters.tf_signature import signature_of
 from gateway.breaker import EndpointGuard, GuardOptions
 from gateway.errors import (
-    REMOTE_GRPC_ERRORS,
-    REMOTE_HTTP_ERRORS,
     BackendError,
     BackendUnavailable,
     ConnectionRefused,
     DeadlineExceeded,
     GatewayError,
     ModelNotReady,
+    remote_grpc_error,
+    remote_http_error,
 )
 from gateway.types import Datatype, ModelSignature, numpy_dtype
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import tensorflow as tf
-from tensorflow_serving.apis import (
-    get_model_metadata_pb2,
-    get_model_status_pb2,
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
-
 PLATFORM = "tensorflow_serving"
-_AVAILABLE = get_model_status_pb2.ModelVersionStatus.State.AVAILABLE
 
 
-class _Pool:
-    """One gRPC channel or HTTP client per TF Serving address, shared by every model version served
-    there and closed with the last of them. Keyed by event loop too, since a grpc.aio channel
-    belongs to the loop that made it."""
+@dataclass(frozen=True)
+class _Apis:
+    """TensorFlow's tensor conversions and TF Serving's API modules, imported when a version loads."""
 
-    def __init__(self) -> None:
-        self._clients: dict[tuple[Any, ...], Any] = {}
-        self._users: dict[int, tuple[tuple[Any, ...], int]] = {}
+    tf: Any
+    metadata: Any  # get_model_metadata_pb2
+    status: Any  # get_model_status_pb2
+    models: Any  # model_service_pb2_grpc
+    predict: Any  # predict_pb2
+    prediction: Any  # prediction_service_pb2_grpc
 
-    async def acquire(self, address: tuple[Any, ...], open_client: Callable[[], Any]) -> Any:
-        key = (asyncio.get_running_loop(), *address)
-        client = self._clients.get(key)
-        if client is None:
-            client = self._clients[key] = open_client()
-        _, users = self._users.get(id(client), (key, 0))
-        self._users[id(client)] = (key, users + 1)
-        return client
-
-    async def release(self, client: Any) -> None:
-        key, users = self._users.pop(id(client))
-        if users > 1:
-            self._users[id(client)] = (key, users - 1)
-            return
-        del self._clients[key]
-        if isinstance(client, httpx.AsyncClient):
-            await client.aclose()
-        else:
-            await client.close()
-
-
-_POOL = _Pool()
+    @classmethod
+    def load(cls, adapter: type[ModelAdapter], label: str) -> _Apis:
+        tf = import_tensorflow(adapter, label)
+        names = ("get_model_metadata_pb2", "get_model_status_pb2", "model_service_pb2_grpc", "predict_pb2",
+                 "prediction_service_pb2_grpc")  # fmt: skip
+        return cls(
+            tf, *(adapter.import_framework(f"tensorflow_serving.apis.{name}", label) for name in names)
+        )
 
 
 class TfServingOptions(BaseModel):
@@ -111,15 +90,20 @@ class TfServingOptions(BaseModel):
 
 class TfServingAdapter(ModelAdapter):
     backend: ClassVar[str] = "tfserving"
+    remote: ClassVar[bool] = True
+    extra: ClassVar[str | None] = "tensorflow"
+    options_model: ClassVar[type[BaseModel]] = TfServingOptions
+    packages: ClassVar[tuple[str, ...]] = ("tensorflow-serving-api",)
 
     def __init__(self, spec: LoadSpec) -> None:
         super().__init__(spec)
-        self._options: TfServingOptions = read_options(spec, spec.config.tfserving, TfServingOptions)
+        self._options: TfServingOptions = self.read_options(spec)
         self.remote_name = self._options.model_name or spec.model_name
         self.remote_version: int | str = self._options.versions.get(spec.version, spec.version)
+        self._apis: _Apis | None = None
         self._channel: grpc.aio.Channel | None = None
-        self._predict: prediction_service_pb2_grpc.PredictionServiceStub | None = None
-        self._models: model_service_pb2_grpc.ModelServiceStub | None = None
+        self._predict: Any = None  # PredictionServiceStub
+        self._models: Any = None  # ModelServiceStub
         self._http: httpx.AsyncClient | None = None
         address = self._options.grpc or self._options.rest or ""
         self.guard = spec.shared.breakers.guard(self.backend, address, self._options.resilience)
@@ -132,16 +116,16 @@ class TfServingAdapter(ModelAdapter):
     # Lifecycle --------------------------------------------------------------------------------
 
     async def load(self) -> None:
-        options = self._options
+        options, shared = self._options, self.spec.shared
+        # TensorFlow takes seconds to import: off the event loop.
+        self._apis = apis = await asyncio.to_thread(_Apis.load, type(self), self.spec.label)
         if options.grpc:
-            self._channel = await _POOL.acquire(
-                ("grpc", options.grpc, options.max_message_mb), self._open_channel
-            )
-            self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
-            self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+            self._channel = await shared.grpc_channel(options.grpc, options.max_message_mb)
+            self._predict = apis.prediction.PredictionServiceStub(self._channel)
+            self._models = apis.models.ModelServiceStub(self._channel)
         else:
             assert options.rest is not None
-            self._http = await _POOL.acquire(("rest", options.rest.rstrip("/"), 0), self._open_client)
+            self._http = await shared.http_client(options.rest)
         try:
             if not await self._available():
                 raise ModelNotReady(f"{self._where} is not AVAILABLE there")
@@ -150,26 +134,9 @@ class TfServingAdapter(ModelAdapter):
             await self.aclose()
             raise
 
-    def _open_channel(self) -> grpc.aio.Channel:
-        assert self._options.grpc is not None
-        limit = self._options.max_message_mb * 1024 * 1024
-        return grpc.aio.insecure_channel(
-            self._options.grpc,
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-        )
-
-    def _open_client(self) -> httpx.AsyncClient:
-        assert self._options.rest is not None
-        return httpx.AsyncClient(base_url=self._options.rest.rstrip("/"))
-
     async def aclose(self) -> None:
-        channel, self._channel = self._channel, None
-        http, self._http = self._http, None
-        self._predict = self._models = None
-        if channel is not None:
-            await _POOL.release(channel)
-        if http is not None:
-            await _POOL.release(http)
+        # The channel or client belongs to SharedResources, which closes it with the registry.
+        self._channel = self._http = self._predict = self._models = None
 
     def breaker(self) -> EndpointGuard | None:
         return self.guard
@@ -187,19 +154,24 @@ class TfServingAdapter(ModelAdapter):
     async def _available(self) -> bool:
         # The request names one version (or label), so the answer holds that version alone.
         if self._models is not None:
-            request = get_model_status_pb2.GetModelStatusRequest()
+            assert self._apis is not None
+            status = self._apis.status
+            request = status.GetModelStatusRequest()
             self._model_spec(request.model_spec)
             response = await self._call_grpc(self._models.GetModelStatus, request)
-            states = [s.state == _AVAILABLE for s in response.model_version_status]
+            available = status.ModelVersionStatus.State.AVAILABLE
+            states = [s.state == available for s in response.model_version_status]
         else:
             body = await self._call_rest("GET", self._rest_path(""))
             states = [s.get("state") == "AVAILABLE" for s in body.get("model_version_status", [])]
         return bool(states) and all(states)
 
     async def _read_signature(self) -> ModelSignature:
-        signatures = get_model_metadata_pb2.SignatureDefMap()
+        assert self._apis is not None
+        tf, metadata = self._apis.tf, self._apis.metadata
+        signatures = metadata.SignatureDefMap()
         if self._predict is not None:
-            request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+            request = metadata.GetModelMetadataRequest(metadata_field=["signature_def"])
             self._model_spec(request.model_spec)
             response = await self._call_grpc(self._predict.GetModelMetadata, request)
             response.metadata["signature_def"].Unpack(signatures)
@@ -219,8 +191,8 @@ class TfServingAdapter(ModelAdapter):
         signature = signatures.signature_def[name]
         config, label = self.spec.config, self.spec.label
         return ModelSignature(
-            inputs=signature_of(signature.inputs, config.inputs, label),
-            outputs=signature_of(signature.outputs, config.outputs, label),
+            inputs=signature_of(tf, signature.inputs, config.inputs, label),
+            outputs=signature_of(tf, signature.outputs, config.outputs, label),
             platform=PLATFORM,
         )
 
@@ -233,8 +205,9 @@ class TfServingAdapter(ModelAdapter):
         *,
         deadline: float | None = None,
     ) -> dict[str, np.ndarray[Any, Any]]:
-        if self._predict is not None:
-            request = predict_pb2.PredictRequest(output_filter=list(output_names))
+        if self._predict is not None and self._apis is not None:
+            tf = self._apis.tf
+            request = self._apis.predict.PredictRequest(output_filter=list(output_names))
             self._model_spec(request.model_spec)
             for name, array in inputs.items():
                 request.inputs[name].CopyFrom(tf.make_tensor_proto(array))
@@ -300,7 +273,7 @@ class TfServingAdapter(ModelAdapter):
         try:
             return await method(request, timeout=self._timeout(remaining))
         except grpc.aio.AioRpcError as exc:
-            error = REMOTE_GRPC_ERRORS.get(exc.code(), BackendError)
+            error = remote_grpc_error(exc.code())
             raise error(f"{self._where}: {exc.code().name}: {exc.details()}") from exc
 
     async def _call_rest(
@@ -327,7 +300,7 @@ class TfServingAdapter(ModelAdapter):
         try:
             response.raise_for_status()
         except httpx.HTTPStatusError as exc:
-            error = REMOTE_HTTP_ERRORS.get(response.status_code, BackendError)
+            error = remote_http_error(response.status_code)
             detail = answer.get("error", answer) if isinstance(answer, dict) else answer
             raise error(f"{self._where}: HTTP {response.status_code}: {detail}") from exc
         if not isinstance(answer, dict):

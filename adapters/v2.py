@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import grpc
@@ -21,18 +20,17 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from adapters.base import LoadSpec, ModelAdapter, SharedResources, override_signature
-from adapters.tensorflow import read_options
+from adapters.base import LoadSpec, ModelAdapter, override_signature
 from gateway.codec import CONTENTS_FIELD, tensor_from_buffer, tensor_from_values, tensor_to_bytes
 from gateway.errors import (
-    REMOTE_GRPC_ERRORS,
-    REMOTE_HTTP_ERRORS,
     BackendError,
     BackendUnavailable,
     DeadlineExceeded,
     GatewayError,
     InvalidInput,
     ModelNotReady,
+    remote_grpc_error,
+    remote_http_error,
 )
 from gateway.types import Datatype, ModelSignature, Tensor, TensorSpec, datatype_of
 
@@ -58,45 +56,18 @@ class V2Options(BaseModel):
     max_message_mb: int = Field(default=256, ge=1)
 
 
-@dataclass
-class _GrpcClient:
-    channel: grpc.aio.Channel
-    stub: service_pb2_grpc.GRPCInferenceServiceStub
-
-    async def aclose(self) -> None:
-        await self.channel.close()
-
-
-async def _grpc_client(options: V2Options, shared: SharedResources) -> _GrpcClient:
-    async def open_client() -> _GrpcClient:
-        limit = options.max_message_mb * 1024 * 1024
-        channel = grpc.aio.insecure_channel(
-            options.address,
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-        )
-        return _GrpcClient(channel, service_pb2_grpc.GRPCInferenceServiceStub(channel))
-
-    return await shared.get(f"v2:grpc:{options.address}:{options.max_message_mb}", open_client)
-
-
-async def _http_client(options: V2Options, shared: SharedResources) -> httpx.AsyncClient:
-    base_url = options.address.rstrip("/")
-
-    async def open_client() -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=base_url)
-
-    return await shared.get(f"v2:rest:{base_url}", open_client)
-
-
 class V2Adapter(ModelAdapter):
     backend: ClassVar[str] = "v2"
+    remote: ClassVar[bool] = True
+    options_model: ClassVar[type[BaseModel]] = V2Options
 
     def __init__(self, spec: LoadSpec) -> None:
         super().__init__(spec)
-        self._options: V2Options = read_options(spec, spec.config.v2, V2Options)
+        self._options: V2Options = self.read_options(spec)
         self.remote_name = self._options.model_name or spec.model_name
         self.remote_version = self._options.versions.get(spec.version, self._options.version) or ""
-        self._grpc: _GrpcClient | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._grpc: service_pb2_grpc.GRPCInferenceServiceStub | None = None
         self._http: httpx.AsyncClient | None = None
 
     @property
@@ -110,10 +81,12 @@ class V2Adapter(ModelAdapter):
     # Lifecycle --------------------------------------------------------------------------------
 
     async def load(self) -> None:
-        if self._options.protocol == "grpc":
-            self._grpc = await _grpc_client(self._options, self.spec.shared)
+        options, shared = self._options, self.spec.shared
+        if options.protocol == "grpc":
+            self._channel = await shared.grpc_channel(options.address, options.max_message_mb)
+            self._grpc = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         else:
-            self._http = await _http_client(self._options, self.spec.shared)
+            self._http = await shared.http_client(options.address)
         try:
             if not await self._remote_ready(None):
                 # Retried by the registry: the remote may still be loading it.
@@ -125,7 +98,7 @@ class V2Adapter(ModelAdapter):
 
     async def aclose(self) -> None:
         # The channel or client belongs to SharedResources, which closes it with the registry.
-        self._grpc = self._http = None
+        self._channel, self._grpc, self._http = None, None, None
 
     async def ready(self) -> bool:
         if self._grpc is None and self._http is None:
@@ -140,18 +113,18 @@ class V2Adapter(ModelAdapter):
     async def _remote_ready(self, deadline: float | None) -> bool:
         if self._grpc is not None:
             request = service_pb2.ModelReadyRequest(name=self.remote_name, version=self.remote_version)
-            response = await self._call_grpc(self._grpc.stub.ModelReady, request, deadline)
+            response = await self._call_grpc(self._grpc.ModelReady, request, deadline)
             return bool(response.ready)
         try:
             await self._call_rest("GET", self._path("/ready"), deadline)
-        except (BackendUnavailable, ModelNotReady):
+        except BackendUnavailable:  # the remote's 503: it has the model, not ready yet
             return False
         return True
 
     async def _read_signature(self) -> ModelSignature:
         if self._grpc is not None:
             request = service_pb2.ModelMetadataRequest(name=self.remote_name, version=self.remote_version)
-            response = await self._call_grpc(self._grpc.stub.ModelMetadata, request, None)
+            response = await self._call_grpc(self._grpc.ModelMetadata, request, None)
             platform = response.platform
             inputs = [(t.name, t.datatype, list(t.shape)) for t in response.inputs]
             outputs = [(t.name, t.datatype, list(t.shape)) for t in response.outputs]
@@ -208,7 +181,11 @@ class V2Adapter(ModelAdapter):
         raise ModelNotReady(f"{self.spec.label} is not loaded")
 
     async def _infer_grpc(
-        self, client: _GrpcClient, tensors: list[Tensor], output_names: Sequence[str], deadline: float | None
+        self,
+        stub: service_pb2_grpc.GRPCInferenceServiceStub,
+        tensors: list[Tensor],
+        output_names: Sequence[str],
+        deadline: float | None,
     ) -> dict[str, np.ndarray[Any, Any]]:
         request = service_pb2.ModelInferRequest(
             model_name=self.remote_name,
@@ -222,7 +199,7 @@ class V2Adapter(ModelAdapter):
             outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in output_names],
             raw_input_contents=[tensor_to_bytes(t) for t in tensors],
         )
-        response = await self._call_grpc(client.stub.ModelInfer, request, deadline)
+        response = await self._call_grpc(stub.ModelInfer, request, deadline)
         results = {}
         for index, output in enumerate(response.outputs):
             shape = tuple(int(d) for d in output.shape)
@@ -323,7 +300,7 @@ class V2Adapter(ModelAdapter):
         try:
             return await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            error = REMOTE_GRPC_ERRORS.get(exc.code(), BackendError)
+            error = remote_grpc_error(exc.code())
             raise error(f"{self._where}: {exc.code().name}: {exc.details()}") from exc
 
     async def _call_rest(
@@ -355,7 +332,7 @@ class V2Adapter(ModelAdapter):
                 f"{self._where}: HTTP {response.status_code} with a body that is not JSON"
             ) from exc
         if response.status_code != 200:
-            error = REMOTE_HTTP_ERRORS.get(response.status_code, BackendError)
+            error = remote_http_error(response.status_code)
             detail = answer.get("error", answer) if isinstance(answer, dict) else answer
             raise error(f"{self._where}: HTTP {response.status_code}: {detail}")
         if not isinstance(answer, dict):

@@ -79,7 +79,7 @@ from goals import (
 )
 from peer_venvs import PEER_PACKAGE, PEERS_DIR, RUNTIMES_DIR, ensure_venv, installed_version, kserve_command
 
-from adapters import torchserve_handler as wire
+from adapters.torchserve import modelyard_handler as wire
 
 TORCH_MODEL = "mlp_torch"  # model_repo/mlp_torch version 1: mlp's weights as TorchScript
 TORCH_VERSION = "1"

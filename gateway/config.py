@@ -1,4 +1,8 @@
-"""The schema of a model's optional `config.yaml`."""
+"""The schema of a model's optional `config.yaml`.
+
+The backends' names and their sections come from the one registry of backends (adapters/), which
+imports this module: it is read when a config is validated, not when this module is imported.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.types import Datatype, TensorSpec
-
-BackendName = Literal["onnxruntime", "torchserve", "tfserving", "tensorflow", "litert", "keras", "v2"]
 
 
 class _Strict(BaseModel):
@@ -126,16 +128,11 @@ class Limits(_Strict):
     timeout_ms: int | None = Field(default=None, ge=1)
 
 
-class OnnxRuntimeOptions(_Strict):
-    intra_op_threads: int = Field(default=1, ge=0)
-    inter_op_threads: int = Field(default=1, ge=0)
-    # None means: CUDA where onnxruntime-gpu offers it, then CPU.
-    providers: tuple[str, ...] | None = None
-    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
-    # A request whose expected compute (its input elements x the measured time per element) is below
-    # this runs on the event loop: handing a tiny run to the thread pool costs more than the run.
-    # 0: always the pool.
-    inline_below_us: int = Field(default=150, ge=0)
+def backend_names() -> Mapping[str, Any]:
+    """The registered backends, by name."""
+    from adapters import BACKENDS  # the registry imports this module: read on use, not at import
+
+    return BACKENDS
 
 
 LoadMode = Literal["eager", "on_demand"]
@@ -168,7 +165,7 @@ class Warmup(_Strict):
 
 
 class ModelConfig(_Strict):
-    backend: BackendName | None = None
+    backend: str | None = None
     # eager: loaded at start; on_demand: at its first request. None: the gateway's --load-mode.
     load: LoadMode | None = None
     warmup: Warmup | None = None
@@ -187,14 +184,35 @@ class ModelConfig(_Strict):
     # The model of the repository this one is another deployment of (same weights, other backend):
     # `modelyard bench MODEL --deployments onnx,torchserve,tensorflow` finds MODEL's twins by it.
     twin_of: str | None = None
-    onnxruntime: OnnxRuntimeOptions = OnnxRuntimeOptions()
-    # The other backends' sections belong to their adapters, which validate them on load.
-    torchserve: dict[str, Any] = Field(default_factory=dict)
-    tfserving: dict[str, Any] = Field(default_factory=dict)
-    tensorflow: dict[str, Any] = Field(default_factory=dict)
-    litert: dict[str, Any] = Field(default_factory=dict)
-    keras: dict[str, Any] = Field(default_factory=dict)
-    v2: dict[str, Any] = Field(default_factory=dict)
+    # Each backend's own section, written under the backend's name (`tensorflow: {...}`), as given:
+    # the backend's options model validates it when the repository is scanned and at load.
+    sections: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_sections(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        if "sections" in value:
+            raise ValueError(
+                "'sections' is not a config.yaml key: write each backend's section under its name"
+            )
+        names = backend_names()
+        sections = {key: section or {} for key, section in value.items() if key in names}
+        rest = {key: item for key, item in value.items() if key not in names}
+        return {**rest, "sections": sections} if sections else rest
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, backend: str | None) -> str | None:
+        names = backend_names()
+        if backend is not None and backend not in names:
+            raise ValueError(f"unknown backend '{backend}'; known: {', '.join(sorted(names))}")
+        return backend
+
+    def section(self, backend: str) -> Mapping[str, Any]:
+        """The backend's section as written; empty when config.yaml has none."""
+        return self.sections.get(backend, {})
 
     @field_validator("labels")
     @classmethod

@@ -122,11 +122,16 @@ ERROR_TABLE: dict[type[GatewayError], tuple[int, grpc.StatusCode]] = {
 }
 
 
-# A remote backend's answer read back into the gateway's errors: what the remote says of its own
-# model becomes this backend's condition (its UNAVAILABLE is BackendUnavailable, not ModelNotReady).
-# Codes not listed are BackendError.
+# A remote backend's answer (TF Serving, TorchServe, a v2 server) read back into the gateway's errors,
+# the same way for every remote adapter; codes not listed are BackendError. What the remote says of
+# its own copy of a model becomes this deployment's condition:
+# - its "not found" is about a model this gateway has loaded (or is loading), so the deployment is
+#   not ready: ModelNotReady, 503 / UNAVAILABLE, which a client may retry and a fallback may answer.
+#   404 / NOT_FOUND stays for what the gateway itself does not have.
+# - its UNAVAILABLE (and a proxy's 502, a worker out of memory's 507) is the backend being down.
+# - its refusal of the gateway's own credentials (401, 403) is the gateway's fault: BackendError.
 REMOTE_GRPC_ERRORS: dict[grpc.StatusCode, type[GatewayError]] = {
-    grpc.StatusCode.NOT_FOUND: ModelNotFound,
+    grpc.StatusCode.NOT_FOUND: ModelNotReady,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
     grpc.StatusCode.UNAVAILABLE: BackendUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
@@ -135,13 +140,26 @@ REMOTE_GRPC_ERRORS: dict[grpc.StatusCode, type[GatewayError]] = {
 }
 REMOTE_HTTP_ERRORS: dict[int, type[GatewayError]] = {
     400: InvalidInput,
-    404: ModelNotFound,
+    404: ModelNotReady,
+    413: PayloadTooLarge,
     422: InvalidInput,
     429: Overloaded,
     501: Unsupported,
+    502: BackendUnavailable,
     503: BackendUnavailable,
     504: DeadlineExceeded,
+    507: BackendUnavailable,
 }
+
+
+def remote_grpc_error(code: grpc.StatusCode) -> type[GatewayError]:
+    """The gateway error for a remote backend's gRPC status code."""
+    return REMOTE_GRPC_ERRORS.get(code, BackendError)
+
+
+def remote_http_error(status: int) -> type[GatewayError]:
+    """The gateway error for a remote backend's HTTP status."""
+    return REMOTE_HTTP_ERRORS.get(status, BackendError)
 
 
 def status_for(error: GatewayError) -> tuple[int, grpc.StatusCode]:

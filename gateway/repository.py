@@ -8,15 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters import ARTIFACTS, REMOTE_BACKENDS
+from pydantic import BaseModel
+
+from adapters import BACKENDS, artifact_backends
+from adapters.base import OptionsError
 from gateway.config import ConfigError, ModelConfig, load_model_config
 
-# First match wins, in this order, when config.yaml names no backend. The tables live with the
-# backends' list in adapters/, so a new backend is one module there plus its entries.
-ARTIFACT_BACKENDS: tuple[tuple[str, str], ...] = tuple(
-    (name, backend) for backend, names in ARTIFACTS.items() for name in names
-)
-ARTIFACTS_OF_BACKEND: dict[str, tuple[str, ...]] = ARTIFACTS
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CONFIG_FILE = "config.yaml"
 
@@ -56,14 +53,18 @@ def model_names(root: Path) -> list[str]:
 
 
 def is_remote(config: ModelConfig, backend: str | None) -> bool:
-    """Remote backends serve from elsewhere: their version folders need no artifact, or may be absent."""
-    return backend in REMOTE_BACKENDS or (
-        backend == "torchserve" and config.torchserve.get("mode") == "remote"
-    )
+    """Whether the model's backend serves from elsewhere, as its registered class says for these options."""
+    adapter = BACKENDS.get(backend) if backend else None
+    if adapter is None:
+        return False
+    try:
+        return adapter.serves_remotely(adapter.parse_options(config))
+    except OptionsError:
+        return adapter.remote
 
 
 def _find_artifact(version_dir: Path, backend: str | None) -> Path | None:
-    names = ARTIFACTS_OF_BACKEND.get(backend, ()) if backend else tuple(n for n, _ in ARTIFACT_BACKENDS)
+    names = BACKENDS[backend].artifacts if backend else tuple(n for n, _ in artifact_backends())
     for name in names:
         candidate = version_dir / name
         if candidate.exists():
@@ -72,7 +73,19 @@ def _find_artifact(version_dir: Path, backend: str | None) -> Path | None:
 
 
 def _backend_of(artifact: Path) -> str:
-    return next(backend for name, backend in ARTIFACT_BACKENDS if artifact.name == name)
+    return next(backend for name, backend in artifact_backends() if artifact.name == name)
+
+
+def _read_sections(
+    name: str, config: ModelConfig, backends: set[str], options: dict[str, BaseModel], problems: list[str]
+) -> None:
+    """Validates each backend's section with its options model, so a typo inside one is found
+    before anything loads."""
+    for backend in sorted(backends - set(options)):
+        try:
+            options[backend] = BACKENDS[backend].parse_options(config)
+        except OptionsError as exc:
+            problems.append(f"model '{name}': invalid config.yaml section: {exc}")
 
 
 def scan_model(
@@ -87,12 +100,17 @@ def scan_model(
 
     found = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
     backend: str | None = config.backend
-    remote = is_remote(config, backend)
-    if remote and not found and backend in REMOTE_BACKENDS:
+    options: dict[str, BaseModel] = {}
+    _read_sections(name, config, set(config.sections) | ({backend} if backend else set()), options, problems)
+    # Remote backends serve from elsewhere: their version folders need no artifact, or may be absent.
+    adapter = BACKENDS[backend] if backend else None
+    remote = adapter is not None and (
+        adapter.serves_remotely(options[backend]) if backend in options else adapter.remote
+    )
+    if adapter is not None and remote and not found and backend in options:
         # A remote model has no files here: its versions may be listed in config.yaml instead of
         # as empty folders (which git cannot hold).
-        section: dict[str, Any] = getattr(config, backend)
-        found = sorted(int(v) for v in section.get("versions", {}) if str(v).isdigit())
+        found = list(adapter.listed_versions(options[backend]))
     if remote and not found:
         found = [1]
     selected = config.version_policy.select(found)
@@ -103,12 +121,13 @@ def scan_model(
         if artifact is None and backend is None:
             problems.append(
                 f"model '{name}' version {version}: no model artifact in {version_dir} "
-                f"(expected one of {', '.join(n for n, _ in ARTIFACT_BACKENDS)})"
+                f"(expected one of {', '.join(n for n, _ in artifact_backends())})"
             )
         elif artifact is not None and backend is None:
             backend = _backend_of(artifact)
-        elif artifact is None and not remote and ARTIFACTS_OF_BACKEND.get(backend or "", ()):
-            expected = " or ".join(ARTIFACTS_OF_BACKEND[backend or ""])
+            _read_sections(name, config, {backend}, options, problems)
+        elif artifact is None and not remote and backend is not None and BACKENDS[backend].artifacts:
+            expected = " or ".join(BACKENDS[backend].artifacts)
             problems.append(
                 f"model '{name}' version {version}: backend '{backend}' needs {expected} in {version_dir}"
             )

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from adapters import BACKENDS
 from gateway.errors import GatewayError
 from gateway.repository import scan
 from gateway.tools import parity as checks
@@ -24,6 +25,12 @@ if TYPE_CHECKING:
     import rich.progress
 
     from gateway.tools.lab.bench import BenchPlan, BenchResult
+
+# The backends --deployments takes, each with its aliases, for the help text.
+BACKEND_NAMES = ", ".join(
+    f"{name} or {' or '.join(adapter.aliases)}" if adapter.aliases else name
+    for name, adapter in BACKENDS.items()
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -184,7 +191,7 @@ def bench(
     deployments: Annotated[
         str | None,
         typer.Option(
-            help="Backends (onnx, torchserve, tensorflow, tfserving, litert, keras, v2: MODEL's or a twin's) or models, "
+            help=f"Backends ({BACKEND_NAMES}: MODEL's or a twin's) or models, "
             "each with an optional :VERSION; default: MODEL and its twins."
         ),
     ] = None,

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from adapters import torchserve_handler
+from adapters.torchserve import modelyard_handler
 from gateway.repository import ModelEntry
 from gateway.tools.errors import ToolError
 
 # The handler every archive carries, as in managed mode; it needs only numpy to import.
-HANDLER_FILE = Path(torchserve_handler.__file__)
+HANDLER_FILE = Path(modelyard_handler.__file__)
 
 Backend = Literal["tfserving", "torchserve"]
 TFSERVING: Backend = "tfserving"
@@ -129,7 +129,7 @@ def tfserving_spec(
     for name, entry in sorted(entries.items()):
         if entry.problems or entry.backend not in ("tensorflow", "tfserving"):
             continue
-        remote_name = str(entry.config.tfserving.get("model_name") or name)
+        remote_name = str(entry.config.section("tfserving").get("model_name") or name)
         versions = []
         for version in entry.versions:
             saved_model = _saved_model(version.path)
@@ -187,7 +187,11 @@ def torchserve_spec(
     archives: list[Archive] = []
     models: list[str] = []
     for name, entry in sorted(entries.items()):
-        if entry.problems or entry.backend != "torchserve" or entry.config.torchserve.get("mode") == "remote":
+        if (
+            entry.problems
+            or entry.backend != "torchserve"
+            or entry.config.section("torchserve").get("mode") == "remote"
+        ):
             continue
         for version in entry.versions:
             artifact = version.artifact
@@ -204,7 +208,7 @@ def torchserve_spec(
                 settings = {
                     "inputs": [t.name for t in entry.config.inputs],
                     "outputs": [t.name for t in entry.config.outputs or ()],
-                    "threads": int(entry.config.torchserve.get("threads", 1)),
+                    "threads": int(entry.config.section("torchserve").get("threads", 1)),
                 }
                 archives.append(
                     Archive(

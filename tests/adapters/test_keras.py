@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,114 @@ def test_keras_on_torch_in_a_gateway_of_its_own(test_repo: Path, tmp_path: Path)
     finally:
         running.stop()
     np.testing.assert_allclose(got, onnx_affine(test_repo, 1, X), rtol=1e-5, atol=1e-5)
+
+
+# Every kind of .keras file Keras 3 loads and calls ------------------------------------------------
+
+CUSTOM_MODULE = '''
+import keras
+
+
+@keras.saving.register_keras_serializable(package="modelyard_test")
+class ScaledDense(keras.Model):
+    """A subclassed model: no Input, no functional graph; built by its first call."""
+
+    def __init__(self, units=3, scale=2.0, **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.scale = units, scale
+        self.dense = keras.layers.Dense(units)
+
+    def call(self, features):
+        return self.dense(features) * self.scale
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "scale": self.scale}
+'''
+
+
+def keras_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[Path, str | None]]:
+    """One .keras file per kind of model, each saved with `model.save()` as users save them; and the
+    module that registers the subclassed one, which is then forgotten, as in a fresh process."""
+    import importlib
+    import sys
+
+    import keras
+
+    module = f"custom_layers_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{module}.py").write_text(CUSTOM_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    custom = importlib.import_module(module)
+    x = np.zeros((5, 4), np.float32)
+    with_input = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"), keras.layers.Dense(3)])
+    called = keras.Sequential([keras.layers.Dense(8, "relu"), keras.layers.Dense(3)])
+    called(x)  # built only by being called, on a batch of 5
+    inputs = keras.Input((4,), name="x")
+    functional = keras.Model(inputs, keras.layers.Dense(3, name="y")(keras.layers.Dense(8)(inputs)))
+    subclassed = custom.ScaledDense()
+    subclassed(x)
+    kinds = {
+        "sequential_with_input": (with_input, None),
+        "sequential_called": (called, None),
+        "functional": (functional, None),
+        "subclassed": (subclassed, module),
+    }
+    files = {}
+    for kind, (model, custom_module) in kinds.items():
+        path = tmp_path / kind / "1" / "model.keras"
+        path.parent.mkdir(parents=True)
+        with warnings.catch_warnings():
+            # TensorFlow's variables predate numpy 2's copy keyword; saving reads them through __array__.
+            warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+            model.save(path)
+        files[kind] = (path, custom_module)
+    keras.saving.get_custom_objects().pop("modelyard_test>ScaledDense")
+    del sys.modules[module]
+    return files
+
+
+@pytest.mark.parametrize("kind", ["sequential_with_input", "sequential_called", "functional", "subclassed"])
+async def test_every_kind_of_keras_model_serves_what_keras_predicts(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import keras
+
+    path, custom_module = keras_models(tmp_path, monkeypatch)[kind]
+    section = {"custom_objects_module": custom_module} if custom_module else {}
+    config = ModelConfig(backend="keras", keras=section)
+    async with adapter_class("keras")(LoadSpec(kind, 1, path.parent, path, config)) as adapter:
+        signature = await adapter.metadata()
+        ((name, datatype, shape),) = [(s.name, s.datatype.value, s.shape) for s in signature.inputs]
+        assert (datatype, shape) == ("FP32", (-1, 4)), signature
+        ((output, out_datatype, out_shape),) = [
+            (s.name, s.datatype.value, s.shape) for s in signature.outputs
+        ]
+        assert (out_datatype, out_shape) == ("FP32", (-1, 3)), signature
+        if kind == "functional":
+            assert (name, output) == ("x", "y")
+        # Any batch, not only the one a model was first called with.
+        for rows in (1, 5, 7):
+            x = np.random.default_rng(rows).standard_normal((rows, 4)).astype(np.float32)
+            got = (await adapter.infer({name: x}, [output]))[output]
+            expected = keras.saving.load_model(path, compile=False).predict(x, verbose=0)
+            assert got.shape == (rows, 3)
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+async def test_a_subclassed_model_needs_the_module_that_registers_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, module = keras_models(tmp_path, monkeypatch)["subclassed"]
+    adapter = adapter_class("keras")(LoadSpec("s", 1, path.parent, path, ModelConfig(backend="keras")))
+    with pytest.raises(ModelNotReady, match=r"ScaledDense.*keras\.custom_objects_module"):
+        await adapter.load()
+    await adapter.aclose()
+    missing = ModelConfig(backend="keras", keras={"custom_objects_module": "no_such_module_here"})
+    adapter = adapter_class("keras")(LoadSpec("s", 1, path.parent, path, missing))
+    with pytest.raises(
+        ModelNotReady, match=r"cannot import keras\.custom_objects_module 'no_such_module_here'"
+    ):
+        await adapter.load()
+    await adapter.aclose()
+    named = ModelConfig(backend="keras", keras={"custom_objects_module": module})
+    async with adapter_class("keras")(LoadSpec("s", 1, path.parent, path, named)) as adapter:
+        assert await adapter.ready()

@@ -156,28 +156,41 @@ async def test_unreadable_savedmodel_is_not_ready(tmp_path: Path) -> None:
 
 def test_invalid_section_is_not_ready() -> None:
     config = ModelConfig(backend="tensorflow", tensorflow={"signatur": "x"})
-    with pytest.raises(ModelNotReady, match=r"model 'm' version 1: invalid config\.yaml section: signatur"):
+    with pytest.raises(
+        ModelNotReady, match=r"model 'm' version 1: invalid config\.yaml section: tensorflow\.signatur"
+    ):
         TensorFlowAdapter(spec_for(EXAMPLE / "1" / "model.savedmodel", config))
 
 
 def test_without_tensorflow_the_error_says_what_to_install() -> None:
+    """The classes import without TensorFlow; loading a version is what needs it."""
     code = (
-        "import sys; sys.modules['tensorflow'] = None\n"
+        "import asyncio, sys; sys.modules['tensorflow'] = None\n"
+        "from pathlib import Path\n"
         "from adapters import adapter_class\n"
+        "from adapters.base import LoadSpec\n"
+        "from gateway.config import ModelConfig\n"
         "from gateway.errors import ModelNotReady\n"
-        "for backend in ('tensorflow', 'tfserving'):\n"
-        "    try:\n"
-        "        adapter_class(backend)\n"
-        "    except ModelNotReady as exc:\n"
-        "        print(exc)\n"
+        "sections = {'tensorflow': {}, 'tfserving': {'grpc': '127.0.0.1:1'}}\n"
+        "async def main():\n"
+        "    for backend, section in sections.items():\n"
+        "        config = ModelConfig.model_validate({'backend': backend, backend: section})\n"
+        "        artifact = Path('model_repo/affine_tf/1/model.savedmodel')\n"
+        "        adapter = adapter_class(backend)(LoadSpec('m', 1, artifact.parent, artifact, config))\n"
+        "        try:\n"
+        "            await adapter.load()\n"
+        "        except ModelNotReady as exc:\n"
+        "            print(exc)\n"
+        "asyncio.run(main())\n"
+        "assert 'tensorflow' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 2, result.stdout
     for backend, line in zip(("tensorflow", "tfserving"), lines, strict=True):
-        assert f"backend '{backend}' cannot be imported: install the 'tensorflow' extra" in line
-        assert "pip install 'modelyard[tensorflow]'" in line
+        assert f"model 'm' version 1: backend '{backend}' cannot import tensorflow" in line
+        assert "install the 'tensorflow' extra (pip install 'modelyard[tensorflow]')" in line
 
 
 def test_build_script_is_reproducible(tmp_path: Path) -> None:

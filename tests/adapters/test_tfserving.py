@@ -8,7 +8,7 @@ case runs over gRPC and over REST.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,11 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from adapters import adapter_class
+from adapters import SharedResources, adapter_class
 from adapters.base import LoadSpec
 from adapters.tfserving import TfServingAdapter
 from gateway.config import ModelConfig
-from gateway.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady
+from gateway.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotReady
 from gateway.types import Datatype, TensorSpec
 from tests.support import RunningGateway, free_port
 
@@ -37,8 +37,21 @@ def affine_reference(test_repo: Path, version: int) -> Any:
     return session.run(None, {"x": X})[0]
 
 
+@pytest.fixture
+async def shared() -> AsyncIterator[SharedResources]:
+    """The connections of one test's adapters, closed after it as the registry closes them."""
+    resources = SharedResources()
+    yield resources
+    await resources.aclose()
+
+
 def spec_for(
-    remote: RunningGateway | None, transport: str, model_name: str, version: int = 1, **options: Any
+    shared: SharedResources,
+    remote: RunningGateway | None,
+    transport: str,
+    model_name: str,
+    version: int = 1,
+    **options: Any,
 ) -> LoadSpec:
     if remote is None:
         address = (
@@ -49,15 +62,15 @@ def spec_for(
     else:
         address = {"grpc": remote.grpc} if transport == "grpc" else {"rest": remote.url}
     config = ModelConfig(backend="tfserving", tfserving={**address, "model_name": model_name, **options})
-    return LoadSpec("local", version, Path("/nonexistent"), None, config)
+    return LoadSpec("local", version, Path("/nonexistent"), None, config, shared=shared)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("version", [1, 2])
 async def test_predict_matches_the_tf_model(
-    gateway: RunningGateway, test_repo: Path, transport: str, version: int
+    shared: SharedResources, gateway: RunningGateway, test_repo: Path, transport: str, version: int
 ) -> None:
-    async with TfServingAdapter(spec_for(gateway, transport, "affine_tf", version)) as adapter:
+    async with TfServingAdapter(spec_for(shared, gateway, transport, "affine_tf", version)) as adapter:
         assert await adapter.ready()
         signature = await adapter.metadata()
         assert signature.inputs == (TensorSpec("x", Datatype.FP32, (-1, 4)),)
@@ -70,9 +83,11 @@ async def test_predict_matches_the_tf_model(
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_strings_cross(gateway: RunningGateway, test_repo: Path, transport: str) -> None:
+async def test_strings_cross(
+    shared: SharedResources, gateway: RunningGateway, test_repo: Path, transport: str
+) -> None:
     texts = [b"The Cat", b"of", "caf\u00e9 OF".encode()]
-    async with TfServingAdapter(spec_for(gateway, transport, "text_normalizer")) as adapter:
+    async with TfServingAdapter(spec_for(shared, gateway, transport, "text_normalizer")) as adapter:
         result = await adapter.infer({"text": np.array(texts, dtype=object)}, ["normalized"])
     session = ort.InferenceSession(str(test_repo / "text_normalizer" / "1" / "model.onnx"))
     (expected,) = session.run(None, {"text": np.array([t.decode() for t in texts], dtype=object)})
@@ -81,12 +96,12 @@ async def test_strings_cross(gateway: RunningGateway, test_repo: Path, transport
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize(("model", "version"), [("no_such_model", 1), ("affine_tf", 9)])
-async def test_unknown_remote_model_or_version_is_not_found(
-    gateway: RunningGateway, transport: str, model: str, version: int
+async def test_unknown_remote_model_or_version_is_not_ready(
+    shared: SharedResources, gateway: RunningGateway, transport: str, model: str, version: int
 ) -> None:
-    adapter = TfServingAdapter(spec_for(gateway, transport, model, version))
+    adapter = TfServingAdapter(spec_for(shared, gateway, transport, model, version))
     with pytest.raises(
-        ModelNotFound, match=rf"model 'local' version {version}: TF Serving model '{model}'"
+        ModelNotReady, match=rf"model 'local' version {version}: TF Serving model '{model}'"
     ) as caught:
         await adapter.load()
     assert caught.value.__cause__ is not None
@@ -94,31 +109,37 @@ async def test_unknown_remote_model_or_version_is_not_found(
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_rejected_input_is_invalid(gateway: RunningGateway, transport: str) -> None:
-    async with TfServingAdapter(spec_for(gateway, transport, "affine_tf")) as adapter:
+async def test_rejected_input_is_invalid(
+    shared: SharedResources, gateway: RunningGateway, transport: str
+) -> None:
+    async with TfServingAdapter(spec_for(shared, gateway, transport, "affine_tf")) as adapter:
         with pytest.raises(InvalidInput, match="version 1") as caught:
             await adapter.infer({"x": np.ones((2, 5), np.float32)}, ["y"])
     assert caught.value.__cause__ is not None
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_nothing_listening_is_unavailable(transport: str) -> None:
+async def test_nothing_listening_is_unavailable(shared: SharedResources, transport: str) -> None:
     with pytest.raises(BackendUnavailable, match="model 'local' version 1"):
-        await TfServingAdapter(spec_for(None, transport, "affine_tf")).load()
+        await TfServingAdapter(spec_for(shared, None, transport, "affine_tf")).load()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_remote_deadline_is_deadline_exceeded(gateway: RunningGateway, transport: str) -> None:
+async def test_remote_deadline_is_deadline_exceeded(
+    shared: SharedResources, gateway: RunningGateway, transport: str
+) -> None:
     """spin_deadline has timeout_ms 50 on the remote; an n=3000 product takes far longer on any CPU."""
-    async with TfServingAdapter(spec_for(gateway, transport, "spin_deadline")) as adapter:
+    async with TfServingAdapter(spec_for(shared, gateway, transport, "spin_deadline")) as adapter:
         with pytest.raises(DeadlineExceeded, match="model 'local' version 1") as caught:
             await adapter.infer({"n": np.array([3000], np.int64)}, ["sum"])
     assert caught.value.__cause__ is not None
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_unknown_signature_is_not_ready(gateway: RunningGateway, transport: str) -> None:
-    adapter = TfServingAdapter(spec_for(gateway, transport, "affine_tf", signature_name="other"))
+async def test_unknown_signature_is_not_ready(
+    shared: SharedResources, gateway: RunningGateway, transport: str
+) -> None:
+    adapter = TfServingAdapter(spec_for(shared, gateway, transport, "affine_tf", signature_name="other"))
     with pytest.raises(ModelNotReady, match="signature 'other'"):
         await adapter.load()
 
@@ -202,9 +223,11 @@ def test_scan_lists_config_versions_only_for_tfserving(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_versions_of_one_address_share_one_connection(gateway: RunningGateway, transport: str) -> None:
-    first = TfServingAdapter(spec_for(gateway, transport, "affine_tf", 1))
-    second = TfServingAdapter(spec_for(gateway, transport, "affine_tf", 2))
+async def test_versions_of_one_address_share_one_connection(
+    shared: SharedResources, gateway: RunningGateway, transport: str
+) -> None:
+    first = TfServingAdapter(spec_for(shared, gateway, transport, "affine_tf", 1))
+    second = TfServingAdapter(spec_for(shared, gateway, transport, "affine_tf", 2))
     async with first, second:
         assert (first._channel, first._http) == (second._channel, second._http)
         assert (first._channel or first._http) is not None

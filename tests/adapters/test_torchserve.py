@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters import torchserve_handler as wire
 from adapters.base import LoadSpec
+from adapters.torchserve import modelyard_handler as wire
 from gateway.config import ModelConfig
 from gateway.errors import ModelNotReady
 from tests.support import ROOT, torchserve_missing
@@ -64,7 +64,10 @@ def spec(config: dict[str, object]) -> LoadSpec:
 def test_unknown_torchserve_key_is_a_clear_load_error() -> None:
     from adapters.torchserve import TorchServeAdapter
 
-    with pytest.raises(ModelNotReady, match=r"model 'm' version 1: torchserve\.batchsize: Extra inputs"):
+    with pytest.raises(
+        ModelNotReady,
+        match=r"model 'm' version 1: invalid config\.yaml section: torchserve\.batchsize: Extra inputs",
+    ):
         TorchServeAdapter(spec({"batchsize": 4}))
 
 

@@ -29,7 +29,7 @@ from adapters.base import LoadSpec
 from adapters.v2 import V2Adapter
 from benchmarks import peer_venvs
 from gateway.config import ModelConfig, TensorDecl
-from gateway.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady
+from gateway.errors import BackendUnavailable, DeadlineExceeded, InvalidInput, ModelNotReady
 from gateway.types import Datatype, TensorSpec
 from tests.support import ROOT, RunningGateway, TfServingProtocol, free_port, start_gateway
 
@@ -89,7 +89,7 @@ async def test_versions_of_one_address_share_one_channel(gateway: RunningGateway
         spec_for(address(gateway, protocol), protocol, "affine", v, shared, version=str(v)) for v in (1, 2)
     ]
     async with V2Adapter(specs[0]) as first, V2Adapter(specs[1]) as second:
-        assert (first._grpc or first._http) is (second._grpc or second._http)
+        assert (first._channel or first._http) is (second._channel or second._http)
         one, two = await asyncio.gather(first.infer({"x": X}, ["y"]), second.infer({"x": X}, ["y"]))
         assert not np.allclose(one["y"], two["y"])  # two versions, two answers, one connection
     await shared.aclose()
@@ -113,12 +113,14 @@ async def test_strings_cross_as_raw_bytes(gateway: RunningGateway, test_repo: Pa
 async def test_remote_errors_map_into_the_gateway_table(gateway: RunningGateway, protocol: str) -> None:
     shared = SharedResources()
     where = address(gateway, protocol)
-    with pytest.raises(ModelNotFound, match="remote model 'no_such_model'"):
+    # What the remote does not have is this deployment not being ready: 404 stays for what the
+    # gateway itself does not have (gateway/errors.py, REMOTE_HTTP_ERRORS).
+    with pytest.raises(ModelNotReady, match="remote model 'no_such_model'"):
         await V2Adapter(spec_for(where, protocol, "no_such_model", shared=shared)).load()
     async with V2Adapter(spec_for(where, protocol, "affine", shared=shared, version="1")) as adapter:
         with pytest.raises(InvalidInput, match="affine"):
             await adapter.infer({"x": np.zeros((2, 5), np.float32)}, ["y"])
-        with pytest.raises(ModelNotFound, match="version 9"):
+        with pytest.raises(ModelNotReady, match="version 9"):
             await _infer_version(adapter, "9")
     await shared.aclose()
 
@@ -217,7 +219,7 @@ async def test_kserve_as_the_remote(kserve: str, test_repo: Path) -> None:
         assert await adapter.ready()
         assert (await adapter.metadata()).inputs == (TensorSpec("x", Datatype.FP32, (-1, 4)),)
         result = await adapter.infer({"x": X}, ["y"])
-        with pytest.raises(ModelNotFound):
+        with pytest.raises(ModelNotReady):
             await V2Adapter(spec_for(kserve, "rest", "nope", shared=shared, config=KSERVE_DECLARED)).load()
     await shared.aclose()
     np.testing.assert_allclose(result["y"], affine_reference(test_repo, 1), rtol=1e-6, atol=1e-6)

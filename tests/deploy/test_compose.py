@@ -238,7 +238,7 @@ def test_the_compose_model_repository_is_valid_and_points_at_the_services(servic
     # The versions each backend serves: both archives (make torchserve-store), both SavedModels.
     assert [v.version for v in entries["mlp_torch"].versions] == [1, 2]
     assert [v.version for v in entries["affine_tf"].versions] == [1, 2]
-    torchserve = entries["mlp_torch"].config.torchserve
+    torchserve = entries["mlp_torch"].config.section("torchserve")
     assert torchserve["mode"] == "remote"
     properties = dict(
         line.split("=", 1)
@@ -252,9 +252,9 @@ def test_the_compose_model_repository_is_valid_and_points_at_the_services(servic
         assert str(theirs.port) in exposed
     # The compose health check waits for the very model the gateway asks for.
     assert f"/models/{torchserve['model_name']}'" in " ".join(services["torchserve"]["healthcheck"]["test"])
-    host, port = entries["affine_tf"].config.tfserving["grpc"].split(":")
+    host, port = entries["affine_tf"].config.section("tfserving")["grpc"].split(":")
     assert host == "tfserving" and port in services["tfserving"]["expose"]
-    tf_name = entries["affine_tf"].config.tfserving["model_name"]
+    tf_name = entries["affine_tf"].config.section("tfserving")["model_name"]
     assert f'name: "{tf_name}"' in (DEPLOY / "tfserving" / "models.config").read_text()
     assert f"/v1/models/{tf_name} " in " ".join(services["tfserving"]["healthcheck"]["test"])
 

@@ -187,7 +187,7 @@ def test_prepare_writes_the_config_and_builds_real_archives(tmp_path: Path) -> N
             manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
             assert manifest["model"]["modelName"] == "mlp_torch"
             assert manifest["model"]["modelVersion"] == str(version)
-            assert manifest["model"]["handler"] == "torchserve_handler.py"
+            assert manifest["model"]["handler"] == "modelyard_handler.py"
             assert json.loads(archive.read("modelyard.json"))["inputs"] == ["input"]
 
 

@@ -45,6 +45,24 @@ def test_repo_check_names_every_problem(test_repo: Path) -> None:
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def test_repo_check_without_loading_finds_a_typo_inside_a_backend_section(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "model_repo" / "affine", tmp_path / "affine")
+    shutil.copytree(ROOT / "model_repo" / "affine_tf", tmp_path / "affine_tf")
+    config = tmp_path / "affine_tf" / "config.yaml"
+    config.write_text(config.read_text().replace("intra_op_threads: 1", "intra_op_thread: 1"))
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "repo", "check", "--no-load", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (
+        "FAIL  model 'affine_tf': invalid config.yaml section: tensorflow.intra_op_thread: "
+        "Extra inputs are not permitted" in result.stdout
+    )
+    assert "ok    model 'affine': versions 1, 2 (onnxruntime)" in result.stdout
+    assert "1 problem(s) found" in result.stderr
+
+
 def test_repo_check_of_a_missing_folder(tmp_path: Path) -> None:
     result = subprocess.run(
         [modelyard(), "repo", "check", str(tmp_path / "nope")], capture_output=True, text=True

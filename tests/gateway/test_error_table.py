@@ -21,12 +21,13 @@ from adapters.base import LoadSpec, ModelAdapter
 from adapters.onnxruntime import OnnxRuntimeAdapter
 from gateway.errors import (
     ERROR_TABLE,
-    REMOTE_GRPC_ERRORS,
-    REMOTE_HTTP_ERRORS,
     GatewayError,
     MethodNotAllowed,
+    ModelNotReady,
     NoSuchEndpoint,
     Overloaded,
+    remote_grpc_error,
+    remote_http_error,
     status_for,
 )
 from gateway.types import Datatype
@@ -109,13 +110,37 @@ def test_grpc_overload_carries_retry_after(table_gateway: InProcessGateway) -> N
     assert ("retry-after", "1") in tuple(caught.value.trailing_metadata())
 
 
-def test_a_remote_backend_s_status_passes_through_unchanged() -> None:
-    """What the tfserving and v2 adapters read from a remote comes back out with the same code, so a
-    gateway in front of another (or of Triton) answers as the remote did. 422 is read as 400."""
-    for code, error in REMOTE_GRPC_ERRORS.items():
-        assert status_for(error("remote"))[1] == code
-    for status, error in REMOTE_HTTP_ERRORS.items():
-        assert status_for(error("remote"))[0] == (400 if status == 422 else status)
+# What a client of the gateway hears when a remote backend (TF Serving, TorchServe, a v2 server)
+# answers with a status: the remote's own code, except where the gateway reads it otherwise.
+REMOTE_HTTP_HEARD = {
+    400: 400, 422: 400, 413: 413, 429: 429, 501: 501, 503: 503, 504: 504,
+    # The remote lacks its copy of a model this gateway has: not ready here, so a fallback may
+    # answer and the client may retry. 404 stays for what the gateway itself does not have.
+    404: 503,
+    # A proxy in front of the remote failing, or a worker out of memory: the backend is down.
+    502: 503, 507: 503,
+    # The gateway's own credentials refused, or the remote failing: the gateway's fault, not the client's.
+    401: 500, 403: 500, 500: 500,
+}  # fmt: skip
+REMOTE_GRPC_HEARD = {
+    grpc.StatusCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND: grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.UNAUTHENTICATED: grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+
+def test_a_remote_backend_s_status_reads_back_through_one_table() -> None:
+    """Every remote adapter reads a remote's status with `remote_http_error`/`remote_grpc_error`."""
+    for status, heard in REMOTE_HTTP_HEARD.items():
+        assert status_for(remote_http_error(status)("remote"))[0] == heard, status
+    for code, heard_code in REMOTE_GRPC_HEARD.items():
+        assert status_for(remote_grpc_error(code)("remote"))[1] == heard_code, code
+    assert remote_http_error(404) is remote_grpc_error(grpc.StatusCode.NOT_FOUND) is ModelNotReady
 
 
 def test_starlette_refusals_go_through_the_table(table_gateway: InProcessGateway) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import get_args
 
 import pytest
+from pydantic import ValidationError
 
-from adapters import ARTIFACTS, BACKENDS, REMOTE_BACKENDS
-from gateway.config import BackendName, ModelConfig, VersionPolicy
+from adapters import BACKENDS, artifact_backends
+from gateway.config import ModelConfig, VersionPolicy
 from gateway.repository import scan, scan_model
 from scripts.build_models import _save, build_affine
 
@@ -56,24 +56,66 @@ def test_backend_follows_the_artifact_name(tmp_path: Path, artifact: str, backen
     assert scan_model(tmp_path, "m").backend == backend
 
 
-def test_every_backend_is_known_to_config_and_repository() -> None:
-    """A backend is one adapters/ module plus its BACKENDS and ARTIFACTS entries and a config section."""
-    backends = set(BACKENDS)
-    assert set(get_args(BackendName)) == backends
-    assert set(ARTIFACTS) == backends
-    assert backends <= set(ModelConfig.model_fields)
-    assert backends >= REMOTE_BACKENDS and not any(ARTIFACTS[b] for b in REMOTE_BACKENDS)
+def test_config_takes_its_backend_names_and_sections_from_the_registry() -> None:
+    for name in BACKENDS:
+        config = ModelConfig.model_validate({"backend": name, name: {"some": "value"}})
+        assert config.backend == name and config.section(name) == {"some": "value"}
+    with pytest.raises(
+        ValidationError, match=f"unknown backend 'caffe'; known: {', '.join(sorted(BACKENDS))}"
+    ):
+        ModelConfig(backend="caffe")
+    with pytest.raises(ValidationError, match="caffe\n  Extra inputs are not permitted"):
+        ModelConfig.model_validate({"caffe": {}})
+    # Every artifact name selects its one backend, in the registry's order of preference.
+    assert [b for _, b in artifact_backends()] == [b for b, a in BACKENDS.items() for _ in a.artifacts]
+    assert len({name for name, _ in artifact_backends()}) == len(artifact_backends())
 
 
-@pytest.mark.parametrize("backend", ["tfserving", "v2"])
+REMOTE_SECTIONS = {
+    "tfserving": "tfserving: {grpc: 'tfs:8500', versions: {1: '1', 3: '2'}}",
+    "v2": "v2: {address: 'triton:8001', versions: {1: '1', 3: '2'}}",
+    "torchserve": "torchserve: {mode: remote, inference_url: 'http://ts:8080', versions: {1: '1', 3: '2'}}",
+}
+
+
+@pytest.mark.parametrize("backend", sorted(REMOTE_SECTIONS))
 def test_remote_models_need_no_files(tmp_path: Path, backend: str) -> None:
+    """Remote backends (TorchServe in its remote mode) list their versions in their section."""
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.yaml").write_text(
-        f"backend: {backend}\nversion_policy: all\n{backend}: {{versions: {{1: '1', 3: '2'}}}}\n"
+        f"backend: {backend}\nversion_policy: all\n{REMOTE_SECTIONS[backend]}\n"
     )
     entry = scan_model(tmp_path, "m")
     assert entry.ok, entry.problems
     assert [(v.version, v.artifact) for v in entry.versions] == [(1, None), (3, None)]
+
+
+def test_managed_torchserve_needs_its_artifact(tmp_path: Path) -> None:
+    make(tmp_path, "m", [1], config="backend: torchserve\ntorchserve: {mode: managed}\n", artifact="x.bin")
+    assert "backend 'torchserve' needs model.mar or model.pt" in " ".join(scan_model(tmp_path, "m").problems)
+
+
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [
+        (
+            "backend: onnxruntime\nonnxruntime: {intra_op_thread: 2}\n",
+            "onnxruntime.intra_op_thread: Extra inputs",
+        ),
+        # A section is checked where the backend follows from the artifact, too.
+        ("onnxruntime: {graph_optimization: most}\n", "onnxruntime.graph_optimization: Input should be"),
+        ("backend: v2\nv2: {protocol: grpc}\n", "v2.address: Field required"),
+        ("backend: tfserving\ntfserving: {model_name: m}\n", "tfserving: Value error, give grpc"),
+        ("backend: torchserve\ntorchserve: {mode: remot}\n", "torchserve.mode: Input should be"),
+        ("backend: litert\nlitert: {pool_size: 0}\n", "litert.pool_size: Input should be greater"),
+        # A section of a backend the model does not use is still read: a typo there is a typo.
+        ("keras: {worker: 2}\n", "keras.worker: Extra inputs are not permitted"),
+    ],
+)
+def test_each_backend_section_is_checked_at_scan(tmp_path: Path, config: str, problem: str) -> None:
+    make(tmp_path, "m", [1], config=config)
+    problems = scan_model(tmp_path, "m").problems
+    assert any(f"model 'm': invalid config.yaml section: {problem}" in p for p in problems), problems
 
 
 def test_non_numeric_folders_and_hidden_models_are_ignored(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@ remote, called through tritonclient over REST and gRPC."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import gc
 import os
 import shutil
 import time
@@ -339,6 +341,33 @@ def test_remote_torchserve_serves(remote_gateway: RunningGateway, model: str, pr
     np.testing.assert_allclose(
         result.as_numpy("logits"), onnx_reference(ROOT / "model_repo", ROWS[:3]), rtol=1e-4, atol=1e-5
     )
+
+
+async def test_torchserve_s_statuses_read_back_through_the_shared_table(
+    remote_torchservers: dict[str, StandaloneTorchServe],
+) -> None:
+    """The same reading as TF Serving's and v2's (tests/gateway/test_error_table.py): a model
+    TorchServe does not have is not ready (503), a body over its max_request_size is too large (413)."""
+    from adapters.torchserve import TorchServeClient
+    from adapters.torchserve import modelyard_handler as wire
+    from gateway.errors import ModelNotReady, PayloadTooLarge
+
+    server = remote_torchservers["open"]
+    client = TorchServeClient(server.inference_url, server.management_url, None, None, 60.0)
+    try:
+        small = wire.encode_tensors("inputs", {"input": ROWS[:1]})
+        with pytest.raises(ModelNotReady, match="TorchServe answered 404"):
+            await client.predict("model 'm' version 1", "no_such_model", None, small, 60.0)
+        # TorchServe's default max_request_size is 6553500 bytes; this body is about 7.7 MB.
+        large = wire.encode_tensors("inputs", {"input": np.zeros((30_000, 64), np.float32)})
+        with pytest.raises(PayloadTooLarge, match="TorchServe answered 413"):
+            await client.predict("model 'm' version 1", "mlp", None, large, 60.0)
+    finally:
+        await client.aclose()
+        # The body TorchServe refused mid-upload leaves a socket that closes when the loop next
+        # writes to it; give it that pass here, so its close is not left to a later test's GC.
+        await asyncio.sleep(0.5)
+        gc.collect()
 
 
 def test_remote_without_the_token_is_unavailable_with_the_reason(remote_gateway: RunningGateway) -> None:

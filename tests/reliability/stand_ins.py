@@ -15,7 +15,7 @@ import json
 import threading
 from typing import Literal
 
-from adapters import torchserve_handler as wire
+from adapters.torchserve import modelyard_handler as wire
 
 Mode = Literal["ok", "hang"]
 

@@ -34,14 +34,14 @@ def archive_for_torchserve(
     """A .mar with modelyard's handler, made with torch-model-archiver as a user preparing a remote TorchServe would."""
     import json
 
-    from adapters import torchserve_handler
+    from adapters.torchserve import modelyard_handler
 
-    extra = store / f"{name}-settings" / torchserve_handler.SETTINGS_FILE
+    extra = store / f"{name}-settings" / modelyard_handler.SETTINGS_FILE
     extra.parent.mkdir(parents=True, exist_ok=True)
     extra.write_text(json.dumps({"inputs": inputs, "outputs": outputs, "threads": 1}))
     subprocess.run(
         [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", "1",
-         "--serialized-file", str(module_file), "--handler", torchserve_handler.__file__,
+         "--serialized-file", str(module_file), "--handler", modelyard_handler.__file__,
          "--extra-files", str(extra), "--export-path", str(store), "--force"],
         check=True, capture_output=True,
     )  # fmt: skip

@@ -27,6 +27,7 @@ import httpx
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from adapters import BACKENDS, backend_named
 from gateway.net import NotReady, free_port, wait_ready
 from gateway.tools import parity
 from gateway.tools.errors import ToolError
@@ -34,30 +35,6 @@ from gateway.tools.lab import load
 from gateway.types import Datatype, TensorSpec, numpy_dtype
 
 PROTOCOLS = ("rest-json", "rest-binary", "grpc")
-# Backend kinds accepted in --deployments, each naming the backend of MODEL or of one of its twins.
-BACKEND_ALIASES = {
-    "onnx": "onnxruntime",
-    "onnxruntime": "onnxruntime",
-    "torchserve": "torchserve",
-    "torch": "torchserve",
-    "tensorflow": "tensorflow",
-    "tf": "tensorflow",
-    "tfserving": "tfserving",
-    "litert": "litert",
-    "tflite": "litert",
-    "keras": "keras",
-    "v2": "v2",
-}
-# Packages whose versions the report names, where they are installed beside the bench.
-BACKEND_PACKAGES = (
-    "onnxruntime",
-    "torch",
-    "torchserve",
-    "tensorflow",
-    "tensorflow-serving-api",
-    "ai-edge-litert",
-    "keras",
-)
 READY_TIMEOUT_S = 300.0
 # Latencies kept per scenario for the CDF plot (evenly spaced quantiles of all of them).
 CDF_POINTS = 200
@@ -167,12 +144,17 @@ def parse_duration(text: str, flag: str = "--duration", allow_zero: bool = False
     return value
 
 
+def deployment_kinds() -> list[str]:
+    """The backend names and aliases --deployments accepts, from the registry of backends."""
+    return [name for backend, adapter in BACKENDS.items() for name in (backend, *adapter.aliases)]
+
+
 def resolve_targets(
     model: str, deployments: str | None, versions: str | None, status: dict[str, Any]
 ) -> list[Target]:
     """The deployments to measure, from the gateway's /status.
 
-    --deployments takes backend kinds (onnx, torchserve, tensorflow, tfserving, litert, keras, v2: MODEL's own backend or
+    --deployments takes backends by name or alias (`deployment_kinds()`: MODEL's own backend or
     the twin whose `twin_of` is MODEL) or model names, each with an optional :VERSION. --versions takes
     versions of MODEL. Neither: MODEL and each of its twins.
     """
@@ -213,8 +195,8 @@ def _resolve_one(
             f"'{text}' is not a deployment: write a backend (onnx, torchserve, ...) or MODEL[:VERSION]"
         )
     version = int(version_text) if sep else None
-    if name in BACKEND_ALIASES and name not in models:
-        backend = BACKEND_ALIASES[name]
+    backend = backend_named(name)
+    if backend is not None and name not in models:
         matches = [m["name"] for m in family if m["backend"] == backend]
         if not matches:
             have = ", ".join(f"{m['name']} ({m['backend']})" for m in family)
@@ -228,7 +210,9 @@ def _resolve_one(
             )
         return matches[0], version
     if name not in models:
-        raise BenchError(f"'{name}' is neither a backend ({', '.join(BACKEND_ALIASES)}) nor a loaded model")
+        raise BenchError(
+            f"'{name}' is neither a backend ({', '.join(deployment_kinds())}) nor a loaded model"
+        )
     return name, version
 
 
@@ -527,7 +511,7 @@ def machine_facts() -> dict[str, str]:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-    for package in ("modelyard", *BACKEND_PACKAGES):
+    for package in ("modelyard", *(p for adapter in BACKENDS.values() for p in adapter.packages)):
         with contextlib.suppress(metadata.PackageNotFoundError):
             facts[package] = metadata.version(package)
     with contextlib.suppress(OSError, subprocess.SubprocessError):

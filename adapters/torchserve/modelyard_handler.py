@@ -2,7 +2,7 @@
 binary form (no nested JSON lists), with TorchServe-side batching.
 
 This file is packed into each model archive and runs inside TorchServe's Python workers, so it
-imports nothing from modelyard; `adapters/torchserve.py` imports its codec from here.
+imports nothing from modelyard; the adapter (`adapters/torchserve/`) imports its codec from here.
 
 Wire format, both ways: a 4-byte little-endian length N, N bytes of JSON header, then each
 tensor's raw little-endian bytes in header order. Request header:
