@@ -174,7 +174,7 @@ class Registry:
     async def _load(self, name: str) -> LoadedModel:
         folder = self.repository.folder(name)
         if folder is None:
-            raise ModelNotFound(f"model '{name}' is not in the repository {self.root}")
+            raise ModelNotFound(f"model '{name}' is not in the repository")
         async with self._lock(name):
             self._fingerprints[name] = _fingerprint(folder)
             entry = self.repository.scan(name)

@@ -14,7 +14,7 @@ import grpc
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from gateway.auth import Authorizer
+from gateway.auth import Authorizer, request_access
 from gateway.codec import (
     CONTENTS_FIELD,
     DEFAULT_LIMITS,
@@ -27,7 +27,15 @@ from gateway.codec import (
 )
 from gateway.context import REQUEST_ID_HEADER, ContextBuilder, deadline_after, request_id
 from gateway.dataplane import DataPlane
-from gateway.errors import GatewayError, MalformedRequest, Unsupported, retry_after, status_for
+from gateway.errors import (
+    GatewayError,
+    InvalidInput,
+    MalformedRequest,
+    Unsupported,
+    public_message,
+    retry_after,
+    status_for,
+)
 from gateway.protocols.triton import model_config as triton_model_config
 from gateway.types import (
     Datatype,
@@ -38,6 +46,7 @@ from gateway.types import (
     RequestedOutput,
     Tensor,
     TensorSpec,
+    quoted,
 )
 
 log = logging.getLogger("modelyard.grpc")
@@ -110,7 +119,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 if authorizer is not None:
-                    authorizer.check(_credentials(context), action, model_of(request))
+                    request_access.set(authorizer.check(_credentials(context), action, model_of(request)))
                 return await inner(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -124,7 +133,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     trailers.append((REQUEST_ID_HEADER, exc.request_id))
                 if trailers:
                     context.set_trailing_metadata(tuple(trailers))
-                await context.abort(code, str(exc))
+                await context.abort(code, public_message(exc))
             except Exception as exc:
                 log.exception("unexpected error in %s", method)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
@@ -177,7 +186,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         )
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        rows = self.dataplane.statistics(request.name or None, request.version or None)
+        rows = self.dataplane.statistics(
+            request.name or None, request.version or None, visible=request_access.get().sees
+        )
         return service_pb2.ModelStatisticsResponse(model_stats=[_statistics(row) for row in rows])
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -203,7 +214,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         return encode_infer_response(response)
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
-        entries = await self.dataplane.repository_index(request.ready)
+        entries = await self.dataplane.repository_index(request.ready, visible=request_access.get().sees)
         return service_pb2.RepositoryIndexResponse(
             models=[
                 service_pb2.RepositoryIndexResponse.ModelIndex(
@@ -255,7 +266,7 @@ def _parameters(owner: str, params: Any) -> dict[str, Any]:
     result = {}
     for key, value in params.items():
         if key in _UNSUPPORTED_PARAMETERS:
-            raise Unsupported(f"{owner}: parameter '{key}' is not supported by modelyard")
+            raise Unsupported(f"{owner}: parameter {quoted(key)} is not supported by modelyard")
         choice = value.WhichOneof("parameter_choice")
         result[key] = getattr(value, choice) if choice else None
     return result
@@ -276,15 +287,22 @@ def decode_infer_request(request: Any, limits: InputLimits = DEFAULT_LIMITS) -> 
             raise MalformedRequest(f"inputs[{index}] needs a name")
         datatype = parse_datatype_field(name, tensor.datatype)
         shape = parse_shape(name, list(tensor.shape), limits)
-        parameters = _parameters(f"input '{name}'", tensor.parameters)
+        parameters = _parameters(f"input {quoted(name)}", tensor.parameters)
         if raw:
+            if tensor.HasField("contents"):
+                # As Triton refuses it, in Triton's words: which of the two would the model get?
+                raise InvalidInput(
+                    f"contents field must not be specified when using raw_input_contents for {quoted(name)} "
+                    f"for model {quoted(request.model_name)}"
+                )
             decoded = tensor_from_buffer(name, datatype, shape, raw[index], limits)
         else:
             decoded = _from_contents(name, datatype, shape, tensor.contents, limits)
         decoded.parameters = parameters
         inputs.append(decoded)
     outputs = [
-        RequestedOutput(o.name, _parameters(f"output '{o.name}'", o.parameters)) for o in request.outputs
+        RequestedOutput(o.name, _parameters(f"output {quoted(o.name)}", o.parameters))
+        for o in request.outputs
     ]
     return InferRequest(
         model_name=request.model_name,
@@ -301,7 +319,9 @@ def _from_contents(
 ) -> Tensor:
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
-        raise MalformedRequest(f"input '{name}': {datatype} data can only be sent in raw_input_contents")
+        raise MalformedRequest(
+            f"input {quoted(name)}: {datatype} data can only be sent in raw_input_contents"
+        )
     return tensor_from_values(name, datatype, shape, list(getattr(contents, field)), limits)
 
 
