@@ -10,9 +10,10 @@ test: run it by hand.
 REST JSON and REST binary, --rounds rounds of --duration seconds each; it prints each round's
 req/s and the gateway's CPU time per request, and their medians. With --baseline DIR, the same
 against the gateway of another checkout (run from DIR), round for round.
-`memory`: the gateway on a repository with one model whose output is small, then --inflight
-requests at once with the largest body the limits accept (JSON, then binary); it prints the peak
-RSS growth per in-flight request as a multiple of the body.
+`memory`: the gateway on a repository with one model whose work and answer are small (a sum of
+each row), then --inflight requests at once with the largest body the default limits accept
+(JSON with two-decimal numbers, then binary); it prints the peak RSS growth per in-flight request
+as a multiple of the body.
 `connections`: --slowloris connections that trickle one header byte every 3 s and --big-headers
 connections that each start an 8 MB header and never finish it, while one client keeps calling
 mlp; it prints the RSS before, the peak during, the normal requests' answers and how many hostile
@@ -22,11 +23,9 @@ connections the gateway still held at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import os
-import select
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ import psutil
 from memory import ROOT, free_port, wait_ready
 from onnx import helper
 from peers import Payload, parse_hey, pinned, run_hey, v2_binary_body, v2_body
+
+from gateway.tools.hostile import HostileConnections, PeakRss
 
 MIB = 2**20
 
@@ -126,29 +127,6 @@ def speed(args: argparse.Namespace) -> None:
         )
 
 
-class PeakRss(threading.Thread):
-    """Samples a process' RSS every few milliseconds until stopped; keeps the highest."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.process = psutil.Process(pid)
-        self.peak = self.process.memory_info().rss
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            self.halt.wait(0.005)
-
-    def __enter__(self) -> PeakRss:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.halt.set()
-        self.join()
-
-
 def memory(args: argparse.Namespace) -> None:
     from gateway.settings import Settings
 
@@ -157,18 +135,16 @@ def memory(args: argparse.Namespace) -> None:
     binary_limit = int(defaults["max_request_body_mb"].default * MIB)
     with tempfile.TemporaryDirectory() as work:
         repo = Path(work) / "repo"
-        # mlp alone (64 inputs -> 10 outputs): the answer is small beside the body.
+        # A model named mlp that sums each row of 64: its work and its answer are small beside the
+        # body, so what is measured is the gateway's own memory.
         (repo / "mlp" / "1").mkdir(parents=True)
-        (repo / "mlp" / "1" / "model.onnx").write_bytes(
-            (ROOT / "model_repo" / "mlp" / "1" / "model.onnx").read_bytes()
-        )
+        onnx.save(row_sum_model(), str(repo / "mlp" / "1" / "model.onnx"))
         server, port = start(repo)
         url = f"http://127.0.0.1:{port}/v2/models/mlp/infer"
         try:
             for kind, limit in (("JSON", json_limit), ("binary", binary_limit)):
                 body, headers = largest_body(kind, limit)
-                with httpx.Client(timeout=300) as client:
-                    assert client.post(url, content=body, headers=headers).status_code == 200  # warm-up
+                # No warm-up: memory the first large body leaves with the allocator counts too.
                 time.sleep(1)
                 before = psutil.Process(server.pid).memory_info().rss
                 with PeakRss(server.pid) as peak:
@@ -197,21 +173,34 @@ def row_sum_model() -> onnx.ModelProto:
 
 
 def largest_body(kind: str, limit: int) -> tuple[bytes, dict[str, str]]:
-    """The largest mlp request under `limit`: float32 values as tritonclient writes them."""
+    """The largest request under `limit`: binary float32 data, or JSON with short numbers (two
+    decimals, which a parser making an object per number inflates the most)."""
     rng = np.random.default_rng(7)
     if kind == "binary":
-        rows = (limit - 4096) // (64 * 4)
-        body, length = v2_binary_body(rng.standard_normal((rows, 64)).astype(np.float32))
-        return body, {
-            "Inference-Header-Content-Length": str(length),
+        x = rng.standard_normal(((limit - 4096) // (64 * 4), 64)).astype(np.float32)
+        tensor = {
+            "name": "input",
+            "shape": list(x.shape),
+            "datatype": "FP32",
+            "parameters": {"binary_data_size": x.nbytes},
+        }
+        header = json.dumps({"inputs": [tensor]}).encode()
+        return header + x.tobytes(), {
+            "Inference-Header-Content-Length": str(len(header)),
             "Content-Type": "application/octet-stream",
         }
-    sample = v2_body(rng.standard_normal((1000, 64)).astype(np.float32))
-    rows = int(1000 * (limit - 4096) / len(sample))
-    body = v2_body(rng.standard_normal((rows, 64)).astype(np.float32))
+
+    def json_body(rows: int) -> bytes:
+        data = np.round(rng.standard_normal(rows * 64), 2).tolist()
+        return json.dumps(
+            {"inputs": [{"name": "input", "shape": [rows, 64], "datatype": "FP32", "data": data}]}
+        ).encode()
+
+    rows = int(1000 * (limit - 4096) / len(json_body(1000)))
+    body = json_body(rows)
     while len(body) > limit:
         rows = int(rows * 0.99)
-        body = v2_body(rng.standard_normal((rows, 64)).astype(np.float32))
+        body = json_body(rows)
     return body, {"Content-Type": "application/json"}
 
 
@@ -258,85 +247,6 @@ def connections(args: argparse.Namespace) -> None:
         )
     finally:
         stop(server)
-
-
-class HostileConnections:
-    """`slowloris` connections that trickle a header byte every `trickle_s` and `big_headers`
-    connections that each send an 8 MB header that never ends, all driven by one thread with
-    non-blocking sockets; `outcome()` says what the gateway did with them."""
-
-    def __init__(self, port: int, slowloris: int, big_headers: int, trickle_s: float = 3.0) -> None:
-        self.port = port
-        self.counts = (slowloris, big_headers)
-        self.trickle_s = trickle_s
-        self.slow: list[socket.socket] = []
-        self.big: dict[socket.socket, int] = {}
-        self.halt = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> HostileConnections:
-        slowloris, big = self.counts
-        for _ in range(slowloris):
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-            sock.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\n")
-            self.slow.append(sock)
-        for _ in range(big):
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nX-Big: ")
-            sock.setblocking(False)
-            self.big[sock] = 0
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.halt.set()
-        self.thread.join(30)
-        for sock in [*self.slow, *self.big]:
-            sock.close()
-
-    def _run(self) -> None:
-        chunk = b"a" * 65536
-        trickled = time.monotonic()
-        while not self.halt.is_set():
-            sending = [sock for sock, sent in self.big.items() if 0 <= sent < 8 * MIB]
-            if sending:
-                _, writable, _ = select.select([], sending, [], 0.05)
-                for sock in writable:
-                    try:
-                        self.big[sock] += sock.send(chunk)
-                    except OSError:
-                        self.big[sock] = -1  # the gateway closed it
-            else:
-                self.halt.wait(0.05)
-            if time.monotonic() - trickled >= self.trickle_s:
-                trickled = time.monotonic()
-                for sock in self.slow:
-                    with contextlib.suppress(OSError):
-                        sock.send(b"a")
-
-    def outcome(self) -> dict[str, int]:
-        """How many slowloris connections the gateway still holds, and how many big headers it
-        answered 431. Call it once, after the gateway had time to act."""
-        held = 0
-        for sock in self.slow:
-            sock.setblocking(False)
-            try:
-                while sock.recv(65536):
-                    pass
-            except BlockingIOError:
-                held += 1
-            except OSError:
-                continue
-        answered = 0
-        for sock in self.big:
-            sock.setblocking(True)
-            sock.settimeout(5)
-            answer = b""
-            with contextlib.suppress(OSError):
-                while chunk := sock.recv(65536):
-                    answer += chunk
-            answered += answer.startswith(b"HTTP/1.1 431")
-        return {"slowloris still held": held, "big headers answered 431": answered}
 
 
 def main() -> None:

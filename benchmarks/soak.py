@@ -35,8 +35,9 @@ from pathlib import Path
 
 import httpx
 import psutil
-from hostile import HostileConnections
 from memory import ROOT, emit, free_port, rss_mib, wait_ready
+
+from gateway.tools.hostile import HostileConnections
 
 MIB = 2**20
 TRUNCATED_HEADER = b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "parameters": {"binary_data_size": 256}}]}'

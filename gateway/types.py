@@ -159,7 +159,9 @@ class ModelSignature:
 MAX_ECHOED_NAME = 64
 
 
-def quoted(name: str) -> str:
+def quoted(value: object) -> str:
+    """A client's name (or whatever it sent in its place) for an error message, cut if long."""
+    name = value if isinstance(value, str) else str(value)
     if len(name) <= MAX_ECHOED_NAME:
         return f"'{name}'"
     return f"'{name[:MAX_ECHOED_NAME]}...' ({len(name)} characters)"

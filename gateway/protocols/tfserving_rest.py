@@ -23,7 +23,8 @@ from gateway.context import REQUEST_ID_HEADER, ContextBuilder, request_id
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidInput, MalformedRequest, ModelNotFound, Unsupported
 from gateway.protocols.openapi import TF_PREDICT_REQUEST, request_body
-from gateway.protocols.v2_rest import RESPONSE_ID_HEADER, json_object, json_response
+from gateway.protocols.v2_json import json_object
+from gateway.protocols.v2_rest import RESPONSE_ID_HEADER, json_response
 from gateway.types import (
     Datatype,
     IndexEntry,

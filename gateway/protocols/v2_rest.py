@@ -5,7 +5,6 @@ This module only translates between HTTP and the data plane's types.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -33,7 +32,7 @@ from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, MalformedRequest, PayloadTooLarge, Unsupported
 from gateway.protocols.openapi import V2_REPOSITORY_INDEX_REQUEST, request_body
 from gateway.protocols.triton import model_config as triton_model_config
-from gateway.protocols.v2_json import is_placeholder, split_data_arrays
+from gateway.protocols.v2_json import decompress, is_placeholder, json_object, split_data_arrays
 from gateway.types import (
     Duration,
     InferRequest,
@@ -216,64 +215,6 @@ def _statistics(rows: list[ModelStatistics]) -> dict[str, Any]:
             for row in rows
         ]
     }
-
-
-def decompress(
-    body: bytes | bytearray, encoding: str | None, limits: InputLimits = DEFAULT_LIMITS, binary: bool = False
-) -> bytes | bytearray:
-    """The body inflated, never past its limit: a small gzip bomb is refused, not inflated."""
-    if not encoding or encoding == "identity":
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise Unsupported(f"Content-Encoding {quoted(encoding)} is not supported; use gzip or deflate")
-    limit, setting = body_limit(limits, binary)
-    # wbits 16+MAX_WBITS reads a gzip header and trailer, MAX_WBITS a zlib stream.
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        inflated = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise MalformedRequest(f"the body is not valid {encoding} data: {exc}") from None
-    if len(inflated) > limit:
-        raise PayloadTooLarge(f"the {encoding} body inflates to more than {limit} bytes ({setting})")
-    if not inflater.eof:
-        raise MalformedRequest(f"the body is not valid {encoding} data: the stream is truncated")
-    return inflated
-
-
-def json_object(data: bytes | bytearray | memoryview, limits: InputLimits = DEFAULT_LIMITS) -> dict[str, Any]:
-    try:
-        parsed = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedRequest(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(parsed, dict):
-        raise MalformedRequest("the body must be a JSON object")
-    check_json_depth(data, parsed, limits.max_json_depth)
-    return parsed
-
-
-def check_json_depth(data: bytes | bytearray | memoryview, parsed: Any, max_depth: int) -> None:
-    """Refuses JSON nested deeper than `max_depth`.
-
-    The number of '[' and '{' bytes bounds the depth and costs one C-speed pass, so a body with
-    flat tensor data (what tritonclient sends) is never walked; only a body with more brackets than
-    the limit is, without recursion.
-    """
-    raw = bytes(data) if isinstance(data, memoryview) else data
-    if raw.count(b"[") + raw.count(b"{") <= max_depth:
-        return
-    level: list[Any] = [parsed]
-    for depth in range(1, max_depth + 2):
-        if depth > max_depth:
-            raise MalformedRequest(
-                f"the JSON body is nested deeper than {max_depth} levels (MODELYARD_MAX_JSON_DEPTH)"
-            )
-        children: list[Any] = []
-        for node in level:
-            values = node.values() if isinstance(node, dict) else node
-            children.extend(v for v in values if isinstance(v, dict | list))
-        if not children:
-            return
-        level = children
 
 
 def _parameters(owner: str, value: Any) -> dict[str, Any]:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import psutil
 import pytest
 
+from gateway.tools.hostile import PeakRss
 from scripts.build_models import _save
 from tests.support import RunningGateway, start_gateway
 from tests.support.model_builders import build_row_sum
@@ -80,19 +80,6 @@ def largest_json_body(limit: int) -> bytes:
     return body
 
 
-class PeakRss(threading.Thread):
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.process = psutil.Process(pid)
-        self.peak = self.process.memory_info().rss
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            self.halt.wait(0.002)
-
-
 def peak_growth_per_request(
     gateway: RunningGateway, body: bytes, headers: dict[str, str], inflight: int
 ) -> tuple[float, list[int]]:
@@ -107,17 +94,13 @@ def peak_growth_per_request(
             barrier.wait()
             codes.append(client.post(url, content=body, headers=headers).status_code)
 
-    sampler = PeakRss(gateway.process.pid)
-    before = sampler.peak
-    sampler.start()
-    threads = [threading.Thread(target=one) for _ in range(inflight)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(600)
-    sampler.halt.set()
-    sampler.join()
-    return (sampler.peak - before) / inflight / len(body), codes
+    with PeakRss(gateway.process.pid, interval_s=0.002) as sampler:
+        threads = [threading.Thread(target=one) for _ in range(inflight)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(600)
+    return (sampler.peak - sampler.before) / inflight / len(body), codes
 
 
 def test_the_body_limit_follows_how_the_body_is_parsed(sized: RunningGateway) -> None:
