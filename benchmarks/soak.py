@@ -2,15 +2,19 @@
 requests together, with its RSS sampled throughout, to show whether memory grows. Not a test: run it
 by hand (`make soak`).
 
-    python benchmarks/soak.py [--minutes 5] [--segment 30] [--sample 5] [--concurrency 8] [--out FILE]
+    python benchmarks/soak.py [--minutes 5] [--segment 30] [--sample 5] [--concurrency 8]
+        [--slowloris 100] [--big-headers 20] [--out FILE]
 
 The good load is benchmarks/load.py on `mlp`, REST JSON, REST binary and gRPC in turn, in segments
 of --segment seconds until --minutes have passed; every tenth answer is checked against onnxruntime.
 Beside it, one client sends a fixed cycle of bad requests (malformed JSON, wrong shapes, a truncated
 binary body, unknown models and versions, a body over the size limit) and counts the answers: each
-must be a 4xx. The report gives the RSS samples, the growth between the first and the last minute,
-a least-squares slope, and the request and error counts; the script exits 1 when a good request
-failed or a bad one was answered with anything but a 4xx.
+must be a 4xx. And rounds of hostile connections: slowloris connections trickling a header byte
+every 3 s and unfinished 8 MB headers, held past the header timeout; each slowloris connection must
+be closed by the gateway and each big header answered 431. The report gives the RSS samples, the
+growth between the first and the last minute, a least-squares slope, and the request and error
+counts; the script exits 1 when a good request failed, a bad one was answered with anything but a
+4xx, or a hostile connection was held.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from pathlib import Path
 import httpx
 import psutil
 from memory import ROOT, emit, free_port, rss_mib, wait_ready
+
+from gateway.tools.hostile import HostileConnections
 
 MIB = 2**20
 TRUNCATED_HEADER = b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "parameters": {"binary_data_size": 256}}]}'
@@ -90,6 +96,27 @@ class HostileClient(threading.Thread):
                 self.stop.wait(0.05)
 
 
+class ConnectionAttacker(threading.Thread):
+    """Rounds of hostile connections until stopped: each round opens `slowloris` connections that
+    trickle a header byte every 3 s and `big_headers` that start an 8 MB header and never end it,
+    holds them past the gateway's header timeout, then counts what the gateway did with them."""
+
+    def __init__(self, port: int, slowloris: int, big_headers: int, hold_s: float) -> None:
+        super().__init__(daemon=True)
+        self.port, self.slowloris, self.big_headers, self.hold_s = port, slowloris, big_headers, hold_s
+        self.stop = threading.Event()
+        self.rounds = 0
+        self.totals: Counter[str] = Counter()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            with HostileConnections(self.port, self.slowloris, self.big_headers) as attack:
+                if self.stop.wait(self.hold_s):
+                    return  # cut short: not a round
+                self.totals.update(attack.outcome())
+            self.rounds += 1
+
+
 def slope_mib_per_min(samples: list[tuple[float, float]]) -> float:
     """The least-squares slope of RSS (MiB) over time (minutes)."""
     if len(samples) < 2:
@@ -112,6 +139,8 @@ def main() -> None:
         default=8,
         help="the body limit the gateway gets here, for the oversize request",
     )
+    parser.add_argument("--slowloris", type=int, default=100, help="slowloris connections per round")
+    parser.add_argument("--big-headers", type=int, default=20, help="unfinished 8 MB headers per round")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -128,12 +157,15 @@ def main() -> None:
     samples: list[tuple[float, float, float]] = []  # (seconds since start, own MiB, with children MiB)
     totals: Counter[str] = Counter()
     hostile = HostileClient(base, (args.max_body_mib + 1) * MIB)
+    # Held past the gateway's default 10 s header timeout, so every round sees it close them.
+    attacker = ConnectionAttacker(http, args.slowloris, args.big_headers, hold_s=13)
     try:
         wait_ready(base, server)
         process = psutil.Process(server.pid)
         started = time.monotonic()
         samples.append((0.0, *rss_mib(process)))
         hostile.start()
+        attacker.start()
         with tempfile.TemporaryDirectory(prefix="modelyard-soak-") as tmp:
             segment = 0
             while time.monotonic() - started < args.minutes * 60:
@@ -174,7 +206,9 @@ def main() -> None:
                     raise SystemExit(f"the gateway exited with {server.returncode} during the soak")
     finally:
         hostile.stop.set()
+        attacker.stop.set()
         hostile.join(60)
+        attacker.join(60)
         server.send_signal(signal.SIGTERM)
         server.wait(60)
 
@@ -191,6 +225,10 @@ def main() -> None:
         f"- good requests: {', '.join(f'{k}: {v}' for k, v in sorted(totals.items()))}",
         f"- hostile requests by answer: {', '.join(f'{k}: {v}' for k, v in sorted(hostile.codes.items()))}"
         f" ({bad_5xx} not a 4xx)",
+        f"- hostile connections: {attacker.rounds} rounds of {args.slowloris} slowloris + {args.big_headers} "
+        f"unfinished 8 MB headers; slowloris still held after 13 s: {attacker.totals['slowloris still held']} "
+        f"of {attacker.rounds * args.slowloris}; big headers answered 431: "
+        f"{attacker.totals['big headers answered 431']} of {attacker.rounds * args.big_headers}",
         f"- gateway RSS: first minute {statistics.mean(first):.1f} MiB, last minute {statistics.mean(last):.1f} MiB, "
         f"growth {growth:+.1f} MiB; least-squares slope {slope:+.2f} MiB/min over {len(samples)} samples",
         "",
@@ -203,9 +241,12 @@ def main() -> None:
     ]
     emit(lines, args.out)
     good_errors = sum(n for key, n in totals.items() if key.endswith("errors"))
-    if bad_5xx or good_errors:
+    connections_held = attacker.totals["slowloris still held"]
+    headers_missed = attacker.rounds * args.big_headers - attacker.totals["big headers answered 431"]
+    if bad_5xx or good_errors or connections_held or headers_missed:
         raise SystemExit(
-            f"soak failed: {good_errors} good requests in error, {bad_5xx} bad ones not refused with a 4xx"
+            f"soak failed: {good_errors} good requests in error, {bad_5xx} bad ones not refused with a 4xx, "
+            f"{connections_held} slowloris connections held, {headers_missed} big headers not answered 431"
         )
 
 

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -25,9 +26,12 @@ from gateway.errors import PermissionDenied, Unauthenticated
 if TYPE_CHECKING:
     from gateway.settings import Settings
 
-# What a key can be allowed to do. `health` and `metrics` are for the open-by-config endpoints.
+# What a key can be allowed to do. `health` and `metrics` are for the open-by-config endpoints;
+# `admin` is no route's action: it lets a key see the gateway's process details (pid, memory) in
+# the aggregates that show them.
 Action = Literal["infer", "metadata", "repository", "health", "metrics"]
 KEY_ACTIONS: tuple[str, ...] = ("infer", "metadata", "repository")
+ADMIN = "admin"
 ALL_MODELS = "*"
 _BEARER = "bearer "
 
@@ -41,7 +45,7 @@ class KeyEntry(BaseModel):
     key: str | None = Field(default=None, min_length=16, repr=False)
     key_env: str | None = None
     models: list[str] = Field(min_length=1)
-    actions: list[Literal["infer", "metadata", "repository"]] = Field(min_length=1)
+    actions: list[Literal["infer", "metadata", "repository", "admin"]] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _one_source(self) -> KeyEntry:
@@ -63,10 +67,38 @@ class ApiKey:
     models: frozenset[str]
     actions: frozenset[str]
 
+    @property
+    def access(self) -> Access:
+        return Access(None if ALL_MODELS in self.models else self.models, ADMIN in self.actions)
+
     def allows(self, action: str, model: str | None) -> bool:
         if action not in self.actions:
             return False
         return model is None or ALL_MODELS in self.models or model in self.models
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What one request may see of the routes that report on many models (statistics, the
+    repository index, /status and the status page, /metrics): which models, and whether the
+    gateway's process details."""
+
+    models: frozenset[str] | None  # None: every model
+    admin: bool
+
+    def sees(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    @property
+    def everything(self) -> bool:
+        return self.models is None and self.admin
+
+
+# With auth off, or on an endpoint open by configuration, a request sees everything.
+FULL_ACCESS = Access(None, True)
+# Set by the one REST access check and the one gRPC interceptor for the request they let through;
+# read by the aggregate routes. Each request runs in its own task, so each has its own value.
+request_access: ContextVar[Access] = ContextVar("request_access", default=FULL_ACCESS)
 
 
 def _digest(secret: str | bytes) -> bytes:
@@ -95,13 +127,14 @@ class Authorizer:
     def enabled(self) -> bool:
         return bool(self._keys)
 
-    def check(self, credentials: str | bytes | None, action: str, model: str | None) -> None:
-        """Returns if the request may go on; raises Unauthenticated (401) or PermissionDenied (403).
+    def check(self, credentials: str | bytes | None, action: str, model: str | None) -> Access:
+        """What the request may see, if it may go on; raises Unauthenticated (401) or
+        PermissionDenied (403).
 
         `credentials` is the raw value of the Authorization or X-API-Key header (or gRPC metadata).
         """
         if not self._keys or action in self.open_actions:
-            return
+            return FULL_ACCESS
         token = token_from_header(credentials)
         if token is None:
             raise Unauthenticated(
@@ -114,6 +147,7 @@ class Authorizer:
         if action in KEY_ACTIONS and not key.allows(action, model):
             target = f"model '{model}'" if model is not None else "this server"
             raise PermissionDenied(f"API key '{key.name}' may not {action} on {target}")
+        return key.access
 
     def _match(self, token: bytes) -> ApiKey | None:
         # Every key is compared, each in constant time, so the time taken says nothing about

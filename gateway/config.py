@@ -275,12 +275,17 @@ def merge_override(raw: Mapping[str, Any], override: Mapping[str, Any]) -> dict[
 
 def load_model_config(path: Path, override: Mapping[str, Any] | None = None) -> ModelConfig:
     """The model's config.yaml (absent: all defaults), with `override`'s keys laid over it."""
+    # Named from the repository down (`mlp/config.yaml`): messages reach clients, and a server's
+    # folders are none of theirs.
+    where = f"{path.parent.name}/{path.name}"
     try:
         raw = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read YAML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read it: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: cannot read YAML: {_yaml_problem(exc)}") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"{where}: expected a mapping at the top level")
     if override:
         raw = merge_override(raw, override)
     try:
@@ -289,4 +294,12 @@ def load_model_config(path: Path, override: Mapping[str, Any] | None = None) -> 
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
         )
-        raise ConfigError(f"{path}: {problems}") from exc
+        raise ConfigError(f"{where}: {problems}") from exc
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The parser's complaint and where, without its dump of the text around it."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{exc.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(exc).splitlines()[0]

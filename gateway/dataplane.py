@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import gateway
@@ -23,6 +24,7 @@ from gateway.errors import (
     GatewayError,
     ModelNotReady,
     PermissionDenied,
+    without_server_paths,
 )
 from gateway.limits import Limiter, acquire_all, release_all
 from gateway.loaded import LoadedVersion, State
@@ -303,8 +305,14 @@ class DataPlane:
 
     # Statistics and repository ----------------------------------------------------------------
 
-    def statistics(self, name: str | None, version: str | None) -> list[ModelStatistics]:
-        models = [self.registry.get(name)] if name else self.registry.models()
+    def statistics(
+        self, name: str | None, version: str | None, visible: Callable[[str], bool] | None = None
+    ) -> list[ModelStatistics]:
+        """One model's rows, or (no name) every model's that `visible` lets the caller see."""
+        if name:
+            models = [self.registry.get(name)]
+        else:
+            models = [m for m in self.registry.models() if visible is None or visible(m.name)]
         rows: list[ModelStatistics] = []
         for model in models:
             versions = sorted(model.versions.values(), key=lambda v: v.version)
@@ -313,14 +321,19 @@ class DataPlane:
             rows.extend(ModelStatistics(model.name, str(v.version), v.stats) for v in versions)
         return rows
 
-    async def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
-        """The registry's index, with loaded versions whose backend is down shown UNAVAILABLE."""
+    async def repository_index(
+        self, ready_only: bool = False, visible: Callable[[str], bool] | None = None
+    ) -> list[IndexEntry]:
+        """The registry's index (the models `visible` lets the caller see), with loaded versions
+        whose backend is down shown UNAVAILABLE; reasons name no server path."""
         entries = []
         for entry in self.registry.index():
+            if visible is not None and not visible(entry.name):
+                continue
             if entry.state == State.READY.value and entry.version:
                 entry = await _entry(entry.name, self.registry.get(entry.name).versions[int(entry.version)])
             if not ready_only or entry.state == State.READY.value:
-                entries.append(entry)
+                entries.append(replace(entry, reason=without_server_paths(entry.reason)))
         return entries
 
     async def load_model(self, name: str, config: Mapping[str, Any] | None = None) -> None:
@@ -354,7 +367,7 @@ async def _entry(name: str, loaded: LoadedVersion) -> IndexEntry:
         return IndexEntry(
             name, str(loaded.version), State.UNAVAILABLE.value, f"{loaded.backend} backend is not ready"
         )
-    return IndexEntry(name, str(loaded.version), loaded.state.value, loaded.reason)
+    return IndexEntry(name, str(loaded.version), loaded.state.value, without_server_paths(loaded.reason))
 
 
 def _release_late(slots: tuple[Limiter, ...], task: asyncio.Future[Any]) -> None:

@@ -6,6 +6,12 @@ both read `ERROR_TABLE`, so the two protocols cannot disagree about a status.
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
 import grpc
 
 
@@ -93,6 +99,18 @@ class PermissionDenied(GatewayError):
     """The request's key is valid but not for this model or action, or the action is switched off."""
 
 
+class HeadersTooLarge(GatewayError):
+    """A request's header block is over its size or count limit; refused before it is read whole."""
+
+
+class HeaderTimeout(GatewayError):
+    """A connection did not send a whole header block in time."""
+
+
+class ConnectionsExhausted(GatewayError):
+    """The gateway holds as many connections as it may; a new one is answered and closed."""
+
+
 class NoSuchEndpoint(GatewayError):
     """No route of any protocol has this path."""
 
@@ -115,6 +133,9 @@ ERROR_TABLE: dict[type[GatewayError], tuple[int, grpc.StatusCode]] = {
     PayloadTooLarge: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
     Unauthenticated: (401, grpc.StatusCode.UNAUTHENTICATED),
     PermissionDenied: (403, grpc.StatusCode.PERMISSION_DENIED),
+    HeadersTooLarge: (431, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    HeaderTimeout: (408, grpc.StatusCode.DEADLINE_EXCEEDED),
+    ConnectionsExhausted: (503, grpc.StatusCode.UNAVAILABLE),
     NoSuchEndpoint: (404, grpc.StatusCode.UNIMPLEMENTED),
     MethodNotAllowed: (405, grpc.StatusCode.UNIMPLEMENTED),
     BackendError: (500, grpc.StatusCode.INTERNAL),
@@ -173,3 +194,52 @@ def status_for(error: GatewayError) -> tuple[int, grpc.StatusCode]:
 def retry_after(error: GatewayError) -> int | None:
     """Seconds a client should wait before retrying, for errors that have such a hint."""
     return error.retry_after_s if isinstance(error, Overloaded) else None
+
+
+# What a client reads of an error is at most this long: a message that quotes a client's input, or a
+# backend's own text, must not come back megabytes long.
+MAX_PUBLIC_MESSAGE = 2048
+
+
+def _server_path_pattern() -> re.Pattern[str]:
+    """Absolute paths under the folders a server's own files live in: the system's, the Python
+    environment's, the working directory's, home and the temporary folder."""
+    roots = {
+        "/tmp",
+        "/home",
+        "/root",
+        "/usr",
+        "/opt",
+        "/var",
+        "/etc",
+        "/srv",
+        "/mnt",
+        "/models",
+        "/work",
+        "/data",
+        "/app",
+    }
+    for folder in (os.getcwd(), sys.prefix, sys.base_prefix, tempfile.gettempdir(), str(Path.home())):
+        if folder not in ("", "/"):
+            roots.add(folder.rstrip("/"))
+    alternatives = "|".join(re.escape(root) for root in sorted(roots, key=len, reverse=True))
+    return re.compile(rf"(?<![\w.:/])(?:{alternatives})(?:/[\w.@+-]+)+/?")
+
+
+_SERVER_PATH = _server_path_pattern()
+
+
+def without_server_paths(text: str) -> str:
+    """`text` with each absolute server path cut to its last part (`.../1/model.onnx` -> `model.onnx`):
+    the model and version a message names say where; the folders say nothing a client may know."""
+    if "/" not in text:
+        return text
+    return _SERVER_PATH.sub(lambda match: match.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+
+
+def public_message(error: GatewayError) -> str:
+    """What a client reads of an error: no server paths, and never more than MAX_PUBLIC_MESSAGE."""
+    text = without_server_paths(str(error))
+    if len(text) > MAX_PUBLIC_MESSAGE:
+        text = f"{text[:MAX_PUBLIC_MESSAGE]}... ({len(text) - MAX_PUBLIC_MESSAGE} more characters)"
+    return text

@@ -99,3 +99,25 @@ async def acquire_all(limiters: tuple[Limiter, ...], deadline: float | None, pri
 def release_all(limiters: tuple[Limiter, ...]) -> None:
     for limiter in reversed(limiters):
         limiter.release()
+
+
+class BodyBudget:
+    """The bytes of request bodies in flight across the gateway, under one cap: a body that would
+    pass it is refused (429) before it is read, so a burst of large bodies cannot exhaust memory."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.in_flight = 0
+
+    def reserve(self, size: int) -> None:
+        """Takes `size` bytes of the budget, or raises Overloaded when they do not fit."""
+        if self.in_flight + size > self.max_bytes:
+            raise Overloaded(
+                f"request bodies in flight would pass {self.max_bytes} bytes "
+                "(MODELYARD_MAX_INFLIGHT_BODY_MB); retry shortly",
+                limit="memory",
+            )
+        self.in_flight += size
+
+    def release(self, size: int) -> None:
+        self.in_flight -= size

@@ -25,6 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 import gateway
+from gateway.auth import FULL_ACCESS, Access
 
 # Counters carry no `_created` series: they double every counter's cardinality for a timestamp
 # no dashboard reads.
@@ -247,8 +248,34 @@ class Metrics:
         to autoscale a replica on; Prometheus adds the pod label), read at each scrape."""
         self.registry.register(_LoadCollector(per_model, gateway_wide))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, access: Access = FULL_ACCESS) -> bytes:
+        """The exposition as `access` may see it: the series of its models only, and the rest (the
+        process, the platform, gateway-wide gauges, backend endpoints) only with the admin action."""
+        if access.everything:
+            return generate_latest(self.registry)
+        return generate_latest(_Scoped(self.registry, access))
+
+
+class _Scoped:
+    """A registry's families, with only the samples one reader may see."""
+
+    def __init__(self, registry: CollectorRegistry, access: Access) -> None:
+        self._registry = registry
+        self._access = access
+
+    def collect(self) -> Iterator[Metric]:
+        access = self._access
+        for family in self._registry.collect():
+            samples = [
+                sample
+                for sample in family.samples
+                if ("model" in sample.labels and access.sees(sample.labels["model"]))
+                or ("model" not in sample.labels and access.admin)
+            ]
+            if samples:
+                scoped = Metric(family.name, family.documentation, family.type, family.unit)
+                scoped.samples = samples
+                yield scoped
 
 
 class _LoadCollector(Collector):

@@ -22,8 +22,9 @@ from gateway.breaker import Breakers, guard_observer
 from gateway.codec import InputLimits
 from gateway.context import ContextBuilder
 from gateway.dataplane import DataPlane
-from gateway.limits import Limiter
+from gateway.limits import BodyBudget, Limiter
 from gateway.metrics import Metrics
+from gateway.protocols.connections import ConnectionGuard, ConnectionLimits
 from gateway.protocols.http import create_app
 from gateway.protocols.v2_grpc import SERVICE_NAME, ErrorInterceptor, GuardedServer, InferenceServicer
 from gateway.registry import AdapterFactory, Registry
@@ -35,7 +36,7 @@ from gateway.status import StatusReader
 log = logging.getLogger("modelyard")
 
 # Seconds the servers get, once every accepted request has its answer, to send them.
-_SEND_GRACE_S = 2.0
+SEND_GRACE_S = 2.0
 
 
 class StartupError(Exception):
@@ -80,6 +81,8 @@ class Gateway:
         self.metrics.watch_load(self.registry.load_levels, self._gateway_load)
         self.status = StatusReader(self.dataplane, self.metrics, settings.enable_repository_api)
         self.limits = InputLimits.from_settings(settings)
+        self.connections = ConnectionGuard(ConnectionLimits.from_settings(settings))
+        self.body_budget = BodyBudget(settings.max_inflight_body_bytes)
         # Every front door builds its requests' contexts with this one builder.
         self.contexts = ContextBuilder(settings.priority_header)
         try:
@@ -87,7 +90,13 @@ class Gateway:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self.app = create_app(
-            self.dataplane, self.metrics, self.status, self.contexts, self.limits, self.authorizer
+            self.dataplane,
+            self.metrics,
+            self.status,
+            self.contexts,
+            self.limits,
+            self.authorizer,
+            self.body_budget,
         )
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
@@ -132,11 +141,24 @@ class Gateway:
             except Exception:  # one bad scan must not end polling
                 log.exception("polling the model repository failed")
 
+    def _grpc_options(self) -> list[tuple[str, int]]:
+        settings = self.settings
+        message = settings.grpc_max_message_mb * 1024 * 1024
+        metadata = settings.grpc_max_metadata_kb * 1024
+        return [
+            ("grpc.max_receive_message_length", message),
+            ("grpc.max_send_message_length", message),
+            # gRPC's soft limit refuses some calls past it and its hard one all: one bound here.
+            ("grpc.max_metadata_size", metadata),
+            ("grpc.absolute_max_metadata_size", metadata),
+            ("grpc.max_allowed_incoming_connections", settings.grpc_max_connections),
+            ("grpc.server_handshake_timeout_ms", int(settings.grpc_handshake_timeout_s * 1000)),
+            ("grpc.max_connection_idle_ms", int(settings.grpc_max_connection_idle_s * 1000)),
+            ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+        ]
+
     async def _start_grpc(self) -> None:
-        limit = self.settings.grpc_max_message_mb * 1024 * 1024
-        server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-        )
+        server = grpc.aio.server(options=self._grpc_options())
         # The unary services register through the guard, which maps errors and checks access.
         guarded = ErrorInterceptor(self.authorizer).guarding(server)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -194,7 +216,8 @@ class Gateway:
             access_log=False,
             lifespan="off",
             loop="none",
-            http="httptools",
+            http=self.connections.protocol_class(),
+            timeout_keep_alive=self.settings.http_keepalive_timeout_s,  # type: ignore[arg-type]
             ssl_certfile=self.settings.tls_certfile,
             ssl_keyfile=self.settings.tls_keyfile,
         )
@@ -208,15 +231,21 @@ class Gateway:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
-        """Drains, then stops: readiness turns false and new requests get 503 at once, the
-        accepted ones finish (up to `shutdown_grace_s`), the servers stop, then the backends
-        close (a managed TorchServe with them)."""
+        """Drains, then stops, losing no request the gateway has received:
+        1. readiness turns false and new inference requests get 503 at once; every answer from
+           now on says `Connection: close`, so no client sends another on its connection;
+        2. the accepted requests finish (within `shutdown_grace_s` in all);
+        3. the HTTP connections close: each once its answer is sent, an idle kept-alive one
+           when its keep-alive timeout ends (as it always does), within the same grace;
+        4. only then do the listeners close, gRPC's with a GOAWAY that lets its last calls finish;
+        5. the backends close (a managed TorchServe with them)."""
         started = time.monotonic()
+        grace = self.settings.shutdown_grace_s
         self.dataplane.begin_drain()
+        self.connections.begin_drain()
         if self._poller is not None:
             self._poller.cancel()
         await self._health.enter_graceful_shutdown()
-        grace = self.settings.shutdown_grace_s
         running = self.dataplane.accepted
         if not await self.dataplane.drained(grace):
             log.warning(
@@ -227,14 +256,19 @@ class Gateway:
             )
         else:
             log.info("event=drained finished=%d seconds=%.3f", running, time.monotonic() - started)
+        quiet_by = min(started + grace, time.monotonic() + self.settings.http_keepalive_timeout_s + 0.5)
+        while self.connections.open_connections and time.monotonic() < quiet_by:
+            await asyncio.sleep(0.05)
+        if self.connections.open_connections:
+            log.info("event=connections_closed open=%d", self.connections.open_connections)
         # The answers are ready; a moment more lets the servers write them out.
         if self._http is not None:
             self._http.should_exit = True
         if self._grpc is not None:
-            await self._grpc.stop(_SEND_GRACE_S)
+            await self._grpc.stop(SEND_GRACE_S)
         if self._http_task is not None:
             with contextlib.suppress(asyncio.TimeoutError, SystemExit):
-                await asyncio.wait_for(self._http_task, _SEND_GRACE_S + 1)
+                await asyncio.wait_for(self._http_task, SEND_GRACE_S + 1)
         await self.registry.aclose()
         log.info("modelyard stopped")
 

@@ -50,14 +50,37 @@ class Settings(BaseSettings):
     model_memory_budget: str | None = None
 
     # Input hardening: every request is held to these before anything is allocated for it.
-    # A REST body over this is refused while it is read (413), a gzip/deflate body too once inflated.
+    # A REST body over its limit is refused while it is read (413), a gzip/deflate body too once
+    # inflated. Binary bodies (Triton's binary extension) may be up to max_request_body_mb; JSON
+    # bodies, and the JSON header of a binary one, up to the smaller of the two limits.
     max_request_body_mb: float = Field(default=256, gt=0)
+    max_json_body_mb: float = Field(default=64, gt=0)
+    # The REST bodies of all requests in flight together; one that would pass it is 429.
+    max_inflight_body_mb: float = Field(default=1024, gt=0)
     # Elements in one tensor (the product of its shape), and in any one dimension.
     max_tensor_elements: int = Field(default=1 << 28, ge=1)
     # Nesting of a JSON body: objects and lists inside one another.
     max_json_depth: int = Field(default=64, ge=2)
     # Bytes in one element of a BYTES tensor.
     max_bytes_element_mb: float = Field(default=16, gt=0)
+
+    # Connections. REST: open connections past the cap are answered 503 and closed; a header
+    # block (request line and headers) over its size or count is 431; a connection that has not
+    # sent a whole header block this long after it opened, or after a request began, is closed;
+    # an idle kept-alive one is closed after the keep-alive timeout.
+    http_max_connections: int = Field(default=1000, ge=1)
+    http_max_header_kb: float = Field(default=64, gt=0)
+    http_max_headers: int = Field(default=256, ge=1)
+    http_header_timeout_s: float = Field(default=10, gt=0)
+    http_keepalive_timeout_s: float = Field(default=5, gt=0)
+    # gRPC: connections past the cap are refused; metadata over its size is refused; a connection
+    # that has not finished its handshake in time, or is idle this long, is closed; streams per
+    # connection are capped.
+    grpc_max_connections: int = Field(default=1000, ge=1)
+    grpc_max_metadata_kb: int = Field(default=16, ge=1)
+    grpc_handshake_timeout_s: float = Field(default=10, gt=0)
+    grpc_max_connection_idle_s: float = Field(default=300, gt=0)
+    grpc_max_concurrent_streams: int = Field(default=128, ge=1)
 
     # Auth (off unless keys are given): API keys or bearer tokens, each scoped to models and actions.
     # A YAML or JSON file of keys, or the same list as JSON in MODELYARD_API_KEYS (see README, "Auth").
@@ -91,6 +114,14 @@ class Settings(BaseSettings):
     @property
     def max_request_body_bytes(self) -> int:
         return int(self.max_request_body_mb * 1024 * 1024)
+
+    @property
+    def max_json_body_bytes(self) -> int:
+        return int(min(self.max_json_body_mb, self.max_request_body_mb) * 1024 * 1024)
+
+    @property
+    def max_inflight_body_bytes(self) -> int:
+        return int(self.max_inflight_body_mb * 1024 * 1024)
 
     @property
     def max_bytes_element_bytes(self) -> int:

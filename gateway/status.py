@@ -17,8 +17,10 @@ from typing import Any
 import psutil
 
 import gateway
+from gateway.auth import FULL_ACCESS, Access
 from gateway.config import preferred_version
 from gateway.dataplane import DataPlane
+from gateway.errors import without_server_paths
 from gateway.loaded import LoadedVersion
 from gateway.metrics import LATENCY_BUCKETS, Metrics
 
@@ -149,7 +151,8 @@ class VersionStatus:
     # None for in-process backends, which have none.
     breaker: str | None
     # The process that computes its answers: the gateway's own for in-process backends, a managed
-    # server's; None for a remote backend, whose memory the gateway cannot see.
+    # server's; None for a remote backend, whose memory the gateway cannot see, and for a reader
+    # without the admin action.
     pid: int | None
     inflight: int
     # Memory it holds now, as measured at its load: 0 while not resident, None where it was never
@@ -233,15 +236,19 @@ class StatusReader:
         self.window = MetricsWindow(metrics)
         self._started = time.monotonic()
 
-    async def read(self) -> GatewayStatus:
+    async def read(self, access: Access = FULL_ACCESS) -> GatewayStatus:
+        """The status as `access` may see it: its models only, and the processes (pids, memory)
+        only with the admin action."""
         traffic = self.window.traffic()
         models: list[ModelStatus] = []
         served_by: dict[int, list[str]] = {os.getpid(): []}
         for model in sorted(self.dataplane.registry.models(), key=lambda m: m.name):
+            if not access.sees(model.name):
+                continue
             config = model.entry.config
             versions = []
             for loaded in sorted(model.versions.values(), key=lambda v: v.version):
-                version = await _version(loaded)
+                version = await _version(loaded, access.admin)
                 versions.append(version)
                 if version.pid is not None:
                     served_by.setdefault(version.pid, []).append(f"{model.name}:{loaded.version}")
@@ -249,7 +256,7 @@ class StatusReader:
                 ModelStatus(
                     name=model.name,
                     state=model.state.value,
-                    reason=model.reason,
+                    reason=without_server_paths(model.reason),
                     backend=model.entry.backend,
                     twin_of=config.twin_of,
                     default_version=preferred_version(config, model.servable_versions),
@@ -260,7 +267,8 @@ class StatusReader:
                 )
             )
         index = [
-            IndexRow(e.name, e.version, e.state, e.reason) for e in await self.dataplane.repository_index()
+            IndexRow(e.name, e.version, e.state, e.reason)
+            for e in await self.dataplane.repository_index(visible=access.sees)
         ]
         registry = self.dataplane.registry
         residency = registry.residency
@@ -278,24 +286,24 @@ class StatusReader:
             uptime_s=round(time.monotonic() - self._started, 1),
             repository_api=self.repository_api,
             models=models,
-            processes=[_process(pid, serves) for pid, serves in served_by.items()],
+            processes=[_process(pid, serves) for pid, serves in served_by.items()] if access.admin else [],
             index=index,
             memory=memory,
         )
 
 
-async def _version(loaded: LoadedVersion) -> VersionStatus:
+async def _version(loaded: LoadedVersion, admin: bool) -> VersionStatus:
     adapter = loaded.adapter
     backend_ready = adapter is not None and loaded.ready and await adapter.ready()
     guard = adapter.breaker() if adapter is not None else None
     return VersionStatus(
         version=loaded.version,
         state=loaded.state.value,
-        reason=loaded.reason,
+        reason=without_server_paths(loaded.reason),
         backend=loaded.backend,
         backend_ready=backend_ready,
         breaker=None if guard is None else guard.state.value,
-        pid=adapter.process_id() if adapter is not None else None,
+        pid=adapter.process_id() if adapter is not None and admin else None,
         inflight=loaded.inflight,
         resident_bytes=_resident(loaded),
         loads=loaded.loads,

@@ -120,10 +120,10 @@ class ModelSignature:
             spec = specs.get(tensor.name)
             if spec is None:
                 raise InvalidInput(
-                    f"{label} has no input {_quoted(tensor.name)}; its inputs are {', '.join(specs)}"
+                    f"{label} has no input {quoted(tensor.name)}; its inputs are {', '.join(specs)}"
                 )
             if tensor.name in arrays:
-                raise InvalidInput(f"{label}: input {_quoted(tensor.name)} is given twice")
+                raise InvalidInput(f"{label}: input {quoted(tensor.name)} is given twice")
             if tensor.datatype != spec.datatype:
                 raise InvalidInput(
                     f"{label}: input '{spec.name}' has datatype {tensor.datatype}, the model expects {spec.datatype}"
@@ -145,7 +145,7 @@ class ModelSignature:
         if not requested:
             return list(known)
         names = [output.name for output in requested]
-        unknown = [_quoted(n) for n in names if n not in known]
+        unknown = [quoted(n) for n in names if n not in known]
         if unknown:
             raise InvalidInput(
                 f"{label} has no output(s) {', '.join(unknown)}; its outputs are {', '.join(known)}"
@@ -159,7 +159,9 @@ class ModelSignature:
 MAX_ECHOED_NAME = 64
 
 
-def _quoted(name: str) -> str:
+def quoted(value: object) -> str:
+    """A client's name (or whatever it sent in its place) for an error message, cut if long."""
+    name = value if isinstance(value, str) else str(value)
     if len(name) <= MAX_ECHOED_NAME:
         return f"'{name}'"
     return f"'{name[:MAX_ECHOED_NAME]}...' ({len(name)} characters)"

@@ -14,8 +14,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import gateway
-from gateway.auth import Authorizer
-from gateway.codec import DEFAULT_LIMITS, InputLimits
+from gateway.auth import Authorizer, request_access
+from gateway.codec import DEFAULT_LIMITS, InputLimits, body_limit
 from gateway.context import ContextBuilder
 from gateway.dataplane import DataPlane
 from gateway.errors import (
@@ -24,15 +24,17 @@ from gateway.errors import (
     MethodNotAllowed,
     NoSuchEndpoint,
     PayloadTooLarge,
+    public_message,
     retry_after,
     status_for,
 )
+from gateway.limits import BodyBudget
 from gateway.metrics import Metrics
 from gateway.protocols import v2_rest
 from gateway.protocols.openapi import V2_INFER_REQUEST, request_body
 from gateway.protocols.status_page import status_router
 from gateway.protocols.tfserving_rest import tfserving_router
-from gateway.protocols.v2_rest import RESPONSE_ID_HEADER, json_response, v2_router
+from gateway.protocols.v2_rest import HEADER_LENGTH, RESPONSE_ID_HEADER, json_response, v2_router
 from gateway.status import StatusReader
 
 log = logging.getLogger("modelyard.http")
@@ -64,49 +66,69 @@ def credentials(headers: Any) -> str | None:
     return value
 
 
-class BodySizeLimit:
-    """Refuses a request body over `max_bytes` while it arrives, never buffering more than that.
+class BodyLimits:
+    """Holds each request body to its limit while it arrives, never buffering more than that, and
+    all bodies in flight to the gateway's budget.
 
-    A Content-Length over the limit is answered 413 before a byte is read; a chunked body is
-    counted as it comes, and `receive` raises PayloadTooLarge (413 through the error table) once
-    it passes the limit.
+    The limit follows how the body will be parsed: a binary body (Triton's binary extension, with
+    Inference-Header-Content-Length) has its own; any other is JSON. A Content-Length over the
+    limit is answered 413 before a byte is read, and one that would pass the budget 429; a chunked
+    body is counted as it comes, and `receive` raises PayloadTooLarge (413) or Overloaded (429)
+    once it passes either.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, limits: InputLimits, budget: BodyBudget | None = None) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.limits = limits
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.max_bytes
+        declared, binary = 0, False
         for name, value in scope["headers"]:
             if name == b"content-length":
                 declared = int(value) if value.isdigit() else 0
-                if declared > limit:
-                    await error_response(_too_large(limit), scope["method"], scope["path"])(
-                        scope, receive, send
-                    )
-                    return
+            elif name == HEADER_LENGTH_KEY:
+                binary = True
+        limit, setting = body_limit(self.limits, binary)
+        budget = self.budget
+        try:
+            if declared > limit:
+                raise _too_large(limit, setting)
+            if budget is not None and declared:
+                budget.reserve(declared)
+        except GatewayError as exc:
+            await error_response(exc, scope["method"], scope["path"])(scope, receive, send)
+            return
+        held = declared if budget is not None else 0
         received = 0
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, held
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _too_large(limit)
+                    raise _too_large(limit, setting)
+                if budget is not None and received > held:
+                    budget.reserve(received - held)
+                    held = received
             return message
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            if budget is not None:
+                budget.release(held)
 
 
-def _too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(
-        f"the request body is over the limit of {limit} bytes (MODELYARD_MAX_REQUEST_BODY_MB)"
-    )
+HEADER_LENGTH_KEY = HEADER_LENGTH.encode()
+
+
+def _too_large(limit: int, setting: str) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the request body is over the limit of {limit} bytes ({setting})")
 
 
 def create_app(
@@ -116,6 +138,7 @@ def create_app(
     contexts: ContextBuilder,
     limits: InputLimits = DEFAULT_LIMITS,
     authorizer: Authorizer | None = None,
+    budget: BodyBudget | None = None,
 ) -> ASGIApp:
     # With auth off there is no dependency at all, so requests pay nothing for it.
     dependencies = []
@@ -125,7 +148,9 @@ def create_app(
         async def authorize(request: Request) -> None:
             route = request.scope.get("route")
             action = route_action(getattr(route, "path", ""))
-            check(credentials(request.headers), action, request.path_params.get("model_name"))
+            request_access.set(
+                check(credentials(request.headers), action, request.path_params.get("model_name"))
+            )
 
         dependencies.append(Depends(authorize))
 
@@ -144,7 +169,7 @@ def create_app(
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type=metrics.content_type)
+        return Response(metrics.render(request_access.get()), media_type=metrics.content_type)
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> Response:
@@ -167,8 +192,8 @@ def create_app(
         return internal_error(exc, request.method, request.url.path)
 
     _document_infer(app)
-    # The body limit wraps the infer fast path too, so it is outermost.
-    return BodySizeLimit(InferFastPath(app, dataplane, contexts, limits, authorizer), limits.max_body_bytes)
+    # The body limits wrap the infer fast path too, so they are outermost.
+    return BodyLimits(InferFastPath(app, dataplane, contexts, limits, authorizer), limits, budget)
 
 
 def _from_starlette(exc: HTTPException, method: str, path: str) -> GatewayError:
@@ -188,7 +213,7 @@ def _from_starlette(exc: HTTPException, method: str, path: str) -> GatewayError:
 def error_response(exc: GatewayError, method: str, path: str) -> Response:
     """A gateway error as the REST answer the error table gives it."""
     status, _ = status_for(exc)
-    response = json_response({"error": str(exc)}, status)
+    response = json_response({"error": public_message(exc)}, status)
     wait = retry_after(exc)
     if wait is not None:
         response.headers["Retry-After"] = str(wait)
@@ -243,7 +268,8 @@ class InferFastPath:
         try:
             if self.authorize is not None:
                 self.authorize(credentials(headers), "infer", name)
-            body = await _read_body(receive)
+            declared = headers.get("content-length", "")
+            body = await _read_body(receive, int(declared) if declared.isdigit() else 0)
             if body is None:
                 return  # the client went away
             response = await v2_rest.infer(
@@ -256,16 +282,38 @@ class InferFastPath:
         await response(scope, receive, send)
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or None if the client disconnected first."""
-    chunks: list[bytes] = []
+async def _read_body(receive: Receive, length: int) -> bytes | bytearray | None:
+    """The whole request body, or None if the client disconnected first. With its length known
+    (Content-Length, already held to its limit) the chunks go straight into one buffer of that
+    size, so the body is never held twice."""
+    message: Message = await receive()
+    if message["type"] == "http.disconnect":
+        return None
+    first: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return first
+    buffer = bytearray(length) if length > len(first) else None
+    if buffer is None:
+        chunks = [first]
+    else:
+        buffer[: len(first)] = first
+    filled = len(first)
     while True:
-        message: Message = await receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return None
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        if buffer is not None and filled + len(chunk) <= length:
+            buffer[filled : filled + len(chunk)] = chunk
+        else:
+            if buffer is not None:  # longer than it said: fall back to collecting
+                chunks, buffer = [bytes(buffer[:filled])], None
+            chunks.append(chunk)
+        filled += len(chunk)
         if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if buffer is not None:
+                return buffer if filled == length else buffer[:filled]
+            return b"".join(chunks)
 
 
 def _document_infer(app: FastAPI) -> None:

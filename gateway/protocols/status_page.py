@@ -11,6 +11,7 @@ from html import escape
 
 from fastapi import APIRouter, Response
 
+from gateway.auth import request_access
 from gateway.protocols.v2_rest import json_response
 from gateway.status import GatewayStatus, MemoryStatus, ModelStatus, ModelTraffic, ProcessStatus, StatusReader
 
@@ -22,15 +23,19 @@ def status_router(reader: StatusReader) -> APIRouter:
 
     @router.get("/", include_in_schema=False)
     async def page() -> Response:
-        return Response(render_page(await reader.read()), media_type="text/html; charset=utf-8")
+        return Response(
+            render_page(await reader.read(request_access.get())), media_type="text/html; charset=utf-8"
+        )
 
     @router.get("/status/panel", include_in_schema=False)
     async def panel() -> Response:
-        return Response(render_panel(await reader.read()), media_type="text/html; charset=utf-8")
+        return Response(
+            render_panel(await reader.read(request_access.get())), media_type="text/html; charset=utf-8"
+        )
 
     @router.get("/status", include_in_schema=False)
     async def status() -> Response:
-        return json_response((await reader.read()).as_json())
+        return json_response((await reader.read(request_access.get())).as_json())
 
     return router
 
@@ -134,6 +139,8 @@ def _traffic_table(models: list[ModelStatus]) -> str:
 
 
 def _process_table(processes: list[ProcessStatus]) -> str:
+    if not processes:
+        return '<p class="meta">Process details (pids, memory) are shown to an admin key only.</p>'
     rows = [
         "<tr>"
         + _cells(

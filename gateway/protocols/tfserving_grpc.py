@@ -39,6 +39,7 @@ from gateway.types import (
     Tensor,
     TensorSpec,
     datatype_of,
+    quoted,
 )
 
 PREDICTION_SERVICE: str = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
@@ -62,7 +63,9 @@ def _label(model_spec: Any) -> str:
 def _check_signature(model_spec: Any) -> None:
     name = model_spec.signature_name or SIGNATURE_NAME
     if name != SIGNATURE_NAME:
-        raise InvalidInput(f"{_label(model_spec)} has no signature '{name}'; it serves '{SIGNATURE_NAME}'")
+        raise InvalidInput(
+            f"{_label(model_spec)} has no signature {quoted(name)}; it serves '{SIGNATURE_NAME}'"
+        )
 
 
 def _model_spec(name: str, version: str) -> Any:
@@ -188,15 +191,17 @@ def decode_predict(request: Any, limits: InputLimits = DEFAULT_LIMITS) -> InferR
         raise MalformedRequest(f"{_label(spec)}: the request needs at least one input")
     inputs = []
     for name, proto in request.inputs.items():
-        check_tensor_proto(f"{_label(spec)}: input '{name}'", proto, limits)
+        check_tensor_proto(f"{_label(spec)}: input {quoted(name)}", proto, limits)
         try:
             array = tf.make_ndarray(proto)
         except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"{_label(spec)}: input '{name}' is not a valid TensorProto: {exc}") from None
+            raise InvalidInput(
+                f"{_label(spec)}: input {quoted(name)} is not a valid TensorProto: {exc}"
+            ) from None
         try:
             datatype = datatype_of(array.dtype)
         except ValueError as exc:
-            raise InvalidInput(f"{_label(spec)}: input '{name}': {exc}") from None
+            raise InvalidInput(f"{_label(spec)}: input {quoted(name)}: {exc}") from None
         inputs.append(Tensor(name, datatype, tuple(array.shape), array))
     return InferRequest(
         model_name=spec.name,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -17,12 +18,13 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from gateway.codec import DEFAULT_LIMITS, InputLimits, tensor_from_values
+from gateway.codec import DEFAULT_LIMITS, InputLimits, json_numbers, tensor_from_values
 from gateway.context import REQUEST_ID_HEADER, ContextBuilder, request_id
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidInput, MalformedRequest, ModelNotFound, Unsupported
 from gateway.protocols.openapi import TF_PREDICT_REQUEST, request_body
-from gateway.protocols.v2_rest import RESPONSE_ID_HEADER, json_object, json_response
+from gateway.protocols.v2_json import json_object
+from gateway.protocols.v2_rest import RESPONSE_ID_HEADER, json_response
 from gateway.types import (
     Datatype,
     IndexEntry,
@@ -31,6 +33,7 @@ from gateway.types import (
     ModelSignature,
     Tensor,
     TensorSpec,
+    quoted,
 )
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
@@ -179,7 +182,7 @@ def decode_predict(
     label = f"model '{model_name}' version {version or 'default'}"
     signature_name = body.get("signature_name") or SIGNATURE_NAME
     if signature_name != SIGNATURE_NAME:
-        raise InvalidInput(f"{label} has no signature '{signature_name}'; it serves '{SIGNATURE_NAME}'")
+        raise InvalidInput(f"{label} has no signature {quoted(signature_name)}; it serves '{SIGNATURE_NAME}'")
     if ("instances" in body) == ("inputs" in body):
         raise MalformedRequest(
             "a predict request needs exactly one of 'instances' (rows) or 'inputs' (columns)"
@@ -196,7 +199,9 @@ def decode_predict(
         for name, values in _columns(data, columnar, specs, label).items():
             spec = by_name.get(name)
             if spec is None:
-                raise InvalidInput(f"{label} has no input '{name}'; its inputs are {', '.join(by_name)}")
+                raise InvalidInput(
+                    f"{label} has no input {quoted(name)}; its inputs are {', '.join(by_name)}"
+                )
             inputs.append(_tensor(name, spec.datatype, values, limits))
         return inputs
 
@@ -235,7 +240,7 @@ def _tensor(name: str, datatype: Datatype, values: Any, limits: InputLimits) -> 
     try:
         array = np.array(values, dtype=object if datatype is Datatype.BYTES else None)
     except ValueError as exc:
-        raise InvalidInput(f"input '{name}': the data is not a regular nested list ({exc})") from None
+        raise InvalidInput(f"input {quoted(name)}: the data is not a regular nested list ({exc})") from None
     return tensor_from_values(name, datatype, tuple(array.shape), array, limits)
 
 
@@ -243,16 +248,16 @@ def _decode_strings(name: str, values: Any, depth_left: int) -> Any:
     """Nested lists with `{"b64": ...}` objects decoded to bytes and text encoded as UTF-8."""
     if isinstance(values, list):
         if depth_left <= 0:
-            raise MalformedRequest(f"input '{name}': the data is nested too deeply")
+            raise MalformedRequest(f"input {quoted(name)}: the data is nested too deeply")
         return [_decode_strings(name, v, depth_left - 1) for v in values]
     if _is_b64(values):
         try:
             return base64.b64decode(values["b64"], validate=True)
         except (binascii.Error, TypeError) as exc:
-            raise InvalidInput(f"input '{name}': a b64 value is not valid base64 ({exc})") from None
+            raise InvalidInput(f"input {quoted(name)}: a b64 value is not valid base64 ({exc})") from None
     if isinstance(values, str):
         return values.encode("utf-8")
-    raise InvalidInput(f"input '{name}': string data must be text or {{\"b64\": ...}} objects")
+    raise InvalidInput(f'input {quoted(name)}: string data must be text or {{"b64": ...}} objects')
 
 
 def _json_values(tensor: Tensor) -> Any:
@@ -279,10 +284,10 @@ def _utf8(raw: bytes) -> str | None:
 def encode_predict(response: InferResponse, columnar: bool) -> bytes:
     values = {tensor.name: _json_values(tensor) for tensor in response.outputs}
     if columnar:
-        outputs = next(iter(values.values())) if len(values) == 1 else values
+        outputs = _numbers(next(iter(values.values()))) if len(values) == 1 else _all_numbers(values)
         return orjson.dumps({"outputs": outputs}, option=_NUMPY_JSON)
     if len(values) == 1:
-        return orjson.dumps({"predictions": next(iter(values.values()))}, option=_NUMPY_JSON)
+        return orjson.dumps({"predictions": _numbers(next(iter(values.values())))}, option=_NUMPY_JSON)
     rows = {np.shape(v)[0] if np.ndim(v) else None for v in values.values()}
     if len(rows) != 1 or None in rows:
         raise InvalidInput(
@@ -290,5 +295,18 @@ def encode_predict(response: InferResponse, columnar: bool) -> bytes:
             "batch sizes, so they cannot be returned as rows; send 'inputs' (columnar) instead"
         )
     count: int = rows.pop()  # type: ignore[assignment]
-    predictions = [{name: value[index] for name, value in values.items()} for index in range(count)]
+    predictions = [
+        _all_numbers({name: value[index] for name, value in values.items()}) for index in range(count)
+    ]
     return orjson.dumps({"predictions": predictions}, option=_NUMPY_JSON)
+
+
+def _numbers(value: Any) -> Any:
+    """NaN and infinities as TF Serving writes them (`NaN`, `Infinity`), not as orjson's null."""
+    if isinstance(value, np.floating):  # one row's value of a 1-D output
+        return value if np.isfinite(value) else orjson.Fragment(json.dumps(float(value)))
+    return json_numbers(value) if isinstance(value, np.ndarray) else value
+
+
+def _all_numbers(values: dict[str, Any]) -> dict[str, Any]:
+    return {name: _numbers(value) for name, value in values.items()}

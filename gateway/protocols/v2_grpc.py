@@ -15,7 +15,7 @@ import grpc
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from gateway.auth import Authorizer
+from gateway.auth import Authorizer, request_access
 from gateway.codec import (
     CONTENTS_FIELD,
     DEFAULT_LIMITS,
@@ -28,7 +28,15 @@ from gateway.codec import (
 )
 from gateway.context import REQUEST_ID_HEADER, ContextBuilder, deadline_after, request_id
 from gateway.dataplane import DataPlane
-from gateway.errors import GatewayError, MalformedRequest, Unsupported, retry_after, status_for
+from gateway.errors import (
+    GatewayError,
+    InvalidInput,
+    MalformedRequest,
+    Unsupported,
+    public_message,
+    retry_after,
+    status_for,
+)
 from gateway.protocols.triton import load_parameters
 from gateway.protocols.triton import model_config as triton_model_config
 from gateway.types import (
@@ -40,6 +48,7 @@ from gateway.types import (
     RequestedOutput,
     Tensor,
     TensorSpec,
+    quoted,
 )
 
 log = logging.getLogger("modelyard.grpc")
@@ -115,7 +124,7 @@ class ErrorInterceptor:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 if authorizer is not None:
-                    authorizer.check(_credentials(context), action, model_of(request))
+                    request_access.set(authorizer.check(_credentials(context), action, model_of(request)))
                 return await inner(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -129,7 +138,7 @@ class ErrorInterceptor:
                     trailers.append((REQUEST_ID_HEADER, exc.request_id))
                 if trailers:
                     context.set_trailing_metadata(tuple(trailers))
-                await context.abort(code, str(exc))
+                await context.abort(code, public_message(exc))
             except Exception as exc:
                 log.exception("unexpected error in %s", method)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
@@ -229,7 +238,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         )
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        rows = self.dataplane.statistics(request.name or None, request.version or None)
+        rows = self.dataplane.statistics(
+            request.name or None, request.version or None, visible=request_access.get().sees
+        )
         return service_pb2.ModelStatisticsResponse(model_stats=[_statistics(row) for row in rows])
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -255,7 +266,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         return encode_infer_response(response)
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
-        entries = await self.dataplane.repository_index(request.ready)
+        entries = await self.dataplane.repository_index(request.ready, visible=request_access.get().sees)
         return service_pb2.RepositoryIndexResponse(
             models=[
                 service_pb2.RepositoryIndexResponse.ModelIndex(
@@ -312,7 +323,7 @@ def _parameters(owner: str, params: Any) -> dict[str, Any]:
     result = {}
     for key, value in params.items():
         if key in _UNSUPPORTED_PARAMETERS:
-            raise Unsupported(f"{owner}: parameter '{key}' is not supported by modelyard")
+            raise Unsupported(f"{owner}: parameter {quoted(key)} is not supported by modelyard")
         choice = value.WhichOneof("parameter_choice")
         result[key] = getattr(value, choice) if choice else None
     return result
@@ -333,15 +344,22 @@ def decode_infer_request(request: Any, limits: InputLimits = DEFAULT_LIMITS) -> 
             raise MalformedRequest(f"inputs[{index}] needs a name")
         datatype = parse_datatype_field(name, tensor.datatype)
         shape = parse_shape(name, list(tensor.shape), limits)
-        parameters = _parameters(f"input '{name}'", tensor.parameters)
+        parameters = _parameters(f"input {quoted(name)}", tensor.parameters)
         if raw:
+            if tensor.HasField("contents"):
+                # As Triton refuses it, in Triton's words: which of the two would the model get?
+                raise InvalidInput(
+                    f"contents field must not be specified when using raw_input_contents for {quoted(name)} "
+                    f"for model {quoted(request.model_name)}"
+                )
             decoded = tensor_from_buffer(name, datatype, shape, raw[index], limits)
         else:
             decoded = _from_contents(name, datatype, shape, tensor.contents, limits)
         decoded.parameters = parameters
         inputs.append(decoded)
     outputs = [
-        RequestedOutput(o.name, _parameters(f"output '{o.name}'", o.parameters)) for o in request.outputs
+        RequestedOutput(o.name, _parameters(f"output {quoted(o.name)}", o.parameters))
+        for o in request.outputs
     ]
     return InferRequest(
         model_name=request.model_name,
@@ -358,7 +376,9 @@ def _from_contents(
 ) -> Tensor:
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
-        raise MalformedRequest(f"input '{name}': {datatype} data can only be sent in raw_input_contents")
+        raise MalformedRequest(
+            f"input {quoted(name)}: {datatype} data can only be sent in raw_input_contents"
+        )
     return tensor_from_values(name, datatype, shape, list(getattr(contents, field)), limits)
 
 

@@ -5,19 +5,24 @@ This module only translates between HTTP and the data plane's types.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 
+from gateway.auth import request_access
 from gateway.codec import (
     DEFAULT_LIMITS,
     InputLimits,
+    JsonArray,
+    body_limit,
+    json_numbers,
     parse_datatype_field,
     parse_shape,
     tensor_from_buffer,
+    tensor_from_json_array,
     tensor_from_values,
     tensor_to_bytes,
     tensor_to_values,
@@ -28,7 +33,16 @@ from gateway.errors import GatewayError, MalformedRequest, PayloadTooLarge, Unsu
 from gateway.protocols.openapi import V2_REPOSITORY_INDEX_REQUEST, V2_REPOSITORY_LOAD_REQUEST, request_body
 from gateway.protocols.triton import load_parameters
 from gateway.protocols.triton import model_config as triton_model_config
-from gateway.types import Duration, InferRequest, InferResponse, ModelStatistics, RequestedOutput, Tensor
+from gateway.protocols.v2_json import decompress, is_placeholder, json_object, split_data_arrays
+from gateway.types import (
+    Duration,
+    InferRequest,
+    InferResponse,
+    ModelStatistics,
+    RequestedOutput,
+    Tensor,
+    quoted,
+)
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
 HEADER_LENGTH = "inference-header-content-length"
@@ -85,7 +99,7 @@ def v2_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> API
     # Before the model routes, which would take 'stats' for a model name.
     @route("GET", "/v2/models/stats", versioned=False)
     async def all_stats() -> Response:
-        return json_response(_statistics(dataplane.statistics(None, None)))
+        return json_response(_statistics(dataplane.statistics(None, None, visible=request_access.get().sees)))
 
     @route("GET", "{model}/ready")
     async def model_ready(model_name: str, model_version: str | None = None) -> Response:
@@ -123,7 +137,8 @@ def v2_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> API
     async def repository_index(request: Request) -> Response:
         body = await request.body()
         options = json_object(body, limits) if body.strip() else {}
-        entries = await dataplane.repository_index(bool(options.get("ready", False)))
+        ready = bool(options.get("ready", False))
+        entries = await dataplane.repository_index(ready, visible=request_access.get().sees)
         return json_response(
             [
                 {
@@ -162,7 +177,7 @@ def v2_router(dataplane: DataPlane, limits: InputLimits = DEFAULT_LIMITS) -> API
 async def infer(
     dataplane: DataPlane,
     contexts: ContextBuilder,
-    body: bytes,
+    body: bytes | bytearray,
     headers: Mapping[str, str],
     model_name: str,
     model_version: str | None,
@@ -170,10 +185,9 @@ async def infer(
 ) -> Response:
     """POST /v2/models/{name}[/versions/{version}]/infer: decode, run, encode."""
     try:
-        body = decompress(body, headers.get("content-encoding"), limits)
-        infer_request = decode_infer_request(
-            body, headers.get(HEADER_LENGTH), model_name, model_version, limits
-        )
+        header_length = headers.get(HEADER_LENGTH)
+        body = decompress(body, headers.get("content-encoding"), limits, binary=header_length is not None)
+        infer_request = decode_infer_request(body, header_length, model_name, model_version, limits)
         context = contexts.build("rest", headers, infer_request.parameters, body_id=infer_request.id)
     except GatewayError as exc:
         exc.request_id = request_id(headers.get(REQUEST_ID_HEADER))
@@ -216,64 +230,6 @@ def _statistics(rows: list[ModelStatistics]) -> dict[str, Any]:
     }
 
 
-def decompress(body: bytes, encoding: str | None, limits: InputLimits = DEFAULT_LIMITS) -> bytes:
-    """The body inflated, never past `max_body_bytes`: a small gzip bomb is refused, not inflated."""
-    if not encoding or encoding == "identity":
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise Unsupported(f"Content-Encoding '{encoding}' is not supported; use gzip or deflate")
-    # wbits 16+MAX_WBITS reads a gzip header and trailer, MAX_WBITS a zlib stream.
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        inflated = inflater.decompress(body, limits.max_body_bytes + 1)
-    except zlib.error as exc:
-        raise MalformedRequest(f"the body is not valid {encoding} data: {exc}") from None
-    if len(inflated) > limits.max_body_bytes:
-        raise PayloadTooLarge(
-            f"the {encoding} body inflates to more than {limits.max_body_bytes} bytes "
-            "(MODELYARD_MAX_REQUEST_BODY_MB)"
-        )
-    if not inflater.eof:
-        raise MalformedRequest(f"the body is not valid {encoding} data: the stream is truncated")
-    return inflated
-
-
-def json_object(data: bytes | memoryview, limits: InputLimits = DEFAULT_LIMITS) -> dict[str, Any]:
-    try:
-        parsed = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedRequest(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(parsed, dict):
-        raise MalformedRequest("the body must be a JSON object")
-    check_json_depth(data, parsed, limits.max_json_depth)
-    return parsed
-
-
-def check_json_depth(data: bytes | memoryview, parsed: Any, max_depth: int) -> None:
-    """Refuses JSON nested deeper than `max_depth`.
-
-    The number of '[' and '{' bytes bounds the depth and costs one C-speed pass, so a body with
-    flat tensor data (what tritonclient sends) is never walked; only a body with more brackets than
-    the limit is, without recursion.
-    """
-    raw = bytes(data) if isinstance(data, memoryview) else data
-    if raw.count(b"[") + raw.count(b"{") <= max_depth:
-        return
-    level: list[Any] = [parsed]
-    for depth in range(1, max_depth + 2):
-        if depth > max_depth:
-            raise MalformedRequest(
-                f"the JSON body is nested deeper than {max_depth} levels (MODELYARD_MAX_JSON_DEPTH)"
-            )
-        children: list[Any] = []
-        for node in level:
-            values = node.values() if isinstance(node, dict) else node
-            children.extend(v for v in values if isinstance(v, dict | list))
-        if not children:
-            return
-        level = children
-
-
 def _parameters(owner: str, value: Any) -> dict[str, Any]:
     if value is None:
         return {}
@@ -281,45 +237,83 @@ def _parameters(owner: str, value: Any) -> dict[str, Any]:
         raise MalformedRequest(f"{owner}: 'parameters' must be an object")
     for name in _UNSUPPORTED_PARAMETERS:
         if name in value:
-            raise Unsupported(f"{owner}: parameter '{name}' is not supported by modelyard")
+            raise Unsupported(f"{owner}: parameter {quoted(name)} is not supported by modelyard")
     return value
 
 
 def decode_infer_request(
-    body: bytes,
+    body: bytes | bytearray,
     header_length: str | None,
     model_name: str,
     model_version: str | None,
     limits: InputLimits = DEFAULT_LIMITS,
 ) -> InferRequest:
     """A v2 infer request from JSON, or from a JSON header followed by binary tensor data."""
-    if len(body) > limits.max_body_bytes:
-        raise PayloadTooLarge(
-            f"the body has {len(body)} bytes, over the limit of {limits.max_body_bytes} "
-            "(MODELYARD_MAX_REQUEST_BODY_MB)"
-        )
+    limit, setting = body_limit(limits, binary=header_length is not None)
+    if len(body) > limit:
+        raise PayloadTooLarge(f"the body has {len(body)} bytes, over the limit of {limit} ({setting})")
     if header_length is None:
-        header, binary = json_object(body, limits), memoryview(b"")
-    else:
-        try:
-            length = int(header_length)
-        except ValueError:
-            raise MalformedRequest("Inference-Header-Content-Length must be an integer") from None
-        if not 0 <= length <= len(body):
-            raise MalformedRequest(
-                f"Inference-Header-Content-Length is {length} but the body has only {len(body)} bytes"
-            )
-        view = memoryview(body)
-        header, binary = json_object(view[:length], limits), view[length:]
+        text, arrays = split_data_arrays(body)
+        if arrays:
+            header = json_object(text, limits)
+            request = _decode(header, memoryview(b""), arrays, model_name, model_version, limits)
+            if request is not None:
+                return request
+            # A cut-out array was not where a `data` list belongs: read the body whole.
+        return _decode_all(json_object(body, limits), memoryview(b""), model_name, model_version, limits)
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise MalformedRequest("Inference-Header-Content-Length must be an integer") from None
+    if not 0 <= length <= len(body):
+        raise MalformedRequest(
+            f"Inference-Header-Content-Length is {length} but the body has only {len(body)} bytes"
+        )
+    json_limit, json_setting = body_limit(limits, binary=False)
+    if length > json_limit:
+        raise PayloadTooLarge(
+            f"the JSON header has {length} bytes, over the limit of {json_limit} ({json_setting})"
+        )
+    view = memoryview(body)
+    return _decode_all(json_object(view[:length], limits), view[length:], model_name, model_version, limits)
 
+
+def _decode_all(
+    header: dict[str, Any],
+    binary: memoryview,
+    model_name: str,
+    model_version: str | None,
+    limits: InputLimits,
+) -> InferRequest:
+    request = _decode(header, binary, None, model_name, model_version, limits)
+    assert request is not None  # only a cut-out array can be misplaced
+    return request
+
+
+def _decode(
+    header: dict[str, Any],
+    binary: memoryview,
+    arrays: dict[str, JsonArray] | None,
+    model_name: str,
+    model_version: str | None,
+    limits: InputLimits,
+) -> InferRequest | None:
+    """The request from its parsed header and the arrays cut out of it (None: none were); None when
+    a cut-out array was not where a `data` list is."""
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise MalformedRequest("the request needs a non-empty 'inputs' list")
+    pending = None if arrays is None else dict(arrays)
     inputs: list[Tensor] = []
     offset = 0
     for index, raw in enumerate(raw_inputs):
-        tensor, offset = _decode_input(index, raw, binary, offset, limits)
+        decoded = _decode_input(index, raw, binary, offset, limits, pending)
+        if decoded is None:
+            return None
+        tensor, offset = decoded
         inputs.append(tensor)
+    if pending:
+        return None
     if offset != len(binary):
         raise MalformedRequest(f"{len(binary) - offset} bytes of binary data follow the last input")
 
@@ -343,8 +337,13 @@ def decode_infer_request(
 
 
 def _decode_input(
-    index: int, raw: Any, binary: memoryview, offset: int, limits: InputLimits
-) -> tuple[Tensor, int]:
+    index: int,
+    raw: Any,
+    binary: memoryview,
+    offset: int,
+    limits: InputLimits,
+    arrays: dict[str, JsonArray] | None,
+) -> tuple[Tensor, int] | None:
     if not isinstance(raw, dict):
         raise MalformedRequest(f"inputs[{index}] must be an object")
     name = raw.get("name")
@@ -352,18 +351,31 @@ def _decode_input(
         raise MalformedRequest(f"inputs[{index}] needs a 'name' string")
     datatype = parse_datatype_field(name, raw.get("datatype"))
     shape = parse_shape(name, raw.get("shape"), limits)
-    parameters = _parameters(f"input '{name}'", raw.get("parameters"))
+    parameters = _parameters(f"input {quoted(name)}", raw.get("parameters"))
     size = parameters.get("binary_data_size")
     if size is None:
         if "data" not in raw:
-            raise MalformedRequest(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
-        tensor = tensor_from_values(name, datatype, shape, raw["data"], limits)
+            raise MalformedRequest(
+                f"input {quoted(name)} has neither 'data' nor a binary_data_size parameter"
+            )
+        data = raw["data"]
+        if arrays is not None and is_placeholder(data):
+            array = arrays.pop(data, None)
+            if array is None:
+                return None
+            tensor = tensor_from_json_array(name, datatype, shape, array, limits)
+        else:
+            tensor = tensor_from_values(name, datatype, shape, data, limits)
     else:
+        if "data" in raw:
+            raise MalformedRequest(
+                f"input {quoted(name)} has both 'data' and a binary_data_size parameter: send its values one way"
+            )
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise MalformedRequest(f"input '{name}': binary_data_size must be a non-negative integer")
+            raise MalformedRequest(f"input {quoted(name)}: binary_data_size must be a non-negative integer")
         if offset + size > len(binary):
             raise MalformedRequest(
-                f"input '{name}': binary_data_size is {size} but only {len(binary) - offset} bytes of "
+                f"input {quoted(name)}: binary_data_size is {size} but only {len(binary) - offset} bytes of "
                 "binary data remain: the body is truncated"
             )
         tensor = tensor_from_buffer(name, datatype, shape, binary[offset : offset + size], limits)
@@ -375,7 +387,7 @@ def _decode_input(
 def _decode_output(index: int, raw: Any) -> RequestedOutput:
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
         raise MalformedRequest(f"outputs[{index}] must be an object with a 'name'")
-    return RequestedOutput(raw["name"], _parameters(f"output '{raw['name']}'", raw.get("parameters")))
+    return RequestedOutput(raw["name"], _parameters(f"output {quoted(raw['name'])}", raw.get("parameters")))
 
 
 def encode_infer_response(response: InferResponse, request: InferRequest, request_id: str) -> Response:
@@ -402,6 +414,12 @@ def encode_infer_response(response: InferResponse, request: InferRequest, reques
         header["parameters"] = response.parameters
     header["outputs"] = outputs
     encoded = orjson.dumps(header, option=_NUMPY_JSON)
+    if b"null" in encoded:
+        # orjson writes NaN and infinities as null: write those tensors again, as Triton does.
+        for entry in outputs:
+            if isinstance(entry.get("data"), np.ndarray):
+                entry["data"] = json_numbers(entry["data"])
+        encoded = orjson.dumps(header, option=_NUMPY_JSON)
     # The version that answered, for clients that route by header or traffic split.
     headers = {VERSION_HEADER: response.model_version, RESPONSE_ID_HEADER: request_id}
     if not chunks:

@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from gateway.server import SEND_GRACE_S
 from gateway.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,12 +176,25 @@ def test_the_gateway_is_locked_down_and_drains(overlay: tuple[str, list[dict[str
             assert container["resources"]["requests"] and container["resources"]["limits"], container["name"]
     container = main_container(deployment)
     assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
-    drain = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
-    grace = Settings.model_fields["shutdown_grace_s"].default
-    configured = find(objects, "ConfigMap", "modelyard-settings")["data"].get("MODELYARD_SHUTDOWN_GRACE_S")
-    grace = float(configured) if configured else grace
-    # Kubernetes kills the pod after this: it must cover the preStop drain and the gateway's own grace.
-    assert pod["terminationGracePeriodSeconds"] > drain + grace
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    settings = find(objects, "ConfigMap", "modelyard-settings")["data"]
+
+    def setting(name: str) -> float:
+        configured = settings.get(f"MODELYARD_{name.upper()}")
+        return float(configured) if configured else float(Settings.model_fields[name].default)
+
+    grace = setting("shutdown_grace_s")
+    # While the pod is Terminating, endpoint controllers and load balancers stop sending to it:
+    # the preStop sleep keeps it serving (ready) for at least two readiness periods meanwhile.
+    readiness = container["readinessProbe"]
+    assert pre_stop >= readiness["periodSeconds"]
+    # After SIGTERM the gateway drains within shutdown_grace_s, idle kept-alive connections
+    # included (each closes on its keep-alive timeout, which must end within the grace), then
+    # takes SEND_GRACE_S to write the last answers and some seconds to close the backends.
+    assert setting("http_keepalive_timeout_s") < grace
+    closing_backends_s = 5
+    # Kubernetes kills the pod after this: it must cover all of it.
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + grace + SEND_GRACE_S + 1 + closing_backends_s
 
 
 def test_selectors_match_the_pods(overlay: tuple[str, list[dict[str, Any]]]) -> None:

@@ -3,9 +3,11 @@ and never take the gateway down."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,6 +15,8 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -275,6 +279,128 @@ def test_passed_deadline_is_504(protocol: Protocol) -> None:
     with pytest.raises(InferenceServerException) as caught:
         infer("spin_deadline", name="n", data=np.array([3000]), datatype="INT64")(protocol)
     assert protocol.error_code(caught.value) == ("DEADLINE_EXCEEDED" if protocol.is_grpc else "504")
+
+
+# Quiet errors: what a client reads names the model, version and cause, never a server path ----
+
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)+[\w.@+-]*")
+
+
+def test_client_facing_errors_and_reasons_carry_no_server_path(
+    gateway: RunningGateway, http: httpx.Client, test_repo: Path
+) -> None:
+    bodies = {
+        "metadata, failed load": http.get("/v2/models/broken_artifact").text,
+        "metadata, invalid config": http.get("/v2/models/broken_config").text,
+        "infer, failed load": http.post(
+            "/v2/models/broken_artifact/infer", json={"inputs": [good_input()]}
+        ).text,
+        "load of an unknown model": http.post("/v2/repository/models/no_such_model/load").text,
+        "index": http.post("/v2/repository/index").text,
+        "status": http.get("/status").text,
+        "TF Serving status": http.get("/v1/models/broken_artifact").text,
+        "TF Serving status, invalid config": http.get("/v1/models/broken_config").text,
+    }
+    client = triton_grpc.InferenceServerClient(gateway.grpc)
+    try:
+        with pytest.raises(InferenceServerException) as caught:
+            client.get_model_metadata("broken_artifact")
+        bodies["gRPC metadata"] = str(caught.value)
+        bodies["gRPC index"] = str(client.get_model_repository_index(as_json=True))
+    finally:
+        client.close()
+    for where, body in bodies.items():
+        assert str(test_repo) not in body, where
+        assert not ABSOLUTE_PATH.search(body), (where, ABSOLUTE_PATH.search(body))
+    # The model, version and cause are still there.
+    failed = http.get("/v2/models/broken_artifact").json()["error"]
+    assert "'broken_artifact' version 1" in failed and "model.onnx" in failed
+    invalid = http.get("/v2/models/broken_config").json()["error"]
+    assert "'broken_config'" in invalid and "config.yaml" in invalid and "labelz" in invalid
+    assert http.post("/v2/repository/models/no_such_model/load").json() == {
+        "error": "model 'no_such_model' is not in the repository"
+    }
+
+
+LONG_NAME = "n" * (10 * 1024 * 1024)
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        {"name": LONG_NAME, "datatype": "FP99", "shape": [1, 4], "data": [1, 2, 3, 4]},
+        {"name": LONG_NAME, "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3]},
+        {"name": LONG_NAME, "datatype": "FP32", "shape": "1,4", "data": [1, 2, 3, 4]},
+        {"name": LONG_NAME, "datatype": "FP32", "shape": [1, 4]},
+        {"name": LONG_NAME, "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]},
+        {"name": LONG_NAME, "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4], "parameters": []},
+    ],
+    ids=["bad datatype", "short data", "bad shape", "no data", "unknown input", "bad parameters"],
+)
+def test_a_10_mb_input_name_is_cut_in_its_error(http: httpx.Client, tensor: dict[str, Any]) -> None:
+    response = http.post("/v2/models/affine/infer", json={"inputs": [tensor]})
+    assert response.status_code == 400
+    assert len(response.content) < 1000, response.text[:300]
+    assert f"({len(LONG_NAME)} characters)" in response.json()["error"]
+
+
+def test_a_10_mb_name_is_cut_over_grpc(gateway: RunningGateway) -> None:
+    request = service_pb2.ModelInferRequest(model_name="affine")
+    request.inputs.add(name=LONG_NAME, datatype="FP99", shape=[1, 4])
+    with grpc.insecure_channel(gateway.grpc) as channel, pytest.raises(grpc.RpcError) as caught:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert len(caught.value.details() or "") < 1000
+
+
+def test_raw_and_typed_contents_together_are_refused(gateway: RunningGateway) -> None:
+    """As Triton refuses them: which of the two would the model get?"""
+    request = service_pb2.ModelInferRequest(model_name="affine")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    tensor.contents.fp32_contents.extend([9, 9, 9, 9])
+    request.raw_input_contents.append(np.ones(4, np.float32).tobytes())
+    with grpc.insecure_channel(gateway.grpc) as channel, pytest.raises(grpc.RpcError) as caught:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == (
+        "contents field must not be specified when using raw_input_contents for 'x' for model 'affine'"
+    )
+
+
+def test_data_beside_binary_data_size_is_refused(http: httpx.Client) -> None:
+    header = orjson.dumps({"inputs": [good_input(parameters={"binary_data_size": 16})]})
+    response = http.post(
+        "/v2/models/affine/infer",
+        content=header + np.ones(4, np.float32).tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "input 'x' has both 'data' and a binary_data_size parameter: send its values one way"
+    }
+
+
+def test_a_value_beyond_fp32_is_refused_and_infinities_come_back_as_triton_writes_them(
+    http: httpx.Client, gateway: RunningGateway
+) -> None:
+    """1e39 is no FP32 value: 400, as for an integer out of range. An infinity the model returns is
+    written as Triton writes it (Infinity, -Infinity, NaN: not JSON, but what tritonclient reads),
+    never as null."""
+    beyond = http.post("/v2/models/affine/infer", json={"inputs": [good_input(data=[1e39, 1, 2, 3])]})
+    assert beyond.status_code == 400
+    assert beyond.json() == {"error": "input 'x': a value is out of range for FP32"}
+    client = triton_http.InferenceServerClient(gateway.http)
+    try:
+        values = np.array([[np.inf, -np.inf, np.nan, 1.5]], np.float32)
+        tensor = triton_http.InferInput("INPUT", [1, 4], "FP32")
+        tensor.set_data_from_numpy(values, binary_data=True)
+        output = triton_http.InferRequestedOutput("OUTPUT", binary_data=False)
+        answer = client.infer("identity_fp32", [tensor], outputs=[output])
+        np.testing.assert_array_equal(answer.as_numpy("OUTPUT"), values)
+        raw = answer.get_response()["outputs"][0]["data"]
+        assert raw[0] == float("inf") and raw[1] == float("-inf") and raw[3] == 1.5
+    finally:
+        client.close()
 
 
 def test_gateway_survives_every_bad_request(gateway: RunningGateway, http: httpx.Client) -> None:

@@ -295,3 +295,25 @@ def test_metadata_without_a_version_names_the_version_it_serves(gateway: Running
             request, timeout=30
         )
     assert response.model_spec.version.value == 1
+
+
+def test_classify_and_regress_on_an_unknown_model_are_404_first(
+    gateway: RunningGateway, http: httpx.Client
+) -> None:
+    import grpc
+    from tensorflow_serving.apis import classification_pb2, prediction_service_pb2_grpc, regression_pb2
+
+    with grpc.insecure_channel(gateway.grpc) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        for call, request in (
+            (stub.Classify, classification_pb2.ClassificationRequest()),
+            (stub.Regress, regression_pb2.RegressionRequest()),
+        ):
+            request.model_spec.name = "no_such_model"
+            with pytest.raises(grpc.RpcError) as caught:
+                call(request)
+            assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+    for verb in ("classify", "regress"):
+        response = http.post(f"/v1/models/no_such_model:{verb}", json={"examples": []})
+        assert response.status_code == 404, response.text
+        assert response.json() == {"error": "model 'no_such_model' is not in the repository"}

@@ -4,6 +4,7 @@ Health and metrics stay open by configuration; the repository API is off unless 
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -237,8 +238,6 @@ def test_tfserving_grpc_needs_a_key(authed: RunningGateway) -> None:
 def test_keys_from_the_environment_closed_health_and_the_repository_api_off(
     small_repo: Path, tmp_path: Path
 ) -> None:
-    import json
-
     env = {
         "MODELYARD_API_KEYS": json.dumps(KEY_FILE["keys"][:2]),
         "MODELYARD_AUTH_OPEN_HEALTH": "false",
@@ -291,3 +290,112 @@ def test_a_bad_keys_file_stops_the_gateway_with_a_clear_message(small_repo: Path
     message = str(caught.value)
     assert "API keys in" in message and "actions" in message
     assert "tooshort" not in message
+
+
+# Aggregates: every route that reports on many models shows a key only the models it may see ------
+
+SCOPED_KEYS = {name: secrets.token_urlsafe(24) for name in ("ops", "affine_only", "everything_reader")}
+SCOPED_FILE = {
+    "keys": [
+        # The one kind of key that sees process details (pid, memory).
+        {"name": "ops", "key": SCOPED_KEYS["ops"], "models": ["*"], "actions": ["metadata", "admin"]},
+        {"name": "affine_only", "key": SCOPED_KEYS["affine_only"], "models": ["affine"], "actions": ["infer", "metadata"]},
+        {"name": "everything_reader", "key": SCOPED_KEYS["everything_reader"], "models": ["*"], "actions": ["metadata"]},
+    ]
+}  # fmt: skip
+OTHERS = ("identity_fp32", "identity_bytes")
+
+
+@pytest.fixture(scope="module")
+def scoped(small_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    workdir = tmp_path_factory.mktemp("scoped")
+    keys = workdir / "keys.yaml"
+    keys.write_text(yaml.safe_dump(SCOPED_FILE))
+    running = start_gateway(
+        small_repo,
+        workdir / "gateway.log",
+        "--api-keys-file",
+        str(keys),
+        env={"MODELYARD_AUTH_OPEN_METRICS": "false"},
+    )
+    # Traffic on every model, so each has statistics and series to leak.
+    with httpx.Client(base_url=running.url, timeout=30) as http:
+        admin = {"X-API-Key": SCOPED_KEYS["ops"]}
+        for model, name, datatype, data in (
+            ("affine", "x", "FP32", [1, 2, 3, 4]),
+            ("identity_fp32", "INPUT", "FP32", [1, 2, 3, 4]),
+            ("identity_bytes", "INPUT", "BYTES", ["a", "b", "c", "d"]),
+        ):
+            body = {"inputs": [{"name": name, "datatype": datatype, "shape": [1, 4], "data": data}]}
+            http.post(
+                f"/v2/models/{model}/infer", json=body, headers={"X-API-Key": SCOPED_KEYS["affine_only"]}
+            )
+            http.post(f"/v2/models/{model}/infer", json=body, headers=admin)
+    yield running
+    assert running.stop() == 0
+
+
+def aggregate_views(gateway: RunningGateway, key: str | None) -> dict[str, tuple[int, str]]:
+    """(status, body) of each aggregate route, REST and gRPC, seen with `key`."""
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    views: dict[str, tuple[int, str]] = {}
+    with httpx.Client(base_url=gateway.url, timeout=30, headers=headers) as http:
+        for name, method, path in (
+            ("stats", "GET", "/v2/models/stats"),
+            ("index", "POST", "/v2/repository/index"),
+            ("status", "GET", "/status"),
+            ("page", "GET", "/"),
+            ("panel", "GET", "/status/panel"),
+            ("metrics", "GET", "/metrics"),
+        ):
+            answer = http.request(method, path)
+            views[name] = (answer.status_code, answer.text)
+    client = triton_grpc.InferenceServerClient(gateway.grpc)
+    grpc_headers = {} if key is None else {"authorization": f"Bearer {key}"}
+    try:
+        for name, grpc_call in (
+            ("grpc stats", lambda: client.get_inference_statistics("", headers=grpc_headers, as_json=True)),
+            ("grpc index", lambda: client.get_model_repository_index(headers=grpc_headers, as_json=True)),
+        ):
+            try:
+                views[name] = (200, str(grpc_call()))
+            except InferenceServerException as exc:
+                views[name] = (401 if "UNAUTHENTICATED" in str(exc.status()) else 403, str(exc))
+    finally:
+        client.close()
+    return views
+
+
+def test_every_aggregate_shows_a_key_only_what_it_may_see(scoped: RunningGateway) -> None:
+    for key in (None, WRONG):
+        for route, (status, body) in aggregate_views(scoped, key).items():
+            assert status == 401, (route, key, body[:200])
+
+    narrow = aggregate_views(scoped, SCOPED_KEYS["affine_only"])
+    for route, (status, body) in narrow.items():
+        assert status == 200, (route, body[:200])
+        assert "affine" in body, route
+        for other in OTHERS:
+            assert other not in body, (route, other)
+        # Process details are an operator's: no pid, no memory, no process series.
+        assert "rss_bytes" not in body and "process_resident_memory" not in body, route
+    status = json.loads(narrow["status"][1])
+    assert [m["name"] for m in status["models"]] == ["affine"]
+    assert status["processes"] == [] and {e["name"] for e in status["index"]} == {"affine"}
+    assert all(v["pid"] is None for m in status["models"] for v in m["versions"])
+    assert "Processes" not in narrow["page"][1] or "an admin key" in narrow["page"][1]
+
+    reader = aggregate_views(scoped, SCOPED_KEYS["everything_reader"])
+    for route, (status, body) in reader.items():
+        assert status == 200, (route, body[:200])
+        assert all(name in body for name in ("affine", *OTHERS)), route
+        assert "rss_bytes" not in body and "process_resident_memory" not in body, route
+    assert json.loads(reader["status"][1])["processes"] == []
+
+    ops = aggregate_views(scoped, SCOPED_KEYS["ops"])
+    for route, (status, body) in ops.items():
+        assert status == 200, (route, body[:200])
+        assert all(name in body for name in ("affine", *OTHERS)), route
+    processes = json.loads(ops["status"][1])["processes"]
+    assert processes and processes[0]["pid"] == scoped.process.pid and processes[0]["rss_bytes"] > 0
+    assert "process_resident_memory_bytes" in ops["metrics"][1]

@@ -7,11 +7,13 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 import tritonclient.grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
 
 from scripts.build_models import _save
 from tests.reliability.load import SteadyLoad
@@ -100,3 +102,125 @@ def wait_until_not_ready(url: str) -> None:
         assert time.monotonic() < deadline, "readiness stayed true after SIGTERM"
         time.sleep(0.01)
     assert ready.status_code == 503 and ready.json() == {"ready": False}
+
+
+# A rolling restart under keep-alive: zero requests lost ----------------------------------------
+
+KEEPALIVE_CLIENTS = 6
+GRPC_CLIENTS = 2
+
+
+@dataclass
+class Answer:
+    sent: float
+    outcome: str  # "200", "503 draining", or what went wrong
+    closing: bool = False  # the answer said Connection: close
+
+
+def rest_keepalive_client(
+    url: str, body: dict[str, object], answers: list[Answer], go: threading.Event
+) -> None:
+    """One kept-alive connection (httpx's pool), requests back to back until the gateway refuses."""
+    with httpx.Client(timeout=30) as client:
+        go.wait()
+        while True:
+            sent = time.monotonic()
+            try:
+                response = client.post(url, json=body)
+            except httpx.ConnectError:
+                answers.append(Answer(sent, "not connected"))  # never received: not lost
+                return
+            except httpx.TransportError as exc:
+                answers.append(Answer(sent, f"lost: {type(exc).__name__}: {exc}"))
+                return
+            closing = response.headers.get("connection", "").lower() == "close"
+            if response.status_code == 200 and spin_ok(response.json()):
+                answers.append(Answer(sent, "200", closing))
+                continue
+            draining = response.status_code == 503 and "shutting down" in response.text
+            answers.append(
+                Answer(sent, "503 draining" if draining else f"wrong: {response.status_code}", closing)
+            )
+            return
+
+
+def grpc_client(address: str, answers: list[Answer], go: threading.Event) -> None:
+    client = triton_grpc.InferenceServerClient(address)
+    tensor = triton_grpc.InferInput("n", [1], "INT64")
+    tensor.set_data_from_numpy(np.array([STEADY_N], dtype=np.int64))
+    try:
+        go.wait()
+        while True:
+            sent = time.monotonic()
+            try:
+                value = client.infer("spin", [tensor], client_timeout=30).as_numpy("sum")[0]
+            except InferenceServerException as exc:
+                text = str(exc)
+                if "shutting down" in text:
+                    answers.append(Answer(sent, "503 draining"))
+                elif "failed to connect" in text.lower() or "connection refused" in text.lower():
+                    answers.append(Answer(sent, "not connected"))
+                else:
+                    answers.append(Answer(sent, f"lost: {text}"))
+                return
+            ok = np.isclose(value, expected_sum(STEADY_N), rtol=1e-5)
+            answers.append(Answer(sent, "200" if ok else "wrong: value"))
+            if not ok:
+                return
+    finally:
+        client.close()
+
+
+def test_sigterm_under_keepalive_and_grpc_load_loses_no_request(tmp_path: Path) -> None:
+    """Readiness turns 503 at once; every request the gateway received is answered (the kept-alive
+    ones with Connection: close) before the listeners close; clients then see a refusal, never a
+    request without an answer."""
+    repo = tmp_path / "repo"
+    _save(build_spin(), repo / "spin" / "1" / "model.onnx")
+    (repo / "spin" / "config.yaml").write_text(
+        "backend: onnxruntime\nlimits: {max_inflight: 2, max_queue: 64}\n"
+    )
+    gateway = start_gateway(repo, tmp_path / "gateway.log", env={"MODELYARD_SHUTDOWN_GRACE_S": "20"})
+    url = f"{gateway.url}/v2/models/spin/infer"
+    rest: list[list[Answer]] = [[] for _ in range(KEEPALIVE_CLIENTS)]
+    grpcs: list[list[Answer]] = [[] for _ in range(GRPC_CLIENTS)]
+    go = threading.Event()
+    threads = [
+        *(
+            threading.Thread(target=rest_keepalive_client, args=(url, spin_body(STEADY_N), a, go))
+            for a in rest
+        ),
+        *(threading.Thread(target=grpc_client, args=(gateway.grpc, a, go)) for a in grpcs),
+    ]
+    # A load balancer's probe, on a kept-alive connection of its own.
+    probe = httpx.Client(base_url=gateway.url, timeout=10)
+    try:
+        for thread in threads:
+            thread.start()
+        go.set()
+        assert probe.get("/v2/health/ready").status_code == 200
+        time.sleep(1.5)
+        signalled = time.monotonic()
+        gateway.process.send_signal(signal.SIGTERM)
+        while (ready := probe.get("/v2/health/ready")).status_code == 200:
+            time.sleep(0.01)
+        not_ready_after = time.monotonic() - signalled
+        assert ready.status_code == 503 and ready.headers["connection"] == "close"
+        for thread in threads:
+            thread.join(60)
+        assert gateway.process.wait(60) == 0
+    finally:
+        probe.close()
+        gateway.stop()
+    answers = [a for client in (*rest, *grpcs) for a in client]
+    lost = [a.outcome for a in answers if a.outcome.startswith(("lost", "wrong"))]
+    assert not lost, f"{len(lost)} of {len(answers)} requests lost or wrong: {lost[:5]}"
+    assert not_ready_after < 1.0
+    assert sum(1 for a in answers if a.outcome == "200" and a.sent < signalled) > 50
+    # Every client was refused in the end, and the REST ones by the gateway itself while it drained:
+    # its listeners stayed open until every connection had its answer.
+    assert all(client[-1].outcome == "503 draining" for client in rest), [c[-1] for c in rest]
+    assert all(client[-1].outcome in ("503 draining", "not connected") for client in grpcs)
+    # An answer sent while draining says Connection: close, so no client reuses the connection.
+    assert all(a.closing for client in rest for a in client if a.sent > signalled + 0.05)
+    assert "event=drained" in gateway.output()

@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2
 
 from gateway.codec import DEFAULT_LIMITS, InputLimits
 from gateway.errors import GatewayError, status_for
-from gateway.protocols import tfserving_rest, v2_grpc, v2_rest
+from gateway.protocols import tfserving_rest, v2_grpc, v2_json, v2_rest
 from gateway.types import Datatype, InferRequest, ModelSignature, TensorSpec
 from tests.support import FUZZ_CASES
 
@@ -285,7 +285,7 @@ def test_tfserving_rest_decoder(limits: InputLimits, body: Any, specs: tuple[Ten
     raw = orjson.dumps(body)
 
     def decode() -> InferRequest:
-        request, _ = tfserving_rest.decode_predict(v2_rest.json_object(raw, limits), "m", None, limits)
+        request, _ = tfserving_rest.decode_predict(v2_json.json_object(raw, limits), "m", None, limits)
         assert request.decode is not None
         request.inputs = request.decode(ModelSignature(specs, (), "test"))
         return request

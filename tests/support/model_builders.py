@@ -40,6 +40,19 @@ def build_identity(datatype: Datatype) -> onnx.ModelProto:
     return _model(graph)
 
 
+def build_row_sum(width: int = 64) -> onnx.ModelProto:
+    """input FP32 [-1, width] -> sum FP32 [-1]: each row's sum. Its work and its answer are small
+    beside its input, so what a large request costs in memory is the gateway's own."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["input", "axes"], ["sum"], keepdims=0)],
+        "row_sum",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["batch"])],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
+    )
+    return _model(graph)
+
+
 def build_spin() -> onnx.ModelProto:
     """n INT64 [1] -> sum FP32 [1]: an n x n matrix product, so the client decides how long it runs."""
     nodes = [
