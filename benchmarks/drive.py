@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # This checkout's packages, whichever one the venv's editable install points at.
 sys.path.insert(0, str(ROOT))
 
-from adapters import torchserve_handler as wire  # noqa: E402
+from adapters.torchserve import modelyard_handler as wire  # noqa: E402
 
 ONNX_MODEL = ROOT / "model_repo" / "mlp" / "1" / "model.onnx"
 MODEL = "mlp"
