@@ -21,6 +21,7 @@ import tritonclient.http as triton_http
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.server import SEND_GRACE_S
 from gateway.settings import Settings
 from scripts.build_models import affine_weights
 from tests.deploy.test_k8s import K8S, OVERLAYS, ROOT, SETTINGS_ENV, render
@@ -197,3 +198,22 @@ def test_every_autoscaler_reads_gauges_the_gateway_exports(
                 )
                 checked += 1
     assert checked >= 4
+
+
+def test_the_runtime_drains_inside_the_pods_grace(kserve: list[dict[str, Any]]) -> None:
+    """KServe leaves the pod's terminationGracePeriodSeconds at Kubernetes' default unless an
+    InferenceService sets it: the preStop sleep, the drain and closing must all fit in it."""
+    (container,) = runtime(kserve)["spec"]["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop = int(command[1])
+    assert pre_stop >= container["readinessProbe"]["periodSeconds"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    grace = float(env.get("MODELYARD_SHUTDOWN_GRACE_S", Settings.model_fields["shutdown_grace_s"].default))
+    assert float(Settings.model_fields["http_keepalive_timeout_s"].default) < grace
+    closing_backends_s = 5
+    pod_grace = min(
+        (s["spec"]["predictor"].get("terminationGracePeriodSeconds", 30) for s in services(kserve)),
+        default=30,
+    )
+    assert pre_stop + grace + SEND_GRACE_S + 1 + closing_backends_s <= pod_grace
