@@ -34,7 +34,7 @@ from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
     ModelNotReady,
-    remote_grpc_error,
+    remote_grpc_failure,
     remote_http_error,
 )
 from gateway.types import Datatype, ModelSignature, numpy_dtype
@@ -110,8 +110,11 @@ class TfServingAdapter(ModelAdapter):
 
     @property
     def _where(self) -> str:
-        transport = f"gRPC {self._options.grpc}" if self._options.grpc else f"REST {self._options.rest}"
-        return f"{self.spec.label}: TF Serving model '{self.remote_name}' version {self.remote_version} at {transport}"
+        return f"{self.spec.label}: TF Serving model '{self.remote_name}' version {self.remote_version}"
+
+    @property
+    def _address(self) -> str:
+        return f"gRPC {self._options.grpc}" if self._options.grpc else f"REST {self._options.rest}"
 
     # Lifecycle --------------------------------------------------------------------------------
 
@@ -128,7 +131,7 @@ class TfServingAdapter(ModelAdapter):
             self._http = await shared.http_client(options.rest)
         try:
             if not await self._available():
-                raise ModelNotReady(f"{self._where} is not AVAILABLE there")
+                raise ModelNotReady(f"{self._where} is not AVAILABLE there").located(self._address)
             self._signature = await self._read_signature()
         except BaseException:
             await self.aclose()
@@ -273,8 +276,7 @@ class TfServingAdapter(ModelAdapter):
         try:
             return await method(request, timeout=self._timeout(remaining))
         except grpc.aio.AioRpcError as exc:
-            error = remote_grpc_error(exc.code())
-            raise error(f"{self._where}: {exc.code().name}: {exc.details()}") from exc
+            raise remote_grpc_failure(self._where, self._address, exc.code(), exc.details()) from exc
 
     async def _call_rest(
         self, method: str, path: str, body: Any = None, remaining: float | None = None
@@ -286,11 +288,17 @@ class TfServingAdapter(ModelAdapter):
         try:
             response = await self._http.request(method, path, content=content, timeout=timeout)
         except httpx.TimeoutException as exc:
-            raise DeadlineExceeded(f"{self._where}: no answer within {timeout:.3g}s") from exc
+            raise DeadlineExceeded(f"{self._where}: no answer within {timeout:.3g}s").located(
+                self._address
+            ) from exc
         except httpx.ConnectError as exc:
-            raise ConnectionRefused(f"{self._where}: cannot connect: {exc}") from exc
+            raise ConnectionRefused(f"{self._where}: cannot connect").located(
+                f"{self._address}: {exc}"
+            ) from exc
         except httpx.TransportError as exc:
-            raise BackendUnavailable(f"{self._where}: the connection failed: {exc}") from exc
+            raise BackendUnavailable(f"{self._where}: the connection failed").located(
+                f"{self._address}: {exc}"
+            ) from exc
         try:
             answer = orjson.loads(response.content)
         except orjson.JSONDecodeError as exc:

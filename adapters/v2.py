@@ -29,7 +29,7 @@ from gateway.errors import (
     GatewayError,
     InvalidInput,
     ModelNotReady,
-    remote_grpc_error,
+    remote_grpc_failure,
     remote_http_error,
 )
 from gateway.types import Datatype, ModelSignature, Tensor, TensorSpec, datatype_of
@@ -73,10 +73,11 @@ class V2Adapter(ModelAdapter):
     @property
     def _where(self) -> str:
         version = f"version {self.remote_version}" if self.remote_version else "its default version"
-        return (
-            f"{self.spec.label}: remote model '{self.remote_name}' {version} "
-            f"at {self._options.protocol} {self._options.address}"
-        )
+        return f"{self.spec.label}: remote model '{self.remote_name}' {version}"
+
+    @property
+    def _address(self) -> str:
+        return f"{self._options.protocol} {self._options.address}"
 
     # Lifecycle --------------------------------------------------------------------------------
 
@@ -90,7 +91,7 @@ class V2Adapter(ModelAdapter):
         try:
             if not await self._remote_ready(None):
                 # Retried by the registry: the remote may still be loading it.
-                raise BackendUnavailable(f"{self._where} is not ready there")
+                raise BackendUnavailable(f"{self._where} is not ready there").located(self._address)
             self._signature = await self._read_signature()
         except BaseException:
             await self.aclose()
@@ -300,8 +301,7 @@ class V2Adapter(ModelAdapter):
         try:
             return await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            error = remote_grpc_error(exc.code())
-            raise error(f"{self._where}: {exc.code().name}: {exc.details()}") from exc
+            raise remote_grpc_failure(self._where, self._address, exc.code(), exc.details()) from exc
 
     async def _call_rest(
         self,
@@ -320,9 +320,13 @@ class V2Adapter(ModelAdapter):
                 method, path, content=content, headers=headers, timeout=timeout
             )
         except httpx.TimeoutException as exc:
-            raise DeadlineExceeded(f"{self._where}: no answer within {timeout:.3f}s") from exc
+            raise DeadlineExceeded(f"{self._where}: no answer within {timeout:.3f}s").located(
+                self._address
+            ) from exc
         except httpx.TransportError as exc:
-            raise BackendUnavailable(f"{self._where}: cannot connect: {exc}") from exc
+            raise BackendUnavailable(f"{self._where}: cannot connect").located(
+                f"{self._address}: {exc}"
+            ) from exc
         raw = memoryview(response.content)
         length = int(response.headers.get(_HEADER_LENGTH, len(raw)))
         try:

@@ -109,13 +109,13 @@ class EndpointGuard:
             timeout = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and timeout <= 0:
                 self._release_probe()
-                raise DeadlineExceeded(
-                    f"{self.backend} at {self.endpoint}: the deadline passed before the call"
+                raise DeadlineExceeded(f"{self.backend}: the deadline passed before the call").located(
+                    self.endpoint
                 )
             try:
                 result = await attempt(timeout)
             except ConnectionRefused as exc:
-                self._record_failure(str(exc))
+                self._record_failure(exc.logged)
                 backoff = self._backoff(retries)
                 if not self._may_retry(retries, backoff, deadline):
                     raise
@@ -125,7 +125,7 @@ class EndpointGuard:
                 await asyncio.sleep(backoff)
                 continue
             except (BackendUnavailable, DeadlineExceeded) as exc:
-                self._record_failure(str(exc))
+                self._record_failure(exc.logged)
                 raise
             except BaseException:
                 # The backend answered (with an error about the request), or the caller gave up.
@@ -138,9 +138,9 @@ class EndpointGuard:
         state = self.state
         if state is BreakerState.OPEN or (state is BreakerState.HALF_OPEN and self._probing):
             raise BackendUnavailable(
-                f"{self.backend} at {self.endpoint}: circuit breaker open after {self._failures} "
+                f"{self.backend}: circuit breaker open after {self._failures} "
                 f"consecutive failures; the next probe is within {self.options.open_s:g}s"
-            )
+            ).located(self.endpoint)
         if state is BreakerState.HALF_OPEN:
             self._probing = True
 

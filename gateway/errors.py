@@ -11,6 +11,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import Self
 
 import grpc
 
@@ -23,6 +24,18 @@ class GatewayError(Exception):
         self.message = message
         # The id of the request that failed, set by the data plane, returned to the client.
         self.request_id: str | None = None
+        # What only the server's log reads: where a remote backend is, its transport's own words.
+        self.server_detail = ""
+
+    def located(self, detail: str) -> Self:
+        """This error, with `detail` for the server's log and never for the client."""
+        self.server_detail = detail
+        return self
+
+    @property
+    def logged(self) -> str:
+        """The error as the server's log writes it: the client's message and the server's detail."""
+        return f"{self.message} ({self.server_detail})" if self.server_detail else self.message
 
     def __str__(self) -> str:
         return self.message
@@ -176,6 +189,22 @@ REMOTE_HTTP_ERRORS: dict[int, type[GatewayError]] = {
 def remote_grpc_error(code: grpc.StatusCode) -> type[GatewayError]:
     """The gateway error for a remote backend's gRPC status code."""
     return REMOTE_GRPC_ERRORS.get(code, BackendError)
+
+
+# Codes a remote's gRPC stack (not the remote model) writes: its details name addresses and
+# transport state, which are for the server's log.
+_TRANSPORT_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN}
+)
+
+
+def remote_grpc_failure(where: str, address: str, code: grpc.StatusCode, details: str | None) -> GatewayError:
+    """The gateway error for a remote's failed gRPC call: the remote model's own words reach the
+    client; the transport's, and the remote's address, only the server's log."""
+    error = remote_grpc_error(code)
+    if code in _TRANSPORT_CODES:
+        return error(f"{where}: {code.name}").located(f"{address}: {details}")
+    return error(f"{where}: {code.name}: {details}").located(address)
 
 
 def remote_http_error(status: int) -> type[GatewayError]:

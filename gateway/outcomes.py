@@ -94,7 +94,7 @@ class Outcomes:
             request.model_name[:128],
             (request.model_version or "")[:64],
             context.protocol,
-            error.message,
+            error.logged,
         )
 
     def _model(self, served: Served) -> str:

@@ -330,7 +330,7 @@ class Registry:
             log.warning("cannot load %s now: %s", label, exc)
             loaded.state, loaded.reason, outcome = State.LOADABLE, str(exc), "no_room"
         except GatewayError as exc:
-            log.error("cannot load %s: %s", label, exc)
+            log.error("cannot load %s: %s", label, exc.logged)
             loaded.state, loaded.reason, outcome = State.UNAVAILABLE, str(exc), "failed"
             loaded.retryable = isinstance(exc, BackendUnavailable | DeadlineExceeded)
             if loaded.retryable and trigger == "request":

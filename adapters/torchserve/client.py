@@ -100,12 +100,12 @@ class TorchServeClient:
         except TimeoutError as exc:
             raise DeadlineExceeded(f"{label}: TorchServe gave no answer in time") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise ConnectionRefused(
-                f"{label}: TorchServe at {self.inference_url} refused the connection: {exc}"
+            raise ConnectionRefused(f"{label}: TorchServe refused the connection").located(
+                f"{self.inference_url}: {exc}"
             ) from exc
         except aiohttp.ClientError as exc:
-            raise BackendUnavailable(
-                f"{label}: TorchServe at {self.inference_url} is unreachable: {exc}"
+            raise BackendUnavailable(f"{label}: TorchServe is unreachable").located(
+                f"{self.inference_url}: {exc}"
             ) from exc
         if status == 200:
             return content
@@ -118,7 +118,9 @@ class TorchServeClient:
         try:
             response = await self.management.request(method, path, params=params or None)
         except httpx.TransportError as exc:
-            raise BackendUnavailable(f"{label}: TorchServe management API is unreachable: {exc}") from exc
+            raise BackendUnavailable(f"{label}: TorchServe management API is unreachable").located(
+                f"{self.management.base_url}: {exc}"
+            ) from exc
         if response.status_code in (401, 403):
             raise BackendError(f"{label}: TorchServe refused the management token ({response.status_code})")
         return response

@@ -134,9 +134,13 @@ async def _infer_version(adapter: V2Adapter, version: str) -> None:
 async def test_an_unreachable_remote_is_backend_unavailable(protocol: str) -> None:
     where = f"127.0.0.1:{free_port()}" if protocol == "grpc" else f"http://127.0.0.1:{free_port()}"
     shared = SharedResources()
-    with pytest.raises(BackendUnavailable):
+    with pytest.raises(BackendUnavailable) as caught:
         await V2Adapter(spec_for(where, protocol, "affine", shared=shared, timeout_s=5)).load()
     await shared.aclose()
+    # A client reads the model and the cause; where the remote is, only the server's log.
+    port = where.rsplit(":", 1)[1]
+    assert "affine" in caught.value.message and port not in caught.value.message
+    assert port in caught.value.logged
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -300,6 +304,7 @@ def test_remote_errors_reach_the_client_in_its_protocol(
         infer(triton, module, f"v2_missing_{remote_protocol}", X)
     assert str(caught.value.status()).removeprefix("StatusCode.") == ("UNAVAILABLE" if is_grpc else "503")
     assert "no_such_model" in caught.value.message()
+    assert "127.0.0.1" not in caught.value.message()
 
 
 def test_the_client_deadline_reaches_the_remote(v2_gateway: RunningGateway) -> None:

@@ -318,7 +318,7 @@ def test_client_facing_errors_and_reasons_carry_no_server_path(
     invalid = http.get("/v2/models/broken_config").json()["error"]
     assert "'broken_config'" in invalid and "config.yaml" in invalid and "labelz" in invalid
     assert http.post("/v2/repository/models/no_such_model/load").json() == {
-        "error": "model 'no_such_model' is not in the repository"
+        "error": "failed to load 'no_such_model', failed to poll from model repository"
     }
 
 

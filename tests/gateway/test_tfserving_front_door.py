@@ -316,4 +316,4 @@ def test_classify_and_regress_on_an_unknown_model_are_404_first(
     for verb in ("classify", "regress"):
         response = http.post(f"/v1/models/no_such_model:{verb}", json={"examples": []})
         assert response.status_code == 404, response.text
-        assert response.json() == {"error": "model 'no_such_model' is not in the repository"}
+        assert response.json() == {"error": "Request for unknown model: 'no_such_model' is not found"}
