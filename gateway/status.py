@@ -60,17 +60,25 @@ class MetricsWindow:
     _snapshots: deque[tuple[float, dict[str, _Counts]]] = field(
         default_factory=lambda: deque(maxlen=MAX_SNAPSHOTS)
     )
+    # When the window was made, with every count at zero: the oldest base there is, so a first
+    # look, or one after a quiet spell, shows the traffic since the start instead of an empty window.
+    _origin: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._origin = self.clock()
 
     def traffic(self) -> dict[str, ModelTraffic]:
         now = self.clock()
         current = self._read()
         while self._snapshots and now - self._snapshots[0][0] > HISTORY_S:
             self._snapshots.popleft()
-        # The newest snapshot at least WINDOW_S old, else the oldest there is.
-        base_time, base = now, current
+        # The newest snapshot at least WINDOW_S old, else the oldest there is: the origin.
+        base_time: float = self._origin
+        base: dict[str, _Counts] = {}
         for taken, counts in self._snapshots:  # oldest first
-            if now - taken >= WINDOW_S or base_time == now:
-                base_time, base = taken, counts
+            if now - taken < WINDOW_S:
+                break
+            base_time, base = taken, counts
         self._snapshots.append((now, current))
         window = now - base_time
         return {model: _difference(counts, base.get(model), window) for model, counts in current.items()}

@@ -52,14 +52,13 @@ def render_panel(status: GatewayStatus) -> str:
             f'<p class="meta">modelyard {escape(status.version)}, up {status.uptime_s:.0f} s; '
             f"traffic over the last {_window(status)}</p>",
             "<h2>Models</h2>",
-            _models_table(status.models),
+            _models_table(status),
+            _repository_note(status),
             "<h2>Live traffic</h2>",
             _traffic_table(status.models),
             "<h2>Processes</h2>",
             _process_table(status.processes),
             _memory_line(status.memory),
-            "<h2>Repository</h2>",
-            _index_table(status),
         ]
     )
 
@@ -73,32 +72,114 @@ def _cells(*values: str) -> str:
     return "".join(f"<td>{value}</td>" for value in values)
 
 
-def _models_table(models: list[ModelStatus]) -> str:
-    rows = []
-    for model in models:
-        labels = ", ".join(f"{escape(k)}&rarr;{v}" for k, v in sorted(model.labels.items())) or "-"
-        weights = ", ".join(f"v{escape(k)}: {w:g}" for k, w in sorted(model.traffic_weights.items())) or "-"
-        twin = f" (twin of {escape(model.twin_of)})" if model.twin_of else ""
+# Longer texts (a backend's error, say) are cut to this many characters; the full text is the
+# cell's tooltip, so one long message does not make its row tall.
+CUT_AT = 80
+
+
+def _cut(text: str) -> str:
+    if len(text) <= CUT_AT:
+        return f'<span class="reason">{escape(text)}</span>'
+    return f'<span class="reason cut" title="{escape(text)}">{escape(text[: CUT_AT - 1])}&hellip;</span>'
+
+
+def _state(state: str, reason: str = "") -> str:
+    badge = f'<span class="state state-{escape(state.lower())}">{escape(state)}</span>'
+    return badge + (" " + _cut(reason) if reason else "")
+
+
+def _buttons(status: GatewayStatus, name: str) -> str:
+    # One pair of buttons per model: the repository API loads and unloads whole models.
+    if not status.repository_api:
+        return ""
+    name = escape(name)
+    return (
+        f'<button data-action="load" data-model="{name}">load</button> '
+        f'<button data-action="unload" data-model="{name}">unload</button>'
+    )
+
+
+def _models_table(status: GatewayStatus) -> str:
+    """Every model the registry holds, one row per version, then what the repository has that is
+    not loaded (a failed or unloaded model, a version the policy leaves out): each exactly once."""
+    rows: list[str] = []
+    shown: set[tuple[str, str]] = set()
+    for model in status.models:
+        name = escape(model.name)
+        twin = f' <span class="meta">(twin of {escape(model.twin_of)})</span>' if model.twin_of else ""
+        first = True
         if not model.versions:
+            shown.add((model.name, ""))
             rows.append(
-                f'<tr data-model="{escape(model.name)}">'
-                + _cells(escape(model.name) + twin, "-", escape(model.backend or "-"), escape(model.state))
-                + _cells("-", "-", labels, weights, "-", "-")
+                f'<tr data-model="{name}">'
+                + _cells(name + twin, "-", escape(model.backend or "-"), _state(model.state, model.reason))
+                + _cells("-", "-", "-", "-", "-", "-", _buttons(status, model.name))
                 + "</tr>"
             )
         for version in model.versions:
-            health = "up" if version.backend_ready else "DOWN"
-            breaker = escape(version.breaker) if version.breaker is not None else "-"
-            state = escape(version.state) + (f" ({escape(version.reason)})" if version.reason else "")
+            shown.add((model.name, str(version.version)))
+            health = (
+                '<span class="health up">up</span>'
+                if version.backend_ready
+                else '<span class="health down">DOWN</span>'
+            )
+            breaker = (
+                f'<span class="breaker breaker-{escape(version.breaker)}">{escape(version.breaker)}</span>'
+                if version.breaker is not None
+                else "-"
+            )
+            # The labels that point at this version, and whether a request naming none gets it.
+            names = [escape(label) for label, v in sorted(model.labels.items()) if v == version.version]
+            if model.default_version == version.version:
+                names.insert(0, "<em>default</em>")
+            weight = model.traffic_weights.get(str(version.version))
             rows.append(
-                f'<tr data-model="{escape(model.name)}" data-version="{version.version}">'
-                + _cells(escape(model.name) + twin, str(version.version), escape(version.backend), state)
-                + _cells(health, breaker, labels, weights)
-                + _cells(_mib(version.resident_bytes), f"{version.loads} / {version.evictions}")
+                f'<tr data-model="{name}" data-version="{version.version}">'
+                + _cells(
+                    name + twin if first else "",
+                    str(version.version),
+                    escape(version.backend),
+                    _state(version.state, version.reason),
+                )
+                + _cells(
+                    health,
+                    breaker,
+                    f'<span class="labels">{", ".join(names) or "-"}</span>',
+                    "-" if weight is None else f"{weight:g}",
+                )
+                + _cells(
+                    _mib(version.resident_bytes),
+                    f"{version.loads} / {version.evictions}",
+                    _buttons(status, model.name) if first else "",
+                )
                 + "</tr>"
             )
-    head = "<tr><th>model</th><th>version</th><th>backend</th><th>state</th><th>backend health</th><th>breaker</th><th>labels</th><th>traffic weights</th><th>resident</th><th>loads / evictions</th></tr>"
-    return f'<table id="models">{head}{"".join(rows) or _empty(10)}</table>'
+            first = False
+    names_shown = {name for name, _ in shown}
+    for entry in status.index:
+        if (entry.name, entry.version) in shown or (entry.name in names_shown and not entry.version):
+            continue
+        first = entry.name not in names_shown
+        shown.add((entry.name, entry.version))
+        names_shown.add(entry.name)
+        rows.append(
+            f'<tr data-model="{escape(entry.name)}" data-version="{escape(entry.version)}" class="unloaded">'
+            + _cells(escape(entry.name), escape(entry.version or "-"), "-", _state(entry.state, entry.reason))
+            + _cells("-", "-", "-", "-", "-", "-", _buttons(status, entry.name) if first else "")
+            + "</tr>"
+        )
+    head = (
+        "<tr><th>model</th><th>version</th><th>backend</th><th>state</th><th>backend health</th>"
+        "<th>breaker</th><th>labels</th><th>traffic weight</th><th>resident</th>"
+        "<th>loads / evictions</th><th></th></tr>"
+    )
+    return f'<table id="models">{head}{"".join(rows) or _empty(11)}</table>'
+
+
+def _repository_note(status: GatewayStatus) -> str:
+    if status.repository_api:
+        return ""
+    return '<p class="meta">Load and unload need the repository API: --enable-repository-api.</p>'
 
 
 def _mib(value: int | None) -> str:
@@ -118,6 +199,15 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+# An error share at or above this is shown as bad, any above zero as a warning.
+BAD_ERROR_RATE = 0.05
+
+
+def _errors(rate: float) -> str:
+    level = "bad" if rate >= BAD_ERROR_RATE else "warn" if rate > 0 else "ok"
+    return f'<span class="errors errors-{level}">{rate * 100:.1f} %</span>'
+
+
 def _traffic_table(models: list[ModelStatus]) -> str:
     rows = []
     for model in models:
@@ -127,7 +217,7 @@ def _traffic_table(models: list[ModelStatus]) -> str:
             + _cells(
                 escape(model.name),
                 f'<span class="rate">{traffic.req_per_s:.1f}</span>',
-                f"{traffic.error_rate * 100:.1f} %",
+                _errors(traffic.error_rate),
                 _ms(traffic.p50_ms),
                 _ms(traffic.p99_ms),
                 str(traffic.requests),
@@ -156,39 +246,6 @@ def _process_table(processes: list[ProcessStatus]) -> str:
     return f'<table id="processes">{head}{"".join(rows)}</table>'
 
 
-def _index_table(status: GatewayStatus) -> str:
-    rows = []
-    seen: set[str] = set()
-    for entry in status.index:
-        buttons = ""
-        # One pair of buttons per model: the repository API loads and unloads whole models.
-        if status.repository_api and entry.name not in seen:
-            name = escape(entry.name)
-            buttons = (
-                f'<button data-action="load" data-model="{name}">load</button> '
-                f'<button data-action="unload" data-model="{name}">unload</button>'
-            )
-        seen.add(entry.name)
-        rows.append(
-            f'<tr data-model="{escape(entry.name)}">'
-            + _cells(
-                escape(entry.name),
-                escape(entry.version or "-"),
-                f'<span class="state">{escape(entry.state)}</span>',
-                escape(entry.reason),
-                buttons,
-            )
-            + "</tr>"
-        )
-    note = (
-        ""
-        if status.repository_api
-        else '<p class="meta">Load and unload need the repository API: --enable-repository-api.</p>'
-    )
-    head = "<tr><th>model</th><th>version</th><th>state</th><th>reason</th><th></th></tr>"
-    return f'<table id="index">{head}{"".join(rows) or _empty(5)}</table>{note}'
-
-
 def _empty(columns: int) -> str:
     return f'<tr><td colspan="{columns}">none</td></tr>'
 
@@ -200,6 +257,15 @@ th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
 th { background: #f3f3f3; }
 .meta { color: #666; }
 #error { color: #b00; }
+.state, .health, .breaker, .errors { padding: 0 4px; border-radius: 3px; font-weight: 600; }
+.state-ready, .health.up, .breaker-closed, .errors-ok { color: #1a7f37; }
+.state-loading, .state-unloading, .breaker-half_open, .errors-warn { color: #7d4e00; background: #fff4d6; }
+.state-unavailable, .health.down, .breaker-open, .errors-bad { color: #fff; background: #cf222e; }
+.reason { color: #555; }
+.reason.cut { cursor: help; border-bottom: 1px dotted #999; }
+tr.unloaded td { color: #777; }
+#models td:last-child { white-space: nowrap; }
+#models .reason { font-size: 12px; }
 """
 
 _PAGE = """<!doctype html>

@@ -7,6 +7,7 @@ which wraps each method's handler as the services register.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -95,6 +96,19 @@ def _credentials(context: grpc.aio.ServicerContext) -> str | bytes | None:
     return None
 
 
+async def _abort(context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, message: str) -> None:
+    """Ends the call with `code`; where the call has already ended (the client left, or its deadline
+    passed as the answer was made), there is no one to tell: the handler ends as a cancelled one, which
+    grpc logs at debug level, not as a crash with a stack trace."""
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        log.info("%s: the call ended before its status could be sent: %s %s", method, code.name, message)
+        raise asyncio.CancelledError from None
+
+
 class ErrorInterceptor:
     """The gRPC side of the error table: every unary method's GatewayError becomes its status code.
 
@@ -138,10 +152,12 @@ class ErrorInterceptor:
                     trailers.append((REQUEST_ID_HEADER, exc.request_id))
                 if trailers:
                     context.set_trailing_metadata(tuple(trailers))
-                await context.abort(code, public_message(exc))
+                await _abort(context, method, code, public_message(exc))
             except Exception as exc:
                 log.exception("unexpected error in %s", method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+                await _abort(
+                    context, method, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+                )
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,

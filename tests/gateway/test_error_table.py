@@ -164,3 +164,33 @@ def test_tool_errors_are_kept_off_the_serving_table() -> None:
 
     for error in (BenchError, ReportError, ConvertError, ParityUsageError, ParityMismatch, UpError):
         assert issubclass(error, ToolError) and not issubclass(error, GatewayError), error
+
+
+def test_an_error_for_a_call_that_already_ended_ends_quietly() -> None:
+    """The client's deadline passes just as the gateway's own DeadlineExceeded is raised: grpc core
+    has closed the call, and sending the status fails inside grpc (ExecuteBatchError). That race
+    cannot be timed from a test, so the call's context here is a stand-in whose abort fails the way
+    grpc's does; the handler must end as a cancelled call, not raise grpc's error into its log."""
+    import asyncio
+
+    from grpc._cython import cygrpc
+
+    from gateway.errors import DeadlineExceeded
+    from gateway.protocols.v2_grpc import ErrorInterceptor
+
+    class EndedCall:
+        trailers: tuple[tuple[str, str], ...] = ()
+
+        def set_trailing_metadata(self, trailers: tuple[tuple[str, str], ...]) -> None:
+            self.trailers = trailers
+
+        async def abort(self, code: grpc.StatusCode, details: str) -> None:
+            raise cygrpc.ExecuteBatchError('Failed "execute_batch"')
+
+    async def late(request: Any, context: Any) -> Any:
+        raise DeadlineExceeded("model 'spin' version 1: no answer before the deadline")
+
+    handler = grpc.unary_unary_rpc_method_handler(late)
+    guarded = ErrorInterceptor().wrap("/inference.GRPCInferenceService/ModelInfer", handler)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(guarded.unary_unary(object(), EndedCall()))

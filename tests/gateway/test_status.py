@@ -33,15 +33,19 @@ def observe(metrics: Metrics, seconds: list[float], code: str = "200", model: st
 def test_rates_cover_the_window_and_forget_what_came_before() -> None:
     metrics, clock = Metrics(), Clock()
     window = MetricsWindow(metrics, clock)
-    observe(metrics, [0.001] * 50)  # before the first look: not in any window
-    assert window.traffic()["affine"].requests == 0
-    clock.now += 2.0
+    observe(metrics, [0.001] * 50)
+    clock.now += 4.0
+    first = window.traffic()["affine"]  # the first look counts from the window's start
+    assert (first.requests, first.window_s, first.req_per_s) == (50, 4.0, pytest.approx(12.5))
+    clock.now += 2.0  # younger than the window: the first look is no base yet
+    assert window.traffic()["affine"].window_s == 6.0
+    clock.now += 6.0
     observe(metrics, [0.002] * 30)
     observe(metrics, [0.002] * 10, code="503")
-    traffic = window.traffic()["affine"]
+    traffic = window.traffic()["affine"]  # since the look 6 s ago, the newest at least 5 s old
     assert traffic.requests == 40
-    assert traffic.window_s == 2.0
-    assert traffic.req_per_s == pytest.approx(20.0)
+    assert traffic.window_s == 6.0
+    assert traffic.req_per_s == pytest.approx(40 / 6)
     assert traffic.error_rate == pytest.approx(0.25)
     clock.now += 10.0  # nothing new: an idle model shows no rate and no percentiles
     window.traffic()

@@ -216,7 +216,12 @@ def test_sigterm_under_keepalive_and_grpc_load_loses_no_request(tmp_path: Path) 
     lost = [a.outcome for a in answers if a.outcome.startswith(("lost", "wrong"))]
     assert not lost, f"{len(lost)} of {len(answers)} requests lost or wrong: {lost[:5]}"
     assert not_ready_after < 1.0
-    assert sum(1 for a in answers if a.outcome == "200" and a.sent < signalled) > 50
+    # Load was there when the signal came: every client had answers before it. (A count, not a rate:
+    # on a busy 2-core CI machine the 1.5 s before the signal hold as few as 50 answers.)
+    answered_before = [
+        sum(1 for a in client if a.outcome == "200" and a.sent < signalled) for client in (*rest, *grpcs)
+    ]
+    assert min(answered_before) >= 1 and sum(answered_before) >= 20, answered_before
     # Every client was refused in the end, and the REST ones by the gateway itself while it drained:
     # its listeners stayed open until every connection had its answer.
     assert all(client[-1].outcome == "503 draining" for client in rest), [c[-1] for c in rest]
