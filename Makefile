@@ -7,7 +7,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: serve test test-slow install dev lint typecheck pytest models bench bench-peers soak bench-tools clean \
+.PHONY: serve test test-slow install dev docs lint typecheck pytest models bench bench-peers soak bench-tools clean \
 	bench-budget bench-warmup \
 	deploy-tools browser-tools torchserve-store images compose-up compose-down compose-smoke
 
@@ -16,11 +16,12 @@ $(BIN)/python:
 
 # The example repository has TorchServe, TensorFlow, LiteRT and Keras models, so serving all of it
 # takes those extras (torch's CPU wheel, TorchServe and its archiver, which run on the machine's
-# Java 17; TensorFlow and the TF Serving API; ai-edge-litert; Keras 3). `pip install modelyard`
+# Java 17; TensorFlow and the TF Serving API; ai-edge-litert; Keras 3), and the client extra
+# (tritonclient's HTTP client, which the quick start's snippets use). `pip install modelyard`
 # alone serves the ONNX models.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) --upgrade pip
-	$(PIP) -e ".[torchserve,tensorflow,litert,keras]"
+	$(PIP) -e ".[torchserve,tensorflow,litert,keras,client]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
@@ -31,8 +32,10 @@ install: $(VENV)/.installed
 
 dev: $(VENV)/.installed-dev
 
+# SERVE_ARGS adds flags, e.g. make serve SERVE_ARGS=--enable-repository-api (docs/guides/own-model.md).
+SERVE_ARGS ?=
 serve: install
-	$(BIN)/modelyard serve --model-repo $(MODEL_REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
+	$(BIN)/modelyard serve --model-repo $(MODEL_REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) $(SERVE_ARGS)
 
 models: dev
 	$(BIN)/python scripts/build_models.py --repo $(MODEL_REPO)
@@ -49,7 +52,12 @@ typecheck: dev
 pytest: dev deploy-tools browser-tools
 	$(BIN)/python -m pytest
 
-test: lint typecheck pytest
+# The documentation site (mkdocs.yml, docs/): a broken link, a page missing from the nav or a
+# missing anchor fails the build. The site goes to site/ (ignored by git).
+docs: dev
+	$(BIN)/mkdocs build --strict --site-dir site
+
+test: lint typecheck docs pytest
 
 # The long reliability runs (tests marked slow): a managed TorchServe killed under load.
 test-slow: dev deploy-tools
@@ -119,7 +127,7 @@ browser-tools:
 	fi
 
 # The compose stack's TorchServe model store: each version of the mlp_torch example archived with
-# modelyard's handler, as README's "TorchServe" section shows for any remote TorchServe. TorchServe
+# modelyard's handler, as docs/backends/torchserve.md shows for any remote TorchServe. TorchServe
 # (load_models=all) registers both archives as versions 1 and 2 of one model.
 TS_STORE := deploy/torchserve/model-store
 TS_MODEL := mlp_torch
@@ -155,4 +163,4 @@ compose-smoke: install
 	$(BIN)/python deploy/smoke.py --url http://127.0.0.1:$(HTTP_PORT) --wait-s 300
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

@@ -221,7 +221,7 @@ def bench(
     from rich.table import Table
 
     from gateway.tools.lab import bench as lab
-    from gateway.tools.lab.report import ReportError, markdown_table, write_report
+    from gateway.tools.lab.report import ReportError, markdown_table, require_plotting, write_report
 
     console = Console(stderr=True)
     try:
@@ -238,6 +238,7 @@ def bench(
             versions=versions,
             inputs=inputs,
         )
+        require_plotting()
         out.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
             if url is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -255,3 +256,45 @@ def test_a_disturbed_ceiling_is_called_noise() -> None:
     slow = scenario("no-op", 16, 80.0, 900.0)
     result = BenchResult(plan, "http://x", {}, slow, [scenario("fast", 16, 160.0, 70.0)], [], [slow])
     assert "slowed by something else on the machine" in verdicts(result)[0]
+
+
+def without_matplotlib(tmp_path: Path) -> dict[str, str]:
+    """An environment whose `import matplotlib` fails as it does where the package is missing."""
+    shim = tmp_path / "shim" / "matplotlib"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'matplotlib'\")\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shim"), str(ROOT)])}
+
+
+def test_bench_without_matplotlib_stops_before_measuring(gateway: RunningGateway, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway", "bench", "affine", "--deployments", "onnx", "--url", gateway.url,
+         "--grpc", gateway.grpc, "--duration", "1s", "--warmup", "0s", "--concurrency", "1", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, env=without_matplotlib(tmp_path),
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "need matplotlib" in run.stderr and "pip install" in run.stderr and "'lab'" in run.stderr
+    assert "Traceback" not in run.stderr
+    # Nothing was measured: no report folder was made, no row printed.
+    assert not out.exists()
+    assert "modelyard bench affine" not in run.stdout
+
+
+def test_a_report_without_matplotlib_keeps_the_measurements(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.tools.lab.report import ReportError, write_report
+
+    plan = BenchPlan("m", "grpc", (1,), (1,), 1.0, 0.0)
+    ceiling = scenario("no-op", 1, 4000.0, 5.0)
+    result = BenchResult(plan, "http://x", {}, ceiling, [scenario("fast", 1, 900.0, 2.0)], [], [ceiling])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    with pytest.raises(ReportError, match="need matplotlib") as raised:
+        write_report(result, tmp_path / "report")
+    assert str(tmp_path / "report" / "results.json") in str(raised.value)
+    rows = list(csv.DictReader((tmp_path / "report" / "results.csv").read_text().splitlines()))
+    assert [row["deployment"] for row in rows] == ["fast", "no-op"]
+    assert (
+        json.loads((tmp_path / "report" / "results.json").read_text())["scenarios"][0]["req_per_s"] == 900.0
+    )

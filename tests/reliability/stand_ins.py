@@ -1,7 +1,7 @@
 """A stand-in for a remote TorchServe that can be made to fail on purpose.
 
 A real TorchServe cannot be told to hang, answer late or refuse connections on cue, so the fault
-tests use this small HTTP/1.1 server instead (the README says so). It speaks the part of
+tests use this small HTTP/1.1 server instead (docs/operations/reliability.md says so). It speaks the part of
 TorchServe's inference API the gateway uses: `GET /ping`, and `POST /predictions/<model>` with
 modelyard's tensor format, answering y = 2 * x for every input x. Every other behaviour the
 tests check (timeouts, breakers, retries, readiness) is the gateway's own, against a real socket.

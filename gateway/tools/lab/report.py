@@ -28,16 +28,32 @@ class ReportError(ToolError):
     """The report cannot be written as asked (matplotlib missing, folder not writable)."""
 
 
-def write_report(result: BenchResult, folder: Path) -> list[Path]:
-    """Every file of the report, written into `folder` (made if needed)."""
+MISSING_MATPLOTLIB = (
+    "the report's plots need matplotlib, which is not installed where modelyard runs: install the 'lab' "
+    "extra with that environment's pip (in a checkout: .venv/bin/python -m pip install -e '.[lab]'; "
+    "elsewhere: python -m pip install 'modelyard[lab]')"
+)
+
+
+def require_plotting() -> None:
+    """Fails before anything is measured when the plots could not be drawn afterwards."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
     except ImportError as exc:
-        raise ReportError("the report's plots need matplotlib: pip install 'modelyard[lab]'") from exc
+        raise ReportError(MISSING_MATPLOTLIB) from exc
+
+
+def write_report(result: BenchResult, folder: Path) -> list[Path]:
+    """Every file of the report, written into `folder` (made if needed). The measurements
+    (results.json, results.csv) are written first, so they survive a failure to plot."""
     folder.mkdir(parents=True, exist_ok=True)
     written = [_write_json(result, folder / "results.json"), _write_csv(result, folder / "results.csv")]
+    try:
+        require_plotting()
+    except ReportError as exc:
+        raise ReportError(f"{exc}; the measurements are in {written[0]} and {written[1]}") from exc
     plots = _plot(result, folder)
     written += plots
     html = folder / "report.html"
