@@ -92,6 +92,8 @@ class TensorFlowAdapter(ModelAdapter):
 
     def _load_session(self, path: Path) -> tuple[Any, Any, Any]:
         tf = import_tensorflow(type(self), self.spec.label)
+        from tensorflow.python.saved_model import loader_impl
+
         options = self._options
         config = tf.compat.v1.ConfigProto(
             intra_op_parallelism_threads=options.intra_op_threads,
@@ -101,7 +103,10 @@ class TensorFlowAdapter(ModelAdapter):
         session = tf.compat.v1.Session(graph=graph, config=config)
         try:
             with graph.as_default():
-                meta_graph = tf.compat.v1.saved_model.load(session, list(options.tags), str(path))
+                # What tf.compat.v1.saved_model.load does, without its deprecation notice: the
+                # session API is kept for its per-call cost (one Session.run, no tf.function).
+                loader = loader_impl.SavedModelLoader(str(path))
+                meta_graph = loader.load(session, list(options.tags))
         except Exception as exc:  # a bad SavedModel surfaces as several unrelated TF and OS errors
             session.close()
             raise ModelNotReady(

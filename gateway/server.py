@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -293,6 +294,9 @@ def run(settings: Settings) -> None:
     )
     # httpx logs every backend request at INFO: far too loud for a gateway's hot path.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # TensorFlow's Python side logs each SavedModel's variables at INFO: the gateway logs the load.
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0":
+        logging.getLogger("tensorflow").setLevel(max(logging.WARNING, logging.getLogger().level))
     use_uvloop = settings.event_loop != "asyncio"
     if use_uvloop:
         try:
