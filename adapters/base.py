@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gateway.breaker import Breakers, EndpointGuard
-from gateway.config import ModelConfig
+from gateway.config import ModelConfig, validation_problems
 from gateway.errors import ModelNotReady
 from gateway.types import ModelSignature, TensorSpec
 
@@ -166,11 +166,7 @@ class ModelAdapter(ABC):
         try:
             return cls.options_model.model_validate(dict(config.section(cls.backend)))
         except ValidationError as exc:
-            raise OptionsError(
-                "; ".join(
-                    f"{'.'.join(str(p) for p in (cls.backend, *e['loc']))}: {e['msg']}" for e in exc.errors()
-                )
-            ) from exc
+            raise OptionsError(validation_problems(exc, cls.options_model, (cls.backend,))) from exc
 
     @classmethod
     def read_options(cls, spec: LoadSpec) -> Any:

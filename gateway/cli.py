@@ -177,7 +177,10 @@ async def _check(directory: Path, load: bool) -> int:
                 model = registry.get(name)
             failed = [v for v in model.versions.values() if v.state is not State.READY]
             for version in failed:
-                typer.echo(f"FAIL  model '{name}' version {version.version}: {version.reason}")
+                # A load's reason names its model and version already; other reasons get them.
+                label = f"model '{name}' version {version.version}"
+                reason = version.reason if version.reason.startswith(label) else f"{label}: {version.reason}"
+                typer.echo(f"FAIL  {reason}")
             problems += len(failed)
             if not failed:
                 typer.echo(f"ok    model '{name}': versions {versions} ({entry.backend}), loaded")

@@ -6,6 +6,8 @@ imports this module: it is read when a config is validated, not when this module
 
 from __future__ import annotations
 
+import difflib
+import typing
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -291,10 +293,48 @@ def load_model_config(path: Path, override: Mapping[str, Any] | None = None) -> 
     try:
         return ModelConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"{where}: {problems}") from exc
+        raise ConfigError(f"{where}: {validation_problems(exc, ModelConfig)}") from exc
+
+
+def validation_problems(exc: ValidationError, model: type[BaseModel], prefix: tuple[str, ...] = ()) -> str:
+    """`exc`'s errors as one line, each at its key's dotted path (under `prefix`); an unknown key
+    says so and names the nearest known key of its section, where one is close."""
+    problems = []
+    for err in exc.errors():
+        loc = tuple(str(part) for part in err["loc"])
+        where = ".".join((*prefix, *loc)) or "(top)"
+        if err["type"] == "extra_forbidden" and loc:
+            known = _keys_at(model, loc[:-1])
+            close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            section = ".".join((*prefix, *loc[:-1]))
+            problems.append(f"{section + ': ' if section else ''}unknown key '{loc[-1]}'{hint}")
+        else:
+            problems.append(f"{where}: {err['msg']}")
+    return "; ".join(problems)
+
+
+def _keys_at(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
+    """The keys (aliases where set) of the section at `path` inside `model`; none where the path
+    leaves the nested models (a list index, a mapping's key)."""
+    current: type[BaseModel] | None = model
+    for part in path:
+        if current is None or part not in current.model_fields:
+            return []
+        current = _nested_model(current.model_fields[part].annotation)
+    if current is None:
+        return []
+    return [info.alias or name for name, info in current.model_fields.items()]
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

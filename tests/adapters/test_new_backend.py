@@ -126,7 +126,7 @@ def test_a_registered_backend_serves_through_the_gateway(repo: Path) -> None:
         index = {m["name"]: m for m in httpx.post(f"http://{gateway.http}/v2/repository/index").json()}
     assert index["typo"]["state"] == "UNAVAILABLE"
     assert (
-        "invalid config.yaml section: affine_text.scael: Extra inputs are not permitted"
+        "invalid config.yaml section: affine_text: unknown key 'scael' (did you mean 'scale'?)"
         in index["typo"]["reason"]
     )
 

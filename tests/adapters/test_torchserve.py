@@ -66,7 +66,7 @@ def test_unknown_torchserve_key_is_a_clear_load_error() -> None:
 
     with pytest.raises(
         ModelNotReady,
-        match=r"model 'm' version 1: invalid config\.yaml section: torchserve\.batchsize: Extra inputs",
+        match=r"model 'm' version 1: invalid config\.yaml section: torchserve: unknown key 'batchsize'",
     ):
         TorchServeAdapter(spec({"batchsize": 4}))
 

@@ -3,6 +3,7 @@ config.yaml or generated from its signature; a version whose warmup fails is not
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,12 +132,12 @@ def test_warmup_runs_again_when_a_version_loads_after_an_unload_for_room(
         ("{samples: inputs.json}", "must be an .npz file inside the model's folder"),
         ("{runs: 0}", "warmup.runs: Input should be greater than or equal to 1"),
         ("{batch: 0}", "warmup.batch: Input should be greater than or equal to 1"),
-        ("{runz: 2}", "warmup.runz: Extra inputs are not permitted"),
+        ("{runz: 2}", "warmup: unknown key 'runz' (did you mean 'runs'?)"),
     ],
 )
 def test_warmup_config_is_validated(tmp_path: Path, warmup: str, problem: str) -> None:
     (tmp_path / "config.yaml").write_text(f"warmup: {warmup}\n")
-    with pytest.raises(ConfigError, match=problem.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(problem)):
         load_model_config(tmp_path / "config.yaml")
 
 
