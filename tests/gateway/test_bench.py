@@ -158,10 +158,11 @@ def test_bench_against_a_running_gateway_writes_the_report(gateway: RunningGatew
     (parity,) = results["parity"]
     assert parity["deployment"] == "tensorflow affine_tf:1" and parity["within"]
     assert results["machine"]["cores"] and "onnxruntime" in results["machine"]
-    # Two verdicts on the generator, one per (batch, concurrency) naming the faster deployment.
-    assert len(results["verdicts"]) == 4
-    assert "no-op endpoint" in results["verdicts"][0] and "of a core busy" in results["verdicts"][1]
-    assert all("affine" in line and "c=" in line for line in results["verdicts"][2:])
+    # The bottom line, two verdicts on the generator, one per (batch, concurrency) naming the fastest.
+    assert len(results["verdicts"]) == 5
+    assert results["verdicts"][0].startswith("Bottom line: most throughput at c=")
+    assert "no-op endpoint" in results["verdicts"][1] and "of a core busy" in results["verdicts"][2]
+    assert all("affine" in line and "c=" in line for line in results["verdicts"][3:])
     assert all(row["generator_cpu"] > 0 for row in [*rows, results["generator_ceiling"]])
     with (out / "results.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == len(rows) + 1  # and the ceiling's row
@@ -236,26 +237,25 @@ def test_verdicts_are_computed_from_the_rows() -> None:
     ceilings = [scenario("no-op", 16, 4000.0, 5.0, cpu=0.9), scenario("no-op", 16, 3000.0, 5.0, cpu=0.9)]
     result = BenchResult(plan, "http://x", {}, ceilings[0], rows, [], ceilings)
     lines = verdicts(result)
-    assert (
-        "4000 req/s at c=16 (the faster of runs before and after the deployments: 4000 and 3000)" in lines[0]
+    assert lines[0] == (
+        "Bottom line: most throughput at c=16: fast (1000 req/s); lowest latency at c=1: fast "
+        f"(p50 {rows[0].p50_ms:.2f} ms); errors from slow."
     )
-    assert lines[0].endswith(
-        "reached 25% of that, so the backends, not request handling, set the deployments' pace."
-    )
+    assert "takes 4000 req/s at c=16 (runs before and after: 4000 and 3000)" in lines[1]
+    assert lines[1].endswith("reached 25% of it: the backends, not request handling, set the pace.")
     # The no-op row saturates the generator by design; the others are what count.
-    assert "(fast, c=1) kept 0.30 of a core busy" in lines[1] and lines[1].endswith("it had headroom.")
-    assert (
-        lines[2]
-        == f"At c=1, batch 1: fast gives {900 / 300:.1f}x slow's throughput with a p99 {6 / 2:.1f}x lower."
+    assert "at most 0.30 of a core busy (fast, c=1)" in lines[2] and lines[2].endswith("it had headroom.")
+    assert lines[3] == (
+        f"c=1, batch 1: fast is fastest, 900 req/s at p99 2.00 ms: {900 / 300:.1f}x slow (a p99 {6 / 2:.1f}x lower)."
     )
-    assert lines[3] == "At c=16, batch 1: fast gives 1000 req/s at p99 30.00 ms. No answers from slow."
+    assert lines[4] == "c=16, batch 1: fast is fastest, 1000 req/s at p99 30.00 ms. No answers from slow."
 
 
 def test_a_disturbed_ceiling_is_called_noise() -> None:
     plan = BenchPlan("m", "grpc", (16,), (1,), 1.0, 0.0)
     slow = scenario("no-op", 16, 80.0, 900.0)
     result = BenchResult(plan, "http://x", {}, slow, [scenario("fast", 16, 160.0, 70.0)], [], [slow])
-    assert "slowed by something else on the machine" in verdicts(result)[0]
+    assert "the no-op runs were disturbed" in verdicts(result)[1]
 
 
 def without_matplotlib(tmp_path: Path) -> dict[str, str]:

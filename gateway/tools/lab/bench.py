@@ -526,33 +526,30 @@ def machine_facts() -> dict[str, str]:
 
 
 def verdicts(result: BenchResult) -> list[str]:
-    """Two sentences on the load generator, then one plain sentence per scenario (batch x
-    concurrency), all computed from the rows."""
-    lines = []
+    """One line each, all computed from the rows: the bottom line, the load generator's ceiling and
+    headroom, then one per scenario (batch x concurrency) naming the fastest deployment."""
+    lines = [bottom_line(result)]
     ceiling = result.ceiling.req_per_s
     best_overall = max((s.req_per_s for s in result.scenarios), default=0.0)
     if ceiling > 0:
         share = best_overall / ceiling
         runs = " and ".join(f"{run.req_per_s:.0f}" for run in result.ceiling_runs)
+        reading = (
+            "the backends, not request handling, set the pace."
+            if share < 0.5
+            else "request handling (the generator's or the gateway's) is part of the limit."
+            if share <= 1
+            else "the no-op runs were disturbed (they should be the fastest): rerun on a quieter machine."
+        )
         lines.append(
-            f"Against the gateway's no-op endpoint (liveness, nothing computed), the load generator and the "
-            f"gateway together reach {ceiling:.0f} req/s at c={result.ceiling.concurrency} "
-            f"(the faster of runs before and after the deployments: {runs}); the fastest deployment "
-            f"reached {share:.0%} of that, so "
-            + (
-                "the backends, not request handling, set the deployments' pace."
-                if share < 0.5
-                else "request handling (the generator's or the gateway's) is part of its limit."
-                if share <= 1
-                else "the no-op runs were slowed by something else on the machine (they should be the "
-                "fastest rows): the figures are noisy, rerun on a quieter machine."
-            )
+            f"Ceiling: the gateway's no-op endpoint takes {ceiling:.0f} req/s at c={result.ceiling.concurrency} "
+            f"(runs before and after: {runs}); the fastest deployment reached {share:.0%} of it: {reading}"
         )
     # The no-op row is meant to saturate the generator; the question is whether the others did.
     busiest = max([*result.scenarios] or [result.ceiling], key=lambda s: s.generator_cpu)
     lines.append(
-        f"The load generator's busiest row ({busiest.deployment}, c={busiest.concurrency}) kept "
-        f"{busiest.generator_cpu:.2f} of a core busy; it runs on one thread, so "
+        f"Generator: at most {busiest.generator_cpu:.2f} of a core busy ({busiest.deployment}, "
+        f"c={busiest.concurrency}); it runs on one thread, so "
         + ("it had headroom." if busiest.generator_cpu < 0.8 else "it may have been the limit there.")
     )
     for batch in result.plan.batch:
@@ -567,29 +564,42 @@ def verdicts(result: BenchResult) -> list[str]:
                 for s in result.scenarios
                 if s.batch == batch and s.concurrency == clients and s.req_per_s == 0
             ]
-            where = f"At c={clients}, batch {batch}"
+            where = f"c={clients}, batch {batch}"
             if not rows:
                 lines.append(f"{where}: no deployment answered.")
                 continue
             best = max(rows, key=lambda s: s.req_per_s)
-            if len(rows) == 1:
-                lines.append(
-                    f"{where}: {best.deployment} gives {best.req_per_s:.0f} req/s at p99 {best.p99_ms:.2f} ms."
-                )
-            else:
-                comparisons = [
-                    f"{best.req_per_s / other.req_per_s:.1f}x {other.deployment}'s throughput with "
-                    f"{_ratio(best.p99_ms, other.p99_ms)}"
-                    for other in rows
-                    if other is not best
-                ]
-                lines.append(f"{where}: {best.deployment} gives " + "; ".join(comparisons) + ".")
+            line = f"{where}: {best.deployment} is fastest, {best.req_per_s:.0f} req/s at p99 {best.p99_ms:.2f} ms"
+            others = [
+                f"{best.req_per_s / other.req_per_s:.1f}x {other.deployment} ({_ratio(best.p99_ms, other.p99_ms)})"
+                for other in rows
+                if other is not best
+            ]
+            line += (": " + ", ".join(others) + ".") if others else "."
             if failed:
-                lines[-1] += f" No answers from {', '.join(failed)}."
+                line += f" No answers from {', '.join(failed)}."
             errored = [f"{s.deployment} ({s.errors})" for s in rows if s.errors]
             if errored:
-                lines[-1] += f" Errors: {', '.join(errored)}."
+                line += f" Errors: {', '.join(errored)}."
+            lines.append(line)
     return lines
+
+
+def bottom_line(result: BenchResult) -> str:
+    """The run in one line: who is fastest under the most load, and who answers fastest alone."""
+    answered = [s for s in result.scenarios if s.req_per_s > 0]
+    if not answered:
+        return "Bottom line: no deployment answered."
+    most = max(s.concurrency for s in answered)
+    least = min(s.concurrency for s in answered)
+    fastest = max((s for s in answered if s.concurrency == most), key=lambda s: s.req_per_s)
+    quickest = min((s for s in answered if s.concurrency == least), key=lambda s: s.p50_ms)
+    line = (
+        f"Bottom line: most throughput at c={most}: {fastest.deployment} ({fastest.req_per_s:.0f} req/s); "
+        f"lowest latency at c={least}: {quickest.deployment} (p50 {quickest.p50_ms:.2f} ms)"
+    )
+    troubled = sorted({s.deployment for s in result.scenarios if s.errors or s.req_per_s == 0})
+    return line + (f"; errors from {', '.join(troubled)}." if troubled else ".")
 
 
 def _ratio(mine: float, theirs: float) -> str:

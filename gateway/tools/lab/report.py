@@ -95,15 +95,20 @@ def _deployments(result: BenchResult) -> list[str]:
     return list(dict.fromkeys(s.deployment for s in result.scenarios))
 
 
+# The no-op ceiling is drawn on the throughput plot when it is at most this many times the fastest row.
+CEILING_IN_VIEW = 1.5
+
+
 def _plot(result: BenchResult, folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     deployments = _deployments(result)
     colors = {d: f"C{i}" for i, d in enumerate(deployments)}
     styles = ["-", "--", ":", "-."]
     paths = []
 
-    figure, axes = plt.subplots(figsize=(7, 4.2))
+    figure, axes = plt.subplots(figsize=(9, 4.2))
     for s in result.scenarios:
         if not s.latency_quantiles_ms:
             continue
@@ -121,10 +126,12 @@ def _plot(result: BenchResult, folder: Path) -> list[Path]:
     axes.set_ylabel("share of requests")
     paths.append(_save(figure, axes, folder / "latency_cdf.png", "Latency CDF per deployment"))
 
-    figure, axes = plt.subplots(figsize=(7, 4.2))
+    figure, axes = plt.subplots(figsize=(9, 4.2))
+    highest = 0.0
     for deployment in deployments:
         for batch in result.plan.batch:
             rows = [s for s in result.scenarios if s.deployment == deployment and s.batch == batch]
+            highest = max([highest, *(s.req_per_s for s in rows)])
             axes.plot(
                 [s.concurrency for s in rows],
                 [s.req_per_s for s in rows],
@@ -133,14 +140,20 @@ def _plot(result: BenchResult, folder: Path) -> list[Path]:
                 alpha=1.0 if batch == result.plan.batch[0] else 0.5,
                 label=f"{deployment} b={batch}",
             )
-    axes.axhline(result.ceiling.req_per_s, color="grey", linestyle="--", label="generator ceiling (no-op)")
+    ceiling = result.ceiling.req_per_s
+    if 0 < ceiling <= CEILING_IN_VIEW * highest:
+        axes.axhline(ceiling, color="grey", linestyle="--", label=f"generator ceiling (no-op), {ceiling:.0f}")
+    elif ceiling > 0:
+        # Drawn, a far-off ceiling would squeeze the deployments into the bottom of the plot.
+        axes.plot([], [], " ", label=f"generator ceiling (no-op): {ceiling:.0f}, above the plot")
+    axes.set_ylim(bottom=0)
     axes.set_xscale("log", base=2)
     axes.set_xticks(result.plan.concurrency, [str(c) for c in result.plan.concurrency])
     axes.set_xlabel("concurrency (clients)")
     axes.set_ylabel("requests per second")
     paths.append(_save(figure, axes, folder / "throughput_vs_concurrency.png", "Throughput vs concurrency"))
 
-    figure, axes = plt.subplots(figsize=(7, 4.2))
+    figure, axes = plt.subplots(figsize=(9, 4.2))
     for deployment in deployments:
         for batch in result.plan.batch:
             rows = [
@@ -157,8 +170,20 @@ def _plot(result: BenchResult, folder: Path) -> list[Path]:
                 label=f"{deployment} b={batch}",
             )
             for s in rows:
-                axes.annotate(f"c={s.concurrency}", (s.req_per_s, s.p99_ms), fontsize=7)
+                axes.annotate(
+                    f"c={s.concurrency}",
+                    (s.req_per_s, s.p99_ms),
+                    xytext=(5, 5),
+                    textcoords="offset points",
+                    fontsize=7,
+                    color=colors[deployment],
+                )
     axes.set_yscale("log")
+    # Ticks at 1, 2 and 5 of each decade, written as plain numbers: a p99 range inside one or two
+    # decades still gets a readable axis.
+    axes.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.yaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel("requests per second")
     axes.set_ylabel("p99 latency (ms, log scale)")
     paths.append(_save(figure, axes, folder / "p99_vs_throughput.png", "p99 latency vs throughput"))
@@ -170,7 +195,8 @@ def _save(figure: Any, axes: Any, path: Path, title: str) -> Path:
 
     axes.set_title(title)
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=7)
+    # Beside the plot, never over its curves.
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -206,7 +232,11 @@ def render_html(result: BenchResult, images: dict[str, bytes]) -> str:
         for s in [*result.scenarios, result.ceiling]
         if s.first_error
     )
-    verdicts = "".join(f"<li>{escape(v)}</li>" for v in result.verdicts)
+    # The bottom line first, in bold; then one line per verdict.
+    verdicts = "".join(
+        f"<li><strong>{escape(v)}</strong></li>" if i == 0 else f"<li>{escape(v)}</li>"
+        for i, v in enumerate(result.verdicts)
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>modelyard bench: {escape(plan.model)}</title>
 <style>
@@ -218,6 +248,8 @@ figure {{ display: inline-block; margin: 0 1em 1em 0; }}
 img {{ max-width: 100%; }}
 </style></head><body>
 <h1>modelyard bench: {escape(plan.model)}</h1>
+<h2>Verdicts</h2><ul>{verdicts}</ul>
+<h2>How it was measured</h2>
 <p>{len(_deployments(result))} deployments over {escape(plan.protocol)} through the gateway at
 {escape(result.url)}; {plan.duration_s:g} s measured per row after {plan.warmup_s:g} s warm-up; each client
 sends one request at a time (closed loop). Latency is measured by the client, from send to parsed
@@ -225,7 +257,6 @@ answer. Every 10th answer is checked against the first deployment's answer for t
 (rtol 1e-4, atol 1e-5); a wrong answer counts as an error. RSS is the resident memory of the process
 that served the deployment, read from the gateway's /status after its rows: the gateway itself
 for in-process backends (shared by all of them), the managed TorchServe with its workers.</p>
-<h2>Verdicts</h2><ul>{verdicts}</ul>
 <h2>Results</h2><table><tr>{head}</tr>{body}</table>
 {f"<h3>First error per row</h3><ul>{errors}</ul>" if errors else ""}
 <h2>Plots</h2>{figures}
