@@ -104,6 +104,22 @@ def _models_table(status: GatewayStatus) -> str:
     not loaded (a failed or unloaded model, a version the policy leaves out): each exactly once."""
     rows: list[str] = []
     shown: set[tuple[str, str]] = set()
+
+    def actions(name: str | None) -> str:
+        # The buttons' column exists only where the repository API does.
+        if not status.repository_api:
+            return ""
+        return f"<td>{_buttons(status, name) if name is not None else ''}</td>"
+
+    budget = status.memory.budget_bytes is not None
+
+    def resident(value: int | None) -> str:
+        # Without a budget, versions load side by side and each one's figure can hold the others'
+        # memory: it is shown only where it was measured alone.
+        if budget or value is None:
+            return _mib(value)
+        return '<span class="meta" title="measured alone only under a memory budget">-</span>'
+
     for model in status.models:
         name = escape(model.name)
         twin = f' <span class="meta">(twin of {escape(model.twin_of)})</span>' if model.twin_of else ""
@@ -113,7 +129,8 @@ def _models_table(status: GatewayStatus) -> str:
             rows.append(
                 f'<tr data-model="{name}">'
                 + _cells(name + twin, "-", escape(model.backend or "-"), _state(model.state, model.reason))
-                + _cells("-", "-", "-", "-", "-", "-", _buttons(status, model.name))
+                + _cells("-", "-", "-", "-", "-", "-")
+                + actions(model.name)
                 + "</tr>"
             )
         for version in model.versions:
@@ -148,10 +165,10 @@ def _models_table(status: GatewayStatus) -> str:
                     "-" if weight is None else f"{weight:g}",
                 )
                 + _cells(
-                    _mib(version.resident_bytes),
+                    resident(version.resident_bytes),
                     f"{version.loads} / {version.evictions}",
-                    _buttons(status, model.name) if first else "",
                 )
+                + actions(model.name if first else None)
                 + "</tr>"
             )
             first = False
@@ -165,13 +182,14 @@ def _models_table(status: GatewayStatus) -> str:
         rows.append(
             f'<tr data-model="{escape(entry.name)}" data-version="{escape(entry.version)}" class="unloaded">'
             + _cells(escape(entry.name), escape(entry.version or "-"), "-", _state(entry.state, entry.reason))
-            + _cells("-", "-", "-", "-", "-", "-", _buttons(status, entry.name) if first else "")
+            + _cells("-", "-", "-", "-", "-", "-")
+            + actions(entry.name if first else None)
             + "</tr>"
         )
     head = (
         "<tr><th>model</th><th>version</th><th>backend</th><th>state</th><th>backend health</th>"
         "<th>breaker</th><th>labels</th><th>traffic weight</th><th>resident</th>"
-        "<th>loads / evictions</th><th></th></tr>"
+        "<th>loads / evictions</th>" + ("<th></th>" if status.repository_api else "") + "</tr>"
     )
     return f'<table id="models">{head}{"".join(rows) or _empty(11)}</table>'
 
@@ -187,11 +205,16 @@ def _mib(value: int | None) -> str:
 
 
 def _memory_line(memory: MemoryStatus) -> str:
-    budget = "no budget" if memory.budget_bytes is None else f"of a {_mib(memory.budget_bytes)} budget"
+    counts = f"{memory.loads} loads, {memory.evictions} evictions; load mode {escape(memory.load_mode)}"
+    if memory.budget_bytes is None:
+        return (
+            '<p class="meta" id="memory">models: no memory budget, so versions load side by side and '
+            f"their memory is not measured one by one (the processes' RSS is above); {counts}</p>"
+        )
     return (
         f'<p class="meta" id="memory">models: {_mib(memory.resident_bytes)} resident '
-        f"(and {_mib(memory.retained_bytes)} their unloads kept) {budget}; "
-        f"{memory.loads} loads, {memory.evictions} evictions; load mode {escape(memory.load_mode)}</p>"
+        f"(and {_mib(memory.retained_bytes)} their unloads kept) of a {_mib(memory.budget_bytes)} budget; "
+        f"{counts}</p>"
     )
 
 

@@ -135,3 +135,8 @@ def test_page_offers_no_buttons_while_the_repository_api_is_off(small_repo: Path
         assert 'data-model="affine"' in text
         assert "<button" not in text
     assert "--enable-repository-api" in panel.text
+    assert "<th></th>" not in panel.text  # no column for buttons that are not there
+    # Without a budget versions load side by side: no per-version figure that holds the others'.
+    assert (
+        "no memory budget" in panel.text and 'title="measured alone only under a memory budget"' in panel.text
+    )
