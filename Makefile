@@ -8,7 +8,7 @@ GRPC_PORT ?= 8001
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
 .PHONY: serve test test-slow install dev docs lint typecheck pytest models bench bench-peers soak bench-tools clean \
-	bench-budget bench-warmup \
+	bench-budget bench-warmup bench-cache \
 	deploy-tools browser-tools torchserve-store images compose-up compose-down compose-smoke
 
 $(BIN)/python:
@@ -81,6 +81,11 @@ bench: dev bench-tools
 BUDGET_ARGS ?=
 bench-budget: dev
 	$(BIN)/python benchmarks/budget.py $(BUDGET_ARGS) --out benchmarks/results/budget.md
+
+# The response cache on the heavy MLP: a hit against a miss, over gRPC and REST binary (docs/models.md).
+CACHE_ARGS ?= --requests 300
+bench-cache: dev
+	$(BIN)/python benchmarks/cache.py $(CACHE_ARGS) --out benchmarks/results/cache.md
 
 # First-request latency with and without warmup, ONNX Runtime and TensorFlow (docs/models.md).
 WARMUP_ARGS ?= --trials 5

@@ -124,6 +124,15 @@ class ShadowTarget(_Strict):
         return str(value) if isinstance(value, int) else value
 
 
+class CacheConfig(_Strict):
+    """A version's answers kept by the bytes of their inputs (gateway/cache.py): opt-in, per model."""
+
+    max_entries: int = Field(default=1024, ge=1)
+    max_bytes: int = Field(default=64 * 2**20, ge=1)
+    # Seconds an answer is kept; none: until it is the least recently used one, or the version unloads.
+    ttl_s: float | None = Field(default=None, gt=0)
+
+
 class Limits(_Strict):
     max_inflight: int = Field(default=64, ge=1)
     max_queue: int = Field(default=256, ge=0)
@@ -178,6 +187,7 @@ class ModelConfig(_Strict):
     outputs: tuple[TensorDecl, ...] | None = None
     batching: Batching = Batching()
     limits: Limits = Limits()
+    cache: CacheConfig | None = None
     routing: Routing = Routing()
     shadow: tuple[ShadowTarget, ...] = ()
     # Other models of the repository (deployments of this one, in order) that answer a request

@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 import gateway
+from gateway.cache import cache_key
 from gateway.config import preferred_version
 from gateway.context import RequestContext, current_request_id
 from gateway.errors import (
@@ -268,6 +269,21 @@ class DataPlane:
         output_names = route.signature.check_outputs(route.label, request.outputs)
         queued = time.perf_counter_ns()
         stats.compute_input.add(queued - checked)
+        # The version's response cache, where its config has one; shadow copies never touch it.
+        cache = loaded.cache if context.protocol != SHADOW_PROTOCOL else None
+        key = b""
+        if cache is not None:
+            key = cache_key(inputs, output_names)
+            cached = cache.get(key)
+            looked = time.perf_counter_ns()
+            outcome = "miss" if cached is None else "hit"
+            self.metrics.cache_lookups.labels(model.name, str(loaded.version), outcome).inc()
+            if cached is not None:
+                stats.cache_hit.add(looked - queued)
+                stats.inference_count += _batch_size(tensors)
+                return _response(route, request, cached)
+            stats.cache_miss.add(looked - queued)
+            queued = looked
 
         slots = (model.limiter,) if self._global_limiter is None else (model.limiter, self._global_limiter)
         await acquire_all(slots, deadline, context.priority)
@@ -295,13 +311,9 @@ class DataPlane:
         series.compute.observe(compute_ns / 1e9)
         stats.inference_count += _batch_size(tensors)
         stats.execution_count += 1
-
-        requested = {o.name: o.parameters for o in request.outputs or ()}
-        outputs = [
-            Tensor(name, datatype_of(array.dtype), tuple(array.shape), array, dict(requested.get(name, {})))
-            for name, array in results.items()
-        ]
-        return InferResponse(model.name, str(loaded.version), outputs, id=request.id, backend=loaded.backend)
+        if cache is not None:
+            cache.put(key, results)
+        return _response(route, request, results)
 
     # Statistics and repository ----------------------------------------------------------------
 
@@ -368,6 +380,18 @@ async def _entry(name: str, loaded: LoadedVersion) -> IndexEntry:
             name, str(loaded.version), State.UNAVAILABLE.value, f"{loaded.backend} backend is not ready"
         )
     return IndexEntry(name, str(loaded.version), loaded.state.value, without_server_paths(loaded.reason))
+
+
+def _response(route: Route, request: InferRequest, results: Mapping[str, Any]) -> InferResponse:
+    requested = {o.name: o.parameters for o in request.outputs or ()}
+    outputs = [
+        Tensor(name, datatype_of(array.dtype), tuple(array.shape), array, dict(requested.get(name, {})))
+        for name, array in results.items()
+    ]
+    loaded = route.loaded
+    return InferResponse(
+        route.model.name, str(loaded.version), outputs, id=request.id, backend=loaded.backend
+    )
 
 
 def _release_late(slots: tuple[Limiter, ...], task: asyncio.Future[Any]) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from adapters import ModelAdapter
+from gateway.cache import ResponseCache
 from gateway.limits import Limiter
 from gateway.repository import ModelEntry
 from gateway.types import ModelSignature, VersionStats
@@ -48,6 +49,8 @@ class LoadedVersion:
     waiting: int = 0
     # The registry closed it (unloaded, or replaced by a reload): it never turns ready again.
     closed: bool = False
+    # Its answers by their inputs, where the model's config asks for a cache; its own, never shared.
+    cache: ResponseCache | None = None
 
     @property
     def ready(self) -> bool:
@@ -62,6 +65,8 @@ class LoadedVersion:
         """Takes the adapter out in one step, leaving the version loadable again."""
         adapter, self.adapter = self.adapter, None
         self.state, self.reason = State.LOADABLE, reason
+        if self.cache is not None:
+            self.cache.clear()
         return adapter
 
 

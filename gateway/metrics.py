@@ -196,6 +196,12 @@ class Metrics:
             "The memory budget the resident versions share (absent: no budget).",
             registry=self.registry,
         )
+        self.cache_lookups = Counter(
+            "modelyard_response_cache_lookups",
+            "Lookups in a version's response cache (models with `cache:` in config.yaml), by outcome.",
+            ("model", "version", "outcome"),
+            registry=self.registry,
+        )
         self.load_waits = Counter(
             "modelyard_load_waits",
             "Requests that waited for their version to load (its first, or its first since an unload).",

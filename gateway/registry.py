@@ -19,6 +19,7 @@ from typing import Any
 
 from adapters import LoadSpec, ModelAdapter, SharedResources, create_adapter
 from gateway.batching import BatchingAdapter, BatchObserver
+from gateway.cache import cache_for
 from gateway.config import ConfigError, LoadMode, load_model_config, preferred_version
 from gateway.errors import (
     BackendUnavailable,
@@ -241,7 +242,9 @@ class Registry:
                 raise ModelNotReady(f"load failed for model '{name}': {failed.reason}")
             backend = entry.backend or "onnxruntime"
             versions = {
-                v.version: LoadedVersion(v.version, backend, State.LOADABLE, NOT_RESIDENT)
+                v.version: LoadedVersion(
+                    v.version, backend, State.LOADABLE, NOT_RESIDENT, cache=cache_for(entry.config.cache)
+                )
                 for v in entry.versions
             }
             model = LoadedModel(name, entry, versions, self._limiter(entry))

@@ -168,6 +168,16 @@ class VersionStatus:
     resident_bytes: int | None
     loads: int
     evictions: int
+    # Its response cache, where the model has one: answers kept, their bytes, hits and misses.
+    cache: CacheStatus | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStatus:
+    entries: int
+    bytes: int
+    hits: int
+    misses: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +326,9 @@ async def _version(loaded: LoadedVersion, admin: bool) -> VersionStatus:
         resident_bytes=_resident(loaded),
         loads=loaded.loads,
         evictions=loaded.evictions,
+        cache=None
+        if (cache := loaded.cache) is None
+        else CacheStatus(len(cache), cache.bytes, cache.hits, cache.misses),
     )
 
 

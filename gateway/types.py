@@ -252,6 +252,10 @@ class VersionStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+    # Answers from the response cache (the time to look up and answer), and lookups that missed
+    # (the time of the lookup alone), as Triton counts them.
+    cache_hit: Duration = field(default_factory=Duration)
+    cache_miss: Duration = field(default_factory=Duration)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,15 @@ from fastapi import APIRouter, Response
 
 from gateway.auth import request_access
 from gateway.protocols.v2_rest import json_response
-from gateway.status import GatewayStatus, MemoryStatus, ModelStatus, ModelTraffic, ProcessStatus, StatusReader
+from gateway.status import (
+    CacheStatus,
+    GatewayStatus,
+    MemoryStatus,
+    ModelStatus,
+    ModelTraffic,
+    ProcessStatus,
+    StatusReader,
+)
 
 REFRESH_MS = 2000
 
@@ -112,6 +120,8 @@ def _models_table(status: GatewayStatus) -> str:
         return f"<td>{_buttons(status, name) if name is not None else ''}</td>"
 
     budget = status.memory.budget_bytes is not None
+    # The cache's column, where some model has a response cache.
+    caching = any(v.cache is not None for m in status.models for v in m.versions)
 
     def resident(value: int | None) -> str:
         # Without a budget, versions load side by side and each one's figure can hold the others'
@@ -130,6 +140,7 @@ def _models_table(status: GatewayStatus) -> str:
                 f'<tr data-model="{name}">'
                 + _cells(name + twin, "-", escape(model.backend or "-"), _state(model.state, model.reason))
                 + _cells("-", "-", "-", "-", "-", "-")
+                + ("<td>-</td>" if caching else "")
                 + actions(model.name)
                 + "</tr>"
             )
@@ -168,6 +179,7 @@ def _models_table(status: GatewayStatus) -> str:
                     resident(version.resident_bytes),
                     f"{version.loads} / {version.evictions}",
                 )
+                + (_cache_cell(version.cache) if caching else "")
                 + actions(model.name if first else None)
                 + "</tr>"
             )
@@ -183,15 +195,28 @@ def _models_table(status: GatewayStatus) -> str:
             f'<tr data-model="{escape(entry.name)}" data-version="{escape(entry.version)}" class="unloaded">'
             + _cells(escape(entry.name), escape(entry.version or "-"), "-", _state(entry.state, entry.reason))
             + _cells("-", "-", "-", "-", "-", "-")
+            + ("<td>-</td>" if caching else "")
             + actions(entry.name if first else None)
             + "</tr>"
         )
     head = (
         "<tr><th>model</th><th>version</th><th>backend</th><th>state</th><th>backend health</th>"
         "<th>breaker</th><th>labels</th><th>traffic weight</th><th>resident</th>"
-        "<th>loads / evictions</th>" + ("<th></th>" if status.repository_api else "") + "</tr>"
+        "<th>loads / evictions</th>"
+        + ("<th>cache hits / misses</th>" if caching else "")
+        + ("<th></th>" if status.repository_api else "")
+        + "</tr>"
     )
     return f'<table id="models">{head}{"".join(rows) or _empty(11)}</table>'
+
+
+def _cache_cell(cache: CacheStatus | None) -> str:
+    if cache is None:
+        return "<td>-</td>"
+    return (
+        f'<td class="cache" title="{cache.entries} answers kept, {_mib(cache.bytes)}">'
+        f"{cache.hits} / {cache.misses}</td>"
+    )
 
 
 def _repository_note(status: GatewayStatus) -> str:

@@ -220,8 +220,8 @@ def _statistics(rows: list[ModelStatistics]) -> dict[str, Any]:
                     "compute_input": _duration(row.stats.compute_input),
                     "compute_infer": _duration(row.stats.compute_infer),
                     "compute_output": _duration(row.stats.compute_output),
-                    "cache_hit": _duration(Duration()),
-                    "cache_miss": _duration(Duration()),
+                    "cache_hit": _duration(row.stats.cache_hit),
+                    "cache_miss": _duration(row.stats.cache_miss),
                 },
                 "batch_stats": [],
             }

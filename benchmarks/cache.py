@@ -1,0 +1,143 @@
+"""The response cache on the heavy MLP (1024 -> 2048 -> 2048 -> 10): a hit against a miss. Not a
+test: run it by hand or through `make bench-cache`.
+
+    python benchmarks/cache.py [--requests 200] [--out benchmarks/results/cache.md]
+
+One gateway serves the heavy MLP (built here from fixed seeds) with `cache: {max_entries: 4096}`.
+One tritonclient connection, one request at a time (c=1), sends `--requests` requests, each with
+inputs no request sent before (every one a miss: computed, then kept), then the same number of
+requests with one input it has answered already (every one a hit). Over gRPC (raw contents) and
+REST with Triton's binary tensors. Every answer is checked against onnxruntime run directly, and
+the gateway's own hit and miss counters must agree with the plan. The ratio is the misses' p50
+over the hits' p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from drive import gateway, stop_servers_on_sigterm
+from memory import emit
+
+from scripts.build_models import _save, build_mlp
+
+SIZES = (1024, 2048, 2048, 10)
+NAME = "heavy_cached"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--out", type=Path)
+    return parser.parse_args()
+
+
+def lookups(base: str) -> dict[str, float]:
+    found = {"hit": 0.0, "miss": 0.0}
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "modelyard_response_cache_lookups_total" and sample.labels["model"] == NAME:
+                found[sample.labels["outcome"]] += sample.value
+    return found
+
+
+def timed(send: object, inputs: list[np.ndarray], session: ort.InferenceSession) -> list[float]:
+    """Milliseconds per request; every answer checked."""
+    times = []
+    for x in inputs:
+        started = time.perf_counter()
+        answer = send(x)  # type: ignore[operator]
+        times.append((time.perf_counter() - started) * 1000)
+        np.testing.assert_allclose(answer, session.run(None, {"input": x})[0], rtol=1e-4, atol=1e-5)
+    return times
+
+
+def main() -> None:
+    args = parse_args()
+    stop_servers_on_sigterm()
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="modelyard-cache-") as tmp:
+        repo = Path(tmp) / "repo"
+        model = repo / NAME / "1" / "model.onnx"
+        _save(build_mlp(SIZES, seed=11, name=NAME), model)
+        (repo / NAME / "config.yaml").write_text("backend: onnxruntime\ncache: {max_entries: 4096}\n")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(str(model), options)
+        with gateway(repo, "/v2/health/ready") as (base, endpoint, _):
+            assert endpoint.grpc is not None
+            grpc_client = triton_grpc.InferenceServerClient(endpoint.grpc)
+            http_client = triton_http.InferenceServerClient(endpoint.http)
+
+            def send_grpc(x: np.ndarray) -> np.ndarray:
+                tensor = triton_grpc.InferInput("input", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x)
+                return grpc_client.infer(NAME, [tensor]).as_numpy("logits")
+
+            def send_rest(x: np.ndarray) -> np.ndarray:
+                tensor = triton_http.InferInput("input", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x, binary_data=True)
+                out = triton_http.InferRequestedOutput("logits", binary_data=True)
+                return http_client.infer(NAME, [tensor], outputs=[out]).as_numpy("logits")
+
+            for protocol, send in (("gRPC", send_grpc), ("REST binary", send_rest)):
+                fresh = [rng.standard_normal((1, SIZES[0])).astype(np.float32) for _ in range(args.requests)]
+                send(rng.standard_normal((1, SIZES[0])).astype(np.float32))  # the connection, warm
+                before = lookups(base)
+                misses = timed(send, fresh, session)
+                hits = timed(send, [fresh[0]] * args.requests, session)
+                after = lookups(base)
+                counted = (after["miss"] - before["miss"], after["hit"] - before["hit"])
+                if counted != (args.requests, args.requests):
+                    raise SystemExit(f"{protocol}: the gateway counted {counted} misses and hits")
+                miss_p50, hit_p50 = statistics.median(misses), statistics.median(hits)
+                rows.append((protocol, miss_p50, hit_p50, miss_p50 / hit_p50))
+            grpc_client.close()
+            http_client.close()
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        machine,
+    )  # fmt: skip
+    lines = [
+        f"# Response cache, heavy MLP {' -> '.join(map(str, SIZES))}, batch-1 requests, c=1",
+        "",
+        f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {cpu} ({os.cpu_count()} cores), "
+        f"{args.requests} requests per column, load average {os.getloadavg()[0]:.1f} at the end; "
+        f"command: `python benchmarks/cache.py --requests {args.requests}`.",
+        "",
+        "A hit skips the backend, not the protocol: its time is the request's own path through the "
+        "client and the gateway, so the speed-up is bounded by (that path + the model's compute) / that path.",
+        "",
+        "| protocol | miss p50 ms | hit p50 ms | hit speed-up (goal: at least 5x) |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {p} | {m:.3f} | {h:.3f} | {r:.1f}x ({'met' if r >= 5 else 'NOT met'}) |"
+            for p, m, h, r in rows
+        ),
+    ]
+    emit(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()
