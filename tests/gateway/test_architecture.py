@@ -47,3 +47,17 @@ def test_adapters_import_no_front_door() -> None:
     for path in (ROOT / "adapters").rglob("*.py"):
         leaks = {m for m in _imports(path) if m.startswith("gateway.protocols")}
         assert not leaks, f"{path.relative_to(ROOT)} imports {leaks}: the codec is gateway.codec"
+
+
+def test_front_doors_reach_backends_only_through_the_data_plane() -> None:
+    for path in (ROOT / "gateway" / "protocols").rglob("*.py"):
+        leaks = {m for m in _imports(path) if m == "adapters" or m.startswith("adapters.")}
+        assert not leaks, f"{path.relative_to(ROOT)} imports {leaks}: front doors call gateway.dataplane"
+
+
+def test_the_layers_below_the_front_doors_import_none_of_them() -> None:
+    below = ("dataplane", "routing", "batching", "cache", "rollouts", "registry", "limits", "outcomes")
+    for name in below:
+        path = ROOT / "gateway" / f"{name}.py"
+        leaks = {m for m in _imports(path) if m.startswith("gateway.protocols")}
+        assert not leaks, f"{path.relative_to(ROOT)} imports {leaks}: data flows one way"
