@@ -162,7 +162,14 @@ class Gateway:
         # The unary services register through the guard, which maps errors and checks access.
         guarded = ErrorInterceptor(self.authorizer).guarding(server)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane, self.contexts, self.limits), guarded
+            InferenceServicer(
+                self.dataplane,
+                self.contexts,
+                self.limits,
+                authorizer=self.authorizer,
+                stream_concurrency=self.settings.grpc_stream_max_inflight,
+            ),
+            guarded,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded)
         self._services = [SERVICE_NAME, *self._add_tfserving_services(guarded)]

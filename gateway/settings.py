@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     grpc_handshake_timeout_s: float = Field(default=10, gt=0)
     grpc_max_connection_idle_s: float = Field(default=300, gt=0)
     grpc_max_concurrent_streams: int = Field(default=128, ge=1)
+    # Requests of one ModelStreamInfer stream that run at once (answers not yet sent included);
+    # past it the stream reads no further request until an answer is sent.
+    grpc_stream_max_inflight: int = Field(default=64, ge=1)
 
     # Auth (off unless keys are given): API keys or bearer tokens, each scoped to models and actions.
     # A YAML or JSON file of keys, or the same list as JSON in MODELYARD_API_KEYS (see README, "Auth").

@@ -8,7 +8,7 @@ which wraps each method's handler as the services register.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -39,6 +39,7 @@ from gateway.errors import (
 )
 from gateway.protocols.triton import load_parameters
 from gateway.protocols.triton import model_config as triton_model_config
+from gateway.protocols.v2_stream_grpc import DEFAULT_STREAM_CONCURRENCY, StreamInfer
 from gateway.types import (
     Datatype,
     Duration,
@@ -197,11 +198,26 @@ class _GuardedGeneric(grpc.GenericRpcHandler):  # type: ignore[misc]
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     def __init__(
-        self, dataplane: DataPlane, contexts: ContextBuilder, limits: InputLimits = DEFAULT_LIMITS
+        self,
+        dataplane: DataPlane,
+        contexts: ContextBuilder,
+        limits: InputLimits = DEFAULT_LIMITS,
+        *,
+        authorizer: Authorizer | None = None,
+        stream_concurrency: int = DEFAULT_STREAM_CONCURRENCY,
     ) -> None:
         self.dataplane = dataplane
         self.contexts = contexts
         self.limits = limits
+        # The guard wraps unary methods only: the stream checks access itself, request by request.
+        self._stream = StreamInfer(
+            dataplane,
+            contexts,
+            lambda request: decode_infer_request(request, limits),
+            encode_infer_response,
+            authorizer=authorizer,
+            concurrency=stream_concurrency,
+        )
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return service_pb2.ServerLiveResponse(live=self.dataplane.live())
@@ -264,6 +280,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             (("model-version", response.model_version), (REQUEST_ID_HEADER, request_context.request_id))
         )
         return encode_infer_response(response)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        # An async generator method, as grpc.aio needs to see one, over the stream handler.
+        async for answer in self._stream(request_iterator, context):
+            yield answer
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         entries = await self.dataplane.repository_index(request.ready, visible=request_access.get().sees)
