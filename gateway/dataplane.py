@@ -33,6 +33,7 @@ from gateway.outcomes import Outcomes, Served
 from gateway.registry import Registry
 from gateway.rollouts import SHADOW_PROTOCOL, Rollouts
 from gateway.routing import Route, Router
+from gateway.timing import RequestTiming, current_timing
 from gateway.types import (
     IndexEntry,
     InferRequest,
@@ -221,6 +222,8 @@ class DataPlane:
         stats = loaded.stats
         arrived = time.perf_counter_ns()
         deadline = _deadline(context, model.entry.config.limits.timeout_ms)
+        timing = RequestTiming(series=series)
+        current_timing.set(timing)
         # Counted before the first await: a reload closes this version, and the memory budget
         # unloads it, only once it is back to zero.
         loaded.inflight += 1
@@ -228,7 +231,9 @@ class DataPlane:
         try:
             if not loaded.ready:
                 self.metrics.load_waits.labels(model.name).inc()
+                loading = time.perf_counter_ns()
                 await self.registry.make_resident(model, loaded, deadline)
+                timing.load_ns = time.perf_counter_ns() - loading
             if not await _backend_ready(loaded):
                 raise ModelNotReady(f"{route.label}: its {loaded.backend} backend is not ready")
             # A front door that decodes against the signature does it here, against this version's.
@@ -241,6 +246,8 @@ class DataPlane:
             loaded.inflight -= 1
             loaded.last_used = time.monotonic()
         self._observe(stats, series, arrived, ok=True)
+        timing.observe("load", "queue", "batch", "backend")
+        response.timing = timing
         return response
 
     @staticmethod
@@ -271,6 +278,10 @@ class DataPlane:
 
         slots = (model.limiter,) if self._global_limiter is None else (model.limiter, self._global_limiter)
         await acquire_all(slots, deadline, context.priority)
+        timing = current_timing.get()
+        if timing is not None:
+            # Only this call's batch wait counts (a warmup run at an on-demand load sets one too).
+            timing.batch_ns = None
         computing = time.perf_counter_ns()
         stats.queue.add(computing - queued)
         series.queue.observe((computing - queued) / 1e9)
@@ -291,6 +302,10 @@ class DataPlane:
             release_all(slots)
             results = task.result()
         compute_ns = time.perf_counter_ns() - computing
+        if timing is not None:
+            timing.queue_ns = computing - queued
+            # A batched request's wait for its batch is the batching wrapper's to measure.
+            timing.backend_ns = compute_ns - (timing.batch_ns or 0)
         stats.compute_infer.add(compute_ns)
         series.compute.observe(compute_ns / 1e9)
         stats.inference_count += _batch_size(tensors)

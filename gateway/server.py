@@ -168,6 +168,7 @@ class Gateway:
                 self.limits,
                 authorizer=self.authorizer,
                 stream_concurrency=self.settings.grpc_stream_max_inflight,
+                server_timing=self.settings.grpc_server_timing,
             ),
             guarded,
         )

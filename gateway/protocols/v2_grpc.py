@@ -8,6 +8,7 @@ which wraps each method's handler as the services register.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ from gateway.errors import (
 from gateway.protocols.triton import load_parameters
 from gateway.protocols.triton import model_config as triton_model_config
 from gateway.protocols.v2_stream_grpc import DEFAULT_STREAM_CONCURRENCY, StreamInfer
+from gateway.timing import SERVER_TIMING
 from gateway.types import (
     Datatype,
     Duration,
@@ -56,6 +58,9 @@ log = logging.getLogger("modelyard.grpc")
 
 SERVICE_NAME: str = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _UNSUPPORTED_PARAMETERS = ("shared_memory_region", "classification")
+# A call whose metadata has this key set to one of _YES gets Server-Timing in its trailing metadata.
+TIMING_REQUEST = "x-server-timing"
+_YES = frozenset({"1", "true", "yes", "on"})
 
 
 # The action each unary method needs (gateway.auth), by method name; any other is "metadata".
@@ -205,10 +210,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         *,
         authorizer: Authorizer | None = None,
         stream_concurrency: int = DEFAULT_STREAM_CONCURRENCY,
+        server_timing: bool = False,
     ) -> None:
         self.dataplane = dataplane
         self.contexts = contexts
         self.limits = limits
+        # Server-Timing in every ModelInfer's trailing metadata; else only where a call asks for it.
+        self.server_timing = server_timing
         # The guard wraps unary methods only: the stream checks access itself, request by request.
         self._stream = StreamInfer(
             dataplane,
@@ -260,6 +268,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         return service_pb2.ModelStatisticsResponse(model_stats=[_statistics(row) for row in rows])
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter_ns()
         metadata = ContextBuilder.grpc_metadata(context.invocation_metadata())
         try:
             infer_request = decode_infer_request(request, self.limits)
@@ -273,13 +282,23 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         except GatewayError as exc:
             exc.request_id = request_id(metadata.get(REQUEST_ID_HEADER), request.id)
             raise
+        decoded = time.perf_counter_ns()
         response = await self.dataplane.infer(infer_request, request_context)
+        encoding = time.perf_counter_ns()
+        message = encode_infer_response(response)
         # The response's `id` echoes the client's v2 id, as the protocol says; the request id
         # (the client's, or a generated one) travels in trailing metadata.
-        context.set_trailing_metadata(
-            (("model-version", response.model_version), (REQUEST_ID_HEADER, request_context.request_id))
-        )
-        return encode_infer_response(response)
+        trailers = [
+            ("model-version", response.model_version),
+            (REQUEST_ID_HEADER, request_context.request_id),
+        ]
+        timing = response.timing
+        if timing is not None:
+            timing.transport(started, decoded, encoding, time.perf_counter_ns())
+            if self.server_timing or metadata.get(TIMING_REQUEST, "").lower() in _YES:
+                trailers.append((SERVER_TIMING, timing.header()))
+        context.set_trailing_metadata(tuple(trailers))
+        return message
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext

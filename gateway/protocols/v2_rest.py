@@ -5,6 +5,7 @@ This module only translates between HTTP and the data plane's types.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -34,6 +35,7 @@ from gateway.protocols.openapi import V2_REPOSITORY_INDEX_REQUEST, V2_REPOSITORY
 from gateway.protocols.triton import load_parameters
 from gateway.protocols.triton import model_config as triton_model_config
 from gateway.protocols.v2_json import decompress, is_placeholder, json_object, split_data_arrays
+from gateway.timing import SERVER_TIMING
 from gateway.types import (
     Duration,
     InferRequest,
@@ -183,7 +185,9 @@ async def infer(
     model_version: str | None,
     limits: InputLimits = DEFAULT_LIMITS,
 ) -> Response:
-    """POST /v2/models/{name}[/versions/{version}]/infer: decode, run, encode."""
+    """POST /v2/models/{name}[/versions/{version}]/infer: decode, run, encode; the answer says
+    where its time went in a Server-Timing header."""
+    started = time.perf_counter_ns()
     try:
         header_length = headers.get(HEADER_LENGTH)
         body = decompress(body, headers.get("content-encoding"), limits, binary=header_length is not None)
@@ -192,8 +196,15 @@ async def infer(
     except GatewayError as exc:
         exc.request_id = request_id(headers.get(REQUEST_ID_HEADER))
         raise
+    decoded = time.perf_counter_ns()
     response = await dataplane.infer(infer_request, context)
-    return encode_infer_response(response, infer_request, context.request_id)
+    encoding = time.perf_counter_ns()
+    answer = encode_infer_response(response, infer_request, context.request_id)
+    timing = response.timing
+    if timing is not None:
+        timing.transport(started, decoded, encoding, time.perf_counter_ns())
+        answer.headers[SERVER_TIMING] = timing.header()
+    return answer
 
 
 def _tensor_metadata(spec: Any) -> dict[str, Any]:
