@@ -1,15 +1,14 @@
 """Open Inference Protocol v2 over gRPC: service `inference.GRPCInferenceService`.
 
 Uses the generated code that tritonclient ships. Protobuf stops here: requests become the data
-plane's types, and its answers become protobuf again. Errors are mapped by `ErrorInterceptor`,
-which wraps each method's handler as the services register.
+plane's types, and its answers become protobuf again. Errors are mapped by `ErrorInterceptor`
+(gateway/protocols/grpc_guard.py), which wraps each method's handler as the services register.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -29,15 +28,8 @@ from gateway.codec import (
 )
 from gateway.context import REQUEST_ID_HEADER, ContextBuilder, deadline_after, request_id
 from gateway.dataplane import DataPlane
-from gateway.errors import (
-    GatewayError,
-    InvalidInput,
-    MalformedRequest,
-    Unsupported,
-    public_message,
-    retry_after,
-    status_for,
-)
+from gateway.errors import GatewayError, InvalidInput, MalformedRequest, Unsupported
+from gateway.protocols.grpc_guard import ErrorInterceptor, GuardedServer, method_action, model_of
 from gateway.protocols.triton import load_parameters
 from gateway.protocols.triton import model_config as triton_model_config
 from gateway.protocols.v2_stream_grpc import DEFAULT_STREAM_CONCURRENCY, StreamInfer
@@ -54,151 +46,20 @@ from gateway.types import (
     quoted,
 )
 
-log = logging.getLogger("modelyard.grpc")
+__all__ = [
+    "SERVICE_NAME",
+    "ErrorInterceptor",
+    "GuardedServer",
+    "InferenceServicer",
+    "method_action",
+    "model_of",
+]
 
 SERVICE_NAME: str = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _UNSUPPORTED_PARAMETERS = ("shared_memory_region", "classification")
 # A call whose metadata has this key set to one of _YES gets Server-Timing in its trailing metadata.
 TIMING_REQUEST = "x-server-timing"
 _YES = frozenset({"1", "true", "yes", "on"})
-
-
-# The action each unary method needs (gateway.auth), by method name; any other is "metadata".
-_METHOD_ACTIONS = {
-    "ModelInfer": "infer",
-    "Predict": "infer",
-    "Classify": "infer",
-    "Regress": "infer",
-    "MultiInference": "infer",
-    "RepositoryModelLoad": "repository",
-    "RepositoryModelUnload": "repository",
-    "HandleReloadConfigRequest": "repository",
-    "ServerLive": "health",
-    "ServerReady": "health",
-    "Check": "health",
-}
-
-
-def method_action(method: str) -> str:
-    """The action a gRPC method (`/package.Service/Method`) needs."""
-    return _METHOD_ACTIONS.get(method.rpartition("/")[2], "metadata")
-
-
-def model_of(request: Any) -> str | None:
-    """The model a request names: `model_name`, `name` (v2) or `model_spec.name` (TF Serving)."""
-    for field in ("model_name", "name"):
-        if hasattr(request, field):
-            return str(getattr(request, field)) or None
-    if hasattr(request, "model_spec"):
-        return str(request.model_spec.name) or None
-    return None
-
-
-def _credentials(context: grpc.aio.ServicerContext) -> str | bytes | None:
-    for key, value in context.invocation_metadata() or ():
-        if key in ("authorization", "x-api-key"):
-            return value  # type: ignore[no-any-return]
-    return None
-
-
-class ErrorInterceptor:
-    """The gRPC side of the error table: every unary method's GatewayError becomes its status code.
-
-    With an enabled `Authorizer`, it is also gRPC's one access check: each unary call is checked
-    from its metadata, its method's action and its model, before the servicer runs.
-
-    It wraps each unary method's handler once, as the services register through `guarding(server)`,
-    rather than as a grpc.aio ServerInterceptor: an interceptor runs on every call to find the
-    handler and builds a new one each time, which costs each request more than the wrapper does.
-    """
-
-    def __init__(self, authorizer: Authorizer | None = None) -> None:
-        self._authorizer = authorizer if authorizer is not None and authorizer.enabled else None
-
-    def guarding(self, server: grpc.aio.Server) -> GuardedServer:
-        """`server`, to register services on: their unary handlers arrive wrapped."""
-        return GuardedServer(server, self)
-
-    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """The handler of `method` (`/package.Service/Method`), its unary-unary call guarded."""
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-        authorizer = self._authorizer
-        action = method_action(method)
-
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                if authorizer is not None:
-                    request_access.set(authorizer.check(_credentials(context), action, model_of(request)))
-                return await inner(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except GatewayError as exc:
-                _, code = status_for(exc)
-                trailers = []
-                wait = retry_after(exc)
-                if wait is not None:
-                    trailers.append(("retry-after", str(wait)))
-                if exc.request_id is not None:
-                    trailers.append((REQUEST_ID_HEADER, exc.request_id))
-                if trailers:
-                    context.set_trailing_metadata(tuple(trailers))
-                await context.abort(code, public_message(exc))
-            except Exception as exc:
-                log.exception("unexpected error in %s", method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
-
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-
-class GuardedServer:
-    """What the generated `add_*Servicer_to_server` functions and gRPC's health and reflection
-    modules register services on: the real server, each unary handler wrapped by the guard first.
-    Anything else (ports, start, stop) is the server's own."""
-
-    def __init__(self, server: grpc.aio.Server, guard: ErrorInterceptor) -> None:
-        self._server = server
-        self._guard = guard
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
-    ) -> None:
-        guard = self._guard
-        wrapped = {name: guard.wrap(f"/{service}/{name}", handler) for name, handler in handlers.items()}
-        self._server.add_registered_method_handlers(service, wrapped)
-
-    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers(tuple(_GuardedGeneric(h, self._guard) for h in handlers))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._server, name)
-
-
-class _GuardedGeneric(grpc.GenericRpcHandler):  # type: ignore[misc]
-    """A generic handler whose answers are guarded, each method's wrapped once and kept.
-
-    gRPC asks generic handlers only for methods no registered handler serves; each of them knows
-    a fixed set of methods, so the cache is bounded by its service."""
-
-    def __init__(self, inner: grpc.GenericRpcHandler, guard: ErrorInterceptor) -> None:
-        self._inner = inner
-        self._guard = guard
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        method = handler_call_details.method
-        found = self._wrapped.get(method)
-        if found is None:
-            handler = self._inner.service(handler_call_details)
-            if handler is None:
-                return None
-            found = self._wrapped[method] = self._guard.wrap(method, handler)
-        return found
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
