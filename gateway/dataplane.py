@@ -49,7 +49,13 @@ from gateway.types import (
 
 log = logging.getLogger("modelyard.dataplane")
 
-EXTENSIONS = ("binary_tensor_data", "model_repository", "statistics", "model_configuration")
+EXTENSIONS = (
+    "binary_tensor_data",
+    "model_repository",
+    "statistics",
+    "model_configuration",
+    "system_shared_memory",
+)
 
 
 class DataPlane:

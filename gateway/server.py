@@ -26,6 +26,7 @@ from gateway.limits import BodyBudget, Limiter
 from gateway.metrics import Metrics
 from gateway.protocols.connections import ConnectionGuard, ConnectionLimits
 from gateway.protocols.http import create_app
+from gateway.protocols.shared_memory import SharedMemoryRegions
 from gateway.protocols.v2_grpc import SERVICE_NAME, ErrorInterceptor, GuardedServer, InferenceServicer
 from gateway.registry import AdapterFactory, Registry
 from gateway.residency import Residency
@@ -89,6 +90,8 @@ class Gateway:
             self.authorizer = Authorizer.from_settings(settings)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
+        # The system shared-memory regions clients register, one namespace for REST and gRPC.
+        self.shared_memory = SharedMemoryRegions(settings.allow_client_shm)
         self.app = create_app(
             self.dataplane,
             self.metrics,
@@ -97,6 +100,7 @@ class Gateway:
             self.limits,
             self.authorizer,
             self.body_budget,
+            regions=self.shared_memory,
         )
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
@@ -169,6 +173,7 @@ class Gateway:
                 authorizer=self.authorizer,
                 stream_concurrency=self.settings.grpc_stream_max_inflight,
                 server_timing=self.settings.grpc_server_timing,
+                regions=self.shared_memory,
             ),
             guarded,
         )
@@ -278,6 +283,7 @@ class Gateway:
             with contextlib.suppress(asyncio.TimeoutError, SystemExit):
                 await asyncio.wait_for(self._http_task, SEND_GRACE_S + 1)
         await self.registry.aclose()
+        self.shared_memory.close()
         log.info("modelyard stopped")
 
 

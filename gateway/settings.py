@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     auth_open_health: bool = True
     auth_open_metrics: bool = True
 
+    # Triton's system shared-memory extension: clients may register /dev/shm objects as regions
+    # that inputs are read from and outputs written to. Off, as Triton's --allow-client-shm: a
+    # client that may register can have the gateway read and write any shared memory of its user.
+    allow_client_shm: bool = False
+
     # TLS for both HTTP and gRPC, from PEM files: both or neither.
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None

@@ -27,6 +27,13 @@ _METHOD_ACTIONS = {
     "RepositoryModelLoad": "repository",
     "RepositoryModelUnload": "repository",
     "HandleReloadConfigRequest": "repository",
+    # Shared memory regions are what infer calls read and write.
+    "SystemSharedMemoryRegister": "infer",
+    "SystemSharedMemoryUnregister": "infer",
+    "SystemSharedMemoryStatus": "infer",
+    "CudaSharedMemoryRegister": "infer",
+    "CudaSharedMemoryUnregister": "infer",
+    "CudaSharedMemoryStatus": "infer",
     "ServerLive": "health",
     "ServerReady": "health",
     "Check": "health",

@@ -30,8 +30,10 @@ from gateway.context import REQUEST_ID_HEADER, ContextBuilder, deadline_after, r
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidInput, MalformedRequest, Unsupported
 from gateway.protocols.grpc_guard import ErrorInterceptor, GuardedServer, method_action, model_of
+from gateway.protocols.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegions
 from gateway.protocols.triton import load_parameters
 from gateway.protocols.triton import model_config as triton_model_config
+from gateway.protocols.v2_shm_grpc import SharedMemoryServicer
 from gateway.protocols.v2_stream_grpc import DEFAULT_STREAM_CONCURRENCY, StreamInfer
 from gateway.timing import SERVER_TIMING
 from gateway.types import (
@@ -56,13 +58,13 @@ __all__ = [
 ]
 
 SERVICE_NAME: str = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-_UNSUPPORTED_PARAMETERS = ("shared_memory_region", "classification")
+_UNSUPPORTED_PARAMETERS = ("classification",)
 # A call whose metadata has this key set to one of _YES gets Server-Timing in its trailing metadata.
 TIMING_REQUEST = "x-server-timing"
 _YES = frozenset({"1", "true", "yes", "on"})
 
 
-class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class InferenceServicer(SharedMemoryServicer, service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     def __init__(
         self,
         dataplane: DataPlane,
@@ -72,18 +74,20 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         authorizer: Authorizer | None = None,
         stream_concurrency: int = DEFAULT_STREAM_CONCURRENCY,
         server_timing: bool = False,
+        regions: SharedMemoryRegions = NO_SHARED_MEMORY,
     ) -> None:
         self.dataplane = dataplane
         self.contexts = contexts
         self.limits = limits
+        self.regions = regions
         # Server-Timing in every ModelInfer's trailing metadata; else only where a call asks for it.
         self.server_timing = server_timing
         # The guard wraps unary methods only: the stream checks access itself, request by request.
         self._stream = StreamInfer(
             dataplane,
             contexts,
-            lambda request: decode_infer_request(request, limits),
-            encode_infer_response,
+            lambda request: decode_infer_request(request, limits, regions),
+            lambda response: encode_infer_response(response, regions),
             authorizer=authorizer,
             concurrency=stream_concurrency,
         )
@@ -132,7 +136,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         started = time.perf_counter_ns()
         metadata = ContextBuilder.grpc_metadata(context.invocation_metadata())
         try:
-            infer_request = decode_infer_request(request, self.limits)
+            infer_request = decode_infer_request(request, self.limits, self.regions)
             request_context = self.contexts.build(
                 "grpc",
                 metadata,
@@ -146,7 +150,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         decoded = time.perf_counter_ns()
         response = await self.dataplane.infer(infer_request, request_context)
         encoding = time.perf_counter_ns()
-        message = encode_infer_response(response)
+        message = encode_infer_response(response, self.regions)
         # The response's `id` echoes the client's v2 id, as the protocol says; the request id
         # (the client's, or a generated one) travels in trailing metadata.
         trailers = [
@@ -232,38 +236,63 @@ def _parameters(owner: str, params: Any) -> dict[str, Any]:
     return result
 
 
-def decode_infer_request(request: Any, limits: InputLimits = DEFAULT_LIMITS) -> InferRequest:
+def decode_infer_request(
+    request: Any, limits: InputLimits = DEFAULT_LIMITS, regions: SharedMemoryRegions = NO_SHARED_MEMORY
+) -> InferRequest:
+    """The request's tensors from raw_input_contents (one entry per input not in shared memory, in
+    order), or from the typed contents, or from their shared memory regions."""
     if not request.inputs:
         raise MalformedRequest("the request needs at least one input")
+    # Most inputs have no parameters: their owner's name for errors is written only where needed.
+    all_parameters = [
+        _parameters(f"input {quoted(t.name)}", t.parameters) if t.parameters else {} for t in request.inputs
+    ]
+    places = [
+        regions.place(f"input {quoted(t.name)}", p) if p else None
+        for t, p in zip(request.inputs, all_parameters, strict=True)
+    ]
+    shared = len(places) - places.count(None)
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    if raw and len(raw) != len(request.inputs) - shared:
+        beside = " not in shared memory" if shared else ""
         raise MalformedRequest(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; give one per input"
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs) - shared} inputs{beside}; "
+            "give one per input"
         )
     inputs = []
+    next_raw = 0
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
         if not name:
             raise MalformedRequest(f"inputs[{index}] needs a name")
         datatype = parse_datatype_field(name, tensor.datatype)
         shape = parse_shape(name, list(tensor.shape), limits)
-        parameters = _parameters(f"input {quoted(name)}", tensor.parameters)
-        if raw:
+        parameters = all_parameters[index]
+        place = places[index]
+        if place is not None:
+            if tensor.HasField("contents"):
+                raise MalformedRequest(f"input {quoted(name)} is in shared memory: send no contents for it")
+            decoded = regions.read(name, datatype, shape, place, limits)
+        elif raw:
             if tensor.HasField("contents"):
                 # As Triton refuses it, in Triton's words: which of the two would the model get?
                 raise InvalidInput(
                     f"contents field must not be specified when using raw_input_contents for {quoted(name)} "
                     f"for model {quoted(request.model_name)}"
                 )
-            decoded = tensor_from_buffer(name, datatype, shape, raw[index], limits)
+            decoded = tensor_from_buffer(name, datatype, shape, raw[next_raw], limits)
+            next_raw += 1
         else:
             decoded = _from_contents(name, datatype, shape, tensor.contents, limits)
         decoded.parameters = parameters
         inputs.append(decoded)
-    outputs = [
-        RequestedOutput(o.name, _parameters(f"output {quoted(o.name)}", o.parameters))
-        for o in request.outputs
-    ]
+    outputs = []
+    for output in request.outputs:
+        owner = f"output {quoted(output.name)}"
+        parameters = _parameters(owner, output.parameters)
+        # A place in shared memory is checked before the model runs, and again when it is written.
+        regions.place(owner, parameters)
+        outputs.append(RequestedOutput(output.name, parameters))
     return InferRequest(
         model_name=request.model_name,
         model_version=request.model_version or None,
@@ -285,11 +314,20 @@ def _from_contents(
     return tensor_from_values(name, datatype, shape, list(getattr(contents, field)), limits)
 
 
-def encode_infer_response(response: InferResponse) -> Any:
+def encode_infer_response(response: InferResponse, regions: SharedMemoryRegions = NO_SHARED_MEMORY) -> Any:
+    """The answer, each output in raw_output_contents or written to its shared memory place; an
+    output in shared memory keeps its (empty) raw entry, so the entries stay one per output."""
     message = service_pb2.ModelInferResponse(
         model_name=response.model_name, model_version=response.model_version, id=response.id or ""
     )
     for tensor in response.outputs:
         message.outputs.add(name=tensor.name, datatype=tensor.datatype.value, shape=tensor.shape)
-        message.raw_output_contents.append(tensor_to_bytes(tensor))
+        place = (
+            regions.place(f"output {quoted(tensor.name)}", tensor.parameters) if tensor.parameters else None
+        )
+        if place is None:
+            message.raw_output_contents.append(tensor_to_bytes(tensor))
+        else:
+            regions.write(tensor, place)
+            message.raw_output_contents.append(b"")
     return message
