@@ -244,7 +244,7 @@ class DataPlane:
                 raise ModelNotReady(f"{route.label}: its {loaded.backend} backend is not ready")
             # A front door that decodes against the signature does it here, against this version's.
             tensors = request.inputs if request.decode is None else request.decode(route.signature)
-            response = await self._compute(route, request, tensors, context, stats, series, deadline)
+            response = await self._compute(route, request, tensors, context, timing, deadline)
         except GatewayError:
             self._observe(stats, series, arrived, ok=False)
             raise
@@ -269,11 +269,12 @@ class DataPlane:
         request: InferRequest,
         tensors: list[Tensor],
         context: RequestContext,
-        stats: VersionStats,
-        series: RequestSeries,
+        timing: RequestTiming,
         deadline: float | None,
     ) -> InferResponse:
         model, loaded = route.model, route.loaded
+        stats, series = loaded.stats, timing.series
+        assert series is not None
         adapter = loaded.adapter
         assert adapter is not None
         checked = time.perf_counter_ns()
@@ -284,10 +285,7 @@ class DataPlane:
 
         slots = (model.limiter,) if self._global_limiter is None else (model.limiter, self._global_limiter)
         await acquire_all(slots, deadline, context.priority)
-        timing = current_timing.get()
-        if timing is not None:
-            # Only this call's batch wait counts (a warmup run at an on-demand load sets one too).
-            timing.batch_ns = None
+        timing.batch_ns = None  # only this call's batch wait (a warmup at an on-demand load sets one)
         computing = time.perf_counter_ns()
         stats.queue.add(computing - queued)
         series.queue.observe((computing - queued) / 1e9)
@@ -308,10 +306,8 @@ class DataPlane:
             release_all(slots)
             results = task.result()
         compute_ns = time.perf_counter_ns() - computing
-        if timing is not None:
-            timing.queue_ns = computing - queued
-            # A batched request's wait for its batch is the batching wrapper's to measure.
-            timing.backend_ns = compute_ns - (timing.batch_ns or 0)
+        # A batched request's wait for its batch is the batching wrapper's to measure.
+        timing.queue_ns, timing.backend_ns = computing - queued, compute_ns - (timing.batch_ns or 0)
         stats.compute_infer.add(compute_ns)
         series.compute.observe(compute_ns / 1e9)
         stats.inference_count += _batch_size(tensors)

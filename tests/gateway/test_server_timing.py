@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from scripts.build_models import _save, build_affine, build_mlp
 from tests.support import RunningGateway, start_gateway
+from tests.support.model_builders import MLP_BATCHED
 
 PHASE = re.compile(r"^(?P<name>[a-z]+);dur=(?P<ms>\d+\.\d{3})$")
 
@@ -57,31 +59,44 @@ def check_phases(found: dict[str, float], expected: set[str]) -> None:
     assert found["total"] >= sum(ms for name, ms in found.items() if name != "total") - 0.003 * len(found)
 
 
-def test_a_rest_answer_says_where_its_time_went(gateway: RunningGateway) -> None:
-    response = rest_infer(gateway.url, "affine", "x", 2, 4)
+@pytest.fixture(scope="module")
+def timing_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    """affine, and mlp_batched (which waits up to 2 ms for company), on a gateway of their own so
+    other tests' counts of them stay their own."""
+    repo = tmp_path_factory.mktemp("timing_repo")
+    _save(build_affine(1), repo / "affine" / "1" / "model.onnx")
+    _save(build_mlp(), repo / "mlp_batched" / "1" / "model.onnx")
+    (repo / "mlp_batched" / "config.yaml").write_text(MLP_BATCHED)
+    running = start_gateway(repo, tmp_path_factory.mktemp("timing") / "gateway.log")
+    yield running
+    assert running.stop() == 0
+
+
+def test_a_rest_answer_says_where_its_time_went(timing_gateway: RunningGateway) -> None:
+    response = rest_infer(timing_gateway.url, "affine", "x", 2, 4)
     check_phases(phases(response.headers["Server-Timing"]), {"decode", "queue", "backend", "encode"})
 
 
-def test_a_batched_request_has_its_batch_wait(gateway: RunningGateway) -> None:
+def test_a_batched_request_has_its_batch_wait(timing_gateway: RunningGateway) -> None:
     """mlp_batched waits up to 2 ms for company: its answers have a batch phase, others none."""
-    response = rest_infer(gateway.url, "mlp_batched", "input", 1, 64)
+    response = rest_infer(timing_gateway.url, "mlp_batched", "input", 1, 64)
     found = phases(response.headers["Server-Timing"])
     check_phases(found, {"decode", "queue", "batch", "backend", "encode"})
 
 
-def test_an_error_has_no_timing(gateway: RunningGateway) -> None:
+def test_an_error_has_no_timing(timing_gateway: RunningGateway) -> None:
     response = httpx.post(
-        f"{gateway.url}/v2/models/affine/infer",
+        f"{timing_gateway.url}/v2/models/affine/infer",
         json={"inputs": [{"name": "nope", "datatype": "FP32", "shape": [1, 4], "data": [0, 0, 0, 0]}]},
     )
     assert response.status_code == 400
     assert "server-timing" not in response.headers
 
 
-def test_grpc_sends_timing_only_when_the_call_asks(gateway: RunningGateway) -> None:
-    plain = grpc_infer(gateway.grpc, "affine", "x", 2, 4, ask=False)
+def test_grpc_sends_timing_only_when_the_call_asks(timing_gateway: RunningGateway) -> None:
+    plain = grpc_infer(timing_gateway.grpc, "affine", "x", 2, 4, ask=False)
     assert "server-timing" not in plain and "x-request-id" in plain
-    asked = grpc_infer(gateway.grpc, "affine", "x", 2, 4, ask=True)
+    asked = grpc_infer(timing_gateway.grpc, "affine", "x", 2, 4, ask=True)
     check_phases(phases(asked["server-timing"]), {"decode", "queue", "backend", "encode"})
 
 
@@ -98,16 +113,17 @@ def _phase_count(text: str, model: str, protocol: str, phase: str) -> float:
 
 
 @pytest.mark.parametrize("protocol", ["rest", "grpc"])
-def test_the_phases_are_histograms_in_metrics(
-    gateway: RunningGateway, http: httpx.Client, protocol: str
-) -> None:
-    before = http.get("/metrics").text
+def test_the_phases_are_histograms_in_metrics(timing_gateway: RunningGateway, protocol: str) -> None:
+    def metrics() -> str:
+        return httpx.get(f"{timing_gateway.url}/metrics", timeout=30).text
+
+    before = metrics()
     for _ in range(3):
         if protocol == "rest":
-            rest_infer(gateway.url, "mlp_batched", "input", 1, 64)
+            rest_infer(timing_gateway.url, "mlp_batched", "input", 1, 64)
         else:
-            grpc_infer(gateway.grpc, "mlp_batched", "input", 1, 64, ask=False)
-    after = http.get("/metrics").text
+            grpc_infer(timing_gateway.grpc, "mlp_batched", "input", 1, 64, ask=False)
+    after = metrics()
     for phase in ("decode", "queue", "batch", "backend", "encode"):
         assert (
             _phase_count(after, "mlp_batched", protocol, phase)
