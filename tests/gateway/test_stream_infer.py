@@ -128,3 +128,36 @@ def test_the_stream_counts_in_the_request_metrics(stream: Stream, http: httpx.Cl
         stream.send("mlp", "input", data, "FP32", f"m-{index}")
     assert all(error is None for _, error in stream.receive(3))
     assert counted() == before + 3
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A gateway whose streams run one request at a time (MODELYARD_GRPC_STREAM_MAX_INFLIGHT=1)."""
+    from scripts.build_models import _save, build_affine
+    from tests.support import start_gateway
+    from tests.support.model_builders import build_spin
+
+    repo = tmp_path_factory.mktemp("stream_bound")
+    _save(build_spin(), repo / "spin" / "1" / "model.onnx")
+    _save(build_affine(1), repo / "affine" / "1" / "model.onnx")
+    running = start_gateway(
+        repo,
+        tmp_path_factory.mktemp("stream_bound_log") / "gateway.log",
+        env={"MODELYARD_GRPC_STREAM_MAX_INFLIGHT": "1"},
+    )
+    yield running
+    assert running.stop() == 0
+
+
+def test_a_stream_runs_no_more_requests_at_once_than_its_bound(one_at_a_time: RunningGateway) -> None:
+    """With a bound of one, a quick request sent behind a long one is answered after it: the
+    stream does not read it before the long one's answer is sent."""
+    client = triton_grpc.InferenceServerClient(one_at_a_time.grpc)
+    stream = Stream(client)
+    try:
+        stream.send("spin", "n", np.array([1500], dtype=np.int64), "INT64", "long")
+        stream.send("affine", "x", np.ones((1, 4), dtype=np.float32), "FP32", "quick")
+        assert [_request_id(answer) for answer in stream.receive(2)] == ["long", "quick"]
+    finally:
+        client.stop_stream()
+        client.close()
