@@ -84,6 +84,16 @@ def test_a_batched_request_has_its_batch_wait(timing_gateway: RunningGateway) ->
     check_phases(found, {"decode", "queue", "batch", "backend", "encode"})
 
 
+def test_a_tf_serving_rest_answer_has_the_same_timing(timing_gateway: RunningGateway) -> None:
+    response = httpx.post(
+        f"{timing_gateway.url}/v1/models/affine:predict",
+        json={"instances": [[1.0, 2.0, 3.0, 4.0]]},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    check_phases(phases(response.headers["Server-Timing"]), {"decode", "queue", "backend", "encode"})
+
+
 def test_an_error_has_no_timing(timing_gateway: RunningGateway) -> None:
     response = httpx.post(
         f"{timing_gateway.url}/v2/models/affine/infer",
