@@ -218,7 +218,9 @@ class Gateway:
         except ImportError as exc:
             log.info("TF Serving gRPC API not served: %s (pip install 'modelyard[tensorflow]')", exc)
             return []
-        return tfserving_grpc.add_to_server(self.dataplane, self.contexts, server, self.limits)
+        return tfserving_grpc.add_to_server(
+            self.dataplane, self.contexts, server, self.limits, self.settings.grpc_server_timing
+        )
 
     async def _start_http(self) -> None:
         config = uvicorn.Config(

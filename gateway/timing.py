@@ -13,6 +13,7 @@ The phases, each measured where it happens:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,6 +24,15 @@ if TYPE_CHECKING:
 # The phases as the histogram's `phase` label and Server-Timing's metric names, in request order.
 PHASES = ("decode", "load", "queue", "batch", "backend", "encode")
 SERVER_TIMING = "server-timing"
+# A gRPC call whose metadata has this key set to one of _YES gets Server-Timing in its trailing
+# metadata (REST answers always carry the header: a header costs a REST answer next to nothing).
+TIMING_REQUEST = "x-server-timing"
+_YES = frozenset({"1", "true", "yes", "on"})
+
+
+def timing_asked(metadata: Mapping[str, str], always: bool) -> bool:
+    """Whether a gRPC answer carries its Server-Timing: always, or where its call asks."""
+    return always or metadata.get(TIMING_REQUEST, "").lower() in _YES
 
 
 @dataclass(slots=True)

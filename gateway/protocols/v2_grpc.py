@@ -35,7 +35,7 @@ from gateway.protocols.triton import load_parameters
 from gateway.protocols.triton import model_config as triton_model_config
 from gateway.protocols.v2_shm_grpc import SharedMemoryServicer
 from gateway.protocols.v2_stream_grpc import DEFAULT_STREAM_CONCURRENCY, StreamInfer
-from gateway.timing import SERVER_TIMING
+from gateway.timing import SERVER_TIMING, timing_asked
 from gateway.types import (
     Datatype,
     Duration,
@@ -59,9 +59,6 @@ __all__ = [
 
 SERVICE_NAME: str = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _UNSUPPORTED_PARAMETERS = ("classification",)
-# A call whose metadata has this key set to one of _YES gets Server-Timing in its trailing metadata.
-TIMING_REQUEST = "x-server-timing"
-_YES = frozenset({"1", "true", "yes", "on"})
 
 
 class InferenceServicer(SharedMemoryServicer, service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -160,7 +157,7 @@ class InferenceServicer(SharedMemoryServicer, service_pb2_grpc.GRPCInferenceServ
         timing = response.timing
         if timing is not None:
             timing.transport(started, decoded, encoding, time.perf_counter_ns())
-            if self.server_timing or metadata.get(TIMING_REQUEST, "").lower() in _YES:
+            if timing_asked(metadata, self.server_timing):
                 trailers.append((SERVER_TIMING, timing.header()))
         context.set_trailing_metadata(tuple(trailers))
         return message

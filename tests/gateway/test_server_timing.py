@@ -14,7 +14,7 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from scripts.build_models import _save, build_affine, build_mlp
-from tests.support import RunningGateway, start_gateway
+from tests.support import RunningGateway, float_tensor_proto, start_gateway
 from tests.support.model_builders import MLP_BATCHED
 
 PHASE = re.compile(r"^(?P<name>[a-z]+);dur=(?P<ms>\d+\.\d{3})$")
@@ -171,3 +171,29 @@ def test_a_request_that_waited_for_its_load_says_so(on_demand_gateway: RunningGa
     first, second = timing(), timing()
     check_phases(first, {"decode", "load", "queue", "backend", "encode"})
     check_phases(second, {"decode", "queue", "backend", "encode"})
+
+
+def tf_predict(address: str, model: str, name: str, width: int, ask: bool) -> dict[str, str]:
+    """One TF Serving Predict through the official stubs; its trailing metadata."""
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    request.inputs[name].CopyFrom(float_tensor_proto([1, width], [0.5] * width))
+    metadata = (("x-server-timing", "true"),) if ask else ()
+    with grpc.insecure_channel(address) as channel:
+        _, call = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict.with_call(
+            request, metadata=metadata, timeout=60
+        )
+    return dict(call.trailing_metadata() or ())
+
+
+def test_tf_serving_grpc_sends_timing_only_when_the_call_asks(timing_gateway: RunningGateway) -> None:
+    assert "server-timing" not in tf_predict(timing_gateway.grpc, "affine", "x", 4, ask=False)
+    asked = tf_predict(timing_gateway.grpc, "affine", "x", 4, ask=True)
+    check_phases(phases(asked["server-timing"]), {"decode", "queue", "backend", "encode"})
+
+
+def test_the_setting_sends_timing_on_every_grpc_answer(on_demand_gateway: RunningGateway) -> None:
+    found = tf_predict(on_demand_gateway.grpc, "identity_fp32", "INPUT", 3, ask=False)
+    assert "backend;dur=" in found["server-timing"]
