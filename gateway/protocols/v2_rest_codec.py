@@ -239,7 +239,9 @@ def encode_infer_response(
             "datatype": tensor.datatype.value,
             "shape": list(tensor.shape),
         }
-        place = regions.place(f"output {quoted(tensor.name)}", tensor.parameters)
+        place = (
+            regions.place(f"output {quoted(tensor.name)}", tensor.parameters) if tensor.parameters else None
+        )
         if place is not None:
             written = regions.write(tensor, place)
             entry["parameters"] = {REGION: place.region, BYTE_SIZE: written}

@@ -23,7 +23,7 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from gateway.auth import Authorizer, request_access
-from gateway.context import ContextBuilder, deadline_after
+from gateway.context import REQUEST_ID_HEADER, ContextBuilder, deadline_after
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, public_message
 from gateway.types import InferRequest, InferResponse
@@ -66,6 +66,8 @@ class StreamInfer:
     ) -> AsyncIterator[Any]:
         metadata = ContextBuilder.grpc_metadata(context.invocation_metadata())
         credentials = metadata.get("authorization") or metadata.get("x-api-key")
+        # The stream's X-Request-ID would name every request on it: each goes by its own v2 id.
+        metadata.pop(REQUEST_ID_HEADER, None)
         slots = asyncio.Semaphore(self.concurrency)
         answers: asyncio.Queue[Any] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()

@@ -23,10 +23,12 @@ Answer = tuple[Any, InferenceServerException | None]
 class Stream:
     """One client stream; its callback's answers in arrival order."""
 
-    def __init__(self, client: triton_grpc.InferenceServerClient) -> None:
+    def __init__(
+        self, client: triton_grpc.InferenceServerClient, headers: dict[str, str] | None = None
+    ) -> None:
         self.client = client
         self.answers: queue.Queue[Answer] = queue.Queue()
-        client.start_stream(callback=lambda result, error: self.answers.put((result, error)))
+        client.start_stream(callback=lambda result, error: self.answers.put((result, error)), headers=headers)
 
     def send(self, model: str, name: str, data: np.ndarray[Any, Any], datatype: str, request_id: str) -> None:
         tensor = triton_grpc.InferInput(name, list(data.shape), datatype)
@@ -111,6 +113,22 @@ def test_requests_on_one_stream_run_concurrently(
     assert first[0] is None and first[1] is not None
     assert "limit" in first[1].message()
     assert _request_id(second) == "long"
+
+
+def test_each_streamed_request_goes_by_its_own_id(gateway: RunningGateway) -> None:
+    """The stream's X-Request-ID would name all its requests: the log names each by its own id."""
+    client = triton_grpc.InferenceServerClient(gateway.grpc)
+    stream = Stream(client, headers={"x-request-id": "the-stream-header"})
+    try:
+        stream.send("spin_deadline", "n", np.array([3000], dtype=np.int64), "INT64", "streamed-own-id")
+        ((result, error),) = stream.receive(1)
+        assert result is None and error is not None and "deadline" in error.message()
+    finally:
+        client.stop_stream()
+        client.close()
+    output = gateway.output()
+    assert "request_id=streamed-own-id" in output
+    assert "request_id=the-stream-header" not in output
 
 
 def test_the_stream_counts_in_the_request_metrics(stream: Stream, http: httpx.Client) -> None:
