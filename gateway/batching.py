@@ -24,6 +24,7 @@ from adapters.base import ModelAdapter
 from gateway.breaker import EndpointGuard
 from gateway.config import Batching
 from gateway.errors import DeadlineExceeded, GatewayError
+from gateway.timing import current_timing
 from gateway.types import ModelSignature
 
 log = logging.getLogger("modelyard.batching")
@@ -41,6 +42,9 @@ class _Pending:
     key: tuple[Any, ...]
     deadline: float | None
     enqueued: float = field(default_factory=time.monotonic)
+    enqueued_ns: int = field(default_factory=time.perf_counter_ns)
+    # When its batch began to run (perf_counter_ns); 0 until then.
+    started_ns: int = 0
     future: asyncio.Future[Arrays] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -107,7 +111,11 @@ class BatchingAdapter(ModelAdapter):
         pending = _Pending(inputs, tuple(output_names), rows, key, deadline)
         self._queue.append(pending)
         self._arrived.set()
-        return await asyncio.shield(pending.future)
+        result = await asyncio.shield(pending.future)
+        timing = current_timing.get()
+        if timing is not None and pending.started_ns:
+            timing.batch_ns = pending.started_ns - pending.enqueued_ns
+        return result
 
     async def _run_forever(self) -> None:
         delay = self.options.max_queue_delay_us / 1e6
@@ -166,6 +174,9 @@ class BatchingAdapter(ModelAdapter):
         return live
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter_ns()
+        for pending in batch:
+            pending.started_ns = started
         try:
             if self._observe is not None:
                 self._observe(sum(p.rows for p in batch), time.monotonic() - batch[0].enqueued)

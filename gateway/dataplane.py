@@ -34,6 +34,7 @@ from gateway.outcomes import Outcomes, Served
 from gateway.registry import Registry
 from gateway.rollouts import SHADOW_PROTOCOL, Rollouts
 from gateway.routing import Route, Router
+from gateway.timing import RequestTiming, current_timing
 from gateway.types import (
     IndexEntry,
     InferRequest,
@@ -49,7 +50,13 @@ from gateway.types import (
 
 log = logging.getLogger("modelyard.dataplane")
 
-EXTENSIONS = ("binary_tensor_data", "model_repository", "statistics", "model_configuration")
+EXTENSIONS = (
+    "binary_tensor_data",
+    "model_repository",
+    "statistics",
+    "model_configuration",
+    "system_shared_memory",
+)
 
 
 class DataPlane:
@@ -222,6 +229,8 @@ class DataPlane:
         stats = loaded.stats
         arrived = time.perf_counter_ns()
         deadline = _deadline(context, model.entry.config.limits.timeout_ms)
+        timing = RequestTiming(series=series)
+        current_timing.set(timing)
         # Counted before the first await: a reload closes this version, and the memory budget
         # unloads it, only once it is back to zero.
         loaded.inflight += 1
@@ -229,12 +238,14 @@ class DataPlane:
         try:
             if not loaded.ready:
                 self.metrics.load_waits.labels(model.name).inc()
+                loading = time.perf_counter_ns()
                 await self.registry.make_resident(model, loaded, deadline)
+                timing.load_ns = time.perf_counter_ns() - loading
             if not await _backend_ready(loaded):
                 raise ModelNotReady(f"{route.label}: its {loaded.backend} backend is not ready")
             # A front door that decodes against the signature does it here, against this version's.
             tensors = request.inputs if request.decode is None else request.decode(route.signature)
-            response = await self._compute(route, request, tensors, context, stats, series, deadline)
+            response = await self._compute(route, request, tensors, context, timing, deadline)
         except GatewayError:
             self._observe(stats, series, arrived, ok=False)
             raise
@@ -242,6 +253,8 @@ class DataPlane:
             loaded.inflight -= 1
             loaded.last_used = time.monotonic()
         self._observe(stats, series, arrived, ok=True)
+        timing.observe("load", "queue", "batch", "backend")
+        response.timing = timing
         return response
 
     @staticmethod
@@ -257,11 +270,12 @@ class DataPlane:
         request: InferRequest,
         tensors: list[Tensor],
         context: RequestContext,
-        stats: VersionStats,
-        series: RequestSeries,
+        timing: RequestTiming,
         deadline: float | None,
     ) -> InferResponse:
         model, loaded = route.model, route.loaded
+        stats, series = loaded.stats, timing.series
+        assert series is not None
         adapter = loaded.adapter
         assert adapter is not None
         checked = time.perf_counter_ns()
@@ -287,6 +301,7 @@ class DataPlane:
 
         slots = (model.limiter,) if self._global_limiter is None else (model.limiter, self._global_limiter)
         await acquire_all(slots, deadline, context.priority)
+        timing.batch_ns = None  # only this call's batch wait (a warmup at an on-demand load sets one)
         computing = time.perf_counter_ns()
         stats.queue.add(computing - queued)
         series.queue.observe((computing - queued) / 1e9)
@@ -307,6 +322,8 @@ class DataPlane:
             release_all(slots)
             results = task.result()
         compute_ns = time.perf_counter_ns() - computing
+        # A batched request's wait for its batch is the batching wrapper's to measure.
+        timing.queue_ns, timing.backend_ns = computing - queued, compute_ns - (timing.batch_ns or 0)
         stats.compute_infer.add(compute_ns)
         series.compute.observe(compute_ns / 1e9)
         stats.inference_count += _batch_size(tensors)

@@ -92,6 +92,15 @@ class DeadlineExceeded(GatewayError):
         self.stage = stage
 
 
+class SharedMemoryError(GatewayError):
+    """A shared-memory region cannot be registered or used: a bad key, a place outside the region,
+    a region not registered, an output larger than its place."""
+
+
+class RegionExists(SharedMemoryError):
+    """A shared-memory region of that name is already registered."""
+
+
 class BackendError(GatewayError):
     """The backend failed while running a request that the gateway had accepted."""
 
@@ -151,6 +160,8 @@ ERROR_TABLE: dict[type[GatewayError], tuple[int, grpc.StatusCode]] = {
     ConnectionsExhausted: (503, grpc.StatusCode.UNAVAILABLE),
     NoSuchEndpoint: (404, grpc.StatusCode.UNIMPLEMENTED),
     MethodNotAllowed: (405, grpc.StatusCode.UNIMPLEMENTED),
+    SharedMemoryError: (400, grpc.StatusCode.INVALID_ARGUMENT),
+    RegionExists: (409, grpc.StatusCode.ALREADY_EXISTS),
     BackendError: (500, grpc.StatusCode.INTERNAL),
     GatewayError: (500, grpc.StatusCode.INTERNAL),
 }

@@ -52,6 +52,9 @@ LATENCY_BUCKETS = (
     10.0,
 )
 
+# A request's phases (gateway.timing) reach down to the tens of microseconds a decode takes.
+PHASE_BUCKETS = (0.00001, 0.000025, 0.00005, *LATENCY_BUCKETS)
+
 # Model loads: from a few milliseconds (a small ONNX graph) to minutes (a managed TorchServe's first).
 LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 VERSION_LABELS = ("model", "version", "backend")
@@ -66,11 +69,22 @@ GatewayLoadProbe = Callable[[], tuple[int, int]]
 class RequestSeries:
     """The per-request series of one (model, version, backend, protocol), looked up once."""
 
-    __slots__ = ("_codes", "_labels", "_requests", "compute", "duration", "queue")
+    __slots__ = (
+        "_codes",
+        "_labels",
+        "_phase_duration",
+        "_phases",
+        "_requests",
+        "compute",
+        "duration",
+        "queue",
+    )
 
     def __init__(self, metrics: Metrics, labels: tuple[str, str, str, str]) -> None:
         self._requests = metrics.requests
         self._codes: dict[str, Counter] = {}
+        self._phase_duration = metrics.phase_duration
+        self._phases: dict[str, Histogram] = {}
         self.duration = metrics.request_duration.labels(*labels)
         self.queue = metrics.queue_duration.labels(*labels)
         self.compute = metrics.compute_duration.labels(*labels)
@@ -82,6 +96,13 @@ class RequestSeries:
         if counter is None:
             counter = self._codes[code] = self._requests.labels(*self._labels, code)
         counter.inc()
+
+    def phase(self, name: str) -> Histogram:
+        """The phase histogram's child for one phase (gateway.timing.PHASES), made at its first use."""
+        child = self._phases.get(name)
+        if child is None:
+            child = self._phases[name] = self._phase_duration.labels(*self._labels, name)
+        return child
 
 
 class Metrics:
@@ -122,6 +143,14 @@ class Metrics:
             "Time the backend spent on a request.",
             LABELS,
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.phase_duration = Histogram(
+            "modelyard_request_phase_seconds",
+            "Time answered requests spent in each phase (the phases of their Server-Timing): decode, "
+            "load, queue, batch, backend, encode.",
+            (*LABELS, "phase"),
+            buckets=PHASE_BUCKETS,
             registry=self.registry,
         )
         self.batch_size = Histogram(

@@ -27,6 +27,7 @@ from gateway.limits import BodyBudget, Limiter
 from gateway.metrics import Metrics
 from gateway.protocols.connections import ConnectionGuard, ConnectionLimits
 from gateway.protocols.http import create_app
+from gateway.protocols.shared_memory import SharedMemoryRegions
 from gateway.protocols.v2_grpc import SERVICE_NAME, ErrorInterceptor, GuardedServer, InferenceServicer
 from gateway.registry import AdapterFactory, Registry
 from gateway.residency import Residency
@@ -90,6 +91,8 @@ class Gateway:
             self.authorizer = Authorizer.from_settings(settings)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
+        # The system shared-memory regions clients register, one namespace for REST and gRPC.
+        self.shared_memory = SharedMemoryRegions(settings.allow_client_shm)
         self.app = create_app(
             self.dataplane,
             self.metrics,
@@ -98,6 +101,7 @@ class Gateway:
             self.limits,
             self.authorizer,
             self.body_budget,
+            regions=self.shared_memory,
         )
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
@@ -163,7 +167,16 @@ class Gateway:
         # The unary services register through the guard, which maps errors and checks access.
         guarded = ErrorInterceptor(self.authorizer).guarding(server)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane, self.contexts, self.limits), guarded
+            InferenceServicer(
+                self.dataplane,
+                self.contexts,
+                self.limits,
+                authorizer=self.authorizer,
+                stream_concurrency=self.settings.grpc_stream_max_inflight,
+                server_timing=self.settings.grpc_server_timing,
+                regions=self.shared_memory,
+            ),
+            guarded,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded)
         self._services = [SERVICE_NAME, *self._add_tfserving_services(guarded)]
@@ -206,7 +219,9 @@ class Gateway:
         except ImportError as exc:
             log.info("TF Serving gRPC API not served: %s (pip install 'modelyard[tensorflow]')", exc)
             return []
-        return tfserving_grpc.add_to_server(self.dataplane, self.contexts, server, self.limits)
+        return tfserving_grpc.add_to_server(
+            self.dataplane, self.contexts, server, self.limits, self.settings.grpc_server_timing
+        )
 
     async def _start_http(self) -> None:
         config = uvicorn.Config(
@@ -271,6 +286,7 @@ class Gateway:
             with contextlib.suppress(asyncio.TimeoutError, SystemExit):
                 await asyncio.wait_for(self._http_task, SEND_GRACE_S + 1)
         await self.registry.aclose()
+        self.shared_memory.close()
         log.info("modelyard stopped")
 
 

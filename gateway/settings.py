@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     grpc_handshake_timeout_s: float = Field(default=10, gt=0)
     grpc_max_connection_idle_s: float = Field(default=300, gt=0)
     grpc_max_concurrent_streams: int = Field(default=128, ge=1)
+    # Requests of one ModelStreamInfer stream that run at once (answers not yet sent included);
+    # past it the stream reads no further request until an answer is sent.
+    grpc_stream_max_inflight: int = Field(default=64, ge=1)
+    # Server-Timing in the trailing metadata of every gRPC ModelInfer and Predict answer; off: only
+    # of calls whose metadata asks for it with `x-server-timing: true`. REST answers always carry it.
+    grpc_server_timing: bool = False
 
     # Auth (off unless keys are given): API keys or bearer tokens, each scoped to models and actions.
     # A YAML or JSON file of keys, or the same list as JSON in MODELYARD_API_KEYS (see README, "Auth").
@@ -89,6 +95,11 @@ class Settings(BaseSettings):
     # Health (/v2/health/*, gRPC health and ServerLive/Ready) and /metrics answer without a key.
     auth_open_health: bool = True
     auth_open_metrics: bool = True
+
+    # Triton's system shared-memory extension: clients may register /dev/shm objects as regions
+    # that inputs are read from and outputs written to. Off, as Triton's --allow-client-shm: a
+    # client that may register can have the gateway read and write any shared memory of its user.
+    allow_client_shm: bool = False
 
     # TLS for both HTTP and gRPC, from PEM files: both or neither.
     tls_certfile: Path | None = None

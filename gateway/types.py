@@ -17,6 +17,7 @@ from gateway.errors import InvalidInput
 
 if TYPE_CHECKING:
     from gateway.config import VersionPolicy
+    from gateway.timing import RequestTiming
 
 
 class Datatype(StrEnum):
@@ -206,6 +207,8 @@ class InferResponse:
     parameters: dict[str, Any] = field(default_factory=dict)
     # The backend that computed it, for the metrics; not sent to the client.
     backend: str = ""
+    # Where its time went (gateway.timing), for the front door's Server-Timing; None: not measured.
+    timing: RequestTiming | None = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -32,9 +32,12 @@ from gateway.limits import BodyBudget
 from gateway.metrics import Metrics
 from gateway.protocols import v2_rest
 from gateway.protocols.openapi import V2_INFER_REQUEST, request_body
+from gateway.protocols.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegions
 from gateway.protocols.status_page import status_router
 from gateway.protocols.tfserving_rest import tfserving_router
 from gateway.protocols.v2_rest import HEADER_LENGTH, RESPONSE_ID_HEADER, json_response, v2_router
+from gateway.protocols.v2_shm_rest import TEMPLATES as SHARED_MEMORY_TEMPLATES
+from gateway.protocols.v2_shm_rest import shared_memory_router
 from gateway.status import StatusReader
 
 log = logging.getLogger("modelyard.http")
@@ -48,6 +51,7 @@ _ROUTE_ACTIONS = {
     "/metrics": "metrics",
     "/v2/repository/models/{model_name}/load": "repository",
     "/v2/repository/models/{model_name}/unload": "repository",
+    **dict.fromkeys(SHARED_MEMORY_TEMPLATES, "infer"),
 }
 _INFER_SUFFIXES = ("/infer", ":predict", ":classify", ":regress")
 
@@ -139,6 +143,7 @@ def create_app(
     limits: InputLimits = DEFAULT_LIMITS,
     authorizer: Authorizer | None = None,
     budget: BodyBudget | None = None,
+    regions: SharedMemoryRegions = NO_SHARED_MEMORY,
 ) -> ASGIApp:
     # With auth off there is no dependency at all, so requests pay nothing for it.
     dependencies = []
@@ -163,6 +168,7 @@ def create_app(
         dependencies=dependencies,
     )
     app.include_router(v2_router(dataplane, limits))
+    app.include_router(shared_memory_router(regions, limits))
     # TF Serving's REST API is plain JSON: it needs nothing from the tensorflow extra.
     app.include_router(tfserving_router(dataplane, contexts, limits))
     app.include_router(status_router(status))
@@ -193,7 +199,7 @@ def create_app(
 
     _document_infer(app)
     # The body limits wrap the infer fast path too, so they are outermost.
-    return BodyLimits(InferFastPath(app, dataplane, contexts, limits, authorizer), limits, budget)
+    return BodyLimits(InferFastPath(app, dataplane, contexts, limits, authorizer, regions), limits, budget)
 
 
 def _from_starlette(exc: HTTPException, method: str, path: str) -> GatewayError:
@@ -246,8 +252,10 @@ class InferFastPath:
         contexts: ContextBuilder,
         limits: InputLimits,
         authorizer: Authorizer | None,
+        regions: SharedMemoryRegions = NO_SHARED_MEMORY,
     ) -> None:
         self.app = app
+        self.regions = regions
         self.dataplane = dataplane
         self.contexts = contexts
         self.limits = limits
@@ -273,7 +281,7 @@ class InferFastPath:
             if body is None:
                 return  # the client went away
             response = await v2_rest.infer(
-                self.dataplane, self.contexts, body, headers, name, version, self.limits
+                self.dataplane, self.contexts, body, headers, name, version, self.limits, self.regions
             )
         except GatewayError as exc:
             response = error_response(exc, "POST", scope["path"])

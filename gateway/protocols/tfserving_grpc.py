@@ -9,6 +9,7 @@ Uses the official `tensorflow-serving-api` protos (the `tensorflow` extra); tens
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import tensorflow as tf
@@ -31,6 +32,7 @@ from gateway.context import REQUEST_ID_HEADER, ContextBuilder, deadline_after, r
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidInput, MalformedRequest, PayloadTooLarge, Unsupported
 from gateway.protocols.tfserving_rest import PREDICT_METHOD, SIGNATURE_NAME, TF_DTYPE_NAME, TF_STATE
+from gateway.timing import SERVER_TIMING, timing_asked
 from gateway.types import (
     IndexEntry,
     InferRequest,
@@ -77,13 +79,20 @@ def _model_spec(name: str, version: str) -> Any:
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):  # type: ignore[misc]
     def __init__(
-        self, dataplane: DataPlane, contexts: ContextBuilder, limits: InputLimits = DEFAULT_LIMITS
+        self,
+        dataplane: DataPlane,
+        contexts: ContextBuilder,
+        limits: InputLimits = DEFAULT_LIMITS,
+        server_timing: bool = False,
     ) -> None:
         self.dataplane = dataplane
         self.contexts = contexts
         self.limits = limits
+        # Server-Timing in every Predict's trailing metadata; else only where a call asks for it.
+        self.server_timing = server_timing
 
     async def Predict(self, request: Any, context: Any) -> Any:
+        started = time.perf_counter_ns()
         metadata = ContextBuilder.grpc_metadata(context.invocation_metadata())
         try:
             infer_request = decode_predict(request, self.limits)
@@ -93,9 +102,17 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         except GatewayError as exc:
             exc.request_id = request_id(metadata.get(REQUEST_ID_HEADER))
             raise
+        decoded = time.perf_counter_ns()
         response = await self.dataplane.infer(infer_request, request_context)
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_context.request_id),))
-        return encode_predict(response)
+        encoding = time.perf_counter_ns()
+        message = encode_predict(response)
+        trailers = [(REQUEST_ID_HEADER, request_context.request_id)]
+        if response.timing is not None:
+            response.timing.transport(started, decoded, encoding, time.perf_counter_ns())
+            if timing_asked(metadata, self.server_timing):
+                trailers.append((SERVER_TIMING, response.timing.header()))
+        context.set_trailing_metadata(tuple(trailers))
+        return message
 
     async def GetModelMetadata(self, request: Any, context: Any) -> Any:
         spec = request.model_spec
@@ -150,11 +167,15 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):  # type: ignor
 
 
 def add_to_server(
-    dataplane: DataPlane, contexts: ContextBuilder, server: Any, limits: InputLimits = DEFAULT_LIMITS
+    dataplane: DataPlane,
+    contexts: ContextBuilder,
+    server: Any,
+    limits: InputLimits = DEFAULT_LIMITS,
+    server_timing: bool = False,
 ) -> list[str]:
     """Register both TF Serving services; their full names, for reflection and health."""
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionServicer(dataplane, contexts, limits), server
+        PredictionServicer(dataplane, contexts, limits, server_timing), server
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane), server)
     return [PREDICTION_SERVICE, MODEL_SERVICE]

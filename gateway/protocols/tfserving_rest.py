@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ from gateway.errors import GatewayError, InvalidInput, MalformedRequest, ModelNo
 from gateway.protocols.openapi import TF_PREDICT_REQUEST, request_body
 from gateway.protocols.v2_json import json_object
 from gateway.protocols.v2_rest import RESPONSE_ID_HEADER, json_response
+from gateway.timing import SERVER_TIMING
 from gateway.types import (
     Datatype,
     IndexEntry,
@@ -111,19 +113,23 @@ def tfserving_router(
         request: Request, model_name: str, model_version: str | None = None, model_label: str | None = None
     ) -> Response:
         try:
+            raw = await request.body()
+            started = time.perf_counter_ns()
             version = requested(model_name, model_version, model_label)
-            body = json_object(await request.body(), limits)
-            infer_request, columnar = decode_predict(body, model_name, version, limits)
+            infer_request, columnar = decode_predict(json_object(raw, limits), model_name, version, limits)
             context = contexts.build("tfserving_rest", request.headers)
         except GatewayError as exc:
             exc.request_id = request_id(request.headers.get(REQUEST_ID_HEADER))
             raise
+        decoded = time.perf_counter_ns()
         response = await dataplane.infer(infer_request, context)
-        return Response(
-            encode_predict(response, columnar),
-            media_type="application/json",
-            headers={RESPONSE_ID_HEADER: context.request_id},
-        )
+        encoding = time.perf_counter_ns()
+        headers = {RESPONSE_ID_HEADER: context.request_id}
+        body = encode_predict(response, columnar)
+        if response.timing is not None:
+            response.timing.transport(started, decoded, encoding, time.perf_counter_ns())
+            headers[SERVER_TIMING] = response.timing.header()
+        return Response(body, media_type="application/json", headers=headers)
 
     async def unsupported(
         model_name: str, model_version: str | None = None, model_label: str | None = None

@@ -1,15 +1,14 @@
 """Open Inference Protocol v2 over gRPC: service `inference.GRPCInferenceService`.
 
 Uses the generated code that tritonclient ships. Protobuf stops here: requests become the data
-plane's types, and its answers become protobuf again. Errors are mapped by `ErrorInterceptor`,
-which wraps each method's handler as the services register.
+plane's types, and its answers become protobuf again. Errors are mapped by `ErrorInterceptor`
+(gateway/protocols/grpc_guard.py), which wraps each method's handler as the services register.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -29,17 +28,14 @@ from gateway.codec import (
 )
 from gateway.context import REQUEST_ID_HEADER, ContextBuilder, deadline_after, request_id
 from gateway.dataplane import DataPlane
-from gateway.errors import (
-    GatewayError,
-    InvalidInput,
-    MalformedRequest,
-    Unsupported,
-    public_message,
-    retry_after,
-    status_for,
-)
+from gateway.errors import GatewayError, InvalidInput, MalformedRequest, Unsupported
+from gateway.protocols.grpc_guard import ErrorInterceptor, GuardedServer, method_action, model_of
+from gateway.protocols.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegions
 from gateway.protocols.triton import load_parameters
 from gateway.protocols.triton import model_config as triton_model_config
+from gateway.protocols.v2_shm_grpc import SharedMemoryServicer
+from gateway.protocols.v2_stream_grpc import DEFAULT_STREAM_CONCURRENCY, StreamInfer
+from gateway.timing import SERVER_TIMING, timing_asked
 from gateway.types import (
     Datatype,
     Duration,
@@ -52,172 +48,46 @@ from gateway.types import (
     quoted,
 )
 
-log = logging.getLogger("modelyard.grpc")
+__all__ = [
+    "SERVICE_NAME",
+    "ErrorInterceptor",
+    "GuardedServer",
+    "InferenceServicer",
+    "method_action",
+    "model_of",
+]
 
 SERVICE_NAME: str = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-_UNSUPPORTED_PARAMETERS = ("shared_memory_region", "classification")
+_UNSUPPORTED_PARAMETERS = ("classification",)
 
 
-# The action each unary method needs (gateway.auth), by method name; any other is "metadata".
-_METHOD_ACTIONS = {
-    "ModelInfer": "infer",
-    "Predict": "infer",
-    "Classify": "infer",
-    "Regress": "infer",
-    "MultiInference": "infer",
-    "RepositoryModelLoad": "repository",
-    "RepositoryModelUnload": "repository",
-    "HandleReloadConfigRequest": "repository",
-    "ServerLive": "health",
-    "ServerReady": "health",
-    "Check": "health",
-}
-
-
-def method_action(method: str) -> str:
-    """The action a gRPC method (`/package.Service/Method`) needs."""
-    return _METHOD_ACTIONS.get(method.rpartition("/")[2], "metadata")
-
-
-def model_of(request: Any) -> str | None:
-    """The model a request names: `model_name`, `name` (v2) or `model_spec.name` (TF Serving)."""
-    for field in ("model_name", "name"):
-        if hasattr(request, field):
-            return str(getattr(request, field)) or None
-    if hasattr(request, "model_spec"):
-        return str(request.model_spec.name) or None
-    return None
-
-
-def _credentials(context: grpc.aio.ServicerContext) -> str | bytes | None:
-    for key, value in context.invocation_metadata() or ():
-        if key in ("authorization", "x-api-key"):
-            return value  # type: ignore[no-any-return]
-    return None
-
-
-async def _abort(context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, message: str) -> None:
-    """Ends the call with `code`; where the call has already ended (the client left, or its deadline
-    passed as the answer was made), there is no one to tell: the handler ends as a cancelled one, which
-    grpc logs at debug level, not as a crash with a stack trace."""
-    try:
-        await context.abort(code, message)
-    except grpc.aio.AbortError:
-        raise
-    except Exception:
-        log.info("%s: the call ended before its status could be sent: %s %s", method, code.name, message)
-        raise asyncio.CancelledError from None
-
-
-class ErrorInterceptor:
-    """The gRPC side of the error table: every unary method's GatewayError becomes its status code.
-
-    With an enabled `Authorizer`, it is also gRPC's one access check: each unary call is checked
-    from its metadata, its method's action and its model, before the servicer runs.
-
-    It wraps each unary method's handler once, as the services register through `guarding(server)`,
-    rather than as a grpc.aio ServerInterceptor: an interceptor runs on every call to find the
-    handler and builds a new one each time, which costs each request more than the wrapper does.
-    """
-
-    def __init__(self, authorizer: Authorizer | None = None) -> None:
-        self._authorizer = authorizer if authorizer is not None and authorizer.enabled else None
-
-    def guarding(self, server: grpc.aio.Server) -> GuardedServer:
-        """`server`, to register services on: their unary handlers arrive wrapped."""
-        return GuardedServer(server, self)
-
-    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """The handler of `method` (`/package.Service/Method`), its unary-unary call guarded."""
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-        authorizer = self._authorizer
-        action = method_action(method)
-
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                if authorizer is not None:
-                    request_access.set(authorizer.check(_credentials(context), action, model_of(request)))
-                return await inner(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except GatewayError as exc:
-                _, code = status_for(exc)
-                trailers = []
-                wait = retry_after(exc)
-                if wait is not None:
-                    trailers.append(("retry-after", str(wait)))
-                if exc.request_id is not None:
-                    trailers.append((REQUEST_ID_HEADER, exc.request_id))
-                if trailers:
-                    context.set_trailing_metadata(tuple(trailers))
-                await _abort(context, method, code, public_message(exc))
-            except Exception as exc:
-                log.exception("unexpected error in %s", method)
-                await _abort(
-                    context, method, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
-                )
-
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-
-class GuardedServer:
-    """What the generated `add_*Servicer_to_server` functions and gRPC's health and reflection
-    modules register services on: the real server, each unary handler wrapped by the guard first.
-    Anything else (ports, start, stop) is the server's own."""
-
-    def __init__(self, server: grpc.aio.Server, guard: ErrorInterceptor) -> None:
-        self._server = server
-        self._guard = guard
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
-    ) -> None:
-        guard = self._guard
-        wrapped = {name: guard.wrap(f"/{service}/{name}", handler) for name, handler in handlers.items()}
-        self._server.add_registered_method_handlers(service, wrapped)
-
-    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers(tuple(_GuardedGeneric(h, self._guard) for h in handlers))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._server, name)
-
-
-class _GuardedGeneric(grpc.GenericRpcHandler):  # type: ignore[misc]
-    """A generic handler whose answers are guarded, each method's wrapped once and kept.
-
-    gRPC asks generic handlers only for methods no registered handler serves; each of them knows
-    a fixed set of methods, so the cache is bounded by its service."""
-
-    def __init__(self, inner: grpc.GenericRpcHandler, guard: ErrorInterceptor) -> None:
-        self._inner = inner
-        self._guard = guard
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        method = handler_call_details.method
-        found = self._wrapped.get(method)
-        if found is None:
-            handler = self._inner.service(handler_call_details)
-            if handler is None:
-                return None
-            found = self._wrapped[method] = self._guard.wrap(method, handler)
-        return found
-
-
-class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class InferenceServicer(SharedMemoryServicer, service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     def __init__(
-        self, dataplane: DataPlane, contexts: ContextBuilder, limits: InputLimits = DEFAULT_LIMITS
+        self,
+        dataplane: DataPlane,
+        contexts: ContextBuilder,
+        limits: InputLimits = DEFAULT_LIMITS,
+        *,
+        authorizer: Authorizer | None = None,
+        stream_concurrency: int = DEFAULT_STREAM_CONCURRENCY,
+        server_timing: bool = False,
+        regions: SharedMemoryRegions = NO_SHARED_MEMORY,
     ) -> None:
         self.dataplane = dataplane
         self.contexts = contexts
         self.limits = limits
+        self.regions = regions
+        # Server-Timing in every ModelInfer's trailing metadata; else only where a call asks for it.
+        self.server_timing = server_timing
+        # The guard wraps unary methods only: the stream checks access itself, request by request.
+        self._stream = StreamInfer(
+            dataplane,
+            contexts,
+            lambda request: decode_infer_request(request, limits, regions),
+            lambda response: encode_infer_response(response, regions),
+            authorizer=authorizer,
+            concurrency=stream_concurrency,
+        )
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return service_pb2.ServerLiveResponse(live=self.dataplane.live())
@@ -260,9 +130,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         return service_pb2.ModelStatisticsResponse(model_stats=[_statistics(row) for row in rows])
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter_ns()
         metadata = ContextBuilder.grpc_metadata(context.invocation_metadata())
         try:
-            infer_request = decode_infer_request(request, self.limits)
+            infer_request = decode_infer_request(request, self.limits, self.regions)
             request_context = self.contexts.build(
                 "grpc",
                 metadata,
@@ -273,13 +144,30 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         except GatewayError as exc:
             exc.request_id = request_id(metadata.get(REQUEST_ID_HEADER), request.id)
             raise
+        decoded = time.perf_counter_ns()
         response = await self.dataplane.infer(infer_request, request_context)
+        encoding = time.perf_counter_ns()
+        message = encode_infer_response(response, self.regions)
         # The response's `id` echoes the client's v2 id, as the protocol says; the request id
         # (the client's, or a generated one) travels in trailing metadata.
-        context.set_trailing_metadata(
-            (("model-version", response.model_version), (REQUEST_ID_HEADER, request_context.request_id))
-        )
-        return encode_infer_response(response)
+        trailers = [
+            ("model-version", response.model_version),
+            (REQUEST_ID_HEADER, request_context.request_id),
+        ]
+        timing = response.timing
+        if timing is not None:
+            timing.transport(started, decoded, encoding, time.perf_counter_ns())
+            if timing_asked(metadata, self.server_timing):
+                trailers.append((SERVER_TIMING, timing.header()))
+        context.set_trailing_metadata(tuple(trailers))
+        return message
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        # An async generator method, as grpc.aio needs to see one, over the stream handler.
+        async for answer in self._stream(request_iterator, context):
+            yield answer
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         entries = await self.dataplane.repository_index(request.ready, visible=request_access.get().sees)
@@ -347,38 +235,63 @@ def _parameters(owner: str, params: Any) -> dict[str, Any]:
     return result
 
 
-def decode_infer_request(request: Any, limits: InputLimits = DEFAULT_LIMITS) -> InferRequest:
+def decode_infer_request(
+    request: Any, limits: InputLimits = DEFAULT_LIMITS, regions: SharedMemoryRegions = NO_SHARED_MEMORY
+) -> InferRequest:
+    """The request's tensors from raw_input_contents (one entry per input not in shared memory, in
+    order), or from the typed contents, or from their shared memory regions."""
     if not request.inputs:
         raise MalformedRequest("the request needs at least one input")
+    # Most inputs have no parameters: their owner's name for errors is written only where needed.
+    all_parameters = [
+        _parameters(f"input {quoted(t.name)}", t.parameters) if t.parameters else {} for t in request.inputs
+    ]
+    places = [
+        regions.place(f"input {quoted(t.name)}", p) if p else None
+        for t, p in zip(request.inputs, all_parameters, strict=True)
+    ]
+    shared = len(places) - places.count(None)
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    if raw and len(raw) != len(request.inputs) - shared:
+        beside = " not in shared memory" if shared else ""
         raise MalformedRequest(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; give one per input"
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs) - shared} inputs{beside}; "
+            "give one per input"
         )
     inputs = []
+    next_raw = 0
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
         if not name:
             raise MalformedRequest(f"inputs[{index}] needs a name")
         datatype = parse_datatype_field(name, tensor.datatype)
         shape = parse_shape(name, list(tensor.shape), limits)
-        parameters = _parameters(f"input {quoted(name)}", tensor.parameters)
-        if raw:
+        parameters = all_parameters[index]
+        place = places[index]
+        if place is not None:
+            if tensor.HasField("contents"):
+                raise MalformedRequest(f"input {quoted(name)} is in shared memory: send no contents for it")
+            decoded = regions.read(name, datatype, shape, place, limits)
+        elif raw:
             if tensor.HasField("contents"):
                 # As Triton refuses it, in Triton's words: which of the two would the model get?
                 raise InvalidInput(
                     f"contents field must not be specified when using raw_input_contents for {quoted(name)} "
                     f"for model {quoted(request.model_name)}"
                 )
-            decoded = tensor_from_buffer(name, datatype, shape, raw[index], limits)
+            decoded = tensor_from_buffer(name, datatype, shape, raw[next_raw], limits)
+            next_raw += 1
         else:
             decoded = _from_contents(name, datatype, shape, tensor.contents, limits)
         decoded.parameters = parameters
         inputs.append(decoded)
-    outputs = [
-        RequestedOutput(o.name, _parameters(f"output {quoted(o.name)}", o.parameters))
-        for o in request.outputs
-    ]
+    outputs = []
+    for output in request.outputs:
+        owner = f"output {quoted(output.name)}"
+        parameters = _parameters(owner, output.parameters)
+        # A place in shared memory is checked before the model runs, and again when it is written.
+        regions.place(owner, parameters)
+        outputs.append(RequestedOutput(output.name, parameters))
     return InferRequest(
         model_name=request.model_name,
         model_version=request.model_version or None,
@@ -400,11 +313,20 @@ def _from_contents(
     return tensor_from_values(name, datatype, shape, list(getattr(contents, field)), limits)
 
 
-def encode_infer_response(response: InferResponse) -> Any:
+def encode_infer_response(response: InferResponse, regions: SharedMemoryRegions = NO_SHARED_MEMORY) -> Any:
+    """The answer, each output in raw_output_contents or written to its shared memory place; an
+    output in shared memory keeps its (empty) raw entry, so the entries stay one per output."""
     message = service_pb2.ModelInferResponse(
         model_name=response.model_name, model_version=response.model_version, id=response.id or ""
     )
     for tensor in response.outputs:
         message.outputs.add(name=tensor.name, datatype=tensor.datatype.value, shape=tensor.shape)
-        message.raw_output_contents.append(tensor_to_bytes(tensor))
+        place = (
+            regions.place(f"output {quoted(tensor.name)}", tensor.parameters) if tensor.parameters else None
+        )
+        if place is None:
+            message.raw_output_contents.append(tensor_to_bytes(tensor))
+        else:
+            regions.write(tensor, place)
+            message.raw_output_contents.append(b"")
     return message

@@ -43,6 +43,11 @@ def with_shared_memory(protocol: Protocol) -> Any:
     return protocol.client.infer("affine", [tensor])
 
 
+def with_classification(protocol: Protocol) -> Any:
+    output = protocol.module.InferRequestedOutput("y", class_count=2)
+    return protocol.client.infer("affine", [protocol.input("x", X, "FP32")], outputs=[output])
+
+
 def unknown_output(protocol: Protocol) -> Any:
     return protocol.client.infer(
         "affine", [protocol.input("x", X, "FP32")], outputs=[protocol.output("nope")]
@@ -69,7 +74,9 @@ CASES: list[tuple[str, Call, int, str]] = [
         500,
         "INTERNAL",
     ),
-    ("unsupported feature", with_shared_memory, 501, "UNIMPLEMENTED"),
+    ("unsupported feature", with_classification, 501, "UNIMPLEMENTED"),
+    # The session gateway runs with system shared memory off, its default.
+    ("shared memory while it is off", with_shared_memory, 501, "UNIMPLEMENTED"),
 ]
 
 

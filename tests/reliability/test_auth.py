@@ -193,6 +193,42 @@ def test_every_grpc_method_needs_a_key_of_its_model_and_action(authed: RunningGa
         client.close()
 
 
+def test_each_request_on_a_stream_needs_a_key_of_its_model(authed: RunningGateway) -> None:
+    """ModelStreamInfer checks each request for the model it names: a refused one is an error
+    response, and the stream serves the next."""
+    import queue
+
+    def stream(headers: dict[str, str]) -> list[tuple[str, str | None]]:
+        client = triton_grpc.InferenceServerClient(authed.grpc)
+        answers: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        client.start_stream(
+            callback=lambda result, error: answers.put(
+                ("error", error.message()) if error is not None else (result.get_response().id, None)
+            ),
+            headers=headers,
+        )
+        try:
+            for index, (model, name) in enumerate(
+                (("affine", "x"), ("identity_fp32", "INPUT"), ("affine", "x"))
+            ):
+                tensor = triton_grpc.InferInput(name, [1, 4], "FP32")
+                tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
+                client.async_stream_infer(model, [tensor], request_id=f"{model}-{index}")
+            return sorted(answers.get(timeout=60) for _ in range(3))
+        finally:
+            client.stop_stream()
+            client.close()
+
+    scoped = stream({"authorization": f"Bearer {KEYS['affine_infer']}"})
+    assert [answer for answer, _ in scoped] == ["affine-0", "affine-2", "error"]
+    assert "may not infer on model 'identity_fp32'" in str(scoped[2][1])
+    nobody = stream({})
+    assert [answer for answer, _ in nobody] == ["error"] * 3
+    assert all("needs an API key" in str(message) for _, message in nobody)
+    admin = stream({"x-api-key": KEYS["admin"]})
+    assert [answer for answer, _ in admin] == ["affine-0", "affine-2", "identity_fp32-1"]
+
+
 def test_tfserving_grpc_needs_a_key(authed: RunningGateway) -> None:
     from tensorflow_serving.apis import (
         get_model_metadata_pb2,

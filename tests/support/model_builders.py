@@ -40,6 +40,23 @@ def build_identity(datatype: Datatype) -> onnx.ModelProto:
     return _model(graph)
 
 
+def build_simple() -> onnx.ModelProto:
+    """Triton's example model `simple`: INPUT0, INPUT1 INT32 [-1, 16] -> OUTPUT0 (their sum) and
+    OUTPUT1 (their difference), the model tritonclient's example scripts call."""
+    inputs = [
+        helper.make_tensor_value_info(name, TensorProto.INT32, ["batch", 16]) for name in ("INPUT0", "INPUT1")
+    ]
+    outputs = [
+        helper.make_tensor_value_info(name, TensorProto.INT32, ["batch", 16])
+        for name in ("OUTPUT0", "OUTPUT1")
+    ]
+    nodes = [
+        helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+        helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+    ]
+    return _model(helper.make_graph(nodes, "simple", inputs, outputs))
+
+
 def build_row_sum(width: int = 64) -> onnx.ModelProto:
     """input FP32 [-1, width] -> sum FP32 [-1]: each row's sum. Its work and its answer are small
     beside its input, so what a large request costs in memory is the gateway's own."""
