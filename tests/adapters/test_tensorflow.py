@@ -157,7 +157,8 @@ async def test_unreadable_savedmodel_is_not_ready(tmp_path: Path) -> None:
 def test_invalid_section_is_not_ready() -> None:
     config = ModelConfig(backend="tensorflow", tensorflow={"signatur": "x"})
     with pytest.raises(
-        ModelNotReady, match=r"model 'm' version 1: invalid config\.yaml section: tensorflow\.signatur"
+        ModelNotReady,
+        match=r"model 'm' version 1: invalid config\.yaml section: tensorflow: unknown key 'signatur' \(did you mean 'signature'\?\)",
     ):
         TensorFlowAdapter(spec_for(EXAMPLE / "1" / "model.savedmodel", config))
 
