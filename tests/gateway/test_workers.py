@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -309,7 +310,27 @@ def test_sigterm_drains_every_worker_losing_no_request(tmp_path: Path) -> None:
     assert all(client[-1].outcome == "503 draining" for client in rest), [c[-1] for c in rest]
 
 
-@pytest.mark.parametrize("what", ["repository API", "managed TorchServe"])
+def test_a_killed_supervisor_leaves_no_worker_serving(tmp_path: Path) -> None:
+    """SIGKILL to the supervisor, which cannot pass anything on: each worker sees it gone, drains
+    and exits, and the ports are free again."""
+    gateway = start_workers(build_repo(tmp_path / "repo"), tmp_path / "gateway.log")
+    pids = [row["pid"] for row in wait_workers(gateway, lambda rows: True)]
+    gateway.process.kill()
+    gateway.process.wait(10)
+    deadline = time.monotonic() + 30
+    while any(
+        psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids
+    ):
+        assert time.monotonic() < deadline, "a worker outlived its supervisor"
+        time.sleep(0.1)
+    log = gateway.output()
+    assert all(f"[worker {index}]: event=drained" in log for index in range(WORKERS)), log[-3000:]
+    for port in (gateway.http_port, gateway.grpc_port):
+        with socket.create_server(("127.0.0.1", port)):
+            pass
+
+
+@pytest.mark.parametrize("what", ["repository API", "managed TorchServe", "a worker that cannot start"])
 def test_what_must_exist_once_is_refused_with_workers(tmp_path: Path, what: str) -> None:
     repo = tmp_path / "repo"
     _save(build_affine(1), repo / "affine" / "1" / "model.onnx")
@@ -317,11 +338,17 @@ def test_what_must_exist_once_is_refused_with_workers(tmp_path: Path, what: str)
     if what == "repository API":
         args.append("--enable-repository-api")
         expected = "the repository API cannot be enabled with --workers"
-    else:
+    elif what == "managed TorchServe":
         # A TorchScript file: served by a managed TorchServe unless its config says remote.
         (repo / "scripted" / "1").mkdir(parents=True)
         (repo / "scripted" / "1" / "model.pt").write_bytes(b"not read before the refusal")
         expected = "cannot start a managed TorchServe, which model(s) scripted need"
+    else:
+        # Checked by each worker as it builds its gateway: the supervisor reports the first failure.
+        keys = tmp_path / "keys.yaml"
+        keys.write_text("keys: [{name: short, key: tooshort, models: ['*']}]\n")
+        args += ["--api-keys-file", str(keys)]
+        expected = "modelyard: worker "
     done = subprocess.run(
         [sys.executable, "-m", "gateway", "serve", "--model-repo", str(repo), *args,
          "--http-port", str(free_port()), "--grpc-port", str(free_port())],
@@ -330,3 +357,5 @@ def test_what_must_exist_once_is_refused_with_workers(tmp_path: Path, what: str)
     assert done.returncode == 1, done.stderr
     assert expected in done.stderr
     assert "Traceback" not in done.stderr
+    if what == "a worker that cannot start":
+        assert "API keys in" in done.stderr and "tooshort" not in done.stderr
