@@ -206,11 +206,10 @@ class ProcessStatus:
 
 @dataclass(frozen=True, slots=True)
 class WorkerStatus:
-    """One serving process: the gateway itself, or one of `--workers N`. Its pid and memory are
-    shown only with the admin action."""
+    """One serving process: the gateway itself, or one of `--workers N`."""
 
     index: int
-    pid: int | None
+    pid: int
     up_s: float
     restarts: int
     ready: bool
@@ -234,8 +233,9 @@ class GatewayStatus:
     processes: list[ProcessStatus]
     index: list[IndexRow]
     memory: MemoryStatus
-    # Every serving process (one, without --workers), and the supervisor's pid (None: none, or
-    # a reader without the admin action).
+    # The serving processes (1 without --workers); each one, and the supervisor's pid (None:
+    # none), only for a reader with the admin action.
+    worker_count: int
     workers: list[WorkerStatus]
     supervisor_pid: int | None
 
@@ -295,6 +295,7 @@ class StatusReader:
         ]
         registry = self.dataplane.registry
         residency = registry.residency
+        table = self._table()
         memory = MemoryStatus(
             registry.load_mode,
             residency.budget,
@@ -312,8 +313,9 @@ class StatusReader:
             processes=[_process(pid, serves) for pid, serves in served_by.items()] if access.admin else [],
             index=index,
             memory=memory,
-            workers=self._workers(access.admin),
-            supervisor_pid=self._supervisor_pid() if access.admin else None,
+            worker_count=len(table.workers),
+            workers=_workers(table) if access.admin else [],
+            supervisor_pid=(table.supervisor_pid or None) if access.admin else None,
         )
 
     def _table(self) -> WorkerTable:
@@ -322,22 +324,20 @@ class StatusReader:
             return table
         return WorkerTable(0, [WorkerRecord(0, os.getpid(), self._started_at, 0, True)])
 
-    def _supervisor_pid(self) -> int | None:
-        return self._table().supervisor_pid or None
 
-    def _workers(self, admin: bool) -> list[WorkerStatus]:
-        now = time.time()
-        return [
-            WorkerStatus(
-                index=row.index,
-                pid=row.pid if admin else None,
-                up_s=round(max(0.0, now - row.started_at), 1),
-                restarts=row.restarts,
-                ready=row.ready,
-                rss_bytes=_rss_of(row.pid) if admin else None,
-            )
-            for row in self._table().workers
-        ]
+def _workers(table: WorkerTable) -> list[WorkerStatus]:
+    now = time.time()
+    return [
+        WorkerStatus(
+            index=row.index,
+            pid=row.pid,
+            up_s=round(max(0.0, now - row.started_at), 1),
+            restarts=row.restarts,
+            ready=row.ready,
+            rss_bytes=_rss_of(row.pid),
+        )
+        for row in table.workers
+    ]
 
 
 async def _version(loaded: LoadedVersion, admin: bool) -> VersionStatus:

@@ -159,11 +159,14 @@ def _process_table(processes: list[ProcessStatus]) -> str:
 
 
 def _workers_table(status: GatewayStatus) -> str:
+    count = f'<p class="meta" id="worker-count">{status.worker_count} serving process(es)'
+    if not status.workers:
+        return f"{count}; details (pids, memory) are shown to an admin key only.</p>"
     rows = [
         f'<tr data-worker="{w.index}">'
         + _cells(
             str(w.index),
-            "-" if w.pid is None else str(w.pid),
+            str(w.pid),
             f"{w.up_s:.0f} s",
             str(w.restarts),
             "serving" if w.ready else "starting",
@@ -174,10 +177,7 @@ def _workers_table(status: GatewayStatus) -> str:
     ]
     supervisor = "" if status.supervisor_pid is None else f" under supervisor pid {status.supervisor_pid}"
     head = "<tr><th>worker</th><th>pid</th><th>up</th><th>restarts</th><th>state</th><th>RSS</th></tr>"
-    return (
-        f'<p class="meta">{len(status.workers)} serving process(es){supervisor}</p>'
-        f'<table id="workers">{head}{"".join(rows)}</table>'
-    )
+    return f'{count}{supervisor}</p><table id="workers">{head}{"".join(rows)}</table>'
 
 
 def _index_table(status: GatewayStatus) -> str:
