@@ -276,9 +276,8 @@ class Gateway:
         grace = self.settings.shutdown_grace_s
         self.dataplane.begin_drain()
         self.connections.begin_drain()
-        for task in (self._poller, self._load_writer):
-            if task is not None:
-                task.cancel()
+        if self._poller is not None:
+            self._poller.cancel()
         await self._health.enter_graceful_shutdown()
         running = self.dataplane.accepted
         if not await self.dataplane.drained(grace):
@@ -304,6 +303,9 @@ class Gateway:
             with contextlib.suppress(asyncio.TimeoutError, SystemExit):
                 await asyncio.wait_for(self._http_task, SEND_GRACE_S + 1)
         await self.registry.aclose()
+        # Under --workers the drain's figures went on being written for the others to read.
+        if self._load_writer is not None:
+            self._load_writer.cancel()
         log.info("modelyard stopped")
 
 

@@ -35,7 +35,7 @@ from tests.reliability.test_drain import (
 )
 from tests.reliability.test_faults import metric
 from tests.reliability.test_overload import expected_sum
-from tests.support import ROOT, RunningGateway, free_port, start_gateway
+from tests.support import ROOT, RunningGateway, free_port, start_gateway, torchserve_missing
 from tests.support.model_builders import build_spin
 
 WORKERS = 2
@@ -328,6 +328,28 @@ def test_a_killed_supervisor_leaves_no_worker_serving(tmp_path: Path) -> None:
     for port in (gateway.http_port, gateway.grpc_port):
         with socket.create_server(("127.0.0.1", port)):
             pass
+
+
+async def test_a_worker_does_not_start_a_managed_torchserve() -> None:
+    """A managed model that appears after the start (polling) fails to load in a worker, with why."""
+    from adapters import create_adapter
+    from adapters.base import LoadSpec, SharedResources
+    from gateway.config import load_model_config
+    from gateway.errors import ModelNotReady
+
+    folder = ROOT / "model_repo" / "mlp_torch"
+    spec = LoadSpec(
+        "mlp_torch",
+        1,
+        folder / "1",
+        folder / "1" / "model.pt",
+        load_model_config(folder / "config.yaml"),
+        shared=SharedResources(may_start_servers=False),
+    )
+    if missing := torchserve_missing():
+        pytest.skip(missing)
+    with pytest.raises(ModelNotReady, match="a managed TorchServe cannot run under --workers"):
+        await create_adapter("torchserve", spec).load()
 
 
 @pytest.mark.parametrize("what", ["repository API", "managed TorchServe", "a worker that cannot start"])
