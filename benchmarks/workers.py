@@ -20,8 +20,9 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import psutil
@@ -99,6 +100,21 @@ def workers_gateway(repo: Path, workers: int) -> Iterator[tuple[str, Endpoint, l
         yield base, endpoint, rows, supervisor
 
 
+def cpu_seconds(pids: list[int]) -> list[float]:
+    times = [psutil.Process(pid).cpu_times() for pid in pids]
+    return [t.user + t.system for t in times]
+
+
+def measured(pids: list[int], run: Callable[[], Row | None]) -> tuple[Row, str]:
+    """A row, and the CPU seconds each worker spent on it: how evenly the kernel spread the
+    connections, and how busy each worker was."""
+    before = cpu_seconds(pids)
+    row = run()
+    assert row is not None
+    spent = [after - first for after, first in zip(cpu_seconds(pids), before, strict=True)]
+    return row, " / ".join(f"{value:.1f}" for value in spent)
+
+
 def mib(value: float) -> str:
     return f"{value / 2**20:.0f}"
 
@@ -115,9 +131,10 @@ def main() -> None:
     if shutil.which(H2LOAD) is None:
         raise SystemExit("workers.py needs h2load: apt-get install nghttp2-client (make bench-tools)")
     counts = [int(n) for n in args.workers.split(",")]
+    load_before = " ".join(f"{value:.1f}" for value in os.getloadavg())
     x = make_input()
     expected = reference(x)
-    rows: dict[tuple[int, str], Row] = {}
+    rows: dict[tuple[int, str], tuple[Row, str]] = {}
     memory: list[str] = []
     with tempfile.TemporaryDirectory(prefix="modelyard-workers-bench-") as tmp:
         work = Path(tmp)
@@ -128,12 +145,13 @@ def main() -> None:
             with workers_gateway(onnx_repo, count) as (base, endpoint, workers, supervisor):
                 url = f"{base}/v2/models/mlp/infer"
                 check = check_rest(url, payload.file.read_bytes(), expected)
-                row = rest_row(
-                    f"workers={count}", "REST JSON", url, args.concurrency, args, payload, check, work
+                pids = [worker["pid"] for worker in workers]
+                name = f"workers={count}"
+                rest = partial(rest_row, name, "REST JSON", url, args.concurrency, args, payload, check, work)
+                rows[count, "REST JSON"] = measured(pids, rest)
+                rows[count, "gRPC"] = measured(
+                    pids, partial(grpc_row, name, endpoint, args.concurrency, args, work)
                 )
-                assert row is not None
-                rows[count, "REST JSON"] = row
-                rows[count, "gRPC"] = grpc_row(f"workers={count}", endpoint, args.concurrency, args, work)
                 memory.append(
                     memory_line("ONNX only (" + ", ".join(ONNX_MODELS) + ")", count, workers, supervisor)
                 )
@@ -150,17 +168,19 @@ def main() -> None:
         f"gateway on all {os.cpu_count()} CPUs, h2load pinned to CPU 1, so the generator shares "
         "a core with the gateway",
         "",
-        "| workers | protocol | req/s | p50 ms | p99 ms | requests | errors | vs first | check |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| workers | protocol | req/s | p50 ms | p99 ms | requests | errors | vs first | CPU s per worker | check |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for count in counts:
         for protocol in ("REST JSON", "gRPC"):
-            row, first = rows[count, protocol], rows[base_count, protocol]
+            (row, cpu), (first, _) = rows[count, protocol], rows[base_count, protocol]
             lines.append(
                 f"| {count} | {protocol} | {row.req_per_s:.0f} | {row.p50_ms:.2f} | {row.p99_ms:.2f} | "
-                f"{row.requests} | {row.errors} | {row.req_per_s / first.req_per_s:.2f}x | {row.check} |"
+                f"{row.requests} | {row.errors} | {row.req_per_s / first.req_per_s:.2f}x | {cpu} | {row.check} |"
             )
     lines += [
+        "",
+        f"- load average before the run: {load_before}; the machine is shared, so compare runs, not rows",
         "",
         "## Memory (RSS, MiB, after loading, before load)",
         "",
