@@ -52,10 +52,13 @@ def build_repo(repo: Path) -> Path:
     return repo
 
 
-def start_workers(repo: Path, log: Path, *args: str) -> RunningGateway:
-    gateway = start_gateway(
-        repo, log, "--workers", str(WORKERS), *args, env={"MODELYARD_SHUTDOWN_GRACE_S": "20"}
-    )
+def start_workers(repo: Path, log: Path, *, from_environment: bool = False) -> RunningGateway:
+    """`--workers 2`, or MODELYARD_WORKERS=2."""
+    env = {"MODELYARD_SHUTDOWN_GRACE_S": "20"}
+    if from_environment:
+        gateway = start_gateway(repo, log, env={**env, "MODELYARD_WORKERS": str(WORKERS)})
+    else:
+        gateway = start_gateway(repo, log, "--workers", str(WORKERS), env=env)
     wait_workers(gateway, lambda rows: all(row["ready"] for row in rows))
     return gateway
 
@@ -270,7 +273,7 @@ def test_a_killed_worker_is_restarted_and_the_other_serves_on(workers_gateway: R
 def test_sigterm_drains_every_worker_losing_no_request(tmp_path: Path) -> None:
     """SIGTERM to the supervisor: each worker drains as a single gateway does; every request any
     of them received is answered, and the supervisor exits 0 once they all have."""
-    gateway = start_workers(build_repo(tmp_path / "repo"), tmp_path / "gateway.log")
+    gateway = start_workers(build_repo(tmp_path / "repo"), tmp_path / "gateway.log", from_environment=True)
     pids = [row["pid"] for row in wait_workers(gateway, lambda rows: True)]
     url = f"{gateway.url}/v2/models/spin/infer"
     rest: list[list[Answer]] = [[] for _ in range(KEEPALIVE_CLIENTS)]
