@@ -115,8 +115,7 @@ def _reserve(host: str, port: int, what: str) -> socket.socket:
     try:
         if port != 0:
             # Without SO_REUSEPORT: fails where any socket has the port, one that shares it too.
-            with socket.create_server((host, port), reuse_port=False):
-                pass
+            reuse_port_socket(host, port, share=False).close()
         return reuse_port_socket(host, port)
     except OSError as exc:
         raise StartupError(f"cannot listen for {what} on {host}:{port}: {exc}") from None
@@ -128,6 +127,7 @@ class Supervisor:
         self.state_dir = state_dir
         self.slots = [_Slot(index) for index in range(settings.workers)]
         self._stopping = False
+        self._signal: str | None = None
         # The exit status of each worker that ended after the signal.
         self._exit_codes: list[int | None] = []
         self._context = multiprocessing.get_context("spawn")
@@ -161,8 +161,7 @@ class Supervisor:
                 signal.signal(signum, handler)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if not self._stopping:
-            log.info("event=signal signal=%s workers=%d", signal.Signals(signum).name, len(self.slots))
+        self._signal = self._signal or signal.Signals(signum).name
         self._stopping = True
 
     def _start(self, slot: _Slot) -> None:
@@ -254,6 +253,7 @@ class Supervisor:
 
     def _drain(self) -> int:
         """Every worker drains as a single gateway does; returns 0 when every one exited 0."""
+        log.info("event=signal signal=%s workers=%d", self._signal, len(self.slots))
         for slot in self.slots:
             if slot.process is not None and slot.process.pid is not None:
                 os.kill(slot.process.pid, signal.SIGTERM)

@@ -68,17 +68,19 @@ class WorkerTable:
         return cls(data["supervisor_pid"], [WorkerRecord(**row) for row in data["workers"]])
 
 
-def reuse_port_socket(host: str, port: int) -> socket.socket:
+def reuse_port_socket(host: str, port: int, *, share: bool = True) -> socket.socket:
     """A TCP socket bound to host:port with SO_REUSEPORT, so that every worker's listener shares
     the port and the kernel spreads new connections over them. Until it listens it only holds
-    the port: connections go to listening sockets alone."""
+    the port: connections go to listening sockets alone. With `share` False, without
+    SO_REUSEPORT: its bind fails where any other socket has the port."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if share:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
     except OSError:
         sock.close()

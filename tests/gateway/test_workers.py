@@ -355,12 +355,25 @@ async def test_a_worker_does_not_start_a_managed_torchserve() -> None:
         await create_adapter("torchserve", spec).load()
 
 
-@pytest.mark.parametrize("what", ["repository API", "managed TorchServe", "a worker that cannot start"])
+@pytest.mark.parametrize(
+    "what", ["repository API", "managed TorchServe", "a worker that cannot start", "a shared port taken"]
+)
 def test_what_must_exist_once_is_refused_with_workers(tmp_path: Path, what: str) -> None:
     repo = tmp_path / "repo"
     _save(build_affine(1), repo / "affine" / "1" / "model.onnx")
     args = ["--workers", "2"]
-    if what == "repository API":
+    http_port = free_port()
+    holder = None
+    if what == "a shared port taken":
+        # Another server listening with SO_REUSEPORT would share the port with the workers
+        # unnoticed: the supervisor refuses it.
+        holder = socket.socket()
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        http_port = holder.getsockname()[1]
+        expected = f"cannot listen for HTTP on 127.0.0.1:{http_port}"
+    elif what == "repository API":
         args.append("--enable-repository-api")
         expected = "the repository API cannot be enabled with --workers"
     elif what == "managed TorchServe":
@@ -374,11 +387,15 @@ def test_what_must_exist_once_is_refused_with_workers(tmp_path: Path, what: str)
         keys.write_text("keys: [{name: short, key: tooshort, models: ['*']}]\n")
         args += ["--api-keys-file", str(keys)]
         expected = "modelyard: worker "
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", "serve", "--model-repo", str(repo), *args,
-         "--http-port", str(free_port()), "--grpc-port", str(free_port())],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
-    )  # fmt: skip
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--model-repo", str(repo), *args,
+             "--http-port", str(http_port), "--grpc-port", str(free_port())],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+    finally:
+        if holder is not None:
+            holder.close()
     assert done.returncode == 1, done.stderr
     assert expected in done.stderr
     assert "Traceback" not in done.stderr
