@@ -49,11 +49,14 @@ class SharedResources:
     Created once by the registry; each is built on first use and closed when the registry closes.
     """
 
-    def __init__(self, breakers: Breakers | None = None) -> None:
+    def __init__(self, breakers: Breakers | None = None, *, may_start_servers: bool = True) -> None:
         self._items: dict[str, SharedResource] = {}
         self._lock = asyncio.Lock()
         # The circuit breakers of remote backend endpoints.
         self.breakers = breakers or Breakers()
+        # False in each of `--workers N`: a server the gateway starts (a managed TorchServe) must
+        # exist once, and a worker is one of several.
+        self.may_start_servers = may_start_servers
 
     async def get(self, key: str, factory: Callable[[], Awaitable[Resource]]) -> Resource:
         async with self._lock:
@@ -181,6 +184,12 @@ class ModelAdapter(ABC):
         """Whether, with these options, the backend serves from elsewhere (`remote`, unless a
         backend's mode says otherwise)."""
         return cls.remote
+
+    @classmethod
+    def starts_server(cls, options: BaseModel) -> bool:
+        """Whether, with these options, the gateway starts and owns a server for the backend (a
+        managed TorchServe), which must exist once whatever the number of workers."""
+        return False
 
     @classmethod
     def listed_versions(cls, options: BaseModel) -> tuple[int, ...]:

@@ -47,6 +47,12 @@ def serve(
     grpc_port: Annotated[
         int | None, typer.Option(help="gRPC port, default 8001 [env MODELYARD_GRPC_PORT].")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Serving processes sharing the ports under a supervisor, default 1 [env MODELYARD_WORKERS]."
+        ),
+    ] = None,
     log_level: Annotated[
         str | None, typer.Option(help="debug|info|warning|error [env MODELYARD_LOG_LEVEL].")
     ] = None,
@@ -114,6 +120,7 @@ def serve(
         "host": host,
         "http_port": http_port,
         "grpc_port": grpc_port,
+        "workers": workers,
         "log_level": log_level,
         "poll_interval_s": poll_interval,
         "enable_repository_api": enable_repository_api,

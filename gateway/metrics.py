@@ -1,5 +1,10 @@
 """Prometheus metrics, defined once and injected; each gateway owns its own registry.
 
+Under `--workers N` each worker writes its values to files in a folder the supervisor owns
+(prometheus-client's multiprocess mode), and whichever worker answers a scrape reads them all:
+counters and histograms are summed over every worker that ever ran, gauges are merged as each
+one's `multiprocess_mode` says, over the live workers.
+
 The per-request series are looked up once per (model, version, backend, protocol) and kept, so a
 request pays for no label lookups. Gauges of what is running and queued now are read from the
 limiters when Prometheus scrapes, so a request pays nothing to keep them.
@@ -7,8 +12,10 @@ limiters when Prometheus scrapes, so a request pays nothing to keep them.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import prometheus_client
 from prometheus_client import (
@@ -22,6 +29,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 import gateway
@@ -108,17 +116,30 @@ class RequestSeries:
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, multiprocess_dir: Path | None = None
+    ) -> None:
+        """`multiprocess_dir`: the folder every worker's values go to, under `--workers N`; the
+        process must have been started with PROMETHEUS_MULTIPROC_DIR naming it."""
         self.registry = registry or CollectorRegistry()
         self._series: dict[tuple[str, str, str, str], RequestSeries] = {}
-        # The gateway's own process (CPU, memory, open files) and the Python it runs on.
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
+        self._multiprocess = multiprocess_dir is not None
+        # What a scrape reads: this registry, or every worker's files.
+        self._exposed = self.registry
+        if multiprocess_dir is None:
+            # The gateway's own process (CPU, memory, open files): one worker's would mislead.
+            ProcessCollector(registry=self.registry)
+        else:
+            self._exposed = CollectorRegistry()
+            MultiProcessCollector(self._exposed, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
+        PlatformCollector(registry=self._exposed)
+        self._load_gauges: _LoadGauges | None = None
         self.build_info = Gauge(
             "modelyard_build_info",
             "Always 1; the labels say which modelyard and Python serve.",
             ("version", "python"),
             registry=self.registry,
+            multiprocess_mode="max",
         )
         self.build_info.labels(gateway.__version__, platform.python_version()).set(1)
         self.requests = Counter(
@@ -188,9 +209,10 @@ class Metrics:
         )
         self.model_ready = Gauge(
             "modelyard_model_ready",
-            "1 when the version is ready to serve.",
+            "1 when the version is ready to serve (under --workers: on every live worker).",
             ("model", "version", "backend"),
             registry=self.registry,
+            multiprocess_mode="livemin",
         )
 
         # Loads on demand and the memory budget.
@@ -216,14 +238,18 @@ class Metrics:
         )
         self.resident_bytes = Gauge(
             "modelyard_model_resident_bytes",
-            "Memory a version holds, as measured at its load (0 while it is not resident).",
+            "Memory a version holds, as measured at its load (0 while it is not resident); "
+            "under --workers, summed over the live workers.",
             VERSION_LABELS,
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.memory_budget = Gauge(
             "modelyard_model_memory_budget_bytes",
-            "The memory budget the resident versions share (absent: no budget).",
+            "The memory budget the resident versions share (absent: no budget); under --workers, "
+            "each worker's.",
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.cache_lookups = Counter(
             "modelyard_response_cache_lookups",
@@ -266,9 +292,11 @@ class Metrics:
         )
         self.breaker_state = Gauge(
             "modelyard_breaker_state",
-            "A backend endpoint's circuit breaker: 0 closed, 1 half open, 2 open.",
+            "A backend endpoint's circuit breaker: 0 closed, 1 half open, 2 open; under --workers, "
+            "the most open of the live workers'.",
             ("backend", "endpoint"),
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
 
     def series(self, model: str, version: str, backend: str, protocol: str) -> RequestSeries:
@@ -278,17 +306,42 @@ class Metrics:
             series = self._series[key] = RequestSeries(self, key)
         return series
 
+    def forget_resident(self, model: str, version: str, backend: str) -> None:
+        """A version no longer resident: its series goes, or under `--workers`, where a series
+        cannot be removed from the files, reads 0."""
+        if self._multiprocess:
+            self.resident_bytes.labels(model, version, backend).set(0)
+            return
+        with contextlib.suppress(KeyError):
+            self.resident_bytes.remove(model, version, backend)
+
     def watch_load(self, per_model: LoadProbe, gateway_wide: GatewayLoadProbe) -> None:
         """Serve the in-flight and queued gauges, per model and for the whole gateway (the signals
-        to autoscale a replica on; Prometheus adds the pod label), read at each scrape."""
-        self.registry.register(_LoadCollector(per_model, gateway_wide))
+        to autoscale a replica on; Prometheus adds the pod label), read at each scrape. Under
+        `--workers` a scrape cannot read the other workers' limiters: each worker writes its
+        figures to its gauges at every `refresh_load` (its server calls it on a timer)."""
+        if self._multiprocess:
+            self._load_gauges = _LoadGauges(self.registry, per_model, gateway_wide)
+        else:
+            self.registry.register(_LoadCollector(per_model, gateway_wide))
+
+    def refresh_load(self) -> None:
+        """Under `--workers`, write this worker's in-flight and queued figures for the others to read."""
+        if self._load_gauges is not None:
+            self._load_gauges.refresh()
+
+    def collect(self) -> Iterable[Metric]:
+        """Every family a scrape shows: this process's, or under `--workers` the whole gateway's."""
+        self.refresh_load()
+        return self._exposed.collect()
 
     def render(self, access: Access = FULL_ACCESS) -> bytes:
         """The exposition as `access` may see it: the series of its models only, and the rest (the
         process, the platform, gateway-wide gauges, backend endpoints) only with the admin action."""
+        self.refresh_load()
         if access.everything:
-            return generate_latest(self.registry)
-        return generate_latest(_Scoped(self.registry, access))
+            return generate_latest(self._exposed)
+        return generate_latest(_Scoped(self._exposed, access))
 
 
 class _Scoped:
@@ -311,6 +364,58 @@ class _Scoped:
                 scoped = Metric(family.name, family.documentation, family.type, family.unit)
                 scoped.samples = samples
                 yield scoped
+
+
+class _LoadGauges:
+    """The same gauges as _LoadCollector, as multiprocess gauges summed over the live workers."""
+
+    def __init__(
+        self, registry: CollectorRegistry, per_model: LoadProbe, gateway_wide: GatewayLoadProbe
+    ) -> None:
+        self._per_model = per_model
+        self._gateway_wide = gateway_wide
+        self._models: set[str] = set()
+        self.inflight = Gauge(
+            "modelyard_inflight_requests",
+            "Requests running on the backend now.",
+            ("model",),
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.queued = Gauge(
+            "modelyard_queued_requests",
+            "Requests waiting for a slot now.",
+            ("model",),
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.gateway_inflight = Gauge(
+            "modelyard_gateway_inflight_requests",
+            "Inference requests this gateway has accepted and not yet answered, queued or running.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.gateway_queued = Gauge(
+            "modelyard_gateway_queued_requests",
+            "Inference requests waiting for a slot now, across all models and the global limit.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+
+    def refresh(self) -> None:
+        seen: set[str] = set()
+        for model, running, waiting in self._per_model():
+            seen.add(model)
+            self.inflight.labels(model).set(running)
+            self.queued.labels(model).set(waiting)
+        # A model this worker no longer serves adds nothing (its file keeps the last values).
+        for model in self._models - seen:
+            self.inflight.labels(model).set(0)
+            self.queued.labels(model).set(0)
+        self._models |= seen
+        accepted, waiting = self._gateway_wide()
+        self.gateway_inflight.set(accepted)
+        self.gateway_queued.set(waiting)
 
 
 class _LoadCollector(Collector):

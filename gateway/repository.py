@@ -63,6 +63,17 @@ def is_remote(config: ModelConfig, backend: str | None) -> bool:
         return adapter.remote
 
 
+def starts_server(config: ModelConfig, backend: str | None) -> bool:
+    """Whether the gateway starts and owns a server for this model, as its registered class says."""
+    adapter = BACKENDS.get(backend) if backend else None
+    if adapter is None:
+        return False
+    try:
+        return adapter.starts_server(adapter.parse_options(config))
+    except OptionsError:
+        return False
+
+
 def _find_artifact(version_dir: Path, backend: str | None) -> Path | None:
     names = BACKENDS[backend].artifacts if backend else tuple(n for n, _ in artifact_backends())
     for name in names:

@@ -319,8 +319,7 @@ class Residency:
         if self._first.get(loaded.backend) == id(loaded):
             del self._first[loaded.backend]
         if self._resident.pop(id(loaded), None) is not None and self._metrics is not None:
-            with contextlib.suppress(KeyError):
-                self._metrics.resident_bytes.remove(model, str(loaded.version), loaded.backend)
+            self._metrics.forget_resident(model, str(loaded.version), loaded.backend)
 
     async def _make_room(self, loading: LoadedVersion, need: int, label: str, wait: bool = True) -> None:
         """Unloads idle versions, least recently used first, until the others and `need` fit; waits

@@ -1,5 +1,6 @@
 """The composition root: builds every part from one Settings object and runs REST and gRPC
-in one event loop, with a graceful shutdown."""
+in one event loop, with a graceful shutdown. Under `--workers N` the supervisor
+(gateway/supervisor.py) runs N of these, each a worker that shares the two ports."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
 
 import grpc
 import uvicorn
@@ -34,6 +36,7 @@ from gateway.residency import Residency
 from gateway.routing import Router
 from gateway.settings import Settings
 from gateway.status import StatusReader
+from gateway.workers import LOAD_REFRESH_S, WorkerRole, reuse_port_socket
 
 log = logging.getLogger("modelyard")
 
@@ -54,10 +57,19 @@ class _UvicornServer(uvicorn.Server):
 
 
 class Gateway:
-    def __init__(self, settings: Settings, adapter_factory: AdapterFactory = create_adapter) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        adapter_factory: AdapterFactory = create_adapter,
+        worker: WorkerRole | None = None,
+    ) -> None:
+        """`worker`: this gateway is one of `--workers N`, started by the supervisor."""
         self.settings = settings
-        self.metrics = Metrics()
-        shared = SharedResources(Breakers(observe=guard_observer(self.metrics)))
+        self.worker = worker
+        self.metrics = Metrics(multiprocess_dir=worker.metrics_dir if worker is not None else None)
+        shared = SharedResources(
+            Breakers(observe=guard_observer(self.metrics)), may_start_servers=worker is None
+        )
         self.registry = Registry(
             settings.model_repo,
             adapter_factory,
@@ -81,7 +93,12 @@ class Gateway:
             enable_repository_api=settings.enable_repository_api,
         )
         self.metrics.watch_load(self.registry.load_levels, self._gateway_load)
-        self.status = StatusReader(self.dataplane, self.metrics, settings.enable_repository_api)
+        self.status = StatusReader(
+            self.dataplane,
+            self.metrics,
+            settings.enable_repository_api,
+            worker_table=worker.table if worker is not None else None,
+        )
         self.limits = InputLimits.from_settings(settings)
         self.connections = ConnectionGuard(ConnectionLimits.from_settings(settings))
         self.body_budget = BodyBudget(settings.max_inflight_body_bytes)
@@ -108,6 +125,7 @@ class Gateway:
         self._http: _UvicornServer | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._load_writer: asyncio.Task[None] | None = None
         self._services: list[str] = [SERVICE_NAME]
 
     def _gateway_load(self) -> tuple[int, int]:
@@ -124,6 +142,8 @@ class Gateway:
         await self.dataplane.load_all()
         if settings.poll_interval_s is not None:
             self._poller = asyncio.create_task(self._poll_forever(settings.poll_interval_s))
+        if self.worker is not None:
+            self._load_writer = asyncio.create_task(self._write_load_forever())
         await self._start_grpc()
         await self._start_http()
         self.dataplane.mark_started()
@@ -146,6 +166,11 @@ class Gateway:
             except Exception:  # one bad scan must not end polling
                 log.exception("polling the model repository failed")
 
+    async def _write_load_forever(self) -> None:
+        while True:
+            self.metrics.refresh_load()
+            await asyncio.sleep(LOAD_REFRESH_S)
+
     def _grpc_options(self) -> list[tuple[str, int]]:
         settings = self.settings
         message = settings.grpc_max_message_mb * 1024 * 1024
@@ -160,6 +185,8 @@ class Gateway:
             ("grpc.server_handshake_timeout_ms", int(settings.grpc_handshake_timeout_s * 1000)),
             ("grpc.max_connection_idle_ms", int(settings.grpc_max_connection_idle_s * 1000)),
             ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+            # On by default on Linux; the workers' shared port depends on it, so it is said.
+            ("grpc.so_reuseport", 1),
         ]
 
     async def _start_grpc(self) -> None:
@@ -238,12 +265,18 @@ class Gateway:
             ssl_keyfile=self.settings.tls_keyfile,
         )
         self._http = _UvicornServer(config)
-        self._http_task = asyncio.create_task(self._http.serve())
+        address = f"{self.settings.host}:{self.settings.http_port}"
+        sockets = None
+        if self.worker is not None:
+            # Each worker listens on a socket of its own on the shared port.
+            try:
+                sockets = [reuse_port_socket(self.settings.host, self.settings.http_port)]
+            except OSError as exc:
+                raise StartupError(f"cannot listen for HTTP on {address}: {exc}") from exc
+        self._http_task = asyncio.create_task(self._http.serve(sockets))
         while not self._http.started:
             if self._http_task.done():
-                raise StartupError(
-                    f"cannot listen for HTTP on {self.settings.host}:{self.settings.http_port}"
-                )
+                raise StartupError(f"cannot listen for HTTP on {address}")
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
@@ -287,32 +320,58 @@ class Gateway:
                 await asyncio.wait_for(self._http_task, SEND_GRACE_S + 1)
         await self.registry.aclose()
         self.shared_memory.close()
+        # Under --workers the drain's figures went on being written for the others to read.
+        if self._load_writer is not None:
+            self._load_writer.cancel()
         log.info("modelyard stopped")
 
 
-async def serve(settings: Settings) -> None:
-    gateway = Gateway(settings)
+async def serve(
+    settings: Settings,
+    worker: WorkerRole | None = None,
+    on_started: Callable[[], None] | None = None,
+) -> None:
+    gateway = Gateway(settings, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
         await gateway.start()
+        if on_started is not None:
+            on_started()
         await stop.wait()
         log.info("shutting down")
     finally:
         await gateway.stop()
 
 
-def run(settings: Settings) -> None:
+def configure_logging(settings: Settings, name: str = "") -> None:
     logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s %(name)s{name}: %(message)s",
     )
     # httpx logs every backend request at INFO: far too loud for a gateway's hot path.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     # TensorFlow's Python side logs each SavedModel's variables at INFO: the gateway logs the load.
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0":
         logging.getLogger("tensorflow").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def run(settings: Settings) -> None:
+    if settings.workers > 1:
+        from gateway.supervisor import supervise
+
+        configure_logging(settings, "[supervisor]")
+        code = supervise(settings)
+        if code:
+            raise SystemExit(code)
+        return
+    configure_logging(settings)
+    run_loop(serve(settings), settings)
+
+
+def run_loop(main: Coroutine[Any, Any, None], settings: Settings) -> None:
     use_uvloop = settings.event_loop != "asyncio"
     if use_uvloop:
         try:
@@ -323,6 +382,6 @@ def run(settings: Settings) -> None:
             use_uvloop = False
     if use_uvloop:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(settings))
+            runner.run(main)
     else:
-        asyncio.run(serve(settings))
+        asyncio.run(main)

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8000, ge=0, le=65535)
     grpc_port: int = Field(default=8001, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Serving processes on the same two ports (SO_REUSEPORT), under a supervisor that restarts
+    # them and merges their metrics; 1: the gateway is one process, with no supervisor.
+    workers: int = Field(default=1, ge=1, le=64)
     # gRPC messages carry whole tensors: allow far more than gRPC's 4 MiB default.
     grpc_max_message_mb: int = Field(default=256, ge=1)
     # How long in-flight requests may run on after a shutdown signal (the drain timeout).

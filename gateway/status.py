@@ -12,6 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -23,6 +24,7 @@ from gateway.dataplane import DataPlane
 from gateway.errors import without_server_paths
 from gateway.loaded import LoadedVersion
 from gateway.metrics import LATENCY_BUCKETS, Metrics
+from gateway.workers import WorkerRecord, WorkerTable
 
 # The traffic figures cover at least this many seconds of the most recent history, where there is that much.
 WINDOW_S = 5.0
@@ -87,7 +89,7 @@ class MetricsWindow:
         requests: dict[str, int] = {}
         errors: dict[str, int] = {}
         buckets: dict[str, dict[float, float]] = {}
-        for family in self.metrics.registry.collect():
+        for family in self.metrics.collect():
             for sample in family.samples:
                 model = sample.labels.get("model")
                 if model is None:
@@ -221,6 +223,18 @@ class ProcessStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """One serving process: the gateway itself, or one of `--workers N`."""
+
+    index: int
+    pid: int
+    up_s: float
+    restarts: int
+    ready: bool
+    rss_bytes: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class IndexRow:
     name: str
     version: str
@@ -237,6 +251,11 @@ class GatewayStatus:
     processes: list[ProcessStatus]
     index: list[IndexRow]
     memory: MemoryStatus
+    # The serving processes (1 without --workers); each one, and the supervisor's pid (None:
+    # none), only for a reader with the admin action.
+    worker_count: int
+    workers: list[WorkerStatus]
+    supervisor_pid: int | None
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,11 +267,15 @@ class StatusReader:
         dataplane: DataPlane,
         metrics: Metrics,
         repository_api: bool = False,
+        worker_table: Path | None = None,
     ) -> None:
+        """`worker_table`: the supervisor's table of workers, where this is one of `--workers N`."""
         self.dataplane = dataplane
         self.repository_api = repository_api
         self.window = MetricsWindow(metrics)
         self._started = time.monotonic()
+        self._started_at = time.time()
+        self._worker_table = worker_table
 
     async def read(self, access: Access = FULL_ACCESS) -> GatewayStatus:
         """The status as `access` may see it: its models only, and the processes (pids, memory)
@@ -290,6 +313,7 @@ class StatusReader:
         ]
         registry = self.dataplane.registry
         residency = registry.residency
+        table = self._table()
         memory = MemoryStatus(
             registry.load_mode,
             residency.budget,
@@ -307,7 +331,31 @@ class StatusReader:
             processes=[_process(pid, serves) for pid, serves in served_by.items()] if access.admin else [],
             index=index,
             memory=memory,
+            worker_count=len(table.workers),
+            workers=_workers(table) if access.admin else [],
+            supervisor_pid=(table.supervisor_pid or None) if access.admin else None,
         )
+
+    def _table(self) -> WorkerTable:
+        table = None if self._worker_table is None else WorkerTable.read(self._worker_table)
+        if table is not None:
+            return table
+        return WorkerTable(0, [WorkerRecord(0, os.getpid(), self._started_at, 0, True)])
+
+
+def _workers(table: WorkerTable) -> list[WorkerStatus]:
+    now = time.time()
+    return [
+        WorkerStatus(
+            index=row.index,
+            pid=row.pid,
+            up_s=round(max(0.0, now - row.started_at), 1),
+            restarts=row.restarts,
+            ready=row.ready,
+            rss_bytes=_rss_of(row.pid),
+        )
+        for row in table.workers
+    ]
 
 
 async def _version(loaded: LoadedVersion, admin: bool) -> VersionStatus:
@@ -349,6 +397,13 @@ def _process(pid: int, serves: list[str]) -> ProcessStatus:
         return ProcessStatus(name, pid, sum(_rss(member) for member in family), serves)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return ProcessStatus("(gone)", pid, None, serves)
+
+
+def _rss_of(pid: int) -> int | None:
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
 
 
 def _rss(process: psutil.Process) -> int:

@@ -46,6 +46,10 @@ class TorchServeAdapter(ModelAdapter):
     def serves_remotely(cls, options: BaseModel) -> bool:
         return isinstance(options, TorchServeOptions) and options.mode == "remote"
 
+    @classmethod
+    def starts_server(cls, options: BaseModel) -> bool:
+        return not cls.serves_remotely(options)
+
     def __init__(self, spec: LoadSpec) -> None:
         super().__init__(spec)
         self._managed: ManagedTorchServe | None = None
@@ -112,6 +116,11 @@ class TorchServeAdapter(ModelAdapter):
                 raise ModelNotReady(
                     f"{self.spec.label}: managed TorchServe needs the {module} package: {self.install_hint()}"
                 )
+        if not self.spec.shared.may_start_servers:
+            raise ModelNotReady(
+                f"{self.spec.label}: a managed TorchServe cannot run under --workers; "
+                "serve it with `torchserve: {mode: remote}` or with one worker"
+            )
         runtime = await managed_torchserve(self.spec.shared)
         inputs, outputs = self._tensor_names(declared)
         archive = await runtime.archive(self.spec, self.options, inputs, outputs)

@@ -67,6 +67,8 @@ def render_panel(status: GatewayStatus) -> str:
             "<h2>Processes</h2>",
             _process_table(status.processes),
             _memory_line(status.memory),
+            "<h2>Workers</h2>",
+            _workers_table(status),
         ]
     )
 
@@ -292,6 +294,28 @@ def _process_table(processes: list[ProcessStatus]) -> str:
     ]
     head = "<tr><th>process</th><th>pid</th><th>RSS</th><th>serves</th></tr>"
     return f'<table id="processes">{head}{"".join(rows)}</table>'
+
+
+def _workers_table(status: GatewayStatus) -> str:
+    count = f'<p class="meta" id="worker-count">{status.worker_count} serving process(es)'
+    if not status.workers:
+        return f"{count}; details (pids, memory) are shown to an admin key only.</p>"
+    rows = [
+        f'<tr data-worker="{w.index}">'
+        + _cells(
+            str(w.index),
+            str(w.pid),
+            f"{w.up_s:.0f} s",
+            str(w.restarts),
+            "serving" if w.ready else "starting",
+            _mib(w.rss_bytes),
+        )
+        + "</tr>"
+        for w in status.workers
+    ]
+    supervisor = "" if status.supervisor_pid is None else f" under supervisor pid {status.supervisor_pid}"
+    head = "<tr><th>worker</th><th>pid</th><th>up</th><th>restarts</th><th>state</th><th>RSS</th></tr>"
+    return f'{count}{supervisor}</p><table id="workers">{head}{"".join(rows)}</table>'
 
 
 def _empty(columns: int) -> str:

@@ -94,6 +94,10 @@ def test_status_json_names_models_backends_and_memory(gateway: RunningGateway) -
         (own,) = [p for p in status["processes"] if p["name"] == "gateway"]
         assert own["pid"] == gateway.process.pid and own["rss_bytes"] > 10 * 2**20
         assert {"affine:1", "affine_tf:1", "affine_litert:1", "affine_keras:1"} <= set(own["serves"])
+        # One process, no supervisor: the gateway is its own only worker.
+        (worker,) = status["workers"]
+        assert status["worker_count"] == 1 and status["supervisor_pid"] is None
+        assert (worker["pid"], worker["restarts"], worker["ready"]) == (gateway.process.pid, 0, True)
         assert status["repository_api"]  # the session gateway turns it on
         index = {(e["name"], e["version"]): e for e in status["index"]}
         assert index[("broken_artifact", "1")]["state"] == "UNAVAILABLE"

@@ -130,7 +130,8 @@ def test_page_reads_at_a_glance_and_unloads_a_model(api_gateway: RunningGateway)
             assert labels == expected_labels(status, "affine")
             # No repeated table: each model version once, in the one models table.
             assert page.locator("#index").count() == 0
-            assert page.locator("table").count() == 3  # models, traffic, processes
+            tables = page.eval_on_selector_all("table", "tables => tables.map(t => t.id)")
+            assert sorted(tables) == ["models", "processes", "traffic", "workers"]
             sender = threading.Thread(target=send_traffic, args=(api_gateway.url, stop))
             sender.start()
             try:

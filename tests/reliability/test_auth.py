@@ -418,6 +418,7 @@ def test_every_aggregate_shows_a_key_only_what_it_may_see(scoped: RunningGateway
     status = json.loads(narrow["status"][1])
     assert [m["name"] for m in status["models"]] == ["affine"]
     assert status["processes"] == [] and {e["name"] for e in status["index"]} == {"affine"}
+    assert status["workers"] == [] and status["worker_count"] == 1 and status["supervisor_pid"] is None
     assert all(v["pid"] is None for m in status["models"] for v in m["versions"])
     assert "Processes" not in narrow["page"][1] or "an admin key" in narrow["page"][1]
 
