@@ -24,6 +24,7 @@ from adapters.base import ModelAdapter
 from gateway.breaker import EndpointGuard
 from gateway.config import Batching
 from gateway.errors import DeadlineExceeded, GatewayError
+from gateway.tracing import current_trace
 from gateway.types import ModelSignature
 
 log = logging.getLogger("modelyard.batching")
@@ -41,6 +42,10 @@ class _Pending:
     key: tuple[Any, ...]
     deadline: float | None
     enqueued: float = field(default_factory=time.monotonic)
+    # perf_counter_ns() stamps of a traced request: queued, and taken into a batch (0: not yet).
+    traced_at: int = 0
+    taken_at: int = 0
+    batch_rows: int = 0
     future: asyncio.Future[Arrays] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -105,9 +110,23 @@ class BatchingAdapter(ModelAdapter):
         if rows >= self.options.max_batch_size:
             return await self.inner.infer(inputs, output_names, deadline=deadline)
         pending = _Pending(inputs, tuple(output_names), rows, key, deadline)
+        trace = current_trace.get()
+        if trace is not None:
+            pending.traced_at = time.perf_counter_ns()
         self._queue.append(pending)
         self._arrived.set()
-        return await asyncio.shield(pending.future)
+        if trace is None:
+            return await asyncio.shield(pending.future)
+        try:
+            return await asyncio.shield(pending.future)
+        finally:
+            if pending.taken_at:
+                trace.phase(
+                    "batch_wait",
+                    pending.traced_at,
+                    pending.taken_at,
+                    {"modelyard.batch.rows": pending.batch_rows, "modelyard.request.rows": pending.rows},
+                )
 
     async def _run_forever(self) -> None:
         delay = self.options.max_queue_delay_us / 1e6
@@ -146,6 +165,11 @@ class BatchingAdapter(ModelAdapter):
                 rows += pending.rows
         if not dry_run:
             self._queue = [p for p in self._queue if p not in batch]
+            taken_at = 0
+            for pending in batch:
+                if pending.traced_at:
+                    pending.taken_at = taken_at = taken_at or time.perf_counter_ns()
+                    pending.batch_rows = rows
             batch = self._drop_expired(batch)
         return batch
 

@@ -33,6 +33,7 @@ from gateway.residency import Residency
 from gateway.routing import Router
 from gateway.settings import Settings
 from gateway.status import StatusReader
+from gateway.tracing import Tracer
 
 log = logging.getLogger("modelyard")
 
@@ -72,12 +73,17 @@ class Gateway:
                 settings.global_max_inflight, settings.global_max_queue, "the gateway", scope="global"
             )
         self._global_limiter = global_limiter
+        try:
+            self.tracer = Tracer.from_settings(settings)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
         self.dataplane = DataPlane(
             self.registry,
             Router(),
             self.metrics,
             global_limiter=global_limiter,
             enable_repository_api=settings.enable_repository_api,
+            tracer=self.tracer,
         )
         self.metrics.watch_load(self.registry.load_levels, self._gateway_load)
         self.status = StatusReader(self.dataplane, self.metrics, settings.enable_repository_api)
@@ -271,6 +277,9 @@ class Gateway:
             with contextlib.suppress(asyncio.TimeoutError, SystemExit):
                 await asyncio.wait_for(self._http_task, SEND_GRACE_S + 1)
         await self.registry.aclose()
+        if self.tracer is not None:
+            # Flushes the spans still queued for export.
+            await asyncio.to_thread(self.tracer.shutdown)
         log.info("modelyard stopped")
 
 
