@@ -30,6 +30,7 @@ from gateway.limits import Limiter, acquire_all, release_all
 from gateway.loaded import LoadedVersion, State
 from gateway.metrics import Metrics, RequestSeries
 from gateway.outcomes import GRPC_PROTOCOLS, Outcomes, Served, code_of
+from gateway.payload_log import PayloadLogs
 from gateway.registry import Registry
 from gateway.rollouts import SHADOW_PROTOCOL, Rollouts
 from gateway.routing import Route, Router
@@ -62,6 +63,7 @@ class DataPlane:
         global_limiter: Limiter | None = None,
         enable_repository_api: bool = False,
         tracer: Tracer | None = None,
+        payloads: PayloadLogs | None = None,
     ) -> None:
         self.registry = registry
         self.router = router
@@ -71,6 +73,8 @@ class DataPlane:
         self.outcomes = Outcomes(registry, metrics)
         # None: tracing is off, and the request path makes no tracer call.
         self.tracer = tracer
+        # Where a model's `payload_log` sends its sampled requests and responses.
+        self.payloads = payloads
         # Across all models, behind each model's own limiter; None: no global cap.
         self._global_limiter = global_limiter
         self._started = False
@@ -258,6 +262,9 @@ class DataPlane:
             loaded.inflight -= 1
             loaded.last_used = time.monotonic()
         self._observe(stats, series, arrived, ok=True)
+        logged = model.entry.config.payload_log
+        if logged is not None and self.payloads is not None and context.protocol != SHADOW_PROTOCOL:
+            self.payloads.offer(logged, context, model.name, served.version, tensors, response.outputs)
         return response
 
     @staticmethod

@@ -25,6 +25,7 @@ from gateway.context import ContextBuilder
 from gateway.dataplane import DataPlane
 from gateway.limits import BodyBudget, Limiter
 from gateway.metrics import Metrics
+from gateway.payload_log import PayloadLogs
 from gateway.protocols.connections import ConnectionGuard, ConnectionLimits
 from gateway.protocols.http import create_app
 from gateway.protocols.v2_grpc import SERVICE_NAME, ErrorInterceptor, GuardedServer, InferenceServicer
@@ -84,6 +85,7 @@ class Gateway:
             global_limiter=global_limiter,
             enable_repository_api=settings.enable_repository_api,
             tracer=self.tracer,
+            payloads=PayloadLogs(self.metrics),
         )
         self.metrics.watch_load(self.registry.load_levels, self._gateway_load)
         self.status = StatusReader(self.dataplane, self.metrics, settings.enable_repository_api)
@@ -277,6 +279,8 @@ class Gateway:
             with contextlib.suppress(asyncio.TimeoutError, SystemExit):
                 await asyncio.wait_for(self._http_task, SEND_GRACE_S + 1)
         await self.registry.aclose()
+        if self.dataplane.payloads is not None:
+            await self.dataplane.payloads.aclose()
         if self.tracer is not None:
             # Flushes the spans still queued for export.
             await asyncio.to_thread(self.tracer.shutdown)
