@@ -261,6 +261,11 @@ class DataPlane:
         finally:
             loaded.inflight -= 1
             loaded.last_used = time.monotonic()
+            if trace is not None:
+                # A backend call that raised is still open: it ends here, failed, and what runs
+                # next (a fallback) is not its child.
+                current_trace.set(None)
+                trace.end_backend_call(time.perf_counter_ns(), failed=True)
         self._observe(stats, series, arrived, ok=True)
         logged = model.entry.config.payload_log
         if logged is not None and self.payloads is not None and context.protocol != SHADOW_PROTOCOL:

@@ -22,10 +22,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from gateway.context import ContextBuilder, trace_parent
-from gateway.errors import InvalidInput
+from gateway.errors import BackendError, BackendUnavailable, InvalidInput
 from gateway.server import Gateway
 from gateway.settings import Settings
-from gateway.tracing import Tracer
+from gateway.tracing import Tracer, current_trace
 from gateway.types import Datatype, InferRequest, Tensor
 from scripts.build_models import _save, build_affine
 
@@ -43,6 +43,7 @@ async def traced(tmp_path: Path) -> AsyncIterator[tuple[Gateway, InMemorySpanExp
     (repo / "batched" / "config.yaml").write_text(
         "batching: {max_batch_size: 8, max_queue_delay_us: 20000}\n"
     )
+    (repo / "affine" / "config.yaml").write_text("fallback: [batched]\n")
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -133,6 +134,49 @@ async def test_a_refused_request_ends_its_span_with_the_error(traced: Any) -> No
     root = by_name(exporter.get_finished_spans())["inference.GRPCInferenceService/ModelInfer"]
     assert root.status.status_code == StatusCode.ERROR
     assert dict(root.attributes or {})["modelyard.status"] == "INVALID_ARGUMENT"
+
+
+async def test_a_fallback_after_a_failed_backend_call_is_not_its_child(
+    traced: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway, exporter = traced
+    adapter = gateway.registry.get("affine").versions[1].adapter
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise BackendUnavailable("the backend is down")
+
+    monkeypatch.setattr(adapter, "infer", down)
+    infer, x = request("affine")
+    response = await gateway.dataplane.infer(infer, ContextBuilder().build("rest", {}))
+    assert response.parameters["deployment"] == "batched"
+    np.testing.assert_allclose(response.outputs[0].data, expected(gateway.settings.model_repo, "batched", x))
+    spans = exporter.get_finished_spans()
+    # The fallback runs untraced: its batching wrapper finds no trace to mark a wait in.
+    assert [s.name for s in spans if s.name == "batch_wait"] == []
+    (call,) = [s for s in spans if s.name == "backend_call"]
+    assert call.status.status_code == StatusCode.ERROR
+    root = by_name(spans)["POST /v2/models/{model_name}/infer"]
+    assert dict(root.attributes or {})["modelyard.model"] == "batched"
+
+
+async def test_a_failed_backend_call_ends_failed_and_leaves_no_trace_behind(
+    traced: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway, exporter = traced
+    adapter = gateway.registry.get("affine").versions[1].adapter
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        raise BackendError("the backend broke")
+
+    monkeypatch.setattr(adapter, "infer", failing)
+    with pytest.raises(BackendError):
+        await gateway.dataplane.infer(request("affine")[0], ContextBuilder().build("rest", {}))
+    assert current_trace.get() is None
+    spans = by_name(exporter.get_finished_spans())
+    call, root = spans["backend_call"], spans["POST /v2/models/{model_name}/infer"]
+    assert call.status.status_code == root.status.status_code == StatusCode.ERROR
+    assert call.end_time is not None and root.end_time is not None and call.end_time <= root.end_time
+    assert dict(root.attributes or {})["modelyard.status"] == "500"
 
 
 @pytest.mark.parametrize(
