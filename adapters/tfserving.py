@@ -37,6 +37,7 @@ from gateway.errors import (
     remote_grpc_failure,
     remote_http_error,
 )
+from gateway.tracing import trace_headers, trace_metadata
 from gateway.types import Datatype, ModelSignature, numpy_dtype
 
 PLATFORM = "tensorflow_serving"
@@ -274,7 +275,7 @@ class TfServingAdapter(ModelAdapter):
 
     async def _call_grpc(self, method: Any, request: Any, remaining: float | None = None) -> Any:
         try:
-            return await method(request, timeout=self._timeout(remaining))
+            return await method(request, timeout=self._timeout(remaining), metadata=trace_metadata())
         except grpc.aio.AioRpcError as exc:
             raise remote_grpc_failure(self._where, self._address, exc.code(), exc.details()) from exc
 
@@ -286,7 +287,9 @@ class TfServingAdapter(ModelAdapter):
         content = None if body is None else orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
         timeout = self._timeout(remaining)
         try:
-            response = await self._http.request(method, path, content=content, timeout=timeout)
+            response = await self._http.request(
+                method, path, content=content, headers=trace_headers() or None, timeout=timeout
+            )
         except httpx.TimeoutException as exc:
             raise DeadlineExceeded(f"{self._where}: no answer within {timeout:.3g}s").located(
                 self._address

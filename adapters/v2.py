@@ -32,6 +32,7 @@ from gateway.errors import (
     remote_grpc_failure,
     remote_http_error,
 )
+from gateway.tracing import trace_headers, trace_metadata
 from gateway.types import Datatype, ModelSignature, Tensor, TensorSpec, datatype_of
 
 _HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -299,7 +300,7 @@ class V2Adapter(ModelAdapter):
     async def _call_grpc(self, method: Any, request: Any, deadline: float | None) -> Any:
         timeout = self._timeout(deadline)
         try:
-            return await method(request, timeout=timeout)
+            return await method(request, timeout=timeout, metadata=trace_metadata())
         except grpc.aio.AioRpcError as exc:
             raise remote_grpc_failure(self._where, self._address, exc.code(), exc.details()) from exc
 
@@ -315,6 +316,9 @@ class V2Adapter(ModelAdapter):
         if self._http is None:
             raise ModelNotReady(f"{self.spec.label} is not loaded")
         timeout = self._timeout(deadline)
+        traced = trace_headers()
+        if traced:
+            headers = {**(headers or {}), **traced}
         try:
             response = await self._http.request(
                 method, path, content=content, headers=headers, timeout=timeout

@@ -25,6 +25,7 @@ from gateway.breaker import EndpointGuard
 from gateway.config import Batching
 from gateway.errors import DeadlineExceeded, GatewayError
 from gateway.timing import current_timing
+from gateway.tracing import current_trace
 from gateway.types import ModelSignature
 
 log = logging.getLogger("modelyard.batching")
@@ -45,6 +46,10 @@ class _Pending:
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     # When its batch began to run (perf_counter_ns); 0 until then.
     started_ns: int = 0
+    # perf_counter_ns() stamps of a traced request: queued, and taken into a batch (0: not yet).
+    traced_at: int = 0
+    taken_at: int = 0
+    batch_rows: int = 0
     future: asyncio.Future[Arrays] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -109,9 +114,24 @@ class BatchingAdapter(ModelAdapter):
         if rows >= self.options.max_batch_size:
             return await self.inner.infer(inputs, output_names, deadline=deadline)
         pending = _Pending(inputs, tuple(output_names), rows, key, deadline)
+        trace = current_trace.get()
+        if trace is not None:
+            pending.traced_at = time.perf_counter_ns()
         self._queue.append(pending)
         self._arrived.set()
-        result = await asyncio.shield(pending.future)
+        if trace is None:
+            result = await asyncio.shield(pending.future)
+        else:
+            try:
+                result = await asyncio.shield(pending.future)
+            finally:
+                if pending.taken_at:
+                    trace.phase(
+                        "batch_wait",
+                        pending.traced_at,
+                        pending.taken_at,
+                        {"modelyard.batch.rows": pending.batch_rows, "modelyard.request.rows": pending.rows},
+                    )
         timing = current_timing.get()
         if timing is not None and pending.started_ns:
             timing.batch_ns = pending.started_ns - pending.enqueued_ns
@@ -154,6 +174,11 @@ class BatchingAdapter(ModelAdapter):
                 rows += pending.rows
         if not dry_run:
             self._queue = [p for p in self._queue if p not in batch]
+            taken_at = 0
+            for pending in batch:
+                if pending.traced_at:
+                    pending.taken_at = taken_at = taken_at or time.perf_counter_ns()
+                    pending.batch_rows = rows
             batch = self._drop_expired(batch)
         return batch
 

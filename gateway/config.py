@@ -175,6 +175,43 @@ class Warmup(_Strict):
         return samples
 
 
+class PayloadLog(_Strict):
+    """A sampled share of the model's requests and responses, written as CloudEvents (the format
+    KServe's logger uses) to an HTTP sink and/or a JSONL file (gateway/payload_log.py)."""
+
+    # The share of requests logged, 0 to 1; each request is drawn once, for both its events.
+    sample: float = Field(default=1.0, ge=0, le=1)
+    # all: requests and responses; request or response: only those.
+    mode: Literal["all", "request", "response"] = "all"
+    # An http(s) URL each event is POSTed to, in CloudEvents' binary mode (ce-* headers).
+    sink: str | None = None
+    # A JSONL file each event is appended to, one structured-mode CloudEvent a line; a relative
+    # path is the gateway's working directory's.
+    path: Path | None = None
+    # The file rotates (path.1, path.2...) when the next line would take it past this size.
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # Rotated files kept beside the current one.
+    backups: int = Field(default=3, ge=0, le=100)
+    # A tensor whose data is larger is written as its shape, datatype, size and sha256.
+    max_tensor_bytes: int = Field(default=64 * 1024, ge=0)
+    # Input and output names whose data is never written (their shape and datatype are).
+    redact: tuple[str, ...] = ()
+    # The events' ce-source.
+    source: str = Field(default="modelyard", min_length=1)
+    # Events waiting for the sinks; one that finds the queue full is dropped and counted.
+    queue: int = Field(default=1000, ge=1)
+    # The most seconds one POST to the sink may take; past it the event is dropped and counted.
+    timeout_s: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _a_sink(self) -> PayloadLog:
+        if self.sink is None and self.path is None:
+            raise ValueError("payload_log needs a sink (an http(s) URL), a path (a JSONL file), or both")
+        if self.sink is not None and not self.sink.startswith(("http://", "https://")):
+            raise ValueError(f"payload_log.sink must be an http:// or https:// URL, not {self.sink!r}")
+        return self
+
+
 class ModelConfig(_Strict):
     backend: str | None = None
     # eager: loaded at start; on_demand: at its first request. None: the gateway's --load-mode.
@@ -190,6 +227,8 @@ class ModelConfig(_Strict):
     cache: CacheConfig | None = None
     routing: Routing = Routing()
     shadow: tuple[ShadowTarget, ...] = ()
+    # Requests and responses logged as CloudEvents; None: none are.
+    payload_log: PayloadLog | None = None
     # Other models of the repository (deployments of this one, in order) that answer a request
     # naming no version when this model is not ready or its backend is down.
     fallback: tuple[str, ...] = ()

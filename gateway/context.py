@@ -2,13 +2,14 @@
 by one function that all four front doors (v2 and TF Serving, REST and gRPC) call.
 
 The data plane receives these parsed fields, never raw headers: the request id, the client's
-deadline, the priority, and the routing keys (header or metadata values that a model's label,
-canary and sticky-split rules may read).
+deadline, the priority, the routing keys (header or metadata values that a model's label,
+canary and sticky-split rules may read), and the caller's W3C trace context.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -29,6 +30,34 @@ _PRIORITY_NAMES = {"high": Priority.HIGH, "normal": Priority.NORMAL, "low": Prio
 # Credentials never travel with the routing keys: nothing below the front door needs them.
 _NOT_ROUTING = frozenset({"authorization", "x-api-key", "cookie"})
 _NO_KEYS: Mapping[str, str] = {}
+TRACEPARENT_HEADER = "traceparent"
+# W3C Trace Context: version-traceid-parentid-flags, lower-case hex; version ff is invalid.
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+
+
+@dataclass(frozen=True, slots=True)
+class TraceParent:
+    """The caller's span, from a W3C `traceparent` header (REST) or metadata entry (gRPC)."""
+
+    trace_id: int
+    span_id: int
+    flags: int
+    # The caller's `tracestate`, passed on as it came; "" when it sent none.
+    state: str = ""
+
+
+def trace_parent(value: str | None, state: str | None = None) -> TraceParent | None:
+    """The parsed `traceparent`, or None when there is none or it is not valid (the W3C rule:
+    an invalid one is ignored, and the request starts a trace of its own)."""
+    if not value:
+        return None
+    match = _TRACEPARENT.fullmatch(value.strip())
+    if match is None:
+        return None
+    version, trace_id, span_id, flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest) or not int(trace_id, 16) or not int(span_id, 16):
+        return None
+    return TraceParent(int(trace_id, 16), int(span_id, 16), int(flags, 16), state or "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +76,7 @@ class RequestContext:
     routing_keys: Mapping[str, str] = field(default_factory=dict)
     # The label a request's `label` parameter names (the label header is the model's to name).
     label: str | None = None
+    trace_parent: TraceParent | None = None
 
 
 def request_id(header: str | None, body_id: str | None = None) -> str:
@@ -138,6 +168,7 @@ class ContextBuilder:
             priority=priority(headers, self.priority_header, parameters),
             routing_keys={k: v for k, v in headers.items() if k not in _NOT_ROUTING},
             label=None if label is None or label == "" else str(label),
+            trace_parent=trace_parent(headers.get(TRACEPARENT_HEADER), headers.get("tracestate")),
         )
 
     @staticmethod

@@ -30,11 +30,13 @@ from gateway.errors import (
 from gateway.limits import Limiter, acquire_all, release_all
 from gateway.loaded import LoadedVersion, State
 from gateway.metrics import Metrics, RequestSeries
-from gateway.outcomes import Outcomes, Served
+from gateway.outcomes import GRPC_PROTOCOLS, Outcomes, Served, code_of
+from gateway.payload_log import PayloadLogs
 from gateway.registry import Registry
 from gateway.rollouts import SHADOW_PROTOCOL, Rollouts
 from gateway.routing import Route, Router
 from gateway.timing import RequestTiming, current_timing
+from gateway.tracing import RequestTrace, Tracer, current_trace
 from gateway.types import (
     IndexEntry,
     InferRequest,
@@ -68,6 +70,8 @@ class DataPlane:
         *,
         global_limiter: Limiter | None = None,
         enable_repository_api: bool = False,
+        tracer: Tracer | None = None,
+        payloads: PayloadLogs | None = None,
     ) -> None:
         self.registry = registry
         self.router = router
@@ -75,6 +79,10 @@ class DataPlane:
         self.enable_repository_api = enable_repository_api
         self.rollouts = Rollouts(registry, metrics, self._run_alone)
         self.outcomes = Outcomes(registry, metrics)
+        # None: tracing is off, and the request path makes no tracer call.
+        self.tracer = tracer
+        # Where a model's `payload_log` sends its sampled requests and responses.
+        self.payloads = payloads
         # Across all models, behind each model's own limiter; None: no global cap.
         self._global_limiter = global_limiter
         self._started = False
@@ -178,6 +186,7 @@ class DataPlane:
         """
         started = time.perf_counter_ns()
         served = Served(request.model_name)
+        trace = None if self.tracer is None else self.tracer.start(context, started)
         current_request_id.set(context.request_id)
         self._accepted += 1
         self._idle.clear()
@@ -185,22 +194,28 @@ class DataPlane:
             if self._draining:
                 raise Draining("the gateway is shutting down and takes no new requests")
             try:
-                response = await self._run(request, context, served)
+                response = await self._run(request, context, served, trace)
             except (ModelNotReady, BackendUnavailable) as exc:
                 response = await self.rollouts.fall_back(request, context, exc)
                 served = Served(response.parameters["deployment"], response.model_version, response.backend)
         except GatewayError as exc:
             exc.request_id = context.request_id
             self.outcomes.refused(request, served, context, exc, started)
+            if trace is not None:
+                _finish(trace, served, code_of(exc, context), exc)
             raise
-        except Exception:
+        except Exception as exc:
             self.outcomes.failed(served, context, started)
+            if trace is not None:
+                _finish(trace, served, "INTERNAL" if context.protocol in GRPC_PROTOCOLS else "500", exc)
             raise
         finally:
             self._accepted -= 1
             if not self._accepted:
                 self._idle.set()
         self.outcomes.answered(served, context, started)
+        if trace is not None:
+            _finish(trace, served, code_of(None, context), None)
         self.rollouts.shadow(request, context, response)
         return response
 
@@ -218,7 +233,13 @@ class DataPlane:
         self.outcomes.answered(served, context, started)
         return response
 
-    async def _run(self, request: InferRequest, context: RequestContext, served: Served) -> InferResponse:
+    async def _run(
+        self,
+        request: InferRequest,
+        context: RequestContext,
+        served: Served,
+        trace: RequestTrace | None = None,
+    ) -> InferResponse:
         model = self.registry.get(request.model_name)
         route = Route(
             model, self.router.select(model, request.model_version, context.routing_keys, context.label)
@@ -245,16 +266,24 @@ class DataPlane:
                 raise ModelNotReady(f"{route.label}: its {loaded.backend} backend is not ready")
             # A front door that decodes against the signature does it here, against this version's.
             tensors = request.inputs if request.decode is None else request.decode(route.signature)
-            response = await self._compute(route, request, tensors, context, timing, deadline)
+            response = await self._compute(route, request, tensors, context, timing, deadline, trace)
         except GatewayError:
             self._observe(stats, series, arrived, ok=False)
             raise
         finally:
             loaded.inflight -= 1
             loaded.last_used = time.monotonic()
+            if trace is not None:
+                # A backend call that raised is still open: it ends here, failed, and what runs
+                # next (a fallback) is not its child.
+                current_trace.set(None)
+                trace.end_backend_call(time.perf_counter_ns(), failed=True)
         self._observe(stats, series, arrived, ok=True)
         timing.observe("load", "queue", "batch", "backend")
         response.timing = timing
+        logged = model.entry.config.payload_log
+        if logged is not None and self.payloads is not None and context.protocol != SHADOW_PROTOCOL:
+            self.payloads.offer(logged, context, model.name, served.version, tensors, response.outputs)
         return response
 
     @staticmethod
@@ -272,6 +301,7 @@ class DataPlane:
         context: RequestContext,
         timing: RequestTiming,
         deadline: float | None,
+        trace: RequestTrace | None = None,
     ) -> InferResponse:
         model, loaded = route.model, route.loaded
         stats, series = loaded.stats, timing.series
@@ -305,6 +335,11 @@ class DataPlane:
         computing = time.perf_counter_ns()
         stats.queue.add(computing - queued)
         series.queue.observe((computing - queued) / 1e9)
+        if trace is not None:
+            trace.phase("queue", queued, computing)
+            trace.begin_backend_call(loaded.backend, computing)
+            # The backend call (and a batching wrapper in it) reads the trace from its task.
+            current_trace.set(trace)
         if deadline is None:
             # No deadline: await the backend directly, without a task to watch.
             try:
@@ -321,7 +356,11 @@ class DataPlane:
                 raise DeadlineExceeded(f"{route.label}: no answer before the deadline")
             release_all(slots)
             results = task.result()
-        compute_ns = time.perf_counter_ns() - computing
+        computed = time.perf_counter_ns()
+        if trace is not None:
+            current_trace.set(None)
+            trace.end_backend_call(computed, failed=False)
+        compute_ns = computed - computing
         # A batched request's wait for its batch is the batching wrapper's to measure.
         timing.queue_ns, timing.backend_ns = computing - queued, compute_ns - (timing.batch_ns or 0)
         stats.compute_infer.add(compute_ns)
@@ -385,6 +424,11 @@ class DataPlane:
 
     async def load_all(self) -> None:
         await self.registry.load_all()
+
+
+def _finish(trace: RequestTrace, served: Served, status: str, error: BaseException | None) -> None:
+    current_trace.set(None)
+    trace.finish(served.model, served.version, served.backend, status, error)
 
 
 async def _backend_ready(loaded: LoadedVersion) -> bool:

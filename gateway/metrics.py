@@ -207,6 +207,20 @@ class Metrics:
             buckets=(0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0),
             registry=self.registry,
         )
+        # Payload logging (gateway/payload_log.py).
+        self.payloads_logged = Counter(
+            "modelyard_payload_log_events",
+            "Payload log events written, by type (request, response) and sink (http, file).",
+            ("model", "type", "sink"),
+            registry=self.registry,
+        )
+        self.payloads_dropped = Counter(
+            "modelyard_payload_log_dropped",
+            "Payload log events lost, by reason: queue_full (the queue was full), sink_error (the HTTP "
+            "sink failed or was too slow), file_error (the file could not be written).",
+            ("model", "reason"),
+            registry=self.registry,
+        )
         self.model_ready = Gauge(
             "modelyard_model_ready",
             "1 when the version is ready to serve (under --workers: on every live worker).",

@@ -27,6 +27,7 @@ from gateway.context import ContextBuilder
 from gateway.dataplane import DataPlane
 from gateway.limits import BodyBudget, Limiter
 from gateway.metrics import Metrics
+from gateway.payload_log import PayloadLogs
 from gateway.protocols.connections import ConnectionGuard, ConnectionLimits
 from gateway.protocols.http import create_app
 from gateway.protocols.shared_memory import SharedMemoryRegions
@@ -36,6 +37,7 @@ from gateway.residency import Residency
 from gateway.routing import Router
 from gateway.settings import Settings
 from gateway.status import StatusReader
+from gateway.tracing import Tracer
 from gateway.workers import LOAD_REFRESH_S, WorkerRole, reuse_port_socket
 
 log = logging.getLogger("modelyard")
@@ -85,12 +87,18 @@ class Gateway:
                 settings.global_max_inflight, settings.global_max_queue, "the gateway", scope="global"
             )
         self._global_limiter = global_limiter
+        try:
+            self.tracer = Tracer.from_settings(settings)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
         self.dataplane = DataPlane(
             self.registry,
             Router(),
             self.metrics,
             global_limiter=global_limiter,
             enable_repository_api=settings.enable_repository_api,
+            tracer=self.tracer,
+            payloads=PayloadLogs(self.metrics),
         )
         self.metrics.watch_load(self.registry.load_levels, self._gateway_load)
         self.status = StatusReader(
@@ -323,6 +331,11 @@ class Gateway:
         # Under --workers the drain's figures went on being written for the others to read.
         if self._load_writer is not None:
             self._load_writer.cancel()
+        if self.dataplane.payloads is not None:
+            await self.dataplane.payloads.aclose()
+        if self.tracer is not None:
+            # Flushes the spans still queued for export.
+            await asyncio.to_thread(self.tracer.shutdown)
         log.info("modelyard stopped")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.config import LoadMode
@@ -107,6 +107,17 @@ class Settings(BaseSettings):
     # TLS for both HTTP and gRPC, from PEM files: both or neither.
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
+
+    # OpenTelemetry tracing, under the standard OTEL_* names (no MODELYARD_ prefix): off unless
+    # OTEL_TRACES_EXPORTER names an exporter (otlp or console). The SDK reads the others itself
+    # (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_TRACES_SAMPLER, OTEL_BSP_*...).
+    otel_traces_exporter: str = Field(default="none", validation_alias="OTEL_TRACES_EXPORTER")
+    otel_sdk_disabled: bool = Field(default=False, validation_alias="OTEL_SDK_DISABLED")
+    otel_service_name: str = Field(default="modelyard", validation_alias="OTEL_SERVICE_NAME")
+    otel_exporter_otlp_protocol: str = Field(
+        default="http/protobuf",
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

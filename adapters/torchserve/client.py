@@ -21,6 +21,7 @@ from gateway.errors import (
     DeadlineExceeded,
     remote_http_error,
 )
+from gateway.tracing import trace_headers
 
 # aiohttp writes a bytes body in one piece, and warns above this size; a file-like body goes in
 # chunks, so the event loop is not held and a server that answers early (TorchServe's 413) leaves
@@ -94,7 +95,10 @@ class TorchServeClient:
         limit = self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout)
         try:
             async with self.inference.post(
-                path, data=_payload(body), headers={"Content-Type": wire.CONTENT_TYPE}, timeout=limit
+                path,
+                data=_payload(body),
+                headers={"Content-Type": wire.CONTENT_TYPE, **trace_headers()},
+                timeout=limit,
             ) as response:
                 status, content = response.status, await response.read()
         except TimeoutError as exc:
