@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -101,18 +99,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve a model repository over REST and gRPC."""
-    from gateway.native_logs import filtered_native_stderr, probe_tensorflow_devices
-
-    # TensorFlow (TF Serving's front door needs its protos) logs its own start at warning level.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    with filtered_native_stderr():
-        from gateway.server import StartupError, run
-
-        # The gateway imports TensorFlow at its start anyway, where it is installed (TF Serving's
-        # front door); here, that import and its first device probe run inside the filter.
-        with contextlib.suppress(ImportError):
-            import gateway.protocols.tfserving_grpc  # noqa: F401
-        probe_tensorflow_devices()
+    from gateway.server import StartupError, run
 
     given: dict[str, Any] = {
         "model_repo": model_repo,

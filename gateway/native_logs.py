@@ -56,6 +56,17 @@ def filtered_native_stderr() -> Iterator[None]:
             sys.stderr.flush()
 
 
+def import_serving_quietly() -> None:
+    """What a serving process imports at its start, inside the filter: TensorFlow where it is
+    installed (the gateway imports it anyway, for TF Serving's front door) and its first device
+    probe; nothing where TensorFlow is not installed."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's own logging at warning level
+    with filtered_native_stderr():
+        with contextlib.suppress(ImportError):
+            import gateway.protocols.tfserving_grpc  # noqa: F401
+        probe_tensorflow_devices()
+
+
 def probe_tensorflow_devices() -> None:
     """TensorFlow's first device probe (the cuInit call), made now, inside the filter, rather than
     at the first SavedModel's load, where the filter is not; nothing where TensorFlow was not imported."""

@@ -27,6 +27,7 @@ from gateway.context import ContextBuilder
 from gateway.dataplane import DataPlane
 from gateway.limits import BodyBudget, Limiter
 from gateway.metrics import Metrics
+from gateway.native_logs import import_serving_quietly
 from gateway.payload_log import PayloadLogs
 from gateway.protocols.connections import ConnectionGuard, ConnectionLimits
 from gateway.protocols.http import create_app
@@ -380,6 +381,7 @@ def run(settings: Settings) -> None:
         if code:
             raise SystemExit(code)
         return
+    import_serving_quietly()
     configure_logging(settings)
     run_loop(serve(settings), settings)
 

@@ -23,6 +23,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
+from gateway.native_logs import is_noise
 from scripts.build_models import _save, build_affine
 from tests.reliability.test_drain import (
     GRPC_CLIENTS,
@@ -73,6 +74,9 @@ def workers_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
     yield gateway
     assert gateway.stop(60) == 0, gateway.output()[-3000:]
     assert "Traceback" not in gateway.output(), gateway.output()[-3000:]
+    # Each worker imports TensorFlow (TF Serving's front door) inside the start-up filter too.
+    noise = [line for line in gateway.output().splitlines() if is_noise(line)]
+    assert not noise, noise
 
 
 def wait_workers(
