@@ -154,7 +154,12 @@ def test_bench_against_a_running_gateway_writes_the_report(gateway: RunningGatew
         # Both are in-process: the memory is the gateway's own, as /status reports it.
         assert row["rss_process"] == "gateway" and row["rss_mib"] > 0
         assert len(row["latency_quantiles_ms"]) == 200
+        # The gateway's own split of the row's time: its backend call sits inside what the client saw.
+        phases = row["phases_ms"]
+        assert {"decode", "queue", "backend", "encode"} <= set(phases), phases
+        assert 0 < phases["backend"] <= row["p99_ms"], phases
     assert results["generator_ceiling"]["requests"] > 0
+    assert results["generator_ceiling"]["phases_ms"] == {}  # the no-op row is no deployment
     (parity,) = results["parity"]
     assert parity["deployment"] == "tensorflow affine_tf:1" and parity["within"]
     assert results["machine"]["cores"] and "onnxruntime" in results["machine"]
@@ -167,6 +172,7 @@ def test_bench_against_a_running_gateway_writes_the_report(gateway: RunningGatew
     with (out / "results.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == len(rows) + 1  # and the ceiling's row
     html = (out / "report.html").read_text()
+    assert "Where the gateway's time went" in html
     assert html.count('src="data:image/png;base64,') == 3
     assert "http://" not in html.replace(gateway.url, "") and "https://" not in html  # nothing to fetch
     for png in ("latency_cdf.png", "throughput_vs_concurrency.png", "p99_vs_throughput.png"):

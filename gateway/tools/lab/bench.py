@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from adapters import BACKENDS, backend_named
@@ -38,6 +39,8 @@ PROTOCOLS = ("rest-json", "rest-binary", "grpc")
 READY_TIMEOUT_S = 300.0
 # Latencies kept per scenario for the CDF plot (evenly spaced quantiles of all of them).
 CDF_POINTS = 200
+# The gateway's per-request phase histogram (gateway/metrics.py), as the bench reads it.
+PHASE_FAMILY = "modelyard_request_phase_seconds"
 SEED = parity.SEED
 
 
@@ -95,6 +98,10 @@ class Scenario:
     generator_cpu: float
     # Evenly spaced quantiles of the latencies, for the CDF.
     latency_quantiles_ms: list[float] = field(repr=False)
+    # Where the gateway's own time went: mean ms per request of each phase (decode, load, queue,
+    # batch, backend, encode), from its modelyard_request_phase_seconds over the row; empty where the
+    # gateway does not export them (or its /metrics needs a key).
+    phases_ms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,7 +421,10 @@ async def run_bench(
                     config = load.RunConfig(clients, batch, plan.duration_s, plan.warmup_s)
                     if progress:
                         progress(f"{target.label} batch {batch} c={clients}", plan.warmup_s + plan.duration_s)
-                    measured.append(await _measure(target, plan.protocol, config, send, workload))
+                    before = await _phase_totals(client, target)
+                    row = await _measure(target, plan.protocol, config, send, workload)
+                    after = await _phase_totals(client, target)
+                    measured.append(dataclasses.replace(row, phases_ms=phase_means(before, after)))
             process, rss = _memory(await _status(client), target)
             scenarios += [dataclasses.replace(s, rss_mib=rss, rss_process=process) for s in measured]
         ceiling_runs.append(await measure_ceiling("again"))
@@ -487,6 +497,40 @@ async def _measure(
         generator_cpu=round(cpu, 3),
         latency_quantiles_ms=quantiles,
     )
+
+
+async def _phase_totals(client: httpx.AsyncClient, target: Target) -> dict[str, tuple[float, float]]:
+    """(seconds, requests) of each phase of the target's requests so far, from the gateway's metrics."""
+    response = await client.get("/metrics")
+    if response.status_code != 200:
+        return {}
+    totals: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(response.text):
+        if family.name != PHASE_FAMILY:
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if labels.get("model") != target.model or labels.get("version") != str(target.version):
+                continue
+            kept = totals.setdefault(labels["phase"], [0.0, 0.0])
+            if sample.name.endswith("_sum"):
+                kept[0] += sample.value
+            elif sample.name.endswith("_count"):
+                kept[1] += sample.value
+    return {phase: (seconds, count) for phase, (seconds, count) in totals.items()}
+
+
+def phase_means(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    """Mean ms per request of each phase between two readings; phases no request went through
+    in between (a load, a batch wait) are left out."""
+    means = {}
+    for phase, (seconds, count) in after.items():
+        seconds_before, count_before = before.get(phase, (0.0, 0.0))
+        if count > count_before:
+            means[phase] = round((seconds - seconds_before) / (count - count_before) * 1000, 4)
+    return means
 
 
 def _memory(status: dict[str, Any], target: Target) -> tuple[str | None, float | None]:

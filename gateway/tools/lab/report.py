@@ -210,6 +210,34 @@ def markdown_table(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
+# The gateway's phases in the order a request goes through them (gateway/timing.py).
+PHASE_ORDER = ("decode", "load", "queue", "batch", "backend", "encode")
+
+
+def phase_table(result: BenchResult) -> str:
+    """Where each row's time went inside the gateway, from its phase histograms; nothing where the
+    gateway exports none."""
+    seen = {phase for s in result.scenarios for phase in s.phases_ms}
+    if not seen:
+        return ""
+    phases = [p for p in PHASE_ORDER if p in seen] + sorted(seen - set(PHASE_ORDER))
+    head = "".join(f"<th>{escape(p)}</th>" for p in ("deployment", "batch", "c", *phases))
+    body = "".join(
+        f"<tr><td>{escape(s.deployment)}</td><td>{s.batch}</td><td>{s.concurrency}</td>"
+        + "".join(f"<td>{s.phases_ms[p]:.3f}</td>" if p in s.phases_ms else "<td>-</td>" for p in phases)
+        + "</tr>"
+        for s in result.scenarios
+    )
+    return (
+        "<h3>Where the gateway's time went</h3><p>Mean milliseconds per request in each phase, from the "
+        "gateway's <code>modelyard_request_phase_seconds</code> over the row (its warm-up included): "
+        "decode and encode in the front door, queue for the model's limits, batch for a batch to fill, "
+        "backend for the adapter's call (a load waited for, where one was, is load). The client's latency "
+        "adds the network, the server's HTTP or gRPC stack and the client's own work.</p>"
+        f"<table><tr>{head}</tr>{body}</table>"
+    )
+
+
 def render_html(result: BenchResult, images: dict[str, bytes]) -> str:
     plan = result.plan
     table = format_table(result)
@@ -258,6 +286,7 @@ answer. Every 10th answer is checked against the first deployment's answer for t
 that served the deployment, read from the gateway's /status after its rows: the gateway itself
 for in-process backends (shared by all of them), the managed TorchServe with its workers.</p>
 <h2>Results</h2><table><tr>{head}</tr>{body}</table>
+{phase_table(result)}
 {f"<h3>First error per row</h3><ul>{errors}</ul>" if errors else ""}
 <h2>Plots</h2>{figures}
 <h2>Parity</h2>
