@@ -155,9 +155,26 @@ def run(snippet: Snippet, gateway: RunningGateway, workdir: Path) -> subprocess.
     else:
         command = [sys.executable, "-c", code]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        command, cwd=workdir, env=env, capture_output=True, text=True, timeout=SNIPPET_TIMEOUT_S, check=False
-    )
+    try:
+        return subprocess.run(
+            command,
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=SNIPPET_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        # What it printed before it hung says where it hung.
+        printed = [
+            part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+            for part in (exc.stdout, exc.stderr)
+        ]
+        pytest.fail(
+            f"{snippet.path}:{snippet.line} ({snippet.lang}) ran past {SNIPPET_TIMEOUT_S} s\n"
+            f"--- stdout\n{printed[0][-3000:]}\n--- stderr\n{printed[1][-3000:]}"
+        )
 
 
 @pytest.mark.parametrize("page", sorted(RUNNABLE))
