@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from drive import gateway, stop_servers_on_sigterm
 from memory import emit
 
+from gateway.tools.lab.machine import cpu_model
 from scripts.build_models import _save, build_mlp
 
 SIZES = (1024, 2048, 2048, 10)
@@ -113,12 +113,7 @@ def main() -> None:
                 rows.append((protocol, miss_p50, hit_p50, miss_p50 / hit_p50))
             grpc_client.close()
             http_client.close()
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        machine,
-    )  # fmt: skip
+    cpu = cpu_model()
     lines = [
         f"# Response cache, heavy MLP {' -> '.join(map(str, SIZES))}, batch-1 requests, c=1",
         "",

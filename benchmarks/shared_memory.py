@@ -45,6 +45,7 @@ from gateway.tools.lab.load import (
     grpc_send,
     measure_async,
 )
+from gateway.tools.lab.machine import cpu_model
 from scripts.build_models import _save, build_mlp
 
 MODEL = "heavy"
@@ -157,14 +158,7 @@ def main() -> None:
                 os.sched_setaffinity(0, {1})
             config = RunConfig(args.concurrency, args.batch, args.duration, args.warmup)
             rows = asyncio.run(run(endpoint.grpc, workload, config, modes))
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        "unknown",
-    )
+    cpu = cpu_model()
     print(f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(
         f"heavy MLP {' -> '.join(map(str, SIZES))}, batch {args.batch} ({workload.inputs[0].nbytes} bytes in), "

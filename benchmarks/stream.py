@@ -40,6 +40,7 @@ from gateway.tools.lab.load import (
     measure_async,
     parse_grpc_response,
 )
+from gateway.tools.lab.machine import cpu_model
 
 INPUT_SEED = 20240601
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,14 +147,7 @@ def main() -> None:
     parser.add_argument("--modes", default="unary,stream,unary,stream", help="run in this order")
     args = parser.parse_args()
     rows = asyncio.run(run(args, build_workload(args)))
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        "unknown",
-    )
+    cpu = cpu_model()
     print(f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(
         f"model {args.model}, batch {args.batch}, concurrency {args.concurrency}, {args.duration:g} s per run"
