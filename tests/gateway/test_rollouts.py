@@ -12,7 +12,6 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests.support import Protocol, RunningGateway
@@ -20,19 +19,9 @@ from tests.support import Protocol, RunningGateway
 X = np.random.default_rng(4).standard_normal((2, 4)).astype(np.float32)
 
 
-def metric(gateway: RunningGateway, name: str, **labels: str) -> float:
-    text = httpx.get(f"{gateway.url}/metrics").text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
-
-
 def wait_for_metric(gateway: RunningGateway, name: str, at_least: float, **labels: str) -> None:
     for _ in range(600):  # bounded: 60 s at most
-        if metric(gateway, name, **labels) >= at_least:
+        if gateway.metric(name, **labels) >= at_least:
             return
         time.sleep(0.1)
     raise AssertionError(f"{name}{labels} never reached {at_least}")
@@ -45,11 +34,11 @@ def reference(repo: Path, model: str, version: int) -> np.ndarray:
 def test_shadow_copies_are_compared_and_counted(
     protocol: Protocol, gateway: RunningGateway, test_repo: Path
 ) -> None:
-    before_mismatch = metric(
-        gateway, "modelyard_shadow_requests_total", model="shadowed", target="shadowed:2", outcome="mismatch"
+    before_mismatch = gateway.metric(
+        "modelyard_shadow_requests_total", model="shadowed", target="shadowed:2", outcome="mismatch"
     )
-    before_match = metric(
-        gateway, "modelyard_shadow_requests_total", model="shadowed", target="affine_twin", outcome="match"
+    before_match = gateway.metric(
+        "modelyard_shadow_requests_total", model="shadowed", target="affine_twin", outcome="match"
     )
     for _ in range(3):
         result = protocol.client.infer("shadowed", [protocol.input("x", X, "FP32")])
@@ -71,7 +60,7 @@ def test_shadow_copies_are_compared_and_counted(
         target="affine_twin",
         outcome="match",
     )
-    assert metric(gateway, "modelyard_shadow_max_abs_diff_count", model="shadowed", target="shadowed:2") >= 3
+    assert gateway.metric("modelyard_shadow_max_abs_diff_count", model="shadowed", target="shadowed:2") >= 3
     # v1 and v2 differ by more than the tolerance, which is what made them mismatches.
     assert np.abs(reference(test_repo, "shadowed", 1) - reference(test_repo, "shadowed", 2)).max() > 1e-3
 
@@ -80,26 +69,24 @@ def test_client_does_not_wait_for_a_slow_shadow(gateway: RunningGateway, test_re
     """The shadow takes about a second of compute: when the client has its answer, the shadow has
     not finished yet (had the gateway waited for it, it would have)."""
     labels = {"model": "slow_shadowed", "target": "affine_slow", "outcome": "match"}
-    before = metric(gateway, "modelyard_shadow_requests_total", **labels)
+    before = gateway.metric("modelyard_shadow_requests_total", **labels)
     body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": X.ravel().tolist()}]}
     answer = httpx.post(f"{gateway.url}/v2/models/slow_shadowed/infer", json=body, timeout=60)
     assert answer.status_code == 200
-    assert metric(gateway, "modelyard_shadow_requests_total", **labels) == before
+    assert gateway.metric("modelyard_shadow_requests_total", **labels) == before
     wait_for_metric(gateway, "modelyard_shadow_requests_total", before + 1, **labels)
 
 
 def test_fallback_answers_when_the_model_is_not_ready(
     protocol: Protocol, gateway: RunningGateway, test_repo: Path
 ) -> None:
-    before = metric(gateway, "modelyard_fallbacks_total", model="primary_broken", to="affine_twin")
+    before = gateway.metric("modelyard_fallbacks_total", model="primary_broken", to="affine_twin")
     result = protocol.client.infer("primary_broken", [protocol.input("x", X, "FP32")])
     np.testing.assert_allclose(result.as_numpy("y"), reference(test_repo, "affine_twin", 1), rtol=1e-6)
     response = result.get_response()
     name = response.model_name if protocol.is_grpc else response["model_name"]
     assert name == "primary_broken"
-    assert (
-        metric(gateway, "modelyard_fallbacks_total", model="primary_broken", to="affine_twin") == before + 1
-    )
+    assert gateway.metric("modelyard_fallbacks_total", model="primary_broken", to="affine_twin") == before + 1
 
 
 def test_a_request_for_a_named_version_does_not_fall_back(protocol: Protocol) -> None:

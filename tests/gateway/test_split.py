@@ -16,7 +16,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import ConfigError, load_model_config
 from gateway.repository import scan_model
@@ -26,16 +25,6 @@ from tests.support.model_builders import _save, build_affine
 X = np.random.default_rng(11).standard_normal((2, 4)).astype(np.float32)
 SOURCE = "backend: onnxruntime\nlimits: {max_inflight: 64}\n"
 TARGET = "backend: onnxruntime\ntwin_of: source\n"
-
-
-def metric(gateway: RunningGateway, name: str, **labels: str) -> float:
-    text = httpx.get(f"{gateway.url}/metrics").text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 def expected(repo: Path, model: str) -> np.ndarray:
@@ -114,8 +103,8 @@ def test_a_split_sends_its_share_to_the_other_deployment_under_the_models_name(
 ) -> None:
     write_config(repo, "source", SOURCE + "split: {target: 50}\n")
     wait_for_split(gateway, {"target": 50})
-    sent_before = metric(
-        gateway, "modelyard_split_requests_total", model="source", to="target", outcome="sent"
+    sent_before = gateway.metric(
+        "modelyard_split_requests_total", model="source", to="target", outcome="sent"
     )
     answers = [infer(gateway) for _ in range(60)]
     by = [answered_by(a) for a in answers]
@@ -125,7 +114,7 @@ def test_a_split_sends_its_share_to_the_other_deployment_under_the_models_name(
         assert answer["model_name"] == "source"  # the name the client asked for, whoever answered
         got = np.array(answer["outputs"][0]["data"], dtype=np.float32).reshape(2, 3)
         np.testing.assert_allclose(got, expected(repo, deployment), rtol=1e-5, atol=1e-6)
-    sent = metric(gateway, "modelyard_split_requests_total", model="source", to="target", outcome="sent")
+    sent = gateway.metric("modelyard_split_requests_total", model="source", to="target", outcome="sent")
     assert sent - sent_before == by.count("target")
 
 
@@ -174,12 +163,12 @@ def test_a_split_to_a_deployment_that_cannot_answer_stays_on_the_model(
     wait_for_split(gateway, {"target": 100})
     assert httpx.post(f"{gateway.url}/v2/repository/models/target/unload").status_code == 200
     try:
-        before = metric(
-            gateway, "modelyard_split_requests_total", model="source", to="target", outcome="unavailable"
+        before = gateway.metric(
+            "modelyard_split_requests_total", model="source", to="target", outcome="unavailable"
         )
         assert {answered_by(infer(gateway)) for _ in range(5)} == {"source"}
-        after = metric(
-            gateway, "modelyard_split_requests_total", model="source", to="target", outcome="unavailable"
+        after = gateway.metric(
+            "modelyard_split_requests_total", model="source", to="target", outcome="unavailable"
         )
         assert after - before == 5
     finally:
@@ -190,20 +179,20 @@ def test_a_routing_change_applies_without_a_reload_and_any_other_change_reloads(
     gateway: RunningGateway, repo: Path, reset: None
 ) -> None:
     loads = {"model": "source", "version": "1", "backend": "onnxruntime", "trigger": "load", "outcome": "ok"}
-    before = metric(gateway, "modelyard_model_loads_total", **loads)
+    before = gateway.metric("modelyard_model_loads_total", **loads)
     write_config(repo, "source", SOURCE + "split: {target: 10}\nshadow: [{model: target, percent: 5}]\n")
     wait_for_split(gateway, {"target": 10})
     shown = status_of(gateway, "source")["shadow"]
     assert [(t["model"], t["percent"]) for t in shown] == [("target", 5.0)]
-    assert metric(gateway, "modelyard_model_loads_total", **loads) == before
+    assert gateway.metric("modelyard_model_loads_total", **loads) == before
     assert "model 'source': shadow, split changed, applied without a reload" in gateway.output()
     # limits is not a routing key: the model loads again.
     write_config(repo, "source", SOURCE.replace("64", "32") + "split: {target: 10}\n")
     for _ in range(200):  # bounded: 20 s
-        if metric(gateway, "modelyard_model_loads_total", **loads) > before:
+        if gateway.metric("modelyard_model_loads_total", **loads) > before:
             break
         time.sleep(0.1)
-    assert metric(gateway, "modelyard_model_loads_total", **loads) == before + 1
+    assert gateway.metric("modelyard_model_loads_total", **loads) == before + 1
 
 
 def test_no_shadow_copy_goes_to_the_deployment_that_answered(
@@ -212,19 +201,19 @@ def test_no_shadow_copy_goes_to_the_deployment_that_answered(
     write_config(repo, "source", SOURCE + "split: {target: 100}\nshadow: [{model: target, percent: 100}]\n")
     wait_for_split(gateway, {"target": 100})
     labels = {"model": "source", "target": "target"}
-    before = metric(gateway, "modelyard_shadow_requests_total", **labels)
+    before = gateway.metric("modelyard_shadow_requests_total", **labels)
     for _ in range(5):
         infer(gateway)
     time.sleep(0.5)  # a shadow copy, had one been sent, is counted by now
-    assert metric(gateway, "modelyard_shadow_requests_total", **labels) == before
+    assert gateway.metric("modelyard_shadow_requests_total", **labels) == before
     # Answered by the model itself (a version named), the copy is sent and compared: a mismatch.
     infer(gateway, version="1")
     for _ in range(100):
-        if metric(gateway, "modelyard_shadow_requests_total", **labels) > before:
+        if gateway.metric("modelyard_shadow_requests_total", **labels) > before:
             break
         time.sleep(0.1)
-    assert metric(gateway, "modelyard_shadow_requests_total", outcome="mismatch", **labels) >= 1
-    worst = metric(gateway, "modelyard_shadow_worst_abs_diff", **labels)
+    assert gateway.metric("modelyard_shadow_requests_total", outcome="mismatch", **labels) >= 1
+    worst = gateway.metric("modelyard_shadow_worst_abs_diff", **labels)
     assert worst == pytest.approx(
         float(np.abs(expected(repo, "source") - expected(repo, "target")).max()), rel=1e-5
     )
@@ -244,11 +233,11 @@ def test_recorded_traffic_keeps_the_inputs_of_sampled_requests_up_to_its_cap(
         if "record changed" in gateway.output():
             break
         time.sleep(0.1)
-    kept_before = metric(gateway, "modelyard_recorded_requests_total", model="source", outcome="kept")
+    kept_before = gateway.metric("modelyard_recorded_requests_total", model="source", outcome="kept")
     for _ in range(5):
         infer(gateway)
     for _ in range(100):
-        if metric(gateway, "modelyard_recorded_requests_total", model="source", outcome="kept") >= 3:
+        if gateway.metric("modelyard_recorded_requests_total", model="source", outcome="kept") >= 3:
             break
         time.sleep(0.1)
     files = sorted(folder.glob("*.npz"))
@@ -257,7 +246,7 @@ def test_recorded_traffic_keeps_the_inputs_of_sampled_requests_up_to_its_cap(
         with np.load(path, allow_pickle=False) as recorded:
             assert list(recorded) == ["x"]
             np.testing.assert_array_equal(recorded["x"], X)
-    assert metric(gateway, "modelyard_recorded_requests_total", model="source", outcome="full") == 2
+    assert gateway.metric("modelyard_recorded_requests_total", model="source", outcome="full") == 2
     assert not list(folder.glob(".*.tmp"))
 
 

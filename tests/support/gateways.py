@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from gateway.net import NotReady, free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -44,6 +46,21 @@ class RunningGateway:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of `name` in /metrics whose labels include `labels`."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"{self.url}/metrics", verify=self._verify(), timeout=30).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
+
+    def _verify(self) -> ssl.SSLContext | bool:
+        return ssl.create_default_context(cafile=str(self.tls_ca)) if self.tls_ca else True
 
     def stop(self, timeout: float = 20) -> int:
         if self.process.poll() is None:
