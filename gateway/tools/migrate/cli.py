@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,17 @@ class StepGroup(TyperGroup):
     # Loosely typed: newer typer releases vendor click as typer._click, older ones use click's own.
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         if args and args[0] not in self.commands and not args[0].startswith("-"):
+            if len(args) > 1 and not args[1].startswith("-"):
+                # `migrate WORD MODEL`: WORD was meant as a step.
+                steps = [name for name, command in self.commands.items() if not command.hidden]
+                close = difflib.get_close_matches(args[0], steps, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                typer.echo(
+                    f"error: '{args[0]}' is no step of modelyard migrate{hint}; the steps are "
+                    f"{', '.join(steps)}: write `modelyard migrate STEP MODEL`, or `modelyard migrate MODEL --to X`",
+                    err=True,
+                )
+                raise typer.Exit(2)
             args = [DEFAULT_STEP, *args]
         return super().resolve_command(ctx, args)
 
