@@ -321,3 +321,13 @@ def test_the_cli_loads_the_migrate_tools_only_when_a_step_runs() -> None:
     loaded = json.loads(result.stdout.replace("'", '"'))
     assert "gateway.tools.migrate.cli" in loaded
     assert not {"gateway.tools.migrate.convert", "gateway.tools.migrate.check"} & set(loaded)
+
+
+def test_a_version_added_to_the_source_after_convert_asks_for_convert_again(copied: Converted) -> None:
+    shutil.copytree(copied.repo / "mlp_torch" / "2", copied.repo / "mlp_torch" / "3")
+    code, out, err = migrate(
+        "check", "mlp_torch", "--model-repo", str(copied.repo), "--state-dir", str(copied.states)
+    )
+    assert code == 2, out + err
+    assert "serves versions [1, 2, 3] now, but versions [1, 2] were converted" in err
+    assert "migrate convert mlp_torch --to onnxruntime --force" in err

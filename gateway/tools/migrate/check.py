@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import numpy as np
 from adapters import ModelAdapter
 from gateway.registry import Registry
 from gateway.repository import ModelEntry
-from gateway.tools.convert import torch_runner
+from gateway.tools.convert import RunSource, torch_runner
 from gateway.tools.migrate import state
 from gateway.tools.migrate.convert import source_entry, torchscript_file
 from gateway.tools.migrate.state import Migration, MigrationError
@@ -44,7 +44,8 @@ DEFAULT_RECORD_DIR = Path(".modelyard/recorded")
 # Recorded requests read at most, the first by name (the gateway names them <pid>-<seq>.npz).
 MAX_RECORDED = 200
 
-Run = Callable[[Arrays], Any]
+Outputs = dict[str, np.ndarray[Any, Any]]
+RunAsync = Callable[[Arrays], Awaitable[Outputs]]
 
 
 class CheckRefused(MigrationError):
@@ -179,7 +180,7 @@ def gather_inputs(
 @contextlib.contextmanager
 def _torch_side(
     entry: ModelEntry, version: int, output_names: Sequence[str]
-) -> Iterator[tuple[Run, list[TensorSpec]]]:
+) -> Iterator[tuple[RunSource, list[TensorSpec]]]:
     artifact = next(v.artifact for v in entry.versions if v.version == version)
     assert artifact is not None and entry.config.inputs
     specs = [decl.spec() for decl in entry.config.inputs]
@@ -204,13 +205,20 @@ async def run_check(
             f"the new deployment {root / migration.deployment} is gone: run "
             f"`modelyard migrate convert {migration.model} --to {migration.to}` again"
         )
+    converted = migration.steps.get("convert", {}).get("versions")
+    versions = [v.version for v in entry.versions]
+    if converted is not None and sorted(converted) != versions:
+        raise MigrationError(
+            f"model '{migration.model}' serves versions {versions} now, but versions {sorted(converted)} were "
+            f"converted: run `modelyard migrate convert {migration.model} --to {migration.to} --force` again"
+        )
     cases = inputs.cases
     result = CheckResult(
         migration.model, migration.deployment, atol, rtol, inputs, len(cases) if cases else 1
     )
     registry = Registry(root)
     try:
-        for version in (v.version for v in entry.versions):
+        for version in versions:
             new_adapter, new_signature, new_label = await load_deployment(
                 registry, Deployment(migration.deployment, version)
             )
@@ -238,15 +246,15 @@ async def run_check(
     return result
 
 
-def _sync(run: Run) -> Callable[[Arrays], Any]:
-    async def call(inputs: Arrays) -> Any:
+def _sync(run: RunSource) -> RunAsync:
+    async def call(inputs: Arrays) -> Outputs:
         return run(inputs)
 
     return call
 
 
-def _bound(adapter: ModelAdapter, outputs: list[str]) -> Callable[[Arrays], Any]:
-    async def call(inputs: Arrays) -> Any:
+def _bound(adapter: ModelAdapter, outputs: list[str]) -> RunAsync:
+    async def call(inputs: Arrays) -> Outputs:
         return await adapter.infer(inputs, outputs)
 
     return call
