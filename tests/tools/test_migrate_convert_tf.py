@@ -1,5 +1,5 @@
-"""`modelyard migrate` from TensorFlow and Keras: `affine_tf` to LiteRT, `affine_keras` to LiteRT and
-to a SavedModel, each checked against its source through the real adapters. Each conversion runs
+"""`modelyard migrate` from TensorFlow and Keras: `affine_tf` to LiteRT, `mlp_tf` to ONNX,
+`affine_keras` to LiteRT and to a SavedModel, each checked against its source through the real adapters. Each conversion runs
 TensorFlow in a process of its own, so there are few of them: one module-scoped run of each."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def migrate(*args: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("migrate_tf")
-    for model in ("affine_tf", "affine_keras"):
+    for model in ("affine_tf", "affine_keras", "mlp_tf"):
         shutil.copytree(REPO / model, root / "repo" / model)
     # A one-version Keras model, for the SavedModel route: each version is a TensorFlow process.
     (root / "repo" / "affine_keras_one" / "1").mkdir(parents=True)
@@ -47,6 +47,7 @@ def runs(repo: Path) -> dict[str, tuple[int, str, str]]:
         "affine_tf": migrate("affine_tf", "--to", "litert", *common),
         "affine_keras": migrate("affine_keras", "--to", "tflite", *common),
         "affine_keras_one": migrate("affine_keras_one", "--to", "tensorflow", *common),
+        "mlp_tf": migrate("mlp_tf", "--to", "onnx", *common),
     }
 
 
@@ -56,6 +57,7 @@ def runs(repo: Path) -> dict[str, tuple[int, str, str]]:
         ("affine_tf", "affine_tf_litert", "litert", "model.tflite"),
         ("affine_keras", "affine_keras_litert", "litert", "model.tflite"),
         ("affine_keras_one", "affine_keras_one_tf", "tensorflow", "model.savedmodel"),
+        ("mlp_tf", "mlp_tf_onnx", "onnxruntime", "model.onnx"),
     ],
 )
 def test_converted_and_checked(
