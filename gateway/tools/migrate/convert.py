@@ -135,9 +135,11 @@ def torchscript_file(artifact: Path) -> Iterator[Path]:
 def _run_tf_export(kind: str, source: Path, target: Path, signature: str, custom: str | None) -> None:
     command = [sys.executable, str(TF_EXPORT), kind, str(source), str(target), signature]
     command += [custom] if custom else []
-    result = subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, check=False
-    )
+    # Run as a file, its own folder is first on its path: the working directory, where a Keras
+    # model's custom_objects_module may be, is put back as the gateway's own process has it.
+    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": path}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0 or not target.exists():
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
         raise MigrationError(f"converting {source} ({kind}) failed:\n{tail}")
