@@ -1,4 +1,5 @@
-"""The tools' commands on the `modelyard` CLI: up, parity, convert and bench.
+"""The tools' commands on the `modelyard` CLI: up, parity, convert, bench and migrate (a group of
+its own, gateway/tools/migrate/cli.py).
 
 Each command imports its tool when it runs, so `modelyard serve` loads none of them.
 """
@@ -20,6 +21,7 @@ from gateway.errors import GatewayError
 from gateway.repository import scan
 from gateway.tools import parity as checks
 from gateway.tools.errors import ToolError
+from gateway.tools.migrate.cli import migrate
 
 if TYPE_CHECKING:
     import rich.progress
@@ -37,6 +39,7 @@ def register(app: typer.Typer) -> None:
     """Adds the tools' commands to the CLI."""
     for command in (up, parity, convert, bench):
         app.command()(command)
+    app.add_typer(migrate)
 
 
 def up(
