@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.base import IMPORT_LOCK, LoadSpec, ModelAdapter, override_signature
 from gateway.errors import BackendError, GatewayError, InvalidInput, ModelNotReady
+from gateway.native_logs import quiet_import
 from gateway.types import ModelSignature, TensorSpec, datatype_of
 
 PLATFORM = "keras"
@@ -61,7 +62,7 @@ def import_keras(adapter: type[ModelAdapter], backend: str, label: str) -> Modul
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             os.environ.setdefault("KERAS_BACKEND", backend)
         try:
-            keras = importlib.import_module("keras")
+            keras = quiet_import("keras")
             running = str(keras.backend.backend())
         except ImportError as exc:
             raise ModelNotReady(
