@@ -9,7 +9,6 @@ that says what to install.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -27,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from gateway.breaker import Breakers, EndpointGuard
 from gateway.config import ModelConfig, validation_problems
 from gateway.errors import ModelNotReady
+from gateway.native_logs import quiet_import
 from gateway.types import ModelSignature, TensorSpec
 
 log = logging.getLogger("modelyard.adapters")
@@ -209,7 +209,7 @@ class ModelAdapter(ABC):
         """A module of the backend's framework, imported when a version loads."""
         try:
             with IMPORT_LOCK:
-                return importlib.import_module(module)
+                return quiet_import(module)
         except ImportError as exc:
             raise ModelNotReady(
                 f"{label}: backend '{cls.backend}' cannot import {module}: {cls.install_hint()} ({exc})"

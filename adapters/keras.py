@@ -1,10 +1,10 @@
 """Keras 3, in-process: a `.keras` file loaded with `keras.saving.load_model` and called directly.
 
 Keras reads its backend (TensorFlow, PyTorch, JAX) from `KERAS_BACKEND` once, when it is first
-imported, and cannot switch afterwards; TensorFlow imports Keras as it starts, and the gateway
-imports TensorFlow for its TF Serving front door. So one gateway process runs one Keras backend:
-`KERAS_BACKEND` in the gateway's environment (Keras' default, `tensorflow`, when unset; where nothing
-has imported Keras yet, the first Keras model's `keras.backend` sets it). A model whose
+imported, and cannot switch afterwards. So one gateway process runs one Keras backend:
+`KERAS_BACKEND` in the gateway's environment (where it is unset and nothing has imported Keras or
+TensorFlow yet, the first Keras model's `keras.backend` sets it; TensorFlow is imported only when a
+TensorFlow-family model loads or a TF Serving gRPC call arrives). A model whose
 `keras: {backend: ...}` differs from the process's fails to load with a message that says so: serve
 it from a second gateway started with that `KERAS_BACKEND`. The model is called as
 `model(x, training=False)`, not through `model.predict`, which builds a dataset and a step function
@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.base import IMPORT_LOCK, LoadSpec, ModelAdapter, override_signature
 from gateway.errors import BackendError, GatewayError, InvalidInput, ModelNotReady
+from gateway.native_logs import quiet_import
 from gateway.types import ModelSignature, TensorSpec, datatype_of
 
 PLATFORM = "keras"
@@ -61,7 +62,7 @@ def import_keras(adapter: type[ModelAdapter], backend: str, label: str) -> Modul
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             os.environ.setdefault("KERAS_BACKEND", backend)
         try:
-            keras = importlib.import_module("keras")
+            keras = quiet_import("keras")
             running = str(keras.backend.backend())
         except ImportError as exc:
             raise ModelNotReady(

@@ -1,7 +1,7 @@
 """`modelyard serve --workers N` against one worker: the example mlp (ONNX, 64 -> 256 -> 256 -> 10),
 batch-1 requests from h2load over REST JSON and gRPC, and each worker's memory.
 
-    python benchmarks/workers.py [--workers 1,2] [--concurrency 16] [--duration 10] [--warmup 2] [--out FILE]
+    python benchmarks/workers.py [--workers 1,2] [--concurrency 16] [--duration 10] [--warmup 2] [--memory-only] [--out FILE]
 
 The gateway may use every core (it is not pinned); h2load is pinned to CPU 1, as in the other
 benchmarks. On a 2-vCPU machine the load generator therefore shares a core with the workers, and the ratio says less
@@ -61,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--no-memory", action="store_true", help="skip the example repository's memory row")
+    parser.add_argument("--memory-only", action="store_true", help="measure memory only, no load rows")
     parser.add_argument("--out", type=Path)
     return parser.parse_args()
 
@@ -128,7 +129,7 @@ def memory_line(name: str, workers: int, rows: list[dict[str, int]], supervisor:
 def main() -> None:
     args = parse_args()
     stop_servers_on_sigterm()
-    if shutil.which(H2LOAD) is None:
+    if shutil.which(H2LOAD) is None and not args.memory_only:
         raise SystemExit("workers.py needs h2load: apt-get install nghttp2-client (make bench-tools)")
     counts = [int(n) for n in args.workers.split(",")]
     load_before = " ".join(f"{value:.1f}" for value in os.getloadavg())
@@ -143,6 +144,11 @@ def main() -> None:
         payload.file.write_bytes(v2_body(x))
         for count in counts:
             with workers_gateway(onnx_repo, count) as (base, endpoint, workers, supervisor):
+                memory.append(
+                    memory_line("ONNX only (" + ", ".join(ONNX_MODELS) + ")", count, workers, supervisor)
+                )
+                if args.memory_only:
+                    continue
                 url = f"{base}/v2/models/mlp/infer"
                 check = check_rest(url, payload.file.read_bytes(), expected)
                 pids = [worker["pid"] for worker in workers]
@@ -152,14 +158,27 @@ def main() -> None:
                 rows[count, "gRPC"] = measured(
                     pids, partial(grpc_row, name, endpoint, args.concurrency, args, work)
                 )
-                memory.append(
-                    memory_line("ONNX only (" + ", ".join(ONNX_MODELS) + ")", count, workers, supervisor)
-                )
         if not args.no_memory:
             example = build_repo(work / "example", IN_PROCESS_MODELS)
             for count in sorted({1, max(counts)}):
                 with workers_gateway(example, count) as (_, _, workers, supervisor):
                     memory.append(memory_line("example without mlp_torch", count, workers, supervisor))
+    lines = [] if args.memory_only else load_table(args, counts, rows)
+    lines += [
+        f"- load average before the run: {load_before}; the machine is shared, so compare runs, not rows",
+        "",
+        "## Memory (RSS, MiB, after loading, before load)",
+        "",
+        "| repository | workers | each worker | supervisor | total |",
+        "|---|---:|---|---:|---:|",
+        *memory,
+    ]
+    emit(lines, args.out)
+
+
+def load_table(
+    args: argparse.Namespace, counts: list[int], rows: dict[tuple[int, str], tuple[Row, str]]
+) -> list[str]:
     base_count = counts[0]
     lines = [
         f"# --workers, mlp (ONNX), batch-1 requests, concurrency {args.concurrency}",
@@ -178,17 +197,7 @@ def main() -> None:
                 f"| {count} | {protocol} | {row.req_per_s:.0f} | {row.p50_ms:.2f} | {row.p99_ms:.2f} | "
                 f"{row.requests} | {row.errors} | {row.req_per_s / first.req_per_s:.2f}x | {cpu} | {row.check} |"
             )
-    lines += [
-        "",
-        f"- load average before the run: {load_before}; the machine is shared, so compare runs, not rows",
-        "",
-        "## Memory (RSS, MiB, after loading, before load)",
-        "",
-        "| repository | workers | each worker | supervisor | total |",
-        "|---|---:|---|---:|---:|",
-        *memory,
-    ]
-    emit(lines, args.out)
+    return [*lines, ""]
 
 
 if __name__ == "__main__":

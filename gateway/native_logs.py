@@ -6,16 +6,23 @@ oneDNN and CPU-feature notes, "Could not find cuda drivers", and on a machine wi
 cuInit at the first device probe. While serving starts, file descriptor 2 points at a temporary
 file; afterwards every line of it that is not one of those goes to standard error, in order.
 Setting TF_CPP_MIN_LOG_LEVEL=0 asks for all of them and turns the filter off.
+
+TensorFlow is imported only where it is needed: when the first TensorFlow-family model loads, or
+the first TF Serving gRPC call arrives (`quiet_import`, which both go through), so the filter is
+set up then, not at the process's start.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import re
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
+from types import ModuleType
 
 # An absl/glog line at INFO level ("I1203 05:56:18.392875   26775 port.cc:153] ..."), the preamble
 # absl prints before its first line, the CPU-feature note's second line, and the failed CUDA probe.
@@ -25,6 +32,11 @@ _NOISE = re.compile(
     r"|To enable the following instructions: .* in other operations, rebuild TensorFlow"
     r"|E\d{4} [\d:.]+ +\d+ cuda_platform\.cc:\d+\] failed call to cuInit)"
 )
+
+
+# One filter at a time: it swaps the process's descriptor 2, which two threads must not do at once.
+_FILTER_LOCK = threading.RLock()
+_probed: list[bool] = []
 
 
 def is_noise(line: str) -> bool:
@@ -38,9 +50,9 @@ def filtered_native_stderr() -> Iterator[None]:
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
+    with _FILTER_LOCK, tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        saved = os.dup(2)
         os.dup2(held.fileno(), 2)
         try:
             yield
@@ -56,20 +68,28 @@ def filtered_native_stderr() -> Iterator[None]:
             sys.stderr.flush()
 
 
-def import_serving_quietly() -> None:
-    """What a serving process imports at its start, inside the filter: TensorFlow where it is
-    installed (the gateway imports it anyway, for TF Serving's front door) and its first device
-    probe; nothing where TensorFlow is not installed."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's own logging at warning level
-    with filtered_native_stderr():
-        with contextlib.suppress(ImportError):
-            import gateway.protocols.tfserving_grpc  # noqa: F401
+def quiet_start() -> None:
+    """What a serving process sets at its start: TensorFlow's own logging at warning level, for
+    whenever TensorFlow is imported. Nothing is imported."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+
+def quiet_import(module: str) -> ModuleType:
+    """`module`; imported inside the filter where this process has not imported it yet, with
+    TensorFlow's first device probe made there too where the import brought TensorFlow in."""
+    found = sys.modules.get(module)
+    if found is not None:
+        return found
+    with _FILTER_LOCK, filtered_native_stderr():
+        imported = importlib.import_module(module)
         probe_tensorflow_devices()
+    return imported
 
 
 def probe_tensorflow_devices() -> None:
-    """TensorFlow's first device probe (the cuInit call), made now, inside the filter, rather than
+    """TensorFlow's first device probe (the cuInit call), made once, inside the filter, rather than
     at the first SavedModel's load, where the filter is not; nothing where TensorFlow was not imported."""
     tf = sys.modules.get("tensorflow")
-    if tf is not None:
+    if tf is not None and not _probed:
         tf.config.list_physical_devices("GPU")
+        _probed.append(True)

@@ -27,8 +27,9 @@ from gateway.context import ContextBuilder
 from gateway.dataplane import DataPlane
 from gateway.limits import BodyBudget, Limiter
 from gateway.metrics import Metrics
-from gateway.native_logs import import_serving_quietly
+from gateway.native_logs import quiet_start
 from gateway.payload_log import PayloadLogs
+from gateway.protocols import tfserving_grpc
 from gateway.protocols.connections import ConnectionGuard, ConnectionLimits
 from gateway.protocols.http import create_app
 from gateway.protocols.shared_memory import SharedMemoryRegions
@@ -252,10 +253,9 @@ class Gateway:
 
     def _add_tfserving_services(self, server: GuardedServer) -> list[str]:
         """TF Serving's gRPC services, where the tensorflow extra is installed; else none."""
-        try:
-            from gateway.protocols import tfserving_grpc
-        except ImportError as exc:
-            log.info("TF Serving gRPC API not served: %s (pip install 'modelyard[tensorflow]')", exc)
+        missing = tfserving_grpc.missing()
+        if missing is not None:
+            log.info("TF Serving gRPC API not served: no %s (pip install 'modelyard[tensorflow]')", missing)
             return []
         return tfserving_grpc.add_to_server(
             self.dataplane, self.contexts, server, self.limits, self.settings.grpc_server_timing
@@ -385,7 +385,7 @@ def run(settings: Settings) -> None:
         if code:
             raise SystemExit(code)
         return
-    import_serving_quietly()
+    quiet_start()
     configure_logging(settings)
     run_loop(serve(settings), settings)
 

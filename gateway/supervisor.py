@@ -294,10 +294,10 @@ class Supervisor:
 def worker_main(settings: Settings, role: WorkerRole, messages: Connection) -> None:
     """One worker: a gateway on the shared ports that tells the supervisor when it serves, and
     drains if the supervisor is gone."""
-    from gateway.native_logs import import_serving_quietly
+    from gateway.native_logs import quiet_start
     from gateway.server import StartupError, configure_logging, run_loop, serve
 
-    import_serving_quietly()
+    quiet_start()
     configure_logging(settings, f"[worker {role.index}]")
     _drain_when_orphaned()
     try:

@@ -142,6 +142,15 @@ class GuardedServer:
         self._server = server
         self._guard = guard
 
+    @property
+    def server(self) -> grpc.aio.Server:
+        """The real server, for a service that guards its own calls."""
+        return self._server
+
+    @property
+    def guard(self) -> ErrorInterceptor:
+        return self._guard
+
     def add_registered_method_handlers(
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
     ) -> None:

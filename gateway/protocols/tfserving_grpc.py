@@ -1,275 +1,141 @@
-"""TF Serving's gRPC API: `tensorflow.serving.PredictionService` and `ModelService`.
+"""TF Serving's gRPC API, `tensorflow.serving.PredictionService` and `ModelService`, on the gateway's
+gRPC port, for every model whatever its backend.
 
-Serves every model in the gateway, whatever its backend, on the same port as the v2 service.
-Uses the official `tensorflow-serving-api` protos (the `tensorflow` extra); tensors cross with
-`tf.make_ndarray` and `tf.make_tensor_proto`, one call each. Errors are mapped by the v2 module's
-`ErrorInterceptor`, which reads the one error table.
+The services are registered here by their names alone. Their messages come from the
+`tensorflow-serving-api` protos, which import TensorFlow (about 570 MiB in each process), so they
+and the servicers (gateway.protocols.tfserving_services_grpc) are imported when the first TF
+Serving gRPC call arrives: in a thread, so the event loop serves on meanwhile, and inside the
+start-up filter for TensorFlow's native lines. A gateway that serves no TensorFlow-family model
+and gets no TF Serving gRPC call never imports TensorFlow.
 """
 
 from __future__ import annotations
 
-import math
-import time
+import asyncio
+import importlib.util
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import tensorflow as tf
-from tensorflow.core.framework import tensor_shape_pb2, types_pb2
-from tensorflow.core.protobuf import error_codes_pb2, meta_graph_pb2
-from tensorflow_serving.apis import (
-    get_model_metadata_pb2,
-    get_model_status_pb2,
-    model_pb2,
-    model_service_pb2,
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2,
-    prediction_service_pb2_grpc,
-    status_pb2,
-)
+import grpc
+from google.protobuf.message import DecodeError
 
-from gateway.codec import DEFAULT_LIMITS, InputLimits, check_shape
-from gateway.context import REQUEST_ID_HEADER, ContextBuilder, deadline_after, request_id
+from gateway.codec import DEFAULT_LIMITS, InputLimits
+from gateway.context import ContextBuilder
 from gateway.dataplane import DataPlane
-from gateway.errors import GatewayError, InvalidInput, MalformedRequest, PayloadTooLarge, Unsupported
-from gateway.protocols.tfserving_rest import PREDICT_METHOD, SIGNATURE_NAME, TF_DTYPE_NAME, TF_STATE
-from gateway.timing import SERVER_TIMING, timing_asked
-from gateway.types import (
-    IndexEntry,
-    InferRequest,
-    InferResponse,
-    RequestedOutput,
-    Tensor,
-    TensorSpec,
-    datatype_of,
-    quoted,
-)
+from gateway.errors import GatewayError, MalformedRequest, Unsupported
+from gateway.native_logs import quiet_import
+from gateway.protocols.grpc_guard import GuardedServer
 
-PREDICTION_SERVICE: str = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
-MODEL_SERVICE: str = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
-_STATE = get_model_status_pb2.ModelVersionStatus.State
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+# The services' methods, as tensorflow_serving/apis/prediction_service.proto and
+# model_service.proto name them.
+METHODS: dict[str, tuple[str, ...]] = {
+    PREDICTION_SERVICE: ("Classify", "Regress", "Predict", "MultiInference", "GetModelMetadata"),
+    MODEL_SERVICE: ("GetModelStatus", "HandleReloadConfigRequest"),
+}
+SERVICES_MODULE = "gateway.protocols.tfserving_services_grpc"
+
+Behaviour = Callable[[Any, Any], Awaitable[Any]]
 
 
-def _version_of(model_spec: Any) -> str | None:
-    choice = model_spec.WhichOneof("version_choice")
-    if choice == "version":
-        return str(model_spec.version.value)
-    if choice == "version_label":
-        return str(model_spec.version_label) or None
+def missing() -> str | None:
+    """The package the services need that is not installed (looked for, not imported); else None."""
+    for name in ("tensorflow", "tensorflow_serving"):
+        try:
+            found = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            return name
     return None
 
 
-def _label(model_spec: Any) -> str:
-    return f"model '{model_spec.name}' version {_version_of(model_spec) or 'default'}"
+class _Unparsed:
+    """A request's bytes, from before the messages were imported: parsed once they are."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
-def _check_signature(model_spec: Any) -> None:
-    name = model_spec.signature_name or SIGNATURE_NAME
-    if name != SIGNATURE_NAME:
-        raise InvalidInput(
-            f"{_label(model_spec)} has no signature {quoted(name)}; it serves '{SIGNATURE_NAME}'"
-        )
+class _Services:
+    """Each method's request class and guarded behaviour, made on the first call."""
 
-
-def _model_spec(name: str, version: str) -> Any:
-    spec = model_pb2.ModelSpec(name=name, signature_name=SIGNATURE_NAME)
-    if version.isdigit():
-        spec.version.value = int(version)
-    return spec
-
-
-class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):  # type: ignore[misc]
     def __init__(
-        self,
-        dataplane: DataPlane,
-        contexts: ContextBuilder,
-        limits: InputLimits = DEFAULT_LIMITS,
-        server_timing: bool = False,
+        self, build: Callable[[Any], dict[str, tuple[Any, Behaviour]]], server: GuardedServer
     ) -> None:
-        self.dataplane = dataplane
-        self.contexts = contexts
-        self.limits = limits
-        # Server-Timing in every Predict's trailing metadata; else only where a call asks for it.
-        self.server_timing = server_timing
+        self._build = build
+        self._guard = server.guard
+        self._lock = asyncio.Lock()
+        self.methods: dict[str, tuple[Any, Behaviour]] | None = None
 
-    async def Predict(self, request: Any, context: Any) -> Any:
-        started = time.perf_counter_ns()
-        metadata = ContextBuilder.grpc_metadata(context.invocation_metadata())
-        try:
-            infer_request = decode_predict(request, self.limits)
-            request_context = self.contexts.build(
-                "tfserving_grpc", metadata, transport_deadline=deadline_after(context.time_remaining())
-            )
-        except GatewayError as exc:
-            exc.request_id = request_id(metadata.get(REQUEST_ID_HEADER))
-            raise
-        decoded = time.perf_counter_ns()
-        response = await self.dataplane.infer(infer_request, request_context)
-        encoding = time.perf_counter_ns()
-        message = encode_predict(response)
-        trailers = [(REQUEST_ID_HEADER, request_context.request_id)]
-        if response.timing is not None:
-            response.timing.transport(started, decoded, encoding, time.perf_counter_ns())
-            if timing_asked(metadata, self.server_timing):
-                trailers.append((SERVER_TIMING, response.timing.header()))
-        context.set_trailing_metadata(tuple(trailers))
-        return message
+    def guarded(self, method: str, run: Behaviour) -> Behaviour:
+        return self._guard.wrap(method, grpc.unary_unary_rpc_method_handler(run)).unary_unary  # type: ignore[no-any-return]
 
-    async def GetModelMetadata(self, request: Any, context: Any) -> Any:
-        spec = request.model_spec
-        fields = list(request.metadata_field)
-        if fields != ["signature_def"]:
-            raise InvalidInput(
-                f"{_label(spec)}: metadata_field must be ['signature_def'], the only metadata served; got {fields}"
-            )
-        meta = await self.dataplane.model_metadata(spec.name, _version_of(spec))
-        signature = meta_graph_pb2.SignatureDef(method_name=PREDICT_METHOD)
-        for source, target in ((meta.inputs, signature.inputs), (meta.outputs, signature.outputs)):
-            for tensor in source:
-                target[tensor.name].CopyFrom(tensor_info(tensor))
-        signatures = get_model_metadata_pb2.SignatureDefMap()
-        signatures.signature_def[SIGNATURE_NAME].CopyFrom(signature)
-        response = get_model_metadata_pb2.GetModelMetadataResponse(
-            model_spec=_model_spec(spec.name, meta.version)
-        )
-        response.metadata["signature_def"].Pack(signatures)
-        return response
-
-    async def Classify(self, request: Any, context: Any) -> Any:
-        await self._unsupported(request.model_spec, "Classify")
-
-    async def Regress(self, request: Any, context: Any) -> Any:
-        await self._unsupported(request.model_spec, "Regress")
-
-    async def _unsupported(self, spec: Any, method: str) -> None:
-        # An unknown model is NOT_FOUND before anything else is said of it.
-        await self.dataplane.model_metadata(spec.name, _version_of(spec))
-        raise Unsupported(f"{_label(spec)}: {method} is not supported by modelyard; use Predict")
-
-    async def MultiInference(self, request: Any, context: Any) -> Any:
-        raise Unsupported("MultiInference is not supported by modelyard; use Predict")
+    async def load(self) -> dict[str, tuple[Any, Behaviour]]:
+        async with self._lock:
+            if self.methods is None:
+                try:
+                    module = await asyncio.to_thread(quiet_import, SERVICES_MODULE)
+                except ImportError as exc:
+                    raise Unsupported(f"the TF Serving gRPC API cannot be served here: {exc}") from None
+                built = self._build(module).items()
+                self.methods = {method: (kind, self.guarded(method, run)) for method, (kind, run) in built}
+            return self.methods
 
 
-class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):  # type: ignore[misc]
-    def __init__(self, dataplane: DataPlane) -> None:
-        self.dataplane = dataplane
+def _serialize(message: Any) -> bytes:
+    return message.SerializeToString()  # type: ignore[no-any-return]
 
-    async def GetModelStatus(self, request: Any, context: Any) -> Any:
-        spec = request.model_spec
-        entries = await self.dataplane.model_status(spec.name, _version_of(spec))
-        return get_model_status_pb2.GetModelStatusResponse(
-            model_version_status=[version_status(e) for e in entries]
-        )
 
-    async def HandleReloadConfigRequest(self, request: Any, context: Any) -> Any:
-        raise Unsupported(
-            "HandleReloadConfigRequest is not supported by modelyard; use the v2 repository load/unload API"
-        )
+def _handler(services: _Services, method: str) -> grpc.RpcMethodHandler:
+    def deserialize(data: bytes) -> Any:
+        methods = services.methods
+        return _Unparsed(data) if methods is None else methods[method][0].FromString(data)
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Unparsed):
+            try:
+                methods = await services.load()
+            except GatewayError as exc:
+                return await services.guarded(method, _raising(exc))(None, context)
+            try:
+                request = methods[method][0].FromString(request.data)
+            except DecodeError as exc:
+                refused = MalformedRequest(f"{method}: the request is not a valid message: {exc}")
+                return await services.guarded(method, _raising(refused))(None, context)
+            return await methods[method][1](request, context)
+        # A parsed request: the messages, and so the methods, are there.
+        return await services.methods[method][1](request, context)  # type: ignore[index]
+
+    return grpc.unary_unary_rpc_method_handler(
+        call, request_deserializer=deserialize, response_serializer=_serialize
+    )
+
+
+def _raising(exc: GatewayError) -> Behaviour:
+    async def run(request: Any, context: Any) -> Any:
+        raise exc
+
+    return run
 
 
 def add_to_server(
     dataplane: DataPlane,
     contexts: ContextBuilder,
-    server: Any,
+    server: GuardedServer,
     limits: InputLimits = DEFAULT_LIMITS,
     server_timing: bool = False,
 ) -> list[str]:
-    """Register both TF Serving services; their full names, for reflection and health."""
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionServicer(dataplane, contexts, limits, server_timing), server
-    )
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane), server)
-    return [PREDICTION_SERVICE, MODEL_SERVICE]
-
-
-def version_status(entry: IndexEntry) -> Any:
-    ok = entry.state == "READY"
-    return get_model_status_pb2.ModelVersionStatus(
-        version=int(entry.version),
-        state=_STATE.Value(TF_STATE.get(entry.state, "UNKNOWN")),
-        status=status_pb2.StatusProto(
-            error_code=error_codes_pb2.OK if ok else error_codes_pb2.UNAVAILABLE,
-            error_message="" if ok else entry.reason,
-        ),
-    )
-
-
-def tensor_info(spec: TensorSpec) -> Any:
-    return meta_graph_pb2.TensorInfo(
-        name=spec.name,
-        dtype=types_pb2.DataType.Value(TF_DTYPE_NAME[spec.datatype]),
-        tensor_shape=tensor_shape_pb2.TensorShapeProto(
-            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in spec.shape]
-        ),
-    )
-
-
-def decode_predict(request: Any, limits: InputLimits = DEFAULT_LIMITS) -> InferRequest:
-    spec = request.model_spec
-    _check_signature(spec)
-    if not spec.name:
-        raise MalformedRequest("model_spec.name is required")
-    if not request.inputs:
-        raise MalformedRequest(f"{_label(spec)}: the request needs at least one input")
-    inputs = []
-    for name, proto in request.inputs.items():
-        check_tensor_proto(f"{_label(spec)}: input {quoted(name)}", proto, limits)
-        try:
-            array = tf.make_ndarray(proto)
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(
-                f"{_label(spec)}: input {quoted(name)} is not a valid TensorProto: {exc}"
-            ) from None
-        try:
-            datatype = datatype_of(array.dtype)
-        except ValueError as exc:
-            raise InvalidInput(f"{_label(spec)}: input {quoted(name)}: {exc}") from None
-        inputs.append(Tensor(name, datatype, tuple(array.shape), array))
-    return InferRequest(
-        model_name=spec.name,
-        model_version=_version_of(spec),
-        inputs=inputs,
-        outputs=[RequestedOutput(name) for name in request.output_filter] or None,
-    )
-
-
-def check_tensor_proto(label: str, proto: Any, limits: InputLimits) -> None:
-    """Shape, dtype and data length agree, within the limits, before tf.make_ndarray allocates:
-    it would fill a huge shape from a single value, or from none."""
-    if proto.tensor_shape.unknown_rank:
-        raise InvalidInput(f"{label}: the shape has unknown rank")
-    shape = check_shape(label, tuple(d.size for d in proto.tensor_shape.dim), limits)
-    count = math.prod(shape)
-    try:
-        dtype = tf.dtypes.as_dtype(proto.dtype)
-    except TypeError:
-        raise InvalidInput(f"{label}: dtype {proto.dtype} is not a TensorFlow DataType") from None
-    if dtype == tf.string:
-        values = proto.string_val
-        too_long = next((len(v) for v in values if len(v) > limits.max_bytes_element), None)
-        if too_long is not None:
-            raise PayloadTooLarge(
-                f"{label}: a string of {too_long} bytes is over the limit of {limits.max_bytes_element} "
-                "(MODELYARD_MAX_BYTES_ELEMENT_MB)"
-            )
-        found = len(values)
-    elif not dtype.is_numpy_compatible or dtype.is_quantized or dtype.is_complex:
-        raise InvalidInput(f"{label}: dtype {dtype.name} is not served by modelyard")
-    elif proto.tensor_content:
-        expected = count * dtype.size
-        if len(proto.tensor_content) != expected:
-            raise InvalidInput(
-                f"{label}: shape {list(shape)} of {dtype.name} needs {expected} bytes of tensor_content, "
-                f"got {len(proto.tensor_content)}"
-            )
-        return
-    else:
-        found = sum(len(value) for field, value in proto.ListFields() if field.name.endswith("_val"))
-    if found != count:
-        raise InvalidInput(f"{label}: shape {list(shape)} needs {count} values, got {found}")
-
-
-def encode_predict(response: InferResponse) -> Any:
-    message = predict_pb2.PredictResponse(model_spec=_model_spec(response.model_name, response.model_version))
-    for tensor in response.outputs:
-        message.outputs[tensor.name].CopyFrom(tf.make_tensor_proto(tensor.data))
-    return message
+    """Register both TF Serving services by name, TensorFlow not imported; their full names, for
+    reflection and health."""
+    services = _Services(lambda module: module.methods(dataplane, contexts, limits, server_timing), server)
+    for service, names in METHODS.items():
+        handlers = {name: _handler(services, f"/{service}/{name}") for name in names}
+        # Registered on the server itself: each call's guard (the access check reads the model the
+        # request names) runs inside, once the request is parsed.
+        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        server.server.add_registered_method_handlers(service, handlers)
+    return list(METHODS)

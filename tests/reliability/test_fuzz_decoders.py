@@ -330,7 +330,7 @@ def tf_predict_requests(draw: st.DrawFn) -> Any:
 @given(request=tf_predict_requests())
 def test_tfserving_grpc_decoder(limits: InputLimits, request: Any) -> None:
     pytest.importorskip("tensorflow")
-    from gateway.protocols import tfserving_grpc
+    from gateway.protocols import tfserving_services_grpc as tfserving_grpc
 
     count("TF Serving gRPC")
     decodes_or_refuses(lambda: tfserving_grpc.decode_predict(request, limits), limits)
