@@ -19,6 +19,8 @@ from gateway.tools.errors import ToolError
 from gateway.tools.migrate.live import DEFAULT_APPLY_TIMEOUT_S, DEFAULT_GATEWAY
 from gateway.tools.migrate.state import DEFAULT_STATE_DIR
 
+PROMOTE_LOGGER = "modelyard.migrate"
+
 Model = Annotated[str, typer.Argument(help="The model being migrated (the source deployment clients call).")]
 GatewayUrl = Annotated[str, typer.Option("--gateway", help="The running gateway's HTTP address.")]
 ModelRepo = Annotated[Path, typer.Option(help="The model repository the gateway serves.")]
@@ -114,8 +116,12 @@ def promote(
     from gateway.tools.migrate.promote import PromoteOptions, parse_steps
     from gateway.tools.migrate.promote import promote as run
 
-    # The rollback's WARNING line, on stderr.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s")
+    # The rollback's WARNING line, on stderr: its own handler, whatever the root logger has.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger(PROMOTE_LOGGER)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
         options = PromoteOptions(
             steps=parse_steps(steps), dwell_s=dwell_s, min_requests_per_step=min_requests_per_step,
@@ -125,6 +131,8 @@ def promote(
         result = run(model, model_repo, state_dir, gateway, options)
     except ToolError as exc:
         raise _fail(exc) from None
+    finally:
+        logger.removeHandler(handler)
     for step in result.steps:
         typer.echo(
             f"{step.percent:>5g}%  new: {step.new.requests} answers, {step.new.errors} errors, p99 "
