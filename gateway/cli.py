@@ -82,6 +82,13 @@ def serve(
             "versions unload to make room [env MODELYARD_MODEL_MEMORY_BUDGET]."
         ),
     ] = None,
+    record_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where models with `record:` keep their sampled inputs, default .modelyard/recorded "
+            "[env MODELYARD_RECORD_DIR]."
+        ),
+    ] = None,
     api_keys_file: Annotated[
         Path | None,
         typer.Option(help="YAML/JSON file of API keys; turns auth on [env MODELYARD_API_KEYS_FILE]."),
@@ -113,6 +120,7 @@ def serve(
         "enable_repository_api": enable_repository_api,
         "load_mode": load_mode,
         "model_memory_budget": model_memory_budget,
+        "record_dir": record_dir,
         "api_keys_file": api_keys_file,
         "tls_certfile": tls_certfile,
         "tls_keyfile": tls_keyfile,

@@ -7,6 +7,7 @@ imports this module: it is read when a config is validated, not when this module
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -16,6 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.types import Datatype, TensorSpec
+
+# What a model (a folder of the repository) may be called.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class _Strict(BaseModel):
@@ -133,6 +137,17 @@ class CacheConfig(_Strict):
     ttl_s: float | None = Field(default=None, gt=0)
 
 
+class Record(_Strict):
+    """A sampled share of the model's answered requests whose inputs the gateway keeps, one .npz
+    each, under its own record folder (`--record-dir`), so a parity check can run on what users
+    send (gateway/recording.py). Recording stops, counted, once either cap is reached."""
+
+    # The share of answered requests recorded, 0 to 1.
+    sample: float = Field(default=0.01, gt=0, le=1)
+    max_requests: int = Field(default=1000, ge=1, le=1_000_000)
+    max_bytes: int = Field(default=64 * 2**20, ge=1024)
+
+
 class Limits(_Strict):
     max_inflight: int = Field(default=64, ge=1)
     max_queue: int = Field(default=256, ge=0)
@@ -232,6 +247,12 @@ class ModelConfig(_Strict):
     # Other models of the repository (deployments of this one, in order) that answer a request
     # naming no version when this model is not ready or its backend is down.
     fallback: tuple[str, ...] = ()
+    # Other models of the repository (deployments of this one), each with the percent of this
+    # model's requests it answers instead: those that name no version or label and match no
+    # canary rule. The answer keeps this model's name. `modelyard migrate promote` writes it.
+    split: dict[str, float] = Field(default_factory=dict)
+    # The inputs of a sampled share of answered requests, kept for parity checks; None: none are.
+    record: Record | None = None
     # The model of the repository this one is another deployment of (same weights, other backend):
     # `modelyard bench MODEL --deployments onnx,torchserve,tensorflow` finds MODEL's twins by it.
     twin_of: str | None = None
@@ -282,6 +303,22 @@ class ModelConfig(_Strict):
             raise ValueError("traffic weights must not all be zero")
         return traffic
 
+    @field_validator("split")
+    @classmethod
+    def _shares(cls, split: dict[str, float]) -> dict[str, float]:
+        for name, percent in split.items():
+            if not MODEL_NAME.match(name):
+                raise ValueError(f"split names {name!r}, which is not a model name")
+            if not 0 <= percent <= 100:
+                raise ValueError(f"split percent for '{name}' must be between 0 and 100, not {percent}")
+        if sum(split.values()) > 100:
+            raise ValueError(f"split percents add up to {sum(split.values()):g}, more than 100")
+        return split
+
+
+# Config keys that only steer requests: a change to them alone applies to the loaded model in
+# place, without loading its versions again.
+ROUTING_KEYS = frozenset({"traffic", "labels", "routing", "shadow", "fallback", "split", "twin_of", "record"})
 
 # Labels that name the default version, in this order, when the config has no traffic split.
 DEFAULT_LABELS = ("default", "stable")

@@ -23,15 +23,17 @@ from gateway.errors import (
     DeadlineExceeded,
     Draining,
     GatewayError,
+    ModelNotFound,
     ModelNotReady,
     PermissionDenied,
     without_server_paths,
 )
 from gateway.limits import Limiter, acquire_all, release_all
-from gateway.loaded import LoadedVersion, State
+from gateway.loaded import LoadedModel, LoadedVersion, State
 from gateway.metrics import Metrics, RequestSeries
 from gateway.outcomes import GRPC_PROTOCOLS, Outcomes, Served, code_of
 from gateway.payload_log import PayloadLogs
+from gateway.recording import Recorder
 from gateway.registry import Registry
 from gateway.rollouts import SHADOW_PROTOCOL, Rollouts
 from gateway.routing import Route, Router
@@ -72,6 +74,7 @@ class DataPlane:
         enable_repository_api: bool = False,
         tracer: Tracer | None = None,
         payloads: PayloadLogs | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.registry = registry
         self.router = router
@@ -83,6 +86,8 @@ class DataPlane:
         self.tracer = tracer
         # Where a model's `payload_log` sends its sampled requests and responses.
         self.payloads = payloads
+        # Where a model's `record` keeps the inputs of its sampled requests.
+        self.recorder = recorder
         # Across all models, behind each model's own limiter; None: no global cap.
         self._global_limiter = global_limiter
         self._started = False
@@ -240,11 +245,9 @@ class DataPlane:
         served: Served,
         trace: RequestTrace | None = None,
     ) -> InferResponse:
-        model = self.registry.get(request.model_name)
-        route = Route(
-            model, self.router.select(model, request.model_version, context.routing_keys, context.label)
-        )
-        loaded = route.loaded
+        source = self.registry.get(request.model_name)
+        route = await self._route(source, request, context)
+        model, loaded = route.model, route.loaded
         served.model, served.version, served.backend = model.name, str(loaded.version), loaded.backend
         series = self.metrics.series(model.name, served.version, loaded.backend, context.protocol)
         stats = loaded.stats
@@ -281,10 +284,36 @@ class DataPlane:
         self._observe(stats, series, arrived, ok=True)
         timing.observe("load", "queue", "batch", "backend")
         response.timing = timing
-        logged = model.entry.config.payload_log
-        if logged is not None and self.payloads is not None and context.protocol != SHADOW_PROTOCOL:
-            self.payloads.offer(logged, context, model.name, served.version, tensors, response.outputs)
+        if model is not source:
+            # Answered by the deployment the split drew: under the name the client asked for.
+            response.model_name = source.name
+            response.parameters["deployment"] = model.name
+        if context.protocol != SHADOW_PROTOCOL:
+            logged = model.entry.config.payload_log
+            if logged is not None and self.payloads is not None:
+                self.payloads.offer(logged, context, model.name, served.version, tensors, response.outputs)
+            recorded = source.entry.config.record
+            if recorded is not None and self.recorder is not None:
+                self.recorder.offer(recorded, source.name, tensors)
         return response
+
+    async def _route(self, source: LoadedModel, request: InferRequest, context: RequestContext) -> Route:
+        """The version that serves the request: on the deployment the model's split draws, when
+        that one can take it now; else on the model itself, as routing picks."""
+        keys, label = context.routing_keys, context.label
+        target = self.router.split_target(source, request.model_version, keys, label)
+        if target is not None:
+            try:
+                other = self.registry.get(target)
+                loaded = self.router.select(other, None, keys)
+                if loaded.ready and not await _backend_ready(loaded):
+                    raise ModelNotReady(f"its {loaded.backend} backend is not ready")
+            except (ModelNotFound, ModelNotReady):
+                self.metrics.split_requests.labels(source.name, target, "unavailable").inc()
+            else:
+                self.metrics.split_requests.labels(source.name, target, "sent").inc()
+                return Route(other, loaded)
+        return Route(source, self.router.select(source, request.model_version, keys, label))
 
     @staticmethod
     def _observe(stats: VersionStats, series: RequestSeries, arrived: int, ok: bool) -> None:

@@ -207,6 +207,28 @@ class Metrics:
             buckets=(0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0),
             registry=self.registry,
         )
+        self.shadow_worst_abs_diff = Gauge(
+            "modelyard_shadow_worst_abs_diff",
+            "The largest absolute difference between the primary's and the shadow's outputs seen "
+            "since the gateway started.",
+            ("model", "target"),
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
+        self.split_requests = Counter(
+            "modelyard_split_requests",
+            "Requests a model's split drew for another deployment, by outcome: sent, or unavailable "
+            "(that deployment could not take it, and the model answered it itself).",
+            ("model", "to", "outcome"),
+            registry=self.registry,
+        )
+        self.recorded_requests = Counter(
+            "modelyard_recorded_requests",
+            "Requests drawn for recording, by outcome: kept (their inputs written), full (a cap was "
+            "reached), busy (too many writes under way), error (the file could not be written).",
+            ("model", "outcome"),
+            registry=self.registry,
+        )
         # Payload logging (gateway/payload_log.py).
         self.payloads_logged = Counter(
             "modelyard_payload_log_events",

@@ -20,7 +20,14 @@ from typing import Any
 from adapters import LoadSpec, ModelAdapter, SharedResources, create_adapter
 from gateway.batching import BatchingAdapter, BatchObserver
 from gateway.cache import cache_for
-from gateway.config import ConfigError, LoadMode, load_model_config, preferred_version
+from gateway.config import (
+    ROUTING_KEYS,
+    ConfigError,
+    LoadMode,
+    ModelConfig,
+    load_model_config,
+    preferred_version,
+)
 from gateway.errors import (
     BackendUnavailable,
     DeadlineExceeded,
@@ -230,8 +237,19 @@ class Registry:
         if folder is None:
             raise ModelNotFound(f"failed to load '{name}', failed to poll from model repository")
         async with self._lock(name):
-            self._fingerprints[name] = _fingerprint(folder)
+            fingerprint = _fingerprint(folder)
             entry = self.repository.scan(name, self._overrides.get(name))
+            old = self._models.get(name)
+            if old is not None and _only_routing_changed(
+                old, entry, fingerprint, self._fingerprints.get(name)
+            ):
+                # Its versions and backends stay as they are; the next request routes by the new keys.
+                self._fingerprints[name] = fingerprint
+                changed = _changed_keys(old.entry.config, entry.config)
+                old.entry = entry
+                log.info("model '%s': %s changed, applied without a reload", name, ", ".join(changed))
+                return old
+            self._fingerprints[name] = fingerprint
             if not entry.ok:
                 for problem in entry.problems:
                     log.error("cannot load %s", problem)
@@ -444,6 +462,31 @@ class Registry:
 def _not_ready(model: str, loaded: LoadedVersion) -> str:
     reason = f": {loaded.reason}" if loaded.reason else ""
     return f"Request for unknown model: '{model}' version {loaded.version} is not at ready state ({loaded.state}){reason}"
+
+
+def _only_routing_changed(
+    old: LoadedModel, entry: ModelEntry, fingerprint: tuple[object, ...], before: tuple[object, ...] | None
+) -> bool:
+    """Whether the new scan differs from the loaded model in routing keys alone: the same files
+    beside config.yaml, the same versions, none failed, and config.yaml's other keys equal."""
+    if not entry.ok or before is None or old.state is not State.READY:
+        return False
+    if _artifacts(fingerprint) != _artifacts(before) or entry.versions != old.entry.versions:
+        return False
+    if not all(v.ready or v.loadable for v in old.versions.values()):
+        return False  # a version that failed loads again
+    changed = _changed_keys(old.entry.config, entry.config)
+    return bool(changed) and set(changed) <= ROUTING_KEYS
+
+
+def _changed_keys(old: ModelConfig, new: ModelConfig) -> list[str]:
+    before, after = old.model_dump(), new.model_dump()
+    return sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+
+
+def _artifacts(fingerprint: tuple[object, ...]) -> tuple[object, ...]:
+    """A fingerprint's files other than config.yaml."""
+    return tuple(f for f in fingerprint if not (isinstance(f, tuple) and f[0] == CONFIG_FILE))
 
 
 def _fingerprint(folder: Path) -> tuple[object, ...]:

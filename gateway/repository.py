@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +11,8 @@ from pydantic import BaseModel
 
 from adapters import BACKENDS, artifact_backends
 from adapters.base import OptionsError
-from gateway.config import ConfigError, ModelConfig, load_model_config
+from gateway.config import MODEL_NAME, ConfigError, ModelConfig, load_model_config
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CONFIG_FILE = "config.yaml"
 
 
@@ -167,6 +165,11 @@ def scan_model(
             problems.append(f"model '{name}': it lists itself as a fallback")
         elif not (root / deployment).is_dir():
             problems.append(f"model '{name}': fallback '{deployment}' is not a model in {root}")
+    for deployment in config.split:
+        if deployment == name:
+            problems.append(f"model '{name}': its split sends requests to itself")
+        elif not (root / deployment).is_dir():
+            problems.append(f"model '{name}': split deployment '{deployment}' is not a model in {root}")
     problems += _missing_samples(name, path, config)
     for target in config.shadow:
         if target.model is not None and not (root / target.model).is_dir():

@@ -41,6 +41,8 @@ class Rollouts:
         self._run = run
         self._rng = rng or random.Random()
         self._shadows: set[asyncio.Task[None]] = set()
+        # The largest difference seen per (model, target), behind its gauge.
+        self._worst: dict[tuple[str, str], float] = {}
 
     async def fall_back(
         self, request: InferRequest, context: RequestContext, cause: GatewayError
@@ -85,6 +87,8 @@ class Rollouts:
             if self._rng.random() * 100 >= target.percent:
                 continue
             name = target.model or request.model_name
+            if name == response.parameters.get("deployment"):
+                continue  # answered by that deployment itself: nothing to compare
             label = f"{name}:{target.version}" if target.version else name
             if len(self._shadows) >= MAX_SHADOWS_IN_FLIGHT:
                 self.metrics.shadow_requests.labels(request.model_name, label, "dropped").inc()
@@ -114,6 +118,10 @@ class Rollouts:
             return
         diff, matched = compare_outputs(primary, shadow, target.atol, target.rtol)
         self.metrics.shadow_abs_diff.labels(model, label).observe(diff)
+        key = (model, label)
+        if key not in self._worst or diff > self._worst[key]:
+            self._worst[key] = diff
+            self.metrics.shadow_worst_abs_diff.labels(model, label).set(diff)
         self.metrics.shadow_requests.labels(model, label, "match" if matched else "mismatch").inc()
 
 

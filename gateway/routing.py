@@ -3,7 +3,9 @@
 In order: the version or label the request names (in the URL or `model_version`, then in the
 `label` parameter or the model's label header); then the first canary rule whose header matches;
 then the traffic split, sticky by a header's hash where configured; then the default or stable
-label; then the highest ready version. Headers reach the router as the request context's routing
+label; then the highest ready version. Before all that, a model whose config has a `split` sends
+its share of the requests that name nothing and match no canary rule to another deployment (a
+model of the repository), which then routes them by its own config. Headers reach the router as the request context's routing
 keys, names in lower case.
 
 A version that loads on demand (or was unloaded to make room) counts as ready here: the data plane
@@ -17,7 +19,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.config import DEFAULT_LABELS
+from gateway.config import DEFAULT_LABELS, CanaryRule, Routing
 from gateway.errors import ModelNotFound, ModelNotReady
 from gateway.loaded import LoadedModel, LoadedVersion
 from gateway.types import ModelSignature
@@ -64,13 +66,37 @@ class Router:
         named = requested or label or headers.get(routing.label_header.lower())
         if named:
             return self._ready(model, self.resolve(model, named))
-        for rule in routing.canary:
-            value = headers.get(rule.header.lower())
-            if value is not None and (rule.equals is None or value == rule.equals):
-                target = rule.version if rule.version is not None else self.resolve(model, str(rule.label))
-                return self._ready(model, target)
+        rule = _matching_canary(routing, headers)
+        if rule is not None:
+            target = rule.version if rule.version is not None else self.resolve(model, str(rule.label))
+            return self._ready(model, target)
         sticky = headers.get(routing.sticky_header.lower()) if routing.sticky_header else None
         return self._ready(model, self.default_version(model, sticky))
+
+    def split_target(
+        self,
+        model: LoadedModel,
+        requested: str | None,
+        routing_keys: Mapping[str, str] | None = None,
+        label: str | None = None,
+    ) -> str | None:
+        """The other deployment the model's `split` draws for this request, or None: it stays.
+        Only requests that name no version or label and match no canary rule are drawn."""
+        split = model.entry.config.split
+        if not split or requested or label:
+            return None
+        routing = model.entry.config.routing
+        headers = routing_keys or _NO_KEYS
+        if headers.get(routing.label_header.lower()) or _matching_canary(routing, headers):
+            return None
+        sticky = headers.get(routing.sticky_header.lower()) if routing.sticky_header else None
+        # Its own draw (salted apart from the version draw): a sticky key keeps one deployment.
+        point = self._draw(f"{model.name}\0split", sticky) * 100
+        for deployment, percent in split.items():
+            point -= percent
+            if point < 0:
+                return deployment
+        return None
 
     def default_version(self, model: LoadedModel, sticky_key: str | None = None) -> int:
         ready = model.servable_versions
@@ -126,6 +152,14 @@ class Router:
                 f"({loaded.state}){reason}"
             )
         return loaded
+
+
+def _matching_canary(routing: Routing, headers: Mapping[str, str]) -> CanaryRule | None:
+    for rule in routing.canary:
+        value = headers.get(rule.header.lower())
+        if value is not None and (rule.equals is None or value == rule.equals):
+            return rule
+    return None
 
 
 def _weighted_choice(weighted: list[tuple[int, float]], draw: float) -> int:

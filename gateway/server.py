@@ -33,6 +33,7 @@ from gateway.protocols.connections import ConnectionGuard, ConnectionLimits
 from gateway.protocols.http import create_app
 from gateway.protocols.shared_memory import SharedMemoryRegions
 from gateway.protocols.v2_grpc import SERVICE_NAME, ErrorInterceptor, GuardedServer, InferenceServicer
+from gateway.recording import Recorder
 from gateway.registry import AdapterFactory, Registry
 from gateway.residency import Residency
 from gateway.routing import Router
@@ -100,6 +101,7 @@ class Gateway:
             enable_repository_api=settings.enable_repository_api,
             tracer=self.tracer,
             payloads=PayloadLogs(self.metrics),
+            recorder=Recorder(settings.record_dir, self.metrics, settings.workers),
         )
         self.metrics.watch_load(self.registry.load_levels, self._gateway_load)
         self.status = StatusReader(
@@ -334,6 +336,8 @@ class Gateway:
             self._load_writer.cancel()
         if self.dataplane.payloads is not None:
             await self.dataplane.payloads.aclose()
+        if self.dataplane.recorder is not None:
+            await self.dataplane.recorder.aclose()
         if self.tracer is not None:
             # Flushes the spans still queued for export.
             await asyncio.to_thread(self.tracer.shutdown)

@@ -8,8 +8,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gateway.config import LoadMode
-from gateway.repository import MODEL_NAME
+from gateway.config import MODEL_NAME, LoadMode
 from gateway.residency import parse_budget
 
 
@@ -41,6 +40,9 @@ class Settings(BaseSettings):
     # Seconds between scans of the repository for new, changed or removed models; None: never,
     # and models change only through the repository API.
     poll_interval_s: float | None = Field(default=None, gt=0)
+    # Where models whose config.yaml has `record:` keep the inputs of their sampled requests, a
+    # folder per model; relative to the gateway's working directory.
+    record_dir: Path = Path(".modelyard/recorded")
     # The repository control API (load and unload a model) changes what the gateway serves:
     # off unless asked for, as Triton's --model-control-mode=explicit is.
     enable_repository_api: bool = False

@@ -208,6 +208,9 @@ class ModelStatus:
     default_version: int | None
     labels: dict[str, int]
     traffic_weights: dict[str, float]
+    # Other deployments answering a share of its requests, in percent, and its shadow targets.
+    split: dict[str, float]
+    shadow: list[dict[str, Any]]
     versions: list[VersionStatus]
     traffic: ModelTraffic | None
 
@@ -303,6 +306,8 @@ class StatusReader:
                     default_version=preferred_version(config, model.servable_versions),
                     labels=dict(config.labels),
                     traffic_weights={str(v): w for v, w in config.traffic.items()},
+                    split=dict(config.split),
+                    shadow=[target.model_dump() for target in config.shadow],
                     versions=versions,
                     traffic=traffic.get(model.name),
                 )

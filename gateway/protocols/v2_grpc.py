@@ -319,6 +319,8 @@ def encode_infer_response(response: InferResponse, regions: SharedMemoryRegions 
     message = service_pb2.ModelInferResponse(
         model_name=response.model_name, model_version=response.model_version, id=response.id or ""
     )
+    for key, value in response.parameters.items():
+        _set_parameter(message.parameters[key], value)
     for tensor in response.outputs:
         message.outputs.add(name=tensor.name, datatype=tensor.datatype.value, shape=tensor.shape)
         place = (
@@ -330,3 +332,16 @@ def encode_infer_response(response: InferResponse, regions: SharedMemoryRegions 
             regions.write(tensor, place)
             message.raw_output_contents.append(b"")
     return message
+
+
+def _set_parameter(parameter: Any, value: Any) -> None:
+    """An InferParameter's one field for the value's type (the response's own parameters: the
+    deployment that answered, for a split or a fallback)."""
+    if isinstance(value, bool):
+        parameter.bool_param = value
+    elif isinstance(value, int):
+        parameter.int64_param = value
+    elif isinstance(value, float):
+        parameter.double_param = value
+    else:
+        parameter.string_param = str(value)
