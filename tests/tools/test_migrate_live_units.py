@@ -144,7 +144,7 @@ def test_figures_count_since_the_baseline_from_a_real_registry() -> None:
     assert figures.compared == len(diffs) + 2 and figures.dropped == 4
     assert figures.agreement == matches / len(diffs)
     assert (figures.shadow_errors, figures.new_errors, figures.errors) == (2, 1, 3)
-    # No worst-difference gauge in this registry: the histogram's highest filled bucket stands in.
+    # Nothing set the worst-difference gauge: the histogram's highest filled bucket stands in.
     assert figures.max_abs_diff_from == "histogram"
     assert figures.max_abs_diff == min(b for b in (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1) if b >= 0.05)
     assert figures.p99_abs_diff is not None and 1e-2 < figures.p99_abs_diff <= 0.1
@@ -170,10 +170,8 @@ def test_figures_count_since_the_baseline_from_a_real_registry() -> None:
 
 
 def test_the_worst_difference_gauge_is_preferred_when_the_gateway_has_it() -> None:
-    from prometheus_client import Gauge
-
     metrics = Metrics()
-    gauge = Gauge("modelyard_shadow_worst_abs_diff", "worst", ("model", "target"), registry=metrics.registry)
+    gauge = metrics.shadow_worst_abs_diff
     baseline = _snapshot(metrics)
     metrics.shadow_abs_diff.labels("mlp", "mlp_onnx:2").observe(3e-6)
     gauge.labels("mlp", "mlp_onnx:2").set(3e-6)
@@ -226,6 +224,7 @@ def _figures(matches: int, mismatches: int, errors: int, source_p99: float, new_
         ((1000, 0, 1, 2.0, 2.0), FAIL, "errors: 1"),
         ((50, 0, 0, 2.0, 2.0), NOT_ENOUGH_DATA, "requests compared: 50 < 100"),
         ((10, 0, 2, 2.0, 2.0), FAIL, "errors: 2"),  # an error fails before there is enough data
+        ((0, 2, 0, 2.0, 2.0), FAIL, "agreement: 0.000% of 2 judged"),  # past saving at 99.9% of 100
     ],
 )
 def test_the_verdict_names_the_criterion(

@@ -3,7 +3,7 @@
 
 A step writes config.yaml, then asks for a load through the repository API; a gateway that refuses
 it (started without --enable-repository-api) picks the change up on its next repository poll
-(--poll-interval-s). Either way the step waits until /status shows the change, or says which
+(--poll-interval). Either way the step waits until /status shows the change, or says which
 flag would have let it through.
 """
 
@@ -116,7 +116,7 @@ class Gateway:
             "the repository API took the load but /status does not show it: read the gateway's log"
             if how == "repository API"
             else "its repository API is off and its repository poll did not pick the change up: start the "
-            "gateway with --poll-interval-s 2 (MODELYARD_POLL_INTERVAL_S) or --enable-repository-api "
+            "gateway with --poll-interval 2 (MODELYARD_POLL_INTERVAL_S) or --enable-repository-api "
             "(MODELYARD_ENABLE_REPOSITORY_API=true), or wait longer with --apply-timeout-s"
         )
         raise MigrationError(

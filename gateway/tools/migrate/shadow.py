@@ -141,7 +141,8 @@ def p99_ratio(new: Side, source: Side) -> float | None:
 
 
 def judge(figures: ShadowFigures, criteria: Criteria) -> tuple[str, list[str]]:
-    """The verdict: errors fail at once; below min_requests nothing else is judged."""
+    """The verdict: errors fail at once, and so do mismatches that no number of matches up to
+    min_requests could make up for; below min_requests nothing else is judged."""
     failed: list[str] = []
     if figures.errors > criteria.max_errors:
         failed.append(
@@ -149,6 +150,15 @@ def judge(figures: ShadowFigures, criteria: Criteria) -> tuple[str, list[str]]:
             f"> {criteria.max_errors}"
         )
     if figures.compared < criteria.min_requests:
+        # Mismatches so many that even all matches up to min_requests could not pass: decided now.
+        judged = figures.matches + figures.mismatches
+        best = (figures.matches + criteria.min_requests - judged) / criteria.min_requests
+        if judged and best * 100 < criteria.min_agreement:
+            failed.append(
+                f"agreement: {figures.agreement * 100 if figures.agreement is not None else 0:.3f}% of "
+                f"{judged} judged, short of {criteria.min_agreement:g}% even if the next "
+                f"{criteria.min_requests - judged} all matched"
+            )
         if failed:
             return FAIL, failed
         return NOT_ENOUGH_DATA, [f"requests compared: {figures.compared} < {criteria.min_requests}"]
