@@ -207,7 +207,7 @@ class Registry:
             folder = self.repository.folder(name)
             if name in self._models and folder and self._fingerprints.get(name) == _fingerprint(folder):
                 continue
-            log.info("model '%s' is new or changed on disk: loading", name)
+            log.info("model '%s' is new or changed on disk", name)
             with contextlib.suppress(GatewayError):  # logged, and shown in the index
                 await self.load(name)
 

@@ -75,6 +75,9 @@ class Traffic:
     """Steady client traffic, REST and gRPC in turn, counting every failed request."""
 
     gateway: RunningGateway
+    model: str = "mlp"
+    input_name: str = "input"
+    rows: np.ndarray = field(default_factory=lambda: INPUT)
     sent: int = 0
     failures: list[str] = field(default_factory=list)
     last_rest: dict[str, Any] | None = None
@@ -92,14 +95,20 @@ class Traffic:
         self._thread.join(30)
 
     def _run(self) -> None:
+        shape = list(self.rows.shape)
         body = {
             "inputs": [
-                {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": INPUT.ravel().tolist()}
+                {
+                    "name": self.input_name,
+                    "shape": shape,
+                    "datatype": "FP32",
+                    "data": self.rows.ravel().tolist(),
+                }
             ]
         }
         grpc = grpcclient.InferenceServerClient(self.gateway.grpc)
-        tensor = grpcclient.InferInput("input", [1, 64], "FP32")
-        tensor.set_data_from_numpy(INPUT)
+        tensor = grpcclient.InferInput(self.input_name, shape, "FP32")
+        tensor.set_data_from_numpy(self.rows)
         deadline = time.monotonic() + TRAFFIC_LIMIT_S
         try:
             with httpx.Client(base_url=self.gateway.url, timeout=10) as client:
@@ -107,13 +116,13 @@ class Traffic:
                     self.sent += 1
                     try:
                         if self.sent % 2:
-                            response = client.post("/v2/models/mlp/infer", json=body)
+                            response = client.post(f"/v2/models/{self.model}/infer", json=body)
                             if response.status_code != 200:
                                 self.failures.append(f"REST {response.status_code}: {response.text[:200]}")
                             else:
                                 self.last_rest = response.json()
                         else:
-                            grpc.infer("mlp", [tensor])
+                            grpc.infer(self.model, [tensor])
                     except Exception as exc:  # every failure counts, whatever its kind
                         self.failures.append(f"{type(exc).__name__}: {exc}")
                     time.sleep(0.001)
@@ -121,10 +130,10 @@ class Traffic:
             grpc.close()
 
 
-def await_verdict(repo: Path, state_dir: Path, url: str, criteria: Criteria) -> Any:
+def await_verdict(repo: Path, state_dir: Path, url: str, criteria: Criteria, model: str = "mlp") -> Any:
     deadline = time.monotonic() + VERDICT_TIMEOUT_S
     while True:
-        result = status("mlp", repo, state_dir, url, StatusOptions(criteria=criteria))
+        result = status(model, repo, state_dir, url, StatusOptions(criteria=criteria))
         if result.verdict in (PASS, FAIL) or time.monotonic() > deadline:
             return result
         time.sleep(0.5)

@@ -20,7 +20,6 @@ import typer
 from typer.core import TyperGroup
 
 from gateway.errors import GatewayError
-from gateway.native_logs import filtered_native_stderr
 from gateway.tools.errors import ToolError
 from gateway.tools.migrate.state import DEFAULT_STATE_DIR
 from gateway.tools.parity import DEFAULT_ATOL, DEFAULT_BATCH, DEFAULT_RTOL
@@ -158,9 +157,10 @@ def _check(
             f"model '{model}' has no conversion to check: run `modelyard migrate convert {model} --to X` first"
         )
     given = checking.gather_inputs(model, inputs, recorded, record_dir, batch)
-    # An in-process TensorFlow or Keras side prints TensorFlow's native start-up lines.
-    with filtered_native_stderr():
-        result = asyncio.run(checking.run_check(model_repo, migration, given, atol, rtol, batch))
+    # An in-process TensorFlow, Keras or LiteRT side imports its framework through the adapters'
+    # quiet import, which filters the native start-up lines itself (a filter held here too would
+    # hold its lock across the loaders' threads).
+    result = asyncio.run(checking.run_check(model_repo, migration, given, atol, rtol, batch))
     checking.record_check(state_dir, migration, result)
     lines = result.lines()
     for line in lines[:-1]:
@@ -203,3 +203,14 @@ def run(
             )
         _convert(model, to, name, force, model_repo, state_dir)
         _check(model, inputs, recorded, record_dir, atol, rtol, batch, model_repo, state_dir)
+
+
+def _add_live_steps() -> None:
+    """The steps against a running gateway (live_commands.py), after convert and check."""
+    from gateway.tools.migrate import live_commands
+
+    for step in (live_commands.shadow, live_commands.status, live_commands.promote, live_commands.report):
+        migrate.command()(step)
+
+
+_add_live_steps()
