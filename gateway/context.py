@@ -78,6 +78,14 @@ class RequestContext:
     label: str | None = None
     trace_parent: TraceParent | None = None
 
+    def deadline_within(self, timeout_ms: int | None) -> float | None:
+        """The soonest of the client's deadline and a model's `limits.timeout_ms`, which caps what
+        a client may ask for."""
+        if timeout_ms is None:
+            return self.deadline
+        own = time.monotonic() + timeout_ms / 1000
+        return own if self.deadline is None else min(own, self.deadline)
+
 
 def request_id(header: str | None, body_id: str | None = None) -> str:
     """The client's id (the X-Request-ID header, else the v2 `id`) when it is a short printable

@@ -28,7 +28,7 @@ from gateway.errors import (
     PermissionDenied,
     without_server_paths,
 )
-from gateway.limits import Limiter, acquire_all, release_all
+from gateway.limits import Limiter, acquire_all, release_all, release_late
 from gateway.loaded import LoadedModel, LoadedVersion, State
 from gateway.metrics import Metrics, RequestSeries
 from gateway.outcomes import GRPC_PROTOCOLS, Outcomes, Served, code_of
@@ -49,6 +49,7 @@ from gateway.types import (
     ServerMetadata,
     Tensor,
     VersionStats,
+    batch_rows,
     datatype_of,
 )
 
@@ -252,7 +253,7 @@ class DataPlane:
         series = self.metrics.series(model.name, served.version, loaded.backend, context.protocol)
         stats = loaded.stats
         arrived = time.perf_counter_ns()
-        deadline = _deadline(context, model.entry.config.limits.timeout_ms)
+        deadline = context.deadline_within(model.entry.config.limits.timeout_ms)
         timing = RequestTiming(series=series)
         current_timing.set(timing)
         # Counted before the first await: a reload closes this version, and the memory budget
@@ -353,7 +354,7 @@ class DataPlane:
             self.metrics.cache_lookups.labels(model.name, str(loaded.version), outcome).inc()
             if cached is not None:
                 stats.cache_hit.add(looked - queued)
-                stats.inference_count += _batch_size(tensors)
+                stats.inference_count += batch_rows(tensors)
                 return _response(route, request, cached)
             stats.cache_miss.add(looked - queued)
             queued = looked
@@ -381,7 +382,7 @@ class DataPlane:
             if not done:
                 # The backend call cannot be recalled; its slots free when it really finishes, so
                 # a slow backend never gets more calls than the limits allow.
-                task.add_done_callback(lambda finished: _release_late(slots, finished))
+                task.add_done_callback(lambda finished: release_late(slots, finished))
                 raise DeadlineExceeded(f"{route.label}: no answer before the deadline")
             release_all(slots)
             results = task.result()
@@ -394,7 +395,7 @@ class DataPlane:
         timing.queue_ns, timing.backend_ns = computing - queued, compute_ns - (timing.batch_ns or 0)
         stats.compute_infer.add(compute_ns)
         series.compute.observe(compute_ns / 1e9)
-        stats.inference_count += _batch_size(tensors)
+        stats.inference_count += batch_rows(tensors)
         stats.execution_count += 1
         if cache is not None:
             cache.put(key, results)
@@ -482,23 +483,3 @@ def _response(route: Route, request: InferRequest, results: Mapping[str, Any]) -
     return InferResponse(
         route.model.name, str(loaded.version), outputs, id=request.id, backend=loaded.backend
     )
-
-
-def _release_late(slots: tuple[Limiter, ...], task: asyncio.Future[Any]) -> None:
-    release_all(slots)
-    if not task.cancelled():
-        task.exception()  # retrieved, so asyncio does not log it as lost
-
-
-def _deadline(context: RequestContext, timeout_ms: int | None) -> float | None:
-    """The soonest of the client's deadline and the model's `limits.timeout_ms`, which caps what
-    a client may ask for."""
-    if timeout_ms is None:
-        return context.deadline
-    own = time.monotonic() + timeout_ms / 1000
-    return own if context.deadline is None else min(own, context.deadline)
-
-
-def _batch_size(tensors: list[Tensor]) -> int:
-    first = tensors[0] if tensors else None
-    return first.shape[0] if first is not None and first.shape else 1

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections import deque
 from enum import IntEnum
+from typing import Any
 
 from gateway.errors import DeadlineExceeded, Overloaded
 
@@ -94,6 +95,13 @@ async def acquire_all(limiters: tuple[Limiter, ...], deadline: float | None, pri
     except BaseException:
         release_all(tuple(taken))
         raise
+
+
+def release_late(limiters: tuple[Limiter, ...], task: asyncio.Future[Any]) -> None:
+    """Frees a call's slots when a call its request stopped waiting for really finishes."""
+    release_all(limiters)
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it as lost
 
 
 def release_all(limiters: tuple[Limiter, ...]) -> None:

@@ -177,6 +177,12 @@ class Tensor:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
+def batch_rows(tensors: list[Tensor]) -> int:
+    """The rows of a request: its first input's first dimension (1 for a scalar or no input)."""
+    first = tensors[0] if tensors else None
+    return first.shape[0] if first is not None and first.shape else 1
+
+
 @dataclass(slots=True)
 class RequestedOutput:
     name: str
