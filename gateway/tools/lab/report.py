@@ -124,7 +124,7 @@ def _plot(result: BenchResult, folder: Path) -> list[Path]:
     axes.set_xscale("log")
     axes.set_xlabel("latency (ms, log scale)")
     axes.set_ylabel("share of requests")
-    paths.append(_save(figure, axes, folder / "latency_cdf.png", "Latency CDF per deployment"))
+    paths.append(save_plot(figure, axes, folder / "latency_cdf.png", "Latency CDF per deployment"))
 
     figure, axes = plt.subplots(figsize=(9, 4.2))
     highest = 0.0
@@ -151,7 +151,9 @@ def _plot(result: BenchResult, folder: Path) -> list[Path]:
     axes.set_xticks(result.plan.concurrency, [str(c) for c in result.plan.concurrency])
     axes.set_xlabel("concurrency (clients)")
     axes.set_ylabel("requests per second")
-    paths.append(_save(figure, axes, folder / "throughput_vs_concurrency.png", "Throughput vs concurrency"))
+    paths.append(
+        save_plot(figure, axes, folder / "throughput_vs_concurrency.png", "Throughput vs concurrency")
+    )
 
     figure, axes = plt.subplots(figsize=(9, 4.2))
     for deployment in deployments:
@@ -186,11 +188,12 @@ def _plot(result: BenchResult, folder: Path) -> list[Path]:
     axes.yaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel("requests per second")
     axes.set_ylabel("p99 latency (ms, log scale)")
-    paths.append(_save(figure, axes, folder / "p99_vs_throughput.png", "p99 latency vs throughput"))
+    paths.append(save_plot(figure, axes, folder / "p99_vs_throughput.png", "p99 latency vs throughput"))
     return paths
 
 
-def _save(figure: Any, axes: Any, path: Path, title: str) -> Path:
+def save_plot(figure: Any, axes: Any, path: Path, title: str) -> Path:
+    """The house style of a report's plot (title, grid, legend beside it), saved and closed."""
     import matplotlib.pyplot as plt
 
     axes.set_title(title)

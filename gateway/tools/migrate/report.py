@@ -17,7 +17,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from gateway.tools.lab.report import ReportError, require_plotting
+from gateway.tools.lab.report import ReportError, require_plotting, save_plot
 from gateway.tools.migrate import state
 from gateway.tools.migrate.state import Migration, MigrationError
 
@@ -88,7 +88,7 @@ def _plot(migration: Migration, folder: Path) -> list[Path]:
             )
         axes.set_xticks(range(len(phases)), [name for name, _, _ in phases])
         axes.set_ylabel("ms (from the gateway's latency histogram)")
-        paths.append(_save(figure, axes, folder / "latency.png", PLOTS["latency.png"]))
+        paths.append(save_plot(figure, axes, folder / "latency.png", PLOTS["latency.png"]))
     buckets = ((migration.steps.get("status") or {}).get("figures") or {}).get("diff_buckets") or []
     if buckets:
         figure, axes = plt.subplots(figsize=(9, 4.2))
@@ -102,20 +102,8 @@ def _plot(migration: Migration, folder: Path) -> list[Path]:
         axes.set_xticks(range(len(counts)), labels, rotation=30, fontsize=8)
         axes.set_xlabel("largest absolute difference of the request's outputs")
         axes.set_ylabel("requests")
-        paths.append(_save(figure, axes, folder / "agreement.png", PLOTS["agreement.png"]))
+        paths.append(save_plot(figure, axes, folder / "agreement.png", PLOTS["agreement.png"]))
     return paths
-
-
-def _save(figure: Any, axes: Any, path: Path, title: str) -> Path:
-    import matplotlib.pyplot as plt
-
-    axes.set_title(title)
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
 
 
 def _when(at: float) -> str:
