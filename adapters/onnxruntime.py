@@ -6,8 +6,10 @@ the event loop keeps serving while a request runs. A request too small to be wor
 on the loop. That estimate only holds for a graph whose work follows its input shapes, so a graph
 with control flow (Loop, If, Scan) or with a tensor sized by a computed value (ConstantOfShape,
 Range, Expand, Tile, Pad, Resize, OneHot, TopK fed by anything but a constant) never runs inline.
-As a last guard, the first inline run that takes ten times the bound turns inlining off for that
-version.
+As a last guard, inline runs that take ten times the bound turn inlining off for that version: a
+few in a row, or one that spent a hundred times the bound on the loop thread's CPU. One slow run
+alone is most often a preempted one (by another process, or by the hypervisor, whose steal a
+guest counts as the thread's CPU), and must not move a small model off the loop for good.
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ _SIZED_BY_VALUES: dict[str, slice] = {
     "TopK": slice(1, 2),
 }
 _CONTROL_FLOW = frozenset({"Loop", "If", "Scan"})
+# Inline runs in a row that may take over ten times the bound (and under a hundred times on the
+# CPU) with inlining kept: slow alone, they are most likely preempted.
+PREEMPTED_RUNS_TOLERATED = 2
 # A model file this large computes for longer than any inline bound; it is not worth parsing.
 _INLINE_SCAN_MAX_BYTES = 64 * 2**20
 
@@ -170,6 +175,8 @@ class OnnxRuntimeAdapter(ModelAdapter):
         # once an inline run has taken far longer than estimated.
         self._element_us: float | None = None
         self._inline = False
+        # Inline runs in a row that took over ten times the bound on the clock but not on the CPU.
+        self._slow_inline_runs = 0
 
     async def load(self) -> None:
         if self.spec.artifact is None:
@@ -232,37 +239,58 @@ class OnnxRuntimeAdapter(ModelAdapter):
         inline_below = self._options.inline_below_us
         try:
             if self._inline and self._element_us is not None and elements * self._element_us < inline_below:
-                results, took_us = self._run(session, names, feeds, elements)
+                results, took_us, cpu_us = self._run(session, names, feeds)
                 if took_us > 10 * inline_below:
-                    self._inline = False
-                    log.warning(
-                        "%s: an inline run took %.0f µs against an estimate under %d µs; "
-                        "its runs go to the thread pool from now on",
-                        self.spec.label,
-                        took_us,
-                        inline_below,
-                    )
+                    self._judge_slow_inline_run(took_us, cpu_us)
+                else:
+                    self._slow_inline_runs = 0
+                    self._fold(took_us, elements)
             else:
                 loop = asyncio.get_running_loop()
-                results, _ = await loop.run_in_executor(executor, self._run, session, names, feeds, elements)
+                results, took_us, _ = await loop.run_in_executor(executor, self._run, session, names, feeds)
+                self._fold(took_us, elements)
         except _INPUT_ERRORS as exc:
             raise InvalidInput(f"{self.spec.label}: onnxruntime rejected the input: {exc}") from exc
         except Exception as exc:  # any other failure inside the runtime is the backend's
             raise BackendError(f"{self.spec.label}: onnxruntime failed: {exc}") from exc
         return {name: _from_ort(value) for name, value in zip(names, results, strict=True)}
 
+    def _judge_slow_inline_run(self, took_us: float, cpu_us: float) -> None:
+        """An inline run took over ten times the bound. Inlining stops when the run spent a hundred
+        times the bound on the loop thread's CPU, or when PREEMPTED_RUNS_TOLERATED such runs came
+        right before it. The run is not folded into the estimate: if it was preempted, it says
+        nothing of the model."""
+        bound = self._options.inline_below_us
+        self._slow_inline_runs += 1
+        if cpu_us <= 100 * bound and self._slow_inline_runs <= PREEMPTED_RUNS_TOLERATED:
+            return
+        self._inline = False
+        log.warning(
+            "%s: an inline run took %.0f µs (%.0f µs of CPU) against an estimate under %d µs%s; "
+            "its runs go to the thread pool from now on",
+            self.spec.label,
+            took_us,
+            cpu_us,
+            bound,
+            "" if cpu_us > 100 * bound else f", {self._slow_inline_runs} such runs in a row",
+        )
+
+    @staticmethod
     def _run(
-        self, session: ort.InferenceSession, names: list[str], feeds: dict[str, Any], elements: int
-    ) -> tuple[list[Any], float]:
-        """The outputs, and how long the run took in µs (folded into the per-element estimate)."""
-        started = time.perf_counter()
+        session: ort.InferenceSession, names: list[str], feeds: dict[str, Any]
+    ) -> tuple[list[Any], float, float]:
+        """The outputs, and how long the run took in µs, on the clock and on this thread's CPU."""
+        started, started_cpu = time.perf_counter_ns(), time.thread_time_ns()
         results: list[Any] = session.run(names, feeds)
-        took_us = (time.perf_counter() - started) * 1e6
+        took_us = (time.perf_counter_ns() - started) / 1e3
+        return results, took_us, (time.thread_time_ns() - started_cpu) / 1e3
+
+    def _fold(self, took_us: float, elements: int) -> None:
+        """One run's time into the per-element estimate (an exponential moving average)."""
         per_element = took_us / elements
         self._element_us = (
             per_element if self._element_us is None else 0.9 * self._element_us + 0.1 * per_element
         )
-        return results, took_us
 
     async def ready(self) -> bool:
         return self._session is not None

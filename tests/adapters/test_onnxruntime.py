@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,12 @@ from onnx import TensorProto, helper
 
 from adapters import adapter_class
 from adapters.base import LoadSpec
-from adapters.onnxruntime import OnnxRuntimeAdapter, cost_follows_input_size, default_providers
+from adapters.onnxruntime import (
+    PREEMPTED_RUNS_TOLERATED,
+    OnnxRuntimeAdapter,
+    cost_follows_input_size,
+    default_providers,
+)
 from gateway.config import ModelConfig
 from gateway.errors import BackendError, InvalidInput, ModelNotReady
 from gateway.types import Datatype, TensorSpec
@@ -178,7 +184,8 @@ def test_graphs_sized_by_values_are_never_inlined(affine_path: Path, tmp_path: P
 async def test_inlining_stops_when_a_run_outgrows_its_estimate(tmp_path: Path) -> None:
     # The spin model's compute follows the value of n (an n x n product), not the input's size.
     # The graph scan keeps it off the loop; here inlining is forced on, as for a graph whose
-    # value-driven cost the scan missed, and one long inline run turns it off.
+    # value-driven cost the scan missed, and one inline run that computes for over a hundred times
+    # the bound (n = 3072: about half a second here, against 2 ms) turns it off at once.
     path = tmp_path / "m" / "1" / "model.onnx"
     _save(build_spin(), path)
     config = ModelConfig.model_validate({"onnxruntime": {"inline_below_us": 2_000}})
@@ -193,9 +200,49 @@ async def test_inlining_stops_when_a_run_outgrows_its_estimate(tmp_path: Path) -
             return run(*args)
 
         adapter._run = recording_run  # type: ignore[method-assign]
-        small, large = np.array([2], dtype=np.int64), np.array([1024], dtype=np.int64)
+        small, large = np.array([2], dtype=np.int64), np.array([3072], dtype=np.int64)
         for n in (small, small, large, small):
             result = await adapter.infer({"n": n}, ["sum"])
             assert result["sum"][0] == float(n[0]) ** 3
     on_loop = [t is threading.main_thread() for t in threads]
     assert on_loop == [False, True, True, False]
+
+
+class Preempted:
+    """The real session, whose chosen runs lose the CPU for a while first: long on the clock,
+    short on the loop thread's CPU, as when the OS runs another process mid-run."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self._session = session
+        self.pauses: list[float] = []
+        self.threads: list[threading.Thread] = []
+
+    def run(self, names: Any, feeds: Any) -> Any:
+        self.threads.append(threading.current_thread())
+        if self.pauses:
+            time.sleep(self.pauses.pop(0))
+        return self._session.run(names, feeds)
+
+
+async def test_a_preempted_inline_run_does_not_move_a_small_model_off_the_loop(affine_path: Path) -> None:
+    config = ModelConfig.model_validate({"onnxruntime": {"inline_below_us": 200}})
+    x = np.ones((1, 4), dtype=np.float32)
+    async with OnnxRuntimeAdapter(spec_for(affine_path, config)) as adapter:
+        await adapter.infer({"x": x}, ["y"])  # measured in the pool
+        assert adapter._session is not None and adapter._inline
+        estimate = adapter._element_us
+        preempted = Preempted(adapter._session)
+        adapter._session = preempted  # type: ignore[assignment]
+        # One run preempted for 20 ms (100x the bound), then a normal one: both on the loop.
+        preempted.pauses = [0.02]
+        for _ in range(2):
+            await adapter.infer({"x": x}, ["y"])
+        # As many slow runs in a row as are tolerated: still on the loop; one more and it stops.
+        preempted.pauses = [0.02] * (PREEMPTED_RUNS_TOLERATED + 1)
+        for _ in range(PREEMPTED_RUNS_TOLERATED + 2):
+            await adapter.infer({"x": x}, ["y"])
+    on_loop = [t is threading.main_thread() for t in preempted.threads]
+    assert on_loop == [True] * (PREEMPTED_RUNS_TOLERATED + 3) + [False]
+    # The pauses said nothing of the model: the estimate never took them in.
+    assert estimate is not None and adapter._element_us is not None
+    assert adapter._element_us < 10 * estimate
