@@ -7,81 +7,21 @@ ports, and runs each page's blocks in order (a page's later blocks may use what 
 made) from a folder where `model_repo` is the session gateway's repository and `.venv` this
 checkout's environment. Shell blocks run under `set -euo pipefail`, with curl failing on an HTTP
 error. A block that cannot run here is marked, on the line before it, `<!-- snippet: skip REASON -->`;
-the reason is required.
+the reason is required. A reason that starts with `walkthrough:` names the test that runs the block
+instead, against a gateway of its own (a walkthrough that needs a managed TorchServe, say).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.support import ROOT, RunningGateway
-
-RUN = {"bash": "shell", "sh": "shell", "shell": "shell", "python": "python", "py": "python"}
-FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+)(?P<lang>[\w+-]*)[^`]*$")
-MARK = re.compile(r"^\s*<!--\s*snippet:(?P<body>.*?)-->\s*$")
-ADDRESS = re.compile(r"\b(?:localhost|127\.0\.0\.1):(?P<port>800[01])\b")
-# Curl as the user types it, but an HTTP error fails the block instead of printing a body.
-SHELL_PRELUDE = (
-    'set -euo pipefail\ncurl() { command curl --fail-with-body --show-error --max-time 60 "$@"; }\n'
-)
-SNIPPET_TIMEOUT_S = 180
-
-
-@dataclass(frozen=True)
-class Snippet:
-    path: str
-    line: int
-    lang: str
-    code: str
-    skip: str | None  # the reason, when the block is marked skip
-
-
-def extract(path: str, text: str, first_line: int = 1) -> list[Snippet]:
-    """The fenced blocks of a Markdown text, with the skip mark that precedes each one."""
-    lines = text.splitlines()
-    found: list[Snippet] = []
-    mark: tuple[int, str] | None = None
-    index = 0
-    while index < len(lines):
-        line = lines[index]
-        marked = MARK.match(line)
-        if marked:
-            mark = (first_line + index, marked["body"].strip())
-            index += 1
-            continue
-        fence = FENCE.match(line)
-        if not fence:
-            if line.strip():
-                if mark is not None:
-                    raise ValueError(f"{path}:{mark[0]}: a snippet mark must come right before a code block")
-                mark = None
-            index += 1
-            continue
-        indent, close, fence_line = len(fence["indent"]), fence["fence"], first_line + index
-        body: list[str] = []
-        index += 1
-        while index < len(lines) and lines[index].strip() != close:
-            body.append(lines[index][indent:] if lines[index][:indent].strip() == "" else lines[index])
-            index += 1
-        index += 1  # the closing fence
-        skip = None
-        if mark is not None:
-            kind, _, reason = mark[1].partition(" ")
-            if kind != "skip":
-                raise ValueError(f"{path}:{mark[0]}: unknown snippet mark '{kind}' (only 'skip REASON')")
-            skip = reason.strip()
-        found.append(Snippet(path, fence_line, fence["lang"].lower(), "\n".join(body), skip))
-        mark = None
-    return found
+from tests.support.snippets import RUN, Snippet, extract, run
 
 
 def quick_start() -> list[Snippet]:
@@ -113,6 +53,16 @@ def test_every_skipped_snippet_says_why() -> None:
     assert not unexplained, f"snippets marked skip without a reason: {unexplained}"
 
 
+def test_every_walkthrough_block_is_run_by_the_test_it_names() -> None:
+    named = [s for ss in PAGES.values() for s in ss if (s.skip or "").startswith("walkthrough:")]
+    assert named, "no page has walkthrough blocks: this test would check nothing"
+    for snippet in named:
+        test = re.search(r"tests/\S+\.py", snippet.skip or "")
+        assert test, f"{snippet.path}:{snippet.line}: a walkthrough mark names the test file that runs it"
+        source = (ROOT / test.group(0)).read_text()
+        assert snippet.path in source, f"{test.group(0)} does not run {snippet.path}"
+
+
 def test_the_quick_start_and_the_guides_have_snippets_that_run() -> None:
     # The extraction itself must find them, or this test would pass on nothing.
     for page in ("README.md (quick start)", "docs/getting-started.md", "docs/guides/own-model.md",
@@ -141,40 +91,6 @@ def workdir(gateway: RunningGateway, tmp_path_factory: pytest.TempPathFactory) -
     (work / "model_repo").symlink_to(gateway.repo, target_is_directory=True)
     (work / ".venv").symlink_to(ROOT / ".venv", target_is_directory=True)
     return work
-
-
-def for_gateway(code: str, gateway: RunningGateway) -> str:
-    ports = {"8000": gateway.http_port, "8001": gateway.grpc_port}
-    return ADDRESS.sub(lambda m: f"127.0.0.1:{ports[m['port']]}", code)
-
-
-def run(snippet: Snippet, gateway: RunningGateway, workdir: Path) -> subprocess.CompletedProcess[str]:
-    code = for_gateway(snippet.code, gateway)
-    if RUN[snippet.lang] == "shell":
-        command = ["bash", "-c", SHELL_PRELUDE + code]
-    else:
-        command = [sys.executable, "-c", code]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    try:
-        return subprocess.run(
-            command,
-            cwd=workdir,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=SNIPPET_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        # What it printed before it hung says where it hung.
-        printed = [
-            part.decode(errors="replace") if isinstance(part, bytes) else part or ""
-            for part in (exc.stdout, exc.stderr)
-        ]
-        pytest.fail(
-            f"{snippet.path}:{snippet.line} ({snippet.lang}) ran past {SNIPPET_TIMEOUT_S} s\n"
-            f"--- stdout\n{printed[0][-3000:]}\n--- stderr\n{printed[1][-3000:]}"
-        )
 
 
 @pytest.mark.parametrize("page", sorted(RUNNABLE))

@@ -1,8 +1,9 @@
 """Whole migrations on the real backends, under steady client traffic from convert to 100%:
-`mlp_torch` on a TorchServe the gateway manages moves to ONNX Runtime, and `affine_tf`
-(TensorFlow in-process) moves to LiteRT. Every step runs as a user runs it, against a real
-gateway that polls its repository; no client request may fail, and the final answers come from
-the new deployment and match the old one's."""
+`mlp_torch` on a TorchServe the gateway manages moves to ONNX Runtime by the walkthrough
+"Leave TorchServe in one afternoon", its blocks run as written; `affine_tf` (TensorFlow
+in-process) moves to LiteRT through the steps' functions. Each runs against a real gateway that
+polls its repository; no client request may fail, and the final answers come from the new
+deployment and match the old one's."""
 
 from __future__ import annotations
 
@@ -20,16 +21,18 @@ from typer.testing import CliRunner
 from gateway.tools.migrate import state
 from gateway.tools.migrate.cli import migrate
 from gateway.tools.migrate.promote import PromoteOptions, promote
-from gateway.tools.migrate.report import ReportOptions, report
 from gateway.tools.migrate.shadow import PASS, Criteria, ShadowOptions, StatusOptions, shadow
 from scripts import build_torch_models
-from tests.support import ROOT, start_gateway, torchserve_missing
+from tests.support import ROOT, snippets, start_gateway, torchserve_missing
 from tests.tools.test_migrate_live import INPUT, Traffic, await_verdict, model_status
 
 # Shadow copies share the 2-core machine with the client requests they follow, so their latency is
 # not the new backend's alone: the latency criterion is loose here (the ONNX-only rollback test
 # holds a real regression to a tight one).
 LOOSE = Criteria(min_requests=60, max_p99_ratio=50)
+WALKTHROUGH = "docs/guides/leave-torchserve.md"
+# The longest step is promote: four steps of a 10 s dwell, each waiting for 20 answers at 1%.
+WALKTHROUGH_STEP_TIMEOUT_S = 420
 AFFINE_ROWS = np.linspace(-2, 2, 8, dtype=np.float32).reshape(2, 4)
 
 
@@ -55,15 +58,24 @@ def walk_live(gateway_url: str, repo: Path, state_dir: Path, model: str) -> None
 
 
 @pytest.mark.skipif(torchserve_missing() is not None, reason=str(torchserve_missing()))
-def test_mlp_torch_leaves_torchserve_for_onnx_runtime_without_a_failed_request(tmp_path: Path) -> None:
-    repo, state_dir = tmp_path / "repo", tmp_path / "state"
+def test_the_leave_torchserve_walkthrough_runs_as_written_without_a_failed_request(tmp_path: Path) -> None:
+    """docs/guides/leave-torchserve.md, block by block as a user pastes them, against a gateway
+    started as its step 1 says, while this test's own steady REST and gRPC traffic runs."""
+    repo, work = tmp_path / "repo", tmp_path / "work"
     build_torch_models.build_repository(repo)
-    gateway = start_gateway(repo, tmp_path / "gateway.log", "--poll-interval", "0.3")
+    work.mkdir()
+    (work / "model_repo").symlink_to(repo, target_is_directory=True)
+    (work / ".venv").symlink_to(ROOT / ".venv", target_is_directory=True)
+    blocks = walkthrough_blocks()
+    gateway = start_gateway(repo, tmp_path / "gateway.log", "--poll-interval", "2")
     try:
         with Traffic(gateway, model="mlp_torch") as traffic:
-            new = migrate_offline(repo, state_dir, "mlp_torch", "onnxruntime")
-            assert new == "mlp_torch_onnx"
-            walk_live(gateway.url, repo, state_dir, "mlp_torch")
+            for block in blocks:
+                done = snippets.run(block, gateway, work, timeout_s=WALKTHROUGH_STEP_TIMEOUT_S)
+                assert done.returncode == 0, (
+                    f"{block.path}:{block.line} exited {done.returncode}\n"
+                    f"--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
+                )
             time.sleep(0.5)  # answers from the new deployment alone
             last = traffic.last_rest
         assert traffic.failures == [], traffic.failures[:5]
@@ -82,11 +94,28 @@ def test_mlp_torch_leaves_torchserve_for_onnx_runtime_without_a_failed_request(t
             "mlp_torch_onnx": 100
         }
         assert model_status(gateway, "mlp_torch")["split"] == {"mlp_torch_onnx": 100}
-        assert state.load(state_dir, "mlp_torch").rollbacks == 0
-        page = report("mlp_torch", repo, state_dir, None, ReportOptions(out=tmp_path / "report"))
-        assert "mlp_torch → mlp_torch_onnx" in page.html.read_text()
+        migration = state.load(work / ".modelyard" / "migrations", "mlp_torch")
+        assert migration.rollbacks == 0
+        assert migration.steps["status"]["verdict"] == PASS
+        page = work / ".modelyard" / "migrations" / "mlp_torch-report" / "report.html"
+        assert "mlp_torch → mlp_torch_onnx" in page.read_text()
     finally:
         gateway.stop()
+
+
+def walkthrough_blocks() -> list[snippets.Snippet]:
+    """The page's shell blocks marked for this test, in order: each step the user runs."""
+    page = ROOT / WALKTHROUGH
+    blocks = [
+        b
+        for b in snippets.extract(WALKTHROUGH, page.read_text())
+        if b.lang in ("sh", "bash") and (b.skip or "").startswith("walkthrough:")
+    ]
+    steps = " ".join(b.code for b in blocks)
+    for step in ("migrate mlp_torch --to onnxruntime", "migrate shadow", "migrate status", "migrate promote",
+                 "migrate report"):  # fmt: skip
+        assert step in steps, f"{WALKTHROUGH} has no block for '{step}' marked for this test"
+    return blocks
 
 
 def test_affine_tf_moves_to_litert_without_a_failed_request(tmp_path: Path) -> None:

@@ -131,12 +131,11 @@ class Traffic:
 
 
 def await_verdict(repo: Path, state_dir: Path, url: str, criteria: Criteria, model: str = "mlp") -> Any:
-    deadline = time.monotonic() + VERDICT_TIMEOUT_S
-    while True:
-        result = status(model, repo, state_dir, url, StatusOptions(criteria=criteria))
-        if result.verdict in (PASS, FAIL) or time.monotonic() > deadline:
-            return result
-        time.sleep(0.5)
+    """status --wait-s: reads the gateway until the verdict is PASS or FAIL, or the time is up."""
+    started = time.monotonic()
+    result = status(model, repo, state_dir, url, StatusOptions(criteria=criteria, wait_s=VERDICT_TIMEOUT_S))
+    assert result.verdict in (PASS, FAIL) or time.monotonic() - started >= VERDICT_TIMEOUT_S
+    return result
 
 
 def model_status(gateway: RunningGateway, name: str) -> dict[str, Any]:

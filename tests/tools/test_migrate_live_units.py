@@ -236,3 +236,34 @@ def test_the_verdict_names_the_criterion(
         assert reasons == []
     else:
         assert len(reasons) == 1 and reasons[0].startswith(reason), reasons
+
+
+@pytest.mark.parametrize("step", ["shadow", "status", "promote", "report"])
+def test_a_live_step_that_cannot_run_says_what_to_do_and_exits_2(step: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from gateway.tools.migrate.cli import migrate
+
+    ran = CliRunner().invoke(
+        migrate, [step, "mlp", "--state-dir", str(tmp_path / "state"), "--model-repo", str(tmp_path)]
+    )
+    assert ran.exit_code == 2, ran.output
+    assert "error: " in ran.output and "modelyard migrate convert mlp" in ran.output
+
+
+def test_status_finds_the_gateway_through_its_environment_variable(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from gateway.net import free_port
+    from gateway.tools.migrate.cli import migrate
+    from gateway.tools.migrate.state import Migration, save
+
+    migration = Migration(model="mlp", to="onnxruntime", deployment="mlp_onnx", model_repo=str(tmp_path))
+    migration.steps["shadow"] = {"baseline": {"taken_at": 0.0, "samples": []}}
+    save(tmp_path, migration)
+    url = f"http://127.0.0.1:{free_port()}"
+    ran = CliRunner().invoke(
+        migrate, ["status", "mlp", "--state-dir", str(tmp_path)], env={"MODELYARD_GATEWAY_URL": url}
+    )
+    assert ran.exit_code == 2, ran.output
+    assert f"error: the gateway at {url} did not answer /metrics" in ran.output

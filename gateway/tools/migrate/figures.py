@@ -214,6 +214,9 @@ def shadow_figures(before: Snapshot, after: Snapshot, model: str, deployment: st
     diffs = window_buckets(before.buckets(SHADOW_DIFF, model=model, target=targets(deployment)),
                            after.buckets(SHADOW_DIFF, model=model, target=targets(deployment)))  # fmt: skip
     worst = after.largest(SHADOW_WORST, model=model, target=targets(deployment))
+    p99 = bucket_quantile(0.99, diffs)
+    if p99 is not None and worst is not None:
+        p99 = min(p99, worst)  # interpolated within a bucket, it can pass the largest seen
     new_client = side(before, after, deployment, is_client)
     return ShadowFigures(
         compared=matches + mismatches + errors,
@@ -224,7 +227,7 @@ def shadow_figures(before: Snapshot, after: Snapshot, model: str, deployment: st
         new_errors=new_client.errors,
         max_abs_diff=worst if worst is not None else highest_bucket(diffs),
         max_abs_diff_from="gauge" if worst is not None else "histogram",
-        p99_abs_diff=bucket_quantile(0.99, diffs),
+        p99_abs_diff=p99,
         diff_buckets=diffs,
         source=side(before, after, model, is_client),
         new=side(before, after, deployment, is_shadow),

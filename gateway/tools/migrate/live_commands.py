@@ -2,7 +2,8 @@
 
 Each is a typer command function over the step of the same name (shadow.py, promote.py,
 report.py); the `migrate` sub-app registers them. Exit codes: 0 done (status: PASS), 1 failed or
-rolled back (status: FAIL), 2 a usage error, 3 status without enough data yet.
+rolled back (status: FAIL), 2 a step that cannot run as asked (no migration, no gateway, a
+bad option), 3 status without enough data yet.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ from gateway.tools.migrate.live import DEFAULT_APPLY_TIMEOUT_S, DEFAULT_GATEWAY
 from gateway.tools.migrate.state import DEFAULT_STATE_DIR
 
 PROMOTE_LOGGER = "modelyard.migrate"
+# Where the live steps find the gateway when --gateway is not given (default http://127.0.0.1:8000).
+GATEWAY_ENV = "MODELYARD_GATEWAY_URL"
 
 Model = Annotated[str, typer.Argument(help="The model being migrated (the source deployment clients call).")]
-GatewayUrl = Annotated[str, typer.Option("--gateway", help="The running gateway's HTTP address.")]
+GatewayUrl = Annotated[
+    str, typer.Option("--gateway", envvar=GATEWAY_ENV, help="The running gateway's HTTP address.")
+]
 ModelRepo = Annotated[Path, typer.Option(help="The model repository the gateway serves.")]
 StateDir = Annotated[Path, typer.Option(help="Where the migration's state file is kept.")]
 ApplyTimeout = Annotated[
@@ -31,8 +36,9 @@ ApplyTimeout = Annotated[
 
 
 def _fail(exc: Exception) -> typer.Exit:
+    """A step that cannot run as asked: its one line, and exit 2 (as the offline steps)."""
     typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(1)
+    return typer.Exit(2)
 
 
 def shadow(
@@ -70,6 +76,10 @@ def status(
     max_errors: Annotated[int, typer.Option(help="Errors of the new deployment allowed.")] = 0,
     max_p99_ratio: Annotated[float, typer.Option(help="The new deployment's p99 over the source's.")] = 1.2,
     min_requests: Annotated[int, typer.Option(help="Compared requests needed for a verdict.")] = 100,
+    wait_s: Annotated[
+        float,
+        typer.Option(help="Keep reading the gateway up to this long while there is not enough data yet."),
+    ] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
     gateway: GatewayUrl = DEFAULT_GATEWAY,
     model_repo: ModelRepo = Path("model_repo"),
@@ -81,7 +91,7 @@ def status(
 
     criteria = Criteria(min_agreement, max_errors, max_p99_ratio, min_requests)
     try:
-        result = run(model, model_repo, state_dir, gateway, StatusOptions(criteria=criteria))
+        result = run(model, model_repo, state_dir, gateway, StatusOptions(criteria=criteria, wait_s=wait_s))
     except ToolError as exc:
         raise _fail(exc) from None
     typer.echo(json.dumps(result.as_json(), indent=2) if as_json else render(result))

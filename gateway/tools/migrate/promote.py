@@ -147,9 +147,8 @@ def promote(
                           options.apply_timeout_s)  # fmt: skip
             migration.record("promote", f"'{new}' answers all of '{model}'; the shadow is removed")
     message = f"'{new}' answers {last_good:g}% of '{model}'" + (
-        f"; the shadow is removed. Clients still call '{model}'. When you are sure, remove the old "
-        f"deployment's versions (keep {model}/config.yaml with its split), or keep them to roll back by "
-        f"setting the split to 0"
+        f"; the shadow is removed. Clients still call '{model}'. Its own versions stay loaded: they "
+        f"answer if '{new}' cannot, and setting the split back to 0 rolls back at once"
         if last_good >= 100
         else ""
     )

@@ -9,7 +9,6 @@ promote step), and the step history with its rollbacks.
 from __future__ import annotations
 
 import base64
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -114,21 +113,52 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _table(head: list[str], rows: list[list[str]]) -> str:
+def _table(head: list[str] | None, rows: list[list[str]]) -> str:
+    """A table; with no head, each row's first cell names it."""
+    if head is None:
+        cells = "".join(
+            f"<tr><th>{escape(row[0])}</th>" + "".join(f"<td>{escape(c)}</td>" for c in row[1:]) + "</tr>"
+            for row in rows
+        )
+        return f"<table>{cells}</table>"
     cells = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return "<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + f"</tr>{cells}</table>"
 
 
+def _criteria(c: dict[str, Any]) -> str:
+    return (
+        f"agreement >= {c['min_agreement']:g}%, errors <= {c['max_errors']}, "
+        f"p99 <= {c['max_p99_ratio']:g}x the source's, at least {c['min_requests']} compared"
+    )
+
+
+def _check_html(check: dict[str, Any]) -> str:
+    """The check's verdict in a sentence, then its figures, each in words."""
+    verdict = "PASS" if check.get("ok") else "FAIL"
+    inputs = {"generated": "generated from the signature", "recorded": "recorded traffic"}.get(
+        str(check.get("inputs")), str(check.get("inputs"))
+    )
+
+    def worst(kind: str) -> str:
+        value = check.get(f"worst_{kind}_diff")
+        if value is None:
+            return "-"
+        return f"{value:.3g} (output '{check.get(f'worst_{kind}_output')}', version {check.get(f'worst_{kind}_version')})"
+
+    rows = [
+        ["tolerance", f"|new - source| <= atol + rtol * |source|, atol={check.get('atol'):g}, rtol={check.get('rtol'):g}"],
+        ["inputs", f"{inputs}, {check.get('cases')} case(s) per version"],
+        ["versions", ", ".join(str(v) for v in check.get("versions") or [])],
+        ["worst absolute difference", worst("abs")],
+        ["worst relative difference", worst("rel")],
+    ]  # fmt: skip
+    at = f" at {escape(_when(check['at']))}" if check.get("at") else ""
+    return f"<p>Verdict: <strong>{verdict}</strong>{at}.</p>" + _table(None, rows)
+
+
 def render_html(migration: Migration, images: dict[str, bytes]) -> str:
     check = migration.steps.get("check")
-    check_html = (
-        _table(
-            ["key", "value"],
-            [[k, json.dumps(v) if not isinstance(v, str) else v] for k, v in sorted(check.items())],
-        )
-        if check
-        else "<p>The check has not run.</p>"
-    )
+    check_html = _check_html(check) if check else "<p>The check has not run.</p>"
     status = migration.steps.get("status")
     if status:
         f = status["figures"]
@@ -155,7 +185,7 @@ def render_html(migration: Migration, images: dict[str, bytes]) -> str:
                 ],
             )
             + "<p>Criteria: "
-            + escape(", ".join(f"{k} {v}" for k, v in status["criteria"].items()))
+            + escape(_criteria(status["criteria"]))
             + "</p>"
         )
     else:
@@ -178,7 +208,7 @@ def render_html(migration: Migration, images: dict[str, bytes]) -> str:
     ]
     figures = "".join(
         f'<figure><img alt="{escape(title)}" src="data:image/png;base64,'
-        f'{base64.b64encode(images[name]).decode()}"><figcaption>{escape(title)}</figcaption></figure>'
+        f'{base64.b64encode(images[name]).decode()}"></figure>'
         for name, title in PLOTS.items()
         if name in images
     )

@@ -23,6 +23,8 @@ DEFAULT_ATOL = 1e-5
 DEFAULT_RTOL = 1e-4
 
 PASS, FAIL, NOT_ENOUGH_DATA = "PASS", "FAIL", "NOT ENOUGH DATA"
+# How often status --wait-s reads the gateway's counters again.
+WAIT_POLL_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +102,8 @@ class Criteria:
 class StatusOptions:
     criteria: Criteria = Criteria()
     headers: dict[str, str] = field(default_factory=dict)
+    # Seconds to keep reading the gateway while the verdict is NOT ENOUGH DATA; 0: read it once.
+    wait_s: float = 0.0
     # Keep the verdict in the migration's state (promote reads it); off for a look that changes nothing.
     save: bool = True
 
@@ -188,10 +192,15 @@ def status(
             f"'{migration.deployment}' has not been shadowed yet: run `modelyard migrate shadow {model}` first"
         )
     baseline = Snapshot.from_json(shadowing["baseline"])
+    deadline = time.monotonic() + options.wait_s
     with Gateway(gateway_url, headers=options.headers) as gateway:
-        now = gateway.snapshot(model, migration.deployment)
-    figures = shadow_figures(baseline, now, model, migration.deployment)
-    verdict, reasons = judge(figures, options.criteria)
+        while True:
+            now = gateway.snapshot(model, migration.deployment)
+            figures = shadow_figures(baseline, now, model, migration.deployment)
+            verdict, reasons = judge(figures, options.criteria)
+            if verdict != NOT_ENOUGH_DATA or time.monotonic() >= deadline:
+                break
+            time.sleep(min(WAIT_POLL_S, max(0.0, deadline - time.monotonic())))
     result = StatusResult(
         model, migration.deployment, baseline.taken_at, figures, options.criteria, verdict, reasons
     )
