@@ -101,6 +101,10 @@ class RegionExists(SharedMemoryError):
     """A shared-memory region of that name is already registered."""
 
 
+class RegionNotFound(SharedMemoryError):
+    """No shared-memory region of that name is registered: on status, or named by a tensor."""
+
+
 class BackendError(GatewayError):
     """The backend failed while running a request that the gateway had accepted."""
 
@@ -162,6 +166,8 @@ ERROR_TABLE: dict[type[GatewayError], tuple[int, grpc.StatusCode]] = {
     MethodNotAllowed: (405, grpc.StatusCode.UNIMPLEMENTED),
     SharedMemoryError: (400, grpc.StatusCode.INVALID_ARGUMENT),
     RegionExists: (409, grpc.StatusCode.ALREADY_EXISTS),
+    # Triton's own code for it (NOT_FOUND, 404 over its HTTP), and the gateway's for whatever it lacks.
+    RegionNotFound: (404, grpc.StatusCode.NOT_FOUND),
     BackendError: (500, grpc.StatusCode.INTERNAL),
     GatewayError: (500, grpc.StatusCode.INTERNAL),
 }

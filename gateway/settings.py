@@ -89,8 +89,9 @@ class Settings(BaseSettings):
     # Requests of one ModelStreamInfer stream that run at once (answers not yet sent included);
     # past it the stream reads no further request until an answer is sent.
     grpc_stream_max_inflight: int = Field(default=64, ge=1)
-    # Server-Timing in the trailing metadata of every gRPC ModelInfer and Predict answer; off: only
-    # of calls whose metadata asks for it with `x-server-timing: true`. REST answers always carry it.
+    # Server-Timing in the trailing metadata of every gRPC ModelInfer and Predict answer, and in the
+    # `server_timing` parameter of every ModelStreamInfer answer; off: only of calls (streams) whose
+    # metadata asks for it with `x-server-timing: true`. REST answers always carry it.
     grpc_server_timing: bool = False
 
     # Auth (off unless keys are given): API keys or bearer tokens, each scoped to models and actions.

@@ -15,6 +15,9 @@ Registration is off unless `MODELYARD_ALLOW_CLIENT_SHM` is on, as Triton's `--al
 a client that may register can make the gateway read and write the shared memory of any process
 of its user.
 
+Errors begin with Triton's words for the same fault (its src/shared_memory_manager.cc), which
+clients and tritonclient's examples match on, and go on with what the gateway knows of it.
+
 CUDA shared memory needs a GPU, which this gateway does not use: its registration is refused with
 a clear error; its status lists nothing and its unregister has nothing to do.
 """
@@ -34,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from gateway.codec import DEFAULT_LIMITS, InputLimits, serialize_bytes, tensor_from_buffer
-from gateway.errors import RegionExists, SharedMemoryError, Unsupported
+from gateway.errors import RegionExists, RegionNotFound, SharedMemoryError, Unsupported
 from gateway.types import Datatype, Tensor, numpy_dtype, quoted
 
 SHM_ROOT = Path("/dev/shm")
@@ -49,6 +52,11 @@ CUDA_REFUSED = (
     "CUDA shared memory needs a GPU, and this gateway computes on none: register the region as "
     "system shared memory instead"
 )
+
+
+def no_cuda_region(name: str) -> RegionNotFound:
+    """A CUDA region's status asked by name: none can be registered here."""
+    return RegionNotFound(f"Unable to find cuda shared memory region: {quoted(name)}: {CUDA_REFUSED}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +86,11 @@ class _Region:
         """The bytes of `place`, once they lie inside the region and the object still holds them."""
         status = self.status
         if place.offset + place.byte_size > status.byte_size:
+            # Triton tells an offset past the region's end from a place that runs past it.
+            what = "offset" if place.offset >= status.byte_size else "offset + byte size"
             raise SharedMemoryError(
-                f"{owner}: offset {place.offset} and byte size {place.byte_size} pass the end of shared "
-                f"memory region {quoted(status.name)}, which has {status.byte_size} bytes"
+                f"Invalid {what} for shared memory region: {quoted(status.name)}: {owner} asks for offset "
+                f"{place.offset} and byte size {place.byte_size}, and the region has {status.byte_size} bytes"
             )
         start = status.offset + place.offset
         if os.fstat(self.fd).st_size < start + place.byte_size:
@@ -115,11 +125,12 @@ class SharedMemoryRegions:
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         self._allowed()
-        where = f"cannot register shared memory region {quoted(name)}"
+        where = f"failed to register shared memory region {quoted(name)}"
+        cannot_open = f"Unable to open shared memory region: {quoted(key)}"
         if not name:
             raise SharedMemoryError("a shared memory region needs a name")
         if name in self._regions:
-            raise RegionExists(f"{where}: a region of that name is registered; unregister it first")
+            raise RegionExists(f"shared memory region {quoted(name)} already in manager; unregister it first")
         if len(self._regions) >= self.max_regions:
             raise SharedMemoryError(
                 f"{where}: {self.max_regions} regions are registered, the most there may be"
@@ -135,22 +146,25 @@ class SharedMemoryRegions:
             or not object_name.isprintable()
         ):
             raise SharedMemoryError(
-                f"{where}: key {quoted(key)} is not a shared memory object's name, '/name'"
+                f"{cannot_open}: a key names one shared memory object directly, '/name' "
+                f"(registering region {quoted(name)})"
             )
         try:
             fd = os.open(self.root / object_name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
             raise SharedMemoryError(
-                f"{where}: cannot open shared memory object {quoted(key)}: {exc.strerror}"
+                f"{cannot_open}: {exc.strerror} (registering region {quoted(name)})"
             ) from None
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                raise SharedMemoryError(f"{where}: {quoted(key)} is not a shared memory object")
+                raise SharedMemoryError(
+                    f"{cannot_open}: not a shared memory object (registering region {quoted(name)})"
+                )
             if info.st_size < offset + byte_size:
                 raise SharedMemoryError(
-                    f"{where}: offset {offset} and byte size {byte_size} pass the end of {quoted(key)}, "
-                    f"which has {info.st_size} bytes"
+                    f"{where}: invalid args: offset {offset} and byte size {byte_size} pass the end of "
+                    f"{quoted(key)}, which has {info.st_size} bytes"
                 )
             mapping = mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
@@ -162,7 +176,11 @@ class SharedMemoryRegions:
         """Every region, or the one named (an error if there is none of that name)."""
         if not name:
             return [region.status for region in self._regions.values()]
-        return [self._get(name, "status").status]
+        self._allowed()
+        region = self._regions.get(name)
+        if region is None:
+            raise RegionNotFound(f"Unable to find system shared memory region: {quoted(name)}")
+        return [region.status]
 
     def unregister(self, name: str | None = None) -> None:
         """The region named, or (no name) every one; a name not registered is no error, as in Triton."""
@@ -179,7 +197,10 @@ class SharedMemoryRegions:
         self._allowed()
         region = self._regions.get(name)
         if region is None:
-            raise SharedMemoryError(f"{owner}: no shared memory region {quoted(name)} is registered")
+            raise RegionNotFound(
+                f"Unable to find shared memory region: {quoted(name)}: {owner} names it, and no region "
+                "of that name is registered"
+            )
         return region
 
     # Tensors ------------------------------------------------------------------------------------

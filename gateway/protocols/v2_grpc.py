@@ -77,7 +77,8 @@ class InferenceServicer(SharedMemoryServicer, service_pb2_grpc.GRPCInferenceServ
         self.contexts = contexts
         self.limits = limits
         self.regions = regions
-        # Server-Timing in every ModelInfer's trailing metadata; else only where a call asks for it.
+        # Server-Timing in every ModelInfer's trailing metadata (and every streamed answer's
+        # parameters); else only where a call or stream asks for it.
         self.server_timing = server_timing
         # The guard wraps unary methods only: the stream checks access itself, request by request.
         self._stream = StreamInfer(
@@ -87,6 +88,7 @@ class InferenceServicer(SharedMemoryServicer, service_pb2_grpc.GRPCInferenceServ
             lambda response: encode_infer_response(response, regions),
             authorizer=authorizer,
             concurrency=stream_concurrency,
+            server_timing=server_timing,
         )
 
     async def ServerLive(self, request: Any, context: Any) -> Any:

@@ -8,8 +8,8 @@ from typing import Any
 
 from tritonclient.grpc import service_pb2
 
-from gateway.errors import SharedMemoryError, Unsupported
-from gateway.protocols.shared_memory import CUDA_REFUSED, SharedMemoryRegions
+from gateway.errors import Unsupported
+from gateway.protocols.shared_memory import CUDA_REFUSED, SharedMemoryRegions, no_cuda_region
 from gateway.types import quoted
 
 
@@ -39,7 +39,7 @@ class SharedMemoryServicer:
     async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
         # No CUDA region can be registered here: there are none to list, and none by any name.
         if request.name:
-            raise SharedMemoryError(f"no CUDA shared memory region {quoted(request.name)}: {CUDA_REFUSED}")
+            raise no_cuda_region(request.name)
         return service_pb2.CudaSharedMemoryStatusResponse()
 
     async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:

@@ -9,8 +9,8 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from gateway.codec import DEFAULT_LIMITS, InputLimits
-from gateway.errors import MalformedRequest, SharedMemoryError, Unsupported
-from gateway.protocols.shared_memory import CUDA_REFUSED, RegionStatus, SharedMemoryRegions
+from gateway.errors import MalformedRequest, Unsupported
+from gateway.protocols.shared_memory import CUDA_REFUSED, RegionStatus, SharedMemoryRegions, no_cuda_region
 from gateway.protocols.v2_json import json_object
 from gateway.protocols.v2_rest_codec import json_response
 from gateway.types import quoted
@@ -66,7 +66,7 @@ def shared_memory_router(regions: SharedMemoryRegions, limits: InputLimits = DEF
     async def cuda_status(name: str | None = None) -> Response:
         # No CUDA region can be registered here: there are none to list, and none by any name.
         if name:
-            raise SharedMemoryError(f"no CUDA shared memory region {quoted(name)}: {CUDA_REFUSED}")
+            raise no_cuda_region(name)
         return json_response([])
 
     @router.post(f"{CUDA}/region/{{name}}/register")

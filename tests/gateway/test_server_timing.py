@@ -1,16 +1,21 @@
 """Per-request timing: REST answers carry Server-Timing; gRPC answers carry it in trailing metadata
-when the call asks (or the gateway is set to always send it); the phases are in /metrics."""
+when the call asks (or the gateway is set to always send it), and each answer of a ModelStreamInfer
+stream in its `server_timing` parameter when the stream asks; the phases are in /metrics."""
 
 from __future__ import annotations
 
+import queue
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from scripts.build_models import _save, build_affine, build_mlp
@@ -144,6 +149,70 @@ def test_the_phases_are_histograms_in_metrics(timing_gateway: RunningGateway, pr
     )
 
 
+def stream_infer(
+    address: str, model: str, name: str, width: int, count: int, ask: bool
+) -> list[tuple[Any, float]]:
+    """`count` requests on one tritonclient stream, one at a time: each answer's response, with the
+    milliseconds the client waited for it (from sending the request to its callback)."""
+    answers: queue.Queue[tuple[Any, Any, float]] = queue.Queue()
+    client = triton_grpc.InferenceServerClient(address)
+    client.start_stream(
+        callback=lambda result, error: answers.put((result, error, time.perf_counter())),
+        headers={"x-server-timing": "true"} if ask else None,
+    )
+    received = []
+    try:
+        for index in range(count):
+            tensor = triton_grpc.InferInput(name, [1, width], "FP32")
+            tensor.set_data_from_numpy(np.full((1, width), 0.5, dtype=np.float32))
+            sent = time.perf_counter()
+            client.async_stream_infer(model, [tensor], request_id=f"timed-{index}")
+            result, error, arrived = answers.get(timeout=60)
+            assert error is None, error
+            received.append((result.get_response(), (arrived - sent) * 1e3))
+    finally:
+        client.stop_stream()
+        client.close()
+    return received
+
+
+STREAM_TIMING = "server_timing"
+
+
+def test_a_stream_that_asks_has_each_answers_timing(timing_gateway: RunningGateway) -> None:
+    for response, waited_ms in stream_infer(timing_gateway.grpc, "affine", "x", 4, 3, ask=True):
+        assert response.parameters[STREAM_TIMING].WhichOneof("parameter_choice") == "string_param"
+        found = phases(response.parameters[STREAM_TIMING].string_param)
+        check_phases(found, {"decode", "queue", "backend", "encode"})
+        # The gateway's span of a request lies inside the client's wait for its answer.
+        assert found["total"] <= waited_ms, (found, waited_ms)
+    batched = stream_infer(timing_gateway.grpc, "mlp_batched", "input", 64, 1, ask=True)
+    check_phases(
+        phases(batched[0][0].parameters[STREAM_TIMING].string_param),
+        {"decode", "queue", "batch", "backend", "encode"},
+    )
+
+
+def test_a_stream_that_does_not_ask_has_no_timing(timing_gateway: RunningGateway) -> None:
+    for response, _ in stream_infer(timing_gateway.grpc, "affine", "x", 4, 3, ask=False):
+        assert STREAM_TIMING not in response.parameters
+        assert response.outputs, response
+
+
+def test_streamed_requests_are_in_the_phase_histograms(timing_gateway: RunningGateway) -> None:
+    def metrics() -> str:
+        return httpx.get(f"{timing_gateway.url}/metrics", timeout=30).text
+
+    before = metrics()
+    stream_infer(timing_gateway.grpc, "mlp_batched", "input", 64, 3, ask=False)
+    after = metrics()
+    for phase in ("decode", "queue", "batch", "backend", "encode"):
+        assert (
+            _phase_count(after, "mlp_batched", "grpc", phase)
+            == _phase_count(before, "mlp_batched", "grpc", phase) + 3
+        ), phase
+
+
 @pytest.fixture(scope="module")
 def on_demand_gateway(small_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
     """Models load at their first request; gRPC answers always carry their timing."""
@@ -197,3 +266,11 @@ def test_tf_serving_grpc_sends_timing_only_when_the_call_asks(timing_gateway: Ru
 def test_the_setting_sends_timing_on_every_grpc_answer(on_demand_gateway: RunningGateway) -> None:
     found = tf_predict(on_demand_gateway.grpc, "identity_fp32", "INPUT", 3, ask=False)
     assert "backend;dur=" in found["server-timing"]
+
+
+def test_the_setting_sends_timing_on_every_streamed_answer(on_demand_gateway: RunningGateway) -> None:
+    for response, waited_ms in stream_infer(on_demand_gateway.grpc, "affine", "x", 4, 2, ask=False):
+        found = phases(response.parameters[STREAM_TIMING].string_param)
+        # The first request may have waited for the load, if no test before it loaded affine.
+        check_phases(found, {"decode", "queue", "backend", "encode"} | ({"load"} & set(found)))
+        assert found["total"] <= waited_ms, (found, waited_ms)

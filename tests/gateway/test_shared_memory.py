@@ -26,6 +26,17 @@ from tests.support.model_builders import build_identity, build_simple
 
 SHM_ROOT = Path("/dev/shm")
 
+# How Triton's messages begin, from its src/shared_memory_manager.cc (SharedMemoryManager::GetStatus,
+# GetMemoryInfo, RegisterSystemSharedMemory, OpenSharedMemoryRegion, CheckSharedMemoryRegionSize):
+# clients and tritonclient's examples match on these words.
+UNKNOWN_ON_STATUS = "Unable to find system shared memory region: '{}'"
+UNKNOWN_IN_REQUEST = "Unable to find shared memory region: '{}'"
+OFFSET_OUTSIDE = "Invalid offset for shared memory region: '{}'"
+PLACE_OUTSIDE = "Invalid offset + byte size for shared memory region: '{}'"
+ALREADY_REGISTERED = "shared memory region '{}' already in manager"
+CANNOT_OPEN = "Unable to open shared memory region: '{}'"
+PAST_THE_OBJECT = "failed to register shared memory region '{}': invalid args"
+
 
 @pytest.fixture(scope="module")
 def shm_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -212,7 +223,33 @@ def test_an_input_place_outside_its_region_is_refused(
         tensor.set_shared_memory("small", byte_size, offset=offset)
     code, message = _refused(protocol, lambda: client.infer("simple", inputs))
     assert code == ("INVALID_ARGUMENT" if protocol.is_grpc else "400")
-    assert "small" in message or "INPUT0" in message
+    if byte_size == 32:  # inside the region, but not the size the input's shape needs
+        assert "INPUT0" in message
+    else:
+        assert message.startswith(PLACE_OUTSIDE.format("small")), message
+        assert "INPUT0" in message, message
+
+
+@pytest.mark.parametrize("tensor", ["input", "output"])
+def test_a_place_that_starts_past_its_region_says_so_as_triton(
+    protocol: Protocol, regions: Regions, tensor: str
+) -> None:
+    module, client = protocol.module, protocol.client
+    _, key = regions.create("short", 64)
+    client.register_system_shared_memory("short", key, 64)
+    x = np.ones((1, 16), dtype=np.int32)
+    inputs = [protocol.input("INPUT0", x, "INT32"), protocol.input("INPUT1", x, "INT32")]
+    outputs = None
+    if tensor == "input":
+        inputs[0] = module.InferInput("INPUT0", [1, 16], "INT32")
+        inputs[0].set_shared_memory("short", 64, offset=64)
+    else:
+        outputs = [protocol.output("OUTPUT0")]
+        outputs[0].set_shared_memory("short", 64, offset=96)
+    code, message = _refused(protocol, lambda: client.infer("simple", inputs, outputs=outputs))
+    assert code == ("INVALID_ARGUMENT" if protocol.is_grpc else "400")
+    assert message.startswith(OFFSET_OUTSIDE.format("short")), message
+    assert ("INPUT0" if tensor == "input" else "OUTPUT0") in message, message
 
 
 def test_an_output_larger_than_its_place_is_refused(protocol: Protocol, regions: Regions) -> None:
@@ -238,10 +275,26 @@ def test_an_unregistered_region_is_refused(protocol: Protocol, regions: Regions)
     for index, tensor in enumerate(inputs):
         tensor.set_shared_memory("gone", 64, offset=64 * index)
     code, message = _refused(protocol, lambda: client.infer("simple", inputs))
-    assert code == ("INVALID_ARGUMENT" if protocol.is_grpc else "400")
-    assert "no shared memory region 'gone'" in message
-    status_code, _ = _refused(protocol, lambda: client.get_system_shared_memory_status("gone"))
-    assert status_code == ("INVALID_ARGUMENT" if protocol.is_grpc else "400")
+    assert code == ("NOT_FOUND" if protocol.is_grpc else "404")
+    assert message.startswith(UNKNOWN_IN_REQUEST.format("gone")), message
+    assert "INPUT0" in message, message
+    x = np.ones((1, 16), dtype=np.int32)
+    output = protocol.output("OUTPUT1")
+    output.set_shared_memory("gone", 64)
+    code, message = _refused(
+        protocol,
+        lambda: client.infer(
+            "simple",
+            [protocol.input("INPUT0", x, "INT32"), protocol.input("INPUT1", x, "INT32")],
+            outputs=[output],
+        ),
+    )
+    assert code == ("NOT_FOUND" if protocol.is_grpc else "404")
+    assert message.startswith(UNKNOWN_IN_REQUEST.format("gone")), message
+    assert "OUTPUT1" in message, message
+    status_code, message = _refused(protocol, lambda: client.get_system_shared_memory_status("gone"))
+    assert status_code == ("NOT_FOUND" if protocol.is_grpc else "404")
+    assert message.startswith(UNKNOWN_ON_STATUS.format("gone")), message
 
 
 def test_an_object_shrunk_after_registration_is_refused_not_read(
@@ -276,11 +329,15 @@ def test_only_shared_memory_objects_can_be_registered(
                 protocol, lambda k=bad_key: client.register_system_shared_memory("bad", k, 16)
             )  # type: ignore[misc]
             assert code == ("INVALID_ARGUMENT" if protocol.is_grpc else "400"), (bad_key, message)
+            assert message.startswith(CANNOT_OPEN.format(bad_key)), message
         code, message = _refused(protocol, lambda: client.register_system_shared_memory("big", key, 65))
+        assert code == ("INVALID_ARGUMENT" if protocol.is_grpc else "400")
+        assert message.startswith(PAST_THE_OBJECT.format("big")), message
         assert "pass the end" in message
         client.register_system_shared_memory("real", key, 64)
         code, message = _refused(protocol, lambda: client.register_system_shared_memory("real", key, 64))
         assert code == ("ALREADY_EXISTS" if protocol.is_grpc else "409")
+        assert message.startswith(ALREADY_REGISTERED.format("real")), message
     finally:
         link.unlink()
     listed = client.get_system_shared_memory_status()
@@ -294,6 +351,9 @@ def test_cuda_shared_memory_is_refused_clearly(protocol: Protocol) -> None:
     assert "GPU" in message and "system shared memory" in message
     status = client.get_cuda_shared_memory_status()
     assert (len(status.regions) if protocol.is_grpc else len(status)) == 0
+    code, message = _refused(protocol, lambda: client.get_cuda_shared_memory_status("gpu"))
+    assert code == ("NOT_FOUND" if protocol.is_grpc else "404")
+    assert message.startswith("Unable to find cuda shared memory region: 'gpu'"), message
     client.unregister_cuda_shared_memory()
 
 
