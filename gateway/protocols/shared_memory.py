@@ -82,8 +82,9 @@ class _Region:
         self.fd = fd
         self.mapping = mapping
 
-    def view(self, owner: str, place: TensorPlace) -> memoryview:
-        """The bytes of `place`, once they lie inside the region and the object still holds them."""
+    def check(self, owner: str, place: TensorPlace) -> None:
+        """`place` lies inside the region as registered (no system call: a request's decoding
+        checks each of its places with this; the object's own size is checked at each use)."""
         status = self.status
         if place.offset + place.byte_size > status.byte_size:
             # Triton tells an offset past the region's end from a place that runs past it.
@@ -92,10 +93,16 @@ class _Region:
                 f"Invalid {what} for shared memory region: {quoted(status.name)}: {owner} asks for offset "
                 f"{place.offset} and byte size {place.byte_size}, and the region has {status.byte_size} bytes"
             )
-        start = status.offset + place.offset
+
+    def view(self, owner: str, place: TensorPlace) -> memoryview:
+        """The bytes of `place`, once they lie inside the region and the object still holds them.
+        The object's size takes an fstat, which gives up the GIL: under load, each one can wait
+        tens of µs to get it back, so a request makes one per tensor."""
+        self.check(owner, place)
+        start = self.status.offset + place.offset
         if os.fstat(self.fd).st_size < start + place.byte_size:
             raise SharedMemoryError(
-                f"{owner}: the shared memory object of region {quoted(status.name)} is now smaller than the "
+                f"{owner}: the shared memory object of region {quoted(self.status.name)} is now smaller than the "
                 "region; register it again"
             )
         return memoryview(self.mapping)[start : start + place.byte_size]
@@ -223,7 +230,7 @@ class SharedMemoryRegions:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SharedMemoryError(f"{owner}: {key} must be a non-negative integer")
         place = TensorPlace(region, offset, size)
-        self._get(region, owner).view(owner, place)
+        self._get(region, owner).check(owner, place)
         return place
 
     def read(
