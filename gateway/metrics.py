@@ -100,10 +100,14 @@ class RequestSeries:
 
     def count(self, code: str) -> None:
         """One answered request, with its HTTP status (REST) or gRPC code name (gRPC)."""
+        self.count_child(code).inc()
+
+    def count_child(self, code: str) -> Counter:
+        """The requests counter's child for `code`, made at its first use."""
         counter = self._codes.get(code)
         if counter is None:
             counter = self._codes[code] = self._requests.labels(*self._labels, code)
-        counter.inc()
+        return counter
 
     def phase(self, name: str) -> Histogram:
         """The phase histogram's child for one phase (gateway.timing.PHASES), made at its first use."""
@@ -341,6 +345,16 @@ class Metrics:
         if series is None:
             series = self._series[key] = RequestSeries(self, key)
         return series
+
+    def prepare(self, model: str, version: str, backend: str) -> None:
+        """Makes a version's per-request series for the v2 front doors now, at its warmup, rather
+        than at its first request: making them costs that request 0.3 - 0.4 ms. They read 0 until
+        requests come."""
+        for protocol, ok in (("rest", "200"), ("grpc", "OK")):
+            series = self.series(model, version, backend, protocol)
+            series.count_child(ok)
+            for phase in ("decode", "queue", "backend", "encode"):
+                series.phase(phase)
 
     def forget_resident(self, model: str, version: str, backend: str) -> None:
         """A version no longer resident: its series goes, or under `--workers`, where a series

@@ -393,6 +393,8 @@ class Registry:
             signature = await adapter.metadata()
             if entry.config.warmup is not None:
                 await warm_up(adapter, signature, entry.config.warmup, entry.path, label)
+                if self._metrics is not None:
+                    self._metrics.prepare(entry.name, str(loaded.version), loaded.backend)
             if loaded.closed:
                 raise ModelNotReady(f"{label} was unloaded while it loaded")
         except BaseException:
