@@ -10,7 +10,9 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -69,32 +71,56 @@ def test_the_leave_torchserve_walkthrough_runs_as_written_without_a_failed_reque
     blocks = walkthrough_blocks()
     gateway = start_gateway(repo, tmp_path / "gateway.log", "--poll-interval", "2")
     try:
+        before_finish: dict[str, Any] = {}
         with Traffic(gateway, model="mlp_torch") as traffic:
             for block in blocks:
+                if "migrate finish" in block.code:
+                    time.sleep(0.5)  # answers from the new deployment alone
+                    before_finish["answer"] = traffic.last_rest
+                    before_finish["torchserve_loads"] = gateway.metric(
+                        "modelyard_model_loads_total", model="mlp_torch", backend="torchserve", outcome="ok"
+                    )
+                    before_finish["split"] = model_status(gateway, "mlp_torch")["split"]
                 done = snippets.run(block, gateway, work, timeout_s=WALKTHROUGH_STEP_TIMEOUT_S)
                 assert done.returncode == 0, (
                     f"{block.path}:{block.line} exited {done.returncode}\n"
                     f"--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
                 )
-            time.sleep(0.5)  # answers from the new deployment alone
+            time.sleep(0.5)  # answers from the model itself, on ONNX Runtime
             last = traffic.last_rest
         assert traffic.failures == [], traffic.failures[:5]
         assert traffic.sent > 100
-        # The TorchServe deployment never loaded again (its two versions, once each, at the start):
-        # routing changes apply in place.
-        assert gateway.metric("modelyard_model_loads_total", model="mlp_torch", outcome="ok") == 2
+        # Up to finish, the TorchServe deployment never loaded again (its two versions, once each,
+        # at the start): routing changes apply in place.
+        assert before_finish["torchserve_loads"] == 2
         assert "model 'mlp_torch': split changed, applied without a reload" in gateway.output()
-        assert last is not None and last["model_name"] == "mlp_torch"
-        assert last["parameters"]["deployment"] == "mlp_torch_onnx"
+        assert before_finish["split"] == {"mlp_torch_onnx": 100}
+        promoted = before_finish["answer"]
+        assert promoted is not None and promoted["parameters"]["deployment"] == "mlp_torch_onnx"
         module = torch.jit.load(str(repo / "mlp_torch" / "1" / "model.pt"))  # the stable version
         with torch.no_grad():
             old = module(torch.from_numpy(INPUT)).numpy()
-        np.testing.assert_allclose(np.asarray(last["outputs"][0]["data"]), old.ravel(), rtol=1e-4, atol=1e-5)
-        assert yaml.safe_load((repo / "mlp_torch" / "config.yaml").read_text())["split"] == {
-            "mlp_torch_onnx": 100
-        }
-        assert model_status(gateway, "mlp_torch")["split"] == {"mlp_torch_onnx": 100}
+        for answer in (promoted, last):
+            np.testing.assert_allclose(
+                np.asarray(answer["outputs"][0]["data"]), old.ravel(), rtol=1e-4, atol=1e-5
+            )
+        # After finish: the model itself answers, on ONNX Runtime; the twin has left.
+        assert last is not None and last["model_name"] == "mlp_torch"
+        assert "deployment" not in (last.get("parameters") or {})
+        config = yaml.safe_load((repo / "mlp_torch" / "config.yaml").read_text())
+        assert config["backend"] == "onnxruntime"
+        assert "split" not in config and "shadow" not in config and "torchserve" not in config
+        entry = model_status(gateway, "mlp_torch")
+        assert {v["backend"] for v in entry["versions"]} == {"onnxruntime"}
+        assert not (repo / "mlp_torch_onnx").exists()
+        names = {m["name"] for m in httpx.get(f"{gateway.url}/status", timeout=10).json()["models"]}
+        deadline = time.monotonic() + 10
+        while "mlp_torch_onnx" in names and time.monotonic() < deadline:  # unloaded at the next poll
+            time.sleep(0.5)
+            names = {m["name"] for m in httpx.get(f"{gateway.url}/status", timeout=10).json()["models"]}
+        assert "mlp_torch_onnx" not in names
         migration = state.load(work / ".modelyard" / "migrations", "mlp_torch")
+        assert migration.steps["finish"]["old_files"]
         assert migration.rollbacks == 0
         assert migration.steps["status"]["verdict"] == PASS
         page = work / ".modelyard" / "migrations" / "mlp_torch-report" / "report.html"
@@ -113,7 +139,7 @@ def walkthrough_blocks() -> list[snippets.Snippet]:
     ]
     steps = " ".join(b.code for b in blocks)
     for step in ("migrate mlp_torch --to onnxruntime", "migrate shadow", "migrate status", "migrate promote",
-                 "migrate report"):  # fmt: skip
+                 "migrate report", "migrate finish"):  # fmt: skip
         assert step in steps, f"{WALKTHROUGH} has no block for '{step}' marked for this test"
     return blocks
 

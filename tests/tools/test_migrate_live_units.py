@@ -267,3 +267,35 @@ def test_status_finds_the_gateway_through_its_environment_variable(tmp_path: Pat
     )
     assert ran.exit_code == 2, ran.output
     assert f"error: the gateway at {url} did not answer /metrics" in ran.output
+
+
+def test_finish_moves_nothing_before_promote_reached_100(tmp_path: Path) -> None:
+    from gateway.tools.migrate.finish import FinishOptions, finish
+    from gateway.tools.migrate.state import Migration, save
+
+    repo = tmp_path / "repo"
+    (repo / "mlp" / "1").mkdir(parents=True)
+    (repo / "mlp_onnx" / "1").mkdir(parents=True)
+    (repo / "mlp" / "config.yaml").write_text("backend: torchserve\nsplit: {mlp_onnx: 50}\n")
+    save(tmp_path, Migration(model="mlp", to="onnxruntime", deployment="mlp_onnx", model_repo=str(repo)))
+    with pytest.raises(MigrationError, match=r"answers 50% of 'mlp'.*promote mlp` to 100% first"):
+        finish("mlp", repo, tmp_path, "http://127.0.0.1:1", FinishOptions())
+    assert sorted(p.name for p in (repo / "mlp" / "1").iterdir()) == []  # nothing was copied
+
+
+def test_the_backend_switch_is_one_write_that_keeps_comments(repo: Path) -> None:
+    path = repo / "mlp" / "config.yaml"
+    path.write_text(
+        "# ours\nbackend: torchserve\nlabels: {stable: 1}\ntorchserve: {mode: managed, workers: 1}\n"
+        "split: {mlp_onnx: 100}\nshadow:\n- {model: mlp_onnx, percent: 10}\n- {version: 2, percent: 5}\n"
+    )
+    section = config_edit.switch_backend(repo, "mlp", "torchserve", "onnxruntime", "mlp_onnx")
+    assert section == {"mode": "managed", "workers": 1}
+    text = path.read_text()
+    assert text.startswith("# ours\n") and "# was torchserve, until modelyard migrate finish" in text
+    assert yaml.safe_load(text) == {
+        "backend": "onnxruntime",
+        "labels": {"stable": 1},
+        "shadow": [{"version": 2, "percent": 5}],
+    }
+    ModelConfig.model_validate(yaml.safe_load(text))

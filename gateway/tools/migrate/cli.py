@@ -209,7 +209,7 @@ def _add_live_steps() -> None:
     """The steps against a running gateway (live_commands.py), after convert and check."""
     from gateway.tools.migrate import live_commands
 
-    for step in (live_commands.shadow, live_commands.status, live_commands.promote, live_commands.report):
+    for step in live_commands.COMMANDS:
         migrate.command()(step)
 
 

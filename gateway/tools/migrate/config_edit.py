@@ -177,3 +177,38 @@ def set_split(model_repo: Path, model: str, deployment: str, percent: float) -> 
 def _number(value: float) -> int | float:
     """10.0 is written as 10: the file keeps the shape a person would type."""
     return int(value) if float(value).is_integer() else float(value)
+
+
+def switch_backend(model_repo: Path, model: str, old_backend: str, backend: str, deployment: str) -> Any:
+    """One write of the source's config.yaml: `backend` becomes the new one, the old backend's own
+    section goes, and so do the split and shadow entries for `deployment`. Returns the section
+    taken away (plain data, for the record), or None."""
+    path = config_path(model_repo, model)
+    document = _read(path)
+    document["backend"] = backend
+    if old_backend and old_backend != backend:
+        # The file's own comments may still speak of the old backend: this one says what changed.
+        document.yaml_add_eol_comment(f"was {old_backend}, until modelyard migrate finish", "backend")
+    section = document.pop(old_backend, None) if old_backend and old_backend != backend else None
+    split = document.get("split")
+    if isinstance(split, dict):
+        split.pop(deployment, None)
+        if not split:
+            del document["split"]
+    entries = document.get("shadow")
+    if isinstance(entries, list):
+        for index in reversed(range(len(entries))):
+            if isinstance(entries[index], dict) and entries[index].get("model") == deployment:
+                del entries[index]
+        if not entries:
+            del document["shadow"]
+    _write(path, document)
+    return _plain(section)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value

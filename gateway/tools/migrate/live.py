@@ -94,6 +94,17 @@ class Gateway:
             f"{response.text[:500]}"
         )
 
+    def unload(self, name: str) -> bool:
+        """Asks the gateway to unload the model now: True if it did, False if its repository API
+        is off (its next poll unloads a model whose folder is gone)."""
+        try:
+            response = self._client.post(f"/v2/repository/models/{name}/unload", timeout=120.0)
+        except httpx.HTTPError as exc:
+            raise MigrationError(
+                f"the gateway at {self.url} did not answer an unload of '{name}': {exc}"
+            ) from exc
+        return response.status_code == 200
+
     def apply(
         self,
         name: str,

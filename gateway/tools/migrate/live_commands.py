@@ -1,4 +1,4 @@
-"""The live steps on the CLI: `modelyard migrate shadow | status | promote | report`.
+"""The live steps on the CLI: `modelyard migrate shadow | status | promote | report | finish`.
 
 Each is a typer command function over the step of the same name (shadow.py, promote.py,
 report.py); the `migrate` sub-app registers them. Exit codes: 0 done (status: PASS), 1 failed or
@@ -173,8 +173,39 @@ def report(
     typer.echo(str(result.html))
 
 
+def finish(
+    model: Model,
+    keep_twin: Annotated[
+        bool, typer.Option(help="Keep the new deployment's folder (by default it leaves the repository).")
+    ] = False,
+    gateway: GatewayUrl = DEFAULT_GATEWAY,
+    model_repo: ModelRepo = Path("model_repo"),
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    apply_timeout_s: ApplyTimeout = DEFAULT_APPLY_TIMEOUT_S,
+) -> None:
+    """After promote reached 100%: the model itself moves to the new backend, the old one retires."""
+    from gateway.tools.migrate.finish import FinishOptions
+    from gateway.tools.migrate.finish import finish as run
+
+    try:
+        done = run(model, model_repo, state_dir, gateway,
+                   FinishOptions(keep_twin=keep_twin, apply_timeout_s=apply_timeout_s))  # fmt: skip
+    except ToolError as exc:
+        raise _fail(exc) from None
+    versions = ", ".join(str(v) for v in done.versions)
+    typer.echo(
+        f"'{model}' serves versions {versions} on {done.backend} itself, applied by {done.applied.how} in "
+        f"{done.applied.waited_s:g} s; its split and shadow are gone"
+        + ("; the new deployment left the repository" if done.twin_removed else "")
+    )
+    if done.old_files:
+        typer.echo(
+            f"the old backend's files stay, unused, to delete when you like: {' '.join(done.old_files)}"
+        )
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} ms"
 
 
-COMMANDS = (shadow, status, promote, report)
+COMMANDS = (shadow, status, promote, report, finish)
