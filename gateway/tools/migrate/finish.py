@@ -70,7 +70,7 @@ def finish(
     if split < 100:
         raise MigrationError(
             f"'{new}' answers {split:g}% of '{model}', not all of it: run `modelyard migrate promote "
-            f"{model}` to 100% first, so that no request depends on '{model}''s own versions when they move"
+            f"{model}` to 100% first, so that no request depends on the versions of '{model}' while they move"
         )
     versions = _versions(model_repo / new)
     if not versions:
