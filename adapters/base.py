@@ -49,9 +49,13 @@ class SharedResources:
     Created once by the registry; each is built on first use and closed when the registry closes.
     """
 
-    def __init__(self, breakers: Breakers | None = None, *, may_start_servers: bool = True) -> None:
+    def __init__(
+        self, breakers: Breakers | None = None, *, may_start_servers: bool = True, idle_stop_s: float = 30.0
+    ) -> None:
         self._items: dict[str, SharedResource] = {}
         self._lock = asyncio.Lock()
+        # Seconds a server the gateway started keeps running once no version uses it.
+        self.idle_stop_s = idle_stop_s
         # The circuit breakers of remote backend endpoints.
         self.breakers = breakers or Breakers()
         # False in each of `--workers N`: a server the gateway starts (a managed TorchServe) must
@@ -63,6 +67,17 @@ class SharedResources:
             if key not in self._items:
                 self._items[key] = await factory()
             return self._items[key]  # type: ignore[return-value]
+
+    async def release(self, key: str, resource: SharedResource, unused: Callable[[], bool]) -> bool:
+        """Forgets and closes `resource` if it is still the one kept under `key` and `unused()`
+        holds, both under the lock that `get` takes: a version that got it from `get` has marked
+        itself a user before this can run."""
+        async with self._lock:
+            if self._items.get(key) is not resource or not unused():
+                return False
+            del self._items[key]
+        await resource.aclose()
+        return True
 
     async def grpc_channel(self, address: str, max_message_mb: int) -> grpc.aio.Channel:
         """One gRPC channel per address for every version that calls it. Messages carry whole

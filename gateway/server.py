@@ -73,7 +73,9 @@ class Gateway:
         self.worker = worker
         self.metrics = Metrics(multiprocess_dir=worker.metrics_dir if worker is not None else None)
         shared = SharedResources(
-            Breakers(observe=guard_observer(self.metrics)), may_start_servers=worker is None
+            Breakers(observe=guard_observer(self.metrics)),
+            may_start_servers=worker is None,
+            idle_stop_s=settings.torchserve_idle_stop_s,
         )
         self.registry = Registry(
             settings.model_repo,

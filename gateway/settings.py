@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     # `server_timing` parameter of every ModelStreamInfer answer; off: only of calls (streams) whose
     # metadata asks for it with `x-server-timing: true`. REST answers always carry it.
     grpc_server_timing: bool = False
+    # Seconds a managed TorchServe keeps running once no model version uses it (after the last
+    # TorchServe model was unloaded or moved to another backend) before it stops; a later load
+    # starts it again.
+    torchserve_idle_stop_s: float = Field(default=30.0, gt=0)
 
     # Auth (off unless keys are given): API keys or bearer tokens, each scoped to models and actions.
     # A YAML or JSON file of keys, or the same list as JSON in MODELYARD_API_KEYS (see README, "Auth").

@@ -122,16 +122,20 @@ class TorchServeAdapter(ModelAdapter):
                 "serve it with `torchserve: {mode: remote}` or with one worker"
             )
         runtime = await managed_torchserve(self.spec.shared)
-        inputs, outputs = self._tensor_names(declared)
-        archive = await runtime.archive(self.spec, self.options, inputs, outputs)
-        registration = Registration(
-            self._ts_name,
-            str(self.spec.version),
-            archive,
-            self.options,
-            self.spec.default_version == self.spec.version,
-        )
-        await runtime.register(registration, self.spec.label)
+        try:
+            inputs, outputs = self._tensor_names(declared)
+            archive = await runtime.archive(self.spec, self.options, inputs, outputs)
+            registration = Registration(
+                self._ts_name,
+                str(self.spec.version),
+                archive,
+                self.options,
+                self.spec.default_version == self.spec.version,
+            )
+            await runtime.register(registration, self.spec.label)
+        except BaseException:
+            runtime.release(self.spec.shared)
+            raise
         self._registration = registration
         self._managed = runtime
         self._generation = runtime.generation
@@ -248,7 +252,10 @@ class TorchServeAdapter(ModelAdapter):
         managed, self._managed = self._managed, None
         if managed is not None:
             assert self._registration is not None
-            await managed.unregister(self._registration)
+            try:
+                await managed.unregister(self._registration)
+            finally:
+                managed.release(self.spec.shared)
         if self._prober is not None:
             self._prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):

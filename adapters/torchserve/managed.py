@@ -60,6 +60,10 @@ class ManagedTorchServe:
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
         self._lock = asyncio.Lock()
+        # Versions that hold this TorchServe (from `managed_torchserve` to their `release`); at 0
+        # it stops after SharedResources.idle_stop_s, unless a version takes it again.
+        self.users = 0
+        self._idle_stop: asyncio.Task[None] | None = None
 
     @classmethod
     async def create(cls) -> ManagedTorchServe:
@@ -269,9 +273,27 @@ class ManagedTorchServe:
             if not _group_alive(process.pid):
                 break
 
+    def release(self, shared: SharedResources) -> None:
+        """One version no longer needs this TorchServe; the last one schedules its stop."""
+        self.users -= 1
+        if self.users > 0 or self._closing:
+            return
+        if self._idle_stop is None or self._idle_stop.done():
+            self._idle_stop = asyncio.create_task(
+                self._stop_when_idle(shared), name="managed TorchServe idle stop"
+            )
+
+    async def _stop_when_idle(self, shared: SharedResources) -> None:
+        await asyncio.sleep(shared.idle_stop_s)
+        if await shared.release(SHARED_KEY, self, lambda: self.users == 0):
+            log.info("managed TorchServe stopped: no model version has used it for %g s", shared.idle_stop_s)
+
     async def aclose(self) -> None:
         self._closing = True
         self.healthy = False
+        idle_stop = self._idle_stop
+        if idle_stop is not None and idle_stop is not asyncio.current_task():
+            idle_stop.cancel()
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -292,6 +314,13 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+SHARED_KEY = "torchserve:managed"
+
+
 async def managed_torchserve(shared: SharedResources) -> ManagedTorchServe:
-    """The gateway's one managed TorchServe, started by the first version that needs it."""
-    return await shared.get("torchserve:managed", ManagedTorchServe.create)
+    """The gateway's one managed TorchServe, started by the first version that needs it. The
+    caller is one more of its users, until it calls `release`."""
+    runtime = await shared.get(SHARED_KEY, ManagedTorchServe.create)
+    # No await between `get` and this: SharedResources.release cannot run in between.
+    runtime.users += 1
+    return runtime

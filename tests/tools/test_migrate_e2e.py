@@ -69,7 +69,10 @@ def test_the_leave_torchserve_walkthrough_runs_as_written_without_a_failed_reque
     (work / "model_repo").symlink_to(repo, target_is_directory=True)
     (work / ".venv").symlink_to(ROOT / ".venv", target_is_directory=True)
     blocks = walkthrough_blocks()
-    gateway = start_gateway(repo, tmp_path / "gateway.log", "--poll-interval", "2")
+    # The idle TorchServe stops after 2 s here, not the default 30 s, for the test's time.
+    gateway = start_gateway(
+        repo, tmp_path / "gateway.log", "--poll-interval", "2", env={"MODELYARD_TORCHSERVE_IDLE_STOP_S": "2"}
+    )
     try:
         before_finish: dict[str, Any] = {}
         with Traffic(gateway, model="mlp_torch") as traffic:
@@ -119,6 +122,13 @@ def test_the_leave_torchserve_walkthrough_runs_as_written_without_a_failed_reque
             time.sleep(0.5)
             names = {m["name"] for m in httpx.get(f"{gateway.url}/status", timeout=10).json()["models"]}
         assert "mlp_torch_onnx" not in names
+        # No model needs the managed TorchServe any more: it stops.
+        deadline = time.monotonic() + 30
+        while "managed TorchServe stopped" not in gateway.output() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "managed TorchServe stopped: no model version has used it for 2 s" in gateway.output()
+        processes = httpx.get(f"{gateway.url}/status", timeout=10).json().get("processes") or []
+        assert not [p for p in processes if "torchserve" in str(p.get("name", "")).lower()], processes
         migration = state.load(work / ".modelyard" / "migrations", "mlp_torch")
         assert migration.steps["finish"]["old_files"]
         assert migration.rollbacks == 0

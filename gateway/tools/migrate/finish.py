@@ -10,7 +10,7 @@ backend, the new deployment's folder leaves the repository (unless kept), and th
 unloads it. No folder is ever missing from the repository, so no poll sees the model gone.
 
 The old backend's files stay beside the new ones, unused: the record lists them, to delete when
-wanted. A managed TorchServe that serves no model any more idles until the gateway restarts.
+wanted. A managed TorchServe that serves no model any more stops by itself (adapters/torchserve/managed.py).
 """
 
 from __future__ import annotations
