@@ -299,3 +299,17 @@ def test_the_backend_switch_is_one_write_that_keeps_comments(repo: Path) -> None
         "shadow": [{"version": 2, "percent": 5}],
     }
     ModelConfig.model_validate(yaml.safe_load(text))
+
+
+def test_status_after_promote_reached_100_keeps_the_shadow_verdict(tmp_path: Path) -> None:
+    from gateway.tools.migrate.shadow import StatusOptions, status
+    from gateway.tools.migrate.state import Migration, load, save
+
+    migration = Migration(model="mlp", to="onnxruntime", deployment="mlp_onnx", model_repo=str(tmp_path))
+    migration.steps["shadow"] = {"baseline": {"taken_at": 0.0, "samples": []}}
+    migration.steps["status"] = {"verdict": PASS}
+    migration.steps["promote"] = {"split": 100, "steps": [], "done": True}
+    save(tmp_path, migration)
+    with pytest.raises(MigrationError, match="ended when promote reached 100%"):
+        status("mlp", tmp_path, tmp_path, "http://127.0.0.1:1", StatusOptions())
+    assert load(tmp_path, "mlp").steps["status"] == {"verdict": PASS}

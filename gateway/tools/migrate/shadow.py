@@ -191,6 +191,12 @@ def status(
         raise MigrationError(
             f"'{migration.deployment}' has not been shadowed yet: run `modelyard migrate shadow {model}` first"
         )
+    if (migration.steps.get("promote") or {}).get("done"):
+        # Reading on would count answers the shadow never compared, over its verdict in the record.
+        raise MigrationError(
+            f"the shadow of '{model}' to '{migration.deployment}' ended when promote reached 100%: its "
+            f"last verdict stays in the record, and `modelyard migrate report {model}` shows it"
+        )
     baseline = Snapshot.from_json(shadowing["baseline"])
     deadline = time.monotonic() + options.wait_s
     with Gateway(gateway_url, headers=options.headers) as gateway:
