@@ -76,15 +76,20 @@ class Gateway:
     def snapshot(self, *models: str) -> Snapshot:
         return Snapshot.parse(self._get("/metrics").text, time.time(), models)
 
+    def _repository(self, name: str, action: str) -> httpx.Response:
+        """POST /v2/repository/models/NAME/ACTION (load or unload), as the gateway answers it."""
+        try:
+            return self._client.post(f"/v2/repository/models/{name}/{action}", timeout=120.0)
+        except httpx.HTTPError as exc:
+            raise MigrationError(
+                f"the gateway at {self.url} did not answer {'a' if action == 'load' else 'an'} {action} "
+                f"of '{name}': {exc}"
+            ) from exc
+
     def load(self, name: str) -> bool:
         """Asks the gateway to (re)read the model's folder now: True if it did, False if its
         repository API is off; other refusals are errors."""
-        try:
-            response = self._client.post(f"/v2/repository/models/{name}/load", timeout=120.0)
-        except httpx.HTTPError as exc:
-            raise MigrationError(
-                f"the gateway at {self.url} did not answer a load of '{name}': {exc}"
-            ) from exc
+        response = self._repository(name, "load")
         if response.status_code == 200:
             return True
         if response.status_code == 403 and "repository API is disabled" in response.text:
@@ -97,13 +102,7 @@ class Gateway:
     def unload(self, name: str) -> bool:
         """Asks the gateway to unload the model now: True if it did, False if its repository API
         is off (its next poll unloads a model whose folder is gone)."""
-        try:
-            response = self._client.post(f"/v2/repository/models/{name}/unload", timeout=120.0)
-        except httpx.HTTPError as exc:
-            raise MigrationError(
-                f"the gateway at {self.url} did not answer an unload of '{name}': {exc}"
-            ) from exc
-        return response.status_code == 200
+        return self._repository(name, "unload").status_code == 200
 
     def apply(
         self,
