@@ -34,6 +34,7 @@ from gateway.errors import (
     public_message,
     status_for,
 )
+from gateway.protocols.writes import CoalescingTransport
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -116,7 +117,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # between requests, where the keep-alive timeout holds instead.
         self._head_started: float | None = None
         over = len(self.connections) >= limits.max_connections
-        super().connection_made(transport)
+        # Each answer's head and body leave in one write (gateway/protocols/writes.py).
+        super().connection_made(CoalescingTransport(transport, self.loop))
         self.guard.watch(self.connections)
         if over:
             self._refuse(
