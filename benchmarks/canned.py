@@ -1,7 +1,9 @@
 """A canned-answer v2 server on the gateway's own stack: the floor the peers bench measures against.
 
-REST is a bare ASGI app on uvicorn with httptools, gRPC is grpc.aio serving tritonclient's generated
-`inference.GRPCInferenceService`, both in one uvloop event loop, as `gateway/server.py` runs them.
+REST is a bare ASGI app on uvicorn with httptools, through the gateway's own connection protocol
+(its connection guard, and one socket write per answer), gRPC is grpc.aio serving tritonclient's
+generated `inference.GRPCInferenceService`, both in one uvloop event loop, as `gateway/server.py`
+runs them.
 Every infer request is read in full and answered with the same bytes, prepared before the server
 starts: the v2 answer to the bench's fixed mlp input (JSON, or Triton's binary extension when the
 request uses it) and the same answer as a ModelInferResponse. Nothing is decoded or computed per
@@ -29,6 +31,8 @@ import numpy as np
 import uvicorn
 import uvloop
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from gateway.protocols.connections import ConnectionGuard, ConnectionLimits
 
 BINARY_HEADER = b"inference-header-content-length"
 READY = b'{"ready":true}'
@@ -138,7 +142,7 @@ async def serve(args: argparse.Namespace) -> None:
         access_log=False,
         lifespan="off",
         loop="none",
-        http="httptools",
+        http=ConnectionGuard(ConnectionLimits()).protocol_class(),
         log_level="warning",
     )
     http_server = _Server(config)
