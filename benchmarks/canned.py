@@ -2,8 +2,8 @@
 
 REST is a bare ASGI app on uvicorn with httptools, through the gateway's own connection protocol
 (its connection guard, and one socket write per answer), gRPC is grpc.aio serving tritonclient's
-generated `inference.GRPCInferenceService`, both in one uvloop event loop, as `gateway/server.py`
-runs them.
+generated `inference.GRPCInferenceService` with the gRPC core experiments the gateway sets, both in
+one uvloop event loop, as `gateway/server.py` runs them.
 Every infer request is read in full and answered with the same bytes, prepared before the server
 starts: the v2 answer to the bench's fixed mlp input (JSON, or Triton's binary extension when the
 request uses it) and the same answer as a ModelInferResponse. Nothing is decoded or computed per
@@ -26,6 +26,11 @@ import signal
 from pathlib import Path
 from typing import Any
 
+# The gateway's package first: it sets the gRPC core experiments the gateway runs with as grpc is
+# imported (gateway/__init__.py), so this floor runs the same gRPC stack.
+import gateway  # noqa: F401
+
+# isort: split
 import grpc
 import numpy as np
 import uvicorn
