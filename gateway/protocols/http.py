@@ -9,7 +9,6 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -272,7 +271,7 @@ class InferFastPath:
     async def _infer(
         self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None
     ) -> None:
-        headers = Headers(scope=scope)
+        headers = header_dict(scope)
         try:
             if self.authorize is not None:
                 self.authorize(credentials(headers), "infer", name)
@@ -288,6 +287,13 @@ class InferFastPath:
         except Exception as exc:
             response = internal_error(exc, "POST", scope["path"])
         await response(scope, receive, send)
+
+
+def header_dict(scope: Scope) -> dict[str, str]:
+    """A request's headers as a dict, read once: the server gives their names in lower case, and
+    where a name comes twice the first value counts, as `starlette.datastructures.Headers.get` has
+    it. Every later lookup is then one dict access, not a scan of the raw list."""
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(scope["headers"])}
 
 
 async def _read_body(receive: Receive, length: int) -> bytes | bytearray | None:

@@ -56,3 +56,15 @@ def test_priority_from_header_or_triton_parameter() -> None:
     assert priority({}, "x-priority", {}) is Priority.NORMAL
     with pytest.raises(MalformedRequest, match="high, normal or low"):
         priority({"x-priority": "urgent"}, "x-priority", {})
+
+
+def test_the_rest_fast_path_reads_headers_once_and_a_repeated_one_counts_by_its_first_value() -> None:
+    from starlette.datastructures import Headers
+
+    from gateway.protocols.http import header_dict
+
+    raw = [(b"x-request-id", b"first"), (b"x-timeout-ms", b"50"), (b"x-request-id", b"second")]
+    scope = {"type": "http", "headers": raw}
+    headers = header_dict(scope)
+    assert headers == {"x-request-id": "first", "x-timeout-ms": "50"}
+    assert headers["x-request-id"] == Headers(scope=scope).get("x-request-id")
