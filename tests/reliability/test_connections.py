@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from gateway.tools.hostile import HostileConnections, PeakRss
@@ -192,6 +193,44 @@ def test_a_grpc_connection_that_never_handshakes_is_closed(guarded: RunningGatew
         assert waited is not None and waited < HEADER_TIMEOUT_S + 4, waited
     with grpc.insecure_channel(guarded.grpc) as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
+
+
+GRPC_CAP = 3
+
+
+def grpc_live(target: str) -> tuple[grpc.Channel, str]:
+    """A channel of its own (its own connection) and the outcome of one ServerLive call on it."""
+    channel = grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    try:
+        stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=5)
+    except grpc.RpcError as exc:
+        return channel, exc.code().name
+    return channel, "OK"
+
+
+def test_grpc_connections_past_the_cap_are_refused_and_the_held_ones_serve_on(
+    small_repo: Path, tmp_path: Path
+) -> None:
+    running = start_gateway(
+        small_repo, tmp_path / "gateway.log", env={"MODELYARD_GRPC_MAX_CONNECTIONS": str(GRPC_CAP)}
+    )
+    channels: list[grpc.Channel] = []
+    try:
+        held = [grpc_live(running.grpc) for _ in range(GRPC_CAP)]
+        channels += [channel for channel, _ in held]
+        assert [outcome for _, outcome in held] == ["OK"] * GRPC_CAP
+        extra, outcome = grpc_live(running.grpc)
+        channels.append(extra)
+        assert outcome == "UNAVAILABLE"
+        # The connections held still serve, and the gateway's REST side never noticed.
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channels[0])
+        assert stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=5).live
+        assert httpx.get(f"{running.url}/v2/health/ready", timeout=10).status_code == 200
+    finally:
+        for channel in channels:
+            channel.close()
+        assert running.stop() == 0
 
 
 # The figure: slowloris and unfinished 8 MB headers together ------------------------------------
