@@ -90,9 +90,13 @@ def build_cnn(path: Path) -> None:
 
 
 STEADY_REQUESTS = 50
+# After the steady requests: this many more, each after an idle pause and a readiness call, as the
+# first one came: what any request costs after the process sat idle, first or not.
+PAUSED_REQUESTS = 5
+PAUSE_S = 0.5
 
-
-Trial = tuple[float, float, float, float]
+# first, steady, first's compute, steady's compute, after a pause, its compute (ms)
+Trial = tuple[float, float, float, float, float, float]
 
 
 def trial(model: str, config: str) -> Trial:
@@ -119,7 +123,8 @@ def trial(model: str, config: str) -> Trial:
                 tensor = triton_http.InferInput(spec["name"], shape, "FP32")
                 tensor.set_data_from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
                 assert client.is_server_ready()  # the connection is open before the clock starts
-                latencies, computes = [], []
+                latencies: list[float] = []
+                computes: list[float] = []
                 for _ in range(1 + STEADY_REQUESTS):
                     started = time.perf_counter()
                     client.infer(model, [tensor])
@@ -127,6 +132,16 @@ def trial(model: str, config: str) -> Trial:
                     if len(computes) < 2:  # after the first request, and after all of them
                         computes.append(compute_ms(client, model))
                 computes[1] = compute_ms(client, model)
+                paused: list[float] = []
+                paused_computes: list[float] = []
+                for _ in range(PAUSED_REQUESTS):
+                    before = compute_ms(client, model)
+                    time.sleep(PAUSE_S)
+                    assert client.is_server_ready()
+                    started = time.perf_counter()
+                    client.infer(model, [tensor])
+                    paused.append((time.perf_counter() - started) * 1000)
+                    paused_computes.append(compute_ms(client, model) - before)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
@@ -136,6 +151,8 @@ def trial(model: str, config: str) -> Trial:
         statistics.median(latencies[1:]),
         first_compute,
         (computes[1] - first_compute) / STEADY_REQUESTS,
+        statistics.median(paused),
+        statistics.median(paused_computes),
     )
 
 
@@ -153,7 +170,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    rows = []
+    rows, paused_rows = [], []
     for model, config in MODELS.items():
         results: dict[str, list[Trial]] = {"off": [], "on": []}
         for _ in range(args.trials):  # alternated, so drift on a shared machine hits both alike
@@ -176,6 +193,19 @@ def main() -> None:
             ]
         rows.append(f"| {model} ({config.split()[1]}) | {' | '.join(cells)} |")
         print(rows[-1], flush=True)
+        cells = []
+        for first, paused in ((0, 4), (2, 5)):  # against a request after the same kind of pause
+            penalty = {k: statistics.median(t[first] - t[paused] for t in v) for k, v in results.items()}
+            removed = 1 - penalty["on"] / penalty["off"] if penalty["off"] > 0 else float("nan")
+            after = {k: statistics.median(t[paused] for t in v) for k, v in results.items()}
+            cells += [
+                f"{after['off']:.1f} / {after['on']:.1f}",
+                f"{penalty['off']:.1f}",
+                f"{penalty['on']:.1f}",
+                f"{removed * 100:.0f} %",
+            ]
+        paused_rows.append(f"| {model} ({config.split()[1]}) | {' | '.join(cells)} |")
+        print(paused_rows[-1], flush=True)
     lines = [
         "# warmup: first-request latency with and without warmup",
         "",
@@ -190,6 +220,17 @@ def main() -> None:
         "| compute, no warmup | penalty | with warmup | penalty | removed |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
+        "",
+        f"The steady requests above run back to back. Any request that comes after the process sat idle "
+        f"costs more than those, first or not: below, each trial's first request is set against "
+        f"{PAUSED_REQUESTS} requests made after it, each after a {PAUSE_S:g} s pause and a readiness call "
+        "(as the first one came), in the same gateway. That penalty is what being first costs, and the "
+        "share of it that warmup removes.",
+        "",
+        "| model | end to end after a pause, no warmup / warmup | first's penalty, no warmup | with warmup "
+        "| removed | compute after a pause | first's penalty, no warmup | with warmup | removed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *paused_rows,
     ]
     emit(lines, args.out)
 
