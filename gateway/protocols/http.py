@@ -279,7 +279,7 @@ class InferFastPath:
             body = await _read_body(receive, int(declared) if declared.isdigit() else 0)
             if body is None:
                 return  # the client went away
-            response = await v2_rest.infer(
+            response: ASGIApp = await v2_rest.infer(
                 self.dataplane, self.contexts, body, headers, name, version, self.limits, self.regions
             )
         except GatewayError as exc:

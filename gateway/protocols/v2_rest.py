@@ -28,6 +28,7 @@ from gateway.protocols.v2_json import decompress, json_object
 from gateway.protocols.v2_rest_codec import (
     HEADER_LENGTH,
     RESPONSE_ID_HEADER,
+    Answer,
     decode_infer_request,
     encode_infer_response,
     json_response,
@@ -175,7 +176,7 @@ async def infer(
     model_version: str | None,
     limits: InputLimits = DEFAULT_LIMITS,
     regions: SharedMemoryRegions = NO_SHARED_MEMORY,
-) -> Response:
+) -> Answer:
     """POST /v2/models/{name}[/versions/{version}]/infer: decode, run, encode; the answer says
     where its time went in a Server-Timing header."""
     started = time.perf_counter_ns()
@@ -194,7 +195,7 @@ async def infer(
     timing = response.timing
     if timing is not None:
         timing.transport(started, decoded, encoding, time.perf_counter_ns())
-        answer.headers[SERVER_TIMING] = timing.header()
+        answer.add_header(SERVER_TIMING, timing.header())
     return answer
 
 
