@@ -3,7 +3,8 @@
 Sessions run in a thread pool of their own: ONNX Runtime releases the GIL while it computes, so
 the event loop keeps serving while a request runs. A request too small to be worth the hand-off
 (its input elements times the measured time per element under `onnxruntime.inline_below_us`) runs
-on the loop. That estimate only holds for a graph whose work follows its input shapes, so a graph
+on the loop (under 2 ms where the gateway may run on one CPU only, since a second thread cannot
+compute beside the loop there). That estimate only holds for a graph whose work follows its input shapes, so a graph
 with control flow (Loop, If, Scan) or with a tensor sized by a computed value (ConstantOfShape,
 Range, Expand, Tile, Pad, Resize, OneHot, TopK fed by anything but a constant) never runs inline.
 As a last guard, inline runs that take ten times the bound turn inlining off for that version: a
@@ -47,8 +48,32 @@ class OnnxRuntimeOptions(BaseModel):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     # A request whose expected compute (its input elements x the measured time per element) is below
     # this runs on the event loop: handing a tiny run to the thread pool costs more than the run.
-    # 0: always the pool.
-    inline_below_us: int = Field(default=150, ge=0)
+    # 0: always the pool. Unset: INLINE_BELOW_US, or ONE_CPU_INLINE_BELOW_US for a gateway that may
+    # run on one CPU only.
+    inline_below_us: int | None = Field(default=None, ge=0)
+
+
+INLINE_BELOW_US = 150
+# On one CPU the pool's thread cannot compute while the loop works: it only takes turns with the
+# loop, and each hand-off costs two thread switches and a wake-up of the loop. There, every run up
+# to this long stays on the loop, which it holds no longer than a scheduler's time slice would.
+ONE_CPU_INLINE_BELOW_US = 2000
+
+
+def inline_bound(options: OnnxRuntimeOptions, cpus: int) -> int:
+    """The inline bound in µs: the config's, else the default for a process allowed `cpus` CPUs."""
+    if options.inline_below_us is not None:
+        return options.inline_below_us
+    return ONE_CPU_INLINE_BELOW_US if cpus == 1 else INLINE_BELOW_US
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: taskset, a cpuset, Kubernetes' static CPU
+    manager), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity where the platform has none
+        return os.cpu_count() or 1
 
 
 _DATATYPE_OF_ORT: dict[str, Datatype] = {
@@ -175,6 +200,7 @@ class OnnxRuntimeAdapter(ModelAdapter):
         # once an inline run has taken far longer than estimated.
         self._element_us: float | None = None
         self._inline = False
+        self._inline_below = inline_bound(self._options, usable_cpus())
         # Inline runs in a row that took over ten times the bound on the clock but not on the CPU.
         self._slow_inline_runs = 0
 
@@ -182,13 +208,13 @@ class OnnxRuntimeAdapter(ModelAdapter):
         if self.spec.artifact is None:
             raise ModelNotReady(f"{self.spec.label}: no model.onnx in {self.spec.version_dir}")
         self._executor = ThreadPoolExecutor(
-            max_workers=max(2, os.cpu_count() or 2),
+            max_workers=max(2, usable_cpus()),
             thread_name_prefix=f"ort-{self.spec.model_name}-{self.spec.version}",
         )
         loop = asyncio.get_running_loop()
         self._session = await loop.run_in_executor(self._executor, self._create_session)
         self._signature = self._read_signature(self._session)
-        if self._options.inline_below_us > 0:
+        if self._inline_below > 0:
             assert self.spec.artifact is not None
             self._inline = await loop.run_in_executor(
                 self._executor, cost_follows_input_size, self.spec.artifact
@@ -236,7 +262,7 @@ class OnnxRuntimeAdapter(ModelAdapter):
         feeds = {name: _to_ort(array) for name, array in inputs.items()}
         names = list(output_names)
         elements = _elements(inputs)
-        inline_below = self._options.inline_below_us
+        inline_below = self._inline_below
         try:
             if self._inline and self._element_us is not None and elements * self._element_us < inline_below:
                 # The loop thread's CPU clock is read only here, where a slow run is judged by it.
@@ -262,7 +288,7 @@ class OnnxRuntimeAdapter(ModelAdapter):
         times the bound on the loop thread's CPU, or when PREEMPTED_RUNS_TOLERATED such runs came
         right before it. The run is not folded into the estimate: if it was preempted, it says
         nothing of the model."""
-        bound = self._options.inline_below_us
+        bound = self._inline_below
         self._slow_inline_runs += 1
         if cpu_us <= 100 * bound and self._slow_inline_runs <= PREEMPTED_RUNS_TOLERATED:
             return

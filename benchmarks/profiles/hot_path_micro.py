@@ -133,17 +133,16 @@ def main() -> None:
     loaded = dataplane.registry.get("mlp").versions[1]
     adapter: Any = loaded.adapter
 
-    options = adapter.spec.config.onnxruntime
-    default_bound = options.inline_below_us
+    default_bound = adapter._inline_below
 
     def inline_on() -> None:
         # On a shared machine a preempted run trips the adapter's 10x guard (it reads wall time)
         # and turns inlining off for good; a bound out of reach keeps every run inline here.
-        object.__setattr__(options, "inline_below_us", 10**9)
+        adapter._inline_below = 10**9
         adapter._inline, adapter._element_us = True, 0.0
 
     def through_pool() -> None:
-        object.__setattr__(options, "inline_below_us", default_bound)
+        adapter._inline_below = default_bound
         adapter._inline = False
 
     for label, setup in (("inline", inline_on), ("thread pool", through_pool)):

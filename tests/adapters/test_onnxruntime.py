@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -17,10 +18,14 @@ from onnx import TensorProto, helper
 from adapters import adapter_class
 from adapters.base import LoadSpec
 from adapters.onnxruntime import (
+    INLINE_BELOW_US,
+    ONE_CPU_INLINE_BELOW_US,
     PREEMPTED_RUNS_TOLERATED,
     OnnxRuntimeAdapter,
+    OnnxRuntimeOptions,
     cost_follows_input_size,
     default_providers,
+    inline_bound,
 )
 from gateway.config import ModelConfig
 from gateway.errors import BackendError, InvalidInput, ModelNotReady
@@ -246,3 +251,44 @@ async def test_a_preempted_inline_run_does_not_move_a_small_model_off_the_loop(a
     # The pauses said nothing of the model: the estimate never took them in.
     assert estimate is not None and adapter._element_us is not None
     assert adapter._element_us < 10 * estimate
+
+
+def test_the_inline_bound_is_the_configs_else_longer_on_one_cpu() -> None:
+    def bound(value: int | None, cpus: int) -> int:
+        return inline_bound(OnnxRuntimeOptions(inline_below_us=value), cpus)
+
+    assert bound(None, 2) == INLINE_BELOW_US
+    assert bound(None, 1) == ONE_CPU_INLINE_BELOW_US
+    assert bound(0, 1) == 0  # the config's word holds: never inline
+    assert bound(300, 1) == bound(300, 8) == 300
+
+
+@pytest.mark.parametrize("one_cpu", [True, False])
+async def test_on_one_cpu_a_run_expected_to_take_a_millisecond_stays_on_the_loop(
+    affine_path: Path, one_cpu: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process's CPU affinity, not the machine's CPU count, decides: set here on the test's own
+    thread, which the adapter reads and its pool's threads inherit, then put back."""
+    allowed = os.sched_getaffinity(0)
+    if not one_cpu and len(allowed) < 2:
+        pytest.skip("this machine gives the process one CPU")
+    threads: list[threading.Thread] = []
+    x = np.ones((1, 4), dtype=np.float32)
+    try:
+        if one_cpu:
+            os.sched_setaffinity(0, {min(allowed)})
+        adapter = OnnxRuntimeAdapter(spec_for(affine_path))
+    finally:
+        os.sched_setaffinity(0, allowed)
+    async with adapter:
+        run = adapter._run
+
+        def recording_run(*args: Any) -> Any:
+            threads.append(threading.current_thread())
+            return run(*args)
+
+        monkeypatch.setattr(adapter, "_run", recording_run)
+        await adapter.infer({"x": x}, ["y"])  # measured from here
+        adapter._element_us = 1000 / x.size  # as if each such run took 1 ms
+        await adapter.infer({"x": x}, ["y"])
+    assert (threads[-1] is threading.main_thread()) is one_cpu
