@@ -145,6 +145,7 @@ async def serve(args: argparse.Namespace) -> None:
         host="127.0.0.1",
         port=args.http_port,
         access_log=False,
+        proxy_headers=False,  # as the gateway runs uvicorn
         lifespan="off",
         loop="none",
         http=ConnectionGuard(ConnectionLimits()).protocol_class(),

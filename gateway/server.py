@@ -270,6 +270,9 @@ class Gateway:
             port=self.settings.http_port,
             log_level=self.settings.log_level,
             access_log=False,
+            # Nothing in the gateway reads the client's address, so uvicorn's X-Forwarded-For
+            # middleware would only be a layer every request passes through.
+            proxy_headers=False,
             lifespan="off",
             loop="none",
             http=self.connections.protocol_class(),
