@@ -106,7 +106,9 @@ def test_requests_on_one_stream_run_concurrently(
     """spin_limited runs one request at a time and queues none: while the stream's first request
     holds the slot, its second is refused at once, and the refusal comes back first. A stream that
     ran its requests one after another would answer both, in order."""
-    stream.send("spin_limited", "n", np.array([3000], dtype=np.int64), "INT64", "long")
+    # About 2 s of one core (6000 x 6000 matrix product): 3000 took 0.26 s on this VM, short enough
+    # for the slot to come free before the second request arrived under a loaded CI run.
+    stream.send("spin_limited", "n", np.array([6000], dtype=np.int64), "INT64", "long")
     wait_for_inflight(http, "spin_limited", 1)
     stream.send("spin_limited", "n", np.array([1], dtype=np.int64), "INT64", "short")
     (first, second) = stream.receive(2)
