@@ -32,6 +32,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ab import cpu_seconds
 from batching import SIZES
 from drive import gateway
 
@@ -120,7 +121,22 @@ def build_workload(model: Path, batch: int) -> Workload:
     return Workload(MODEL, "", "input", "logits", "FP32", inputs, expected)
 
 
-async def run(address: str, workload: Workload, config: RunConfig, modes: list[str]) -> list[Row]:
+def counted(send: Any) -> tuple[Any, list[int]]:
+    """`send`, counting the calls it answered (warm-up ones too: the CPU figure covers them)."""
+    count = [0]
+
+    async def call(item: int) -> Array:
+        answer = await send(item)
+        count[0] += 1
+        return answer
+
+    return call, count
+
+
+async def run(
+    address: str, workload: Workload, config: RunConfig, modes: list[str], server_pid: int
+) -> list[tuple[Row, float]]:
+    """Each mode's row and the gateway's CPU µs per answered request (all its threads)."""
     options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
     rows = []
     async with grpc.aio.insecure_channel(address, options=options) as channel:
@@ -129,8 +145,10 @@ async def run(address: str, workload: Workload, config: RunConfig, modes: list[s
         await shared.register()
         try:
             for mode in modes:
-                send = grpc_send(stub, workload) if mode == "raw" else shared.send
-                rows.append(await measure_async(mode, send, workload, config))
+                send, count = counted(grpc_send(stub, workload) if mode == "raw" else shared.send)
+                before = cpu_seconds(server_pid)
+                row = await measure_async(mode, send, workload, config)
+                rows.append((row, (cpu_seconds(server_pid) - before) * 1e6 / max(count[0], 1)))
         finally:
             await shared.close()
     return rows
@@ -153,22 +171,25 @@ def main() -> None:
         model = repo / MODEL / "1" / "model.onnx"
         _save(build_mlp(SIZES, seed=11, name=MODEL), model)
         workload = build_workload(model, args.batch)
-        with gateway(repo, "/v2/health/ready") as (_, endpoint, _running):
+        with gateway(repo, "/v2/health/ready") as (_, endpoint, running):
             if (os.cpu_count() or 1) >= 2:
                 os.sched_setaffinity(0, {1})
             config = RunConfig(args.concurrency, args.batch, args.duration, args.warmup)
-            rows = asyncio.run(run(endpoint.grpc, workload, config, modes))
+            rows = asyncio.run(run(endpoint.grpc, workload, config, modes, running.pid))
     cpu = cpu_model()
     print(f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(
         f"heavy MLP {' -> '.join(map(str, SIZES))}, batch {args.batch} ({workload.inputs[0].nbytes} bytes in), "
         f"concurrency {args.concurrency}, {args.duration:g} s per run"
     )
-    print(f"{'mode':<6} {'requests':>9} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>7}")
-    for row in rows:
+    print(
+        f"{'mode':<6} {'requests':>9} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>7} "
+        f"{'gateway CPU µs/request':>23}"
+    )
+    for row, cpu_us in rows:
         print(
             f"{row.mode:<6} {row.requests:>9} {row.req_per_s:>9.1f} {row.p50_ms:>8.3f} {row.p90_ms:>8.3f} "
-            f"{row.p99_ms:>8.3f} {row.errors:>7}"
+            f"{row.p99_ms:>8.3f} {row.errors:>7} {cpu_us:>23.0f}"
         )
         if row.first_error:
             print(f"  first error: {row.first_error}")

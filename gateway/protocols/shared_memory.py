@@ -4,13 +4,22 @@ register, and tensors read from and written to them.
 A client creates a POSIX shared-memory object (`/dev/shm/<key>`), registers a region of it by name
 (key, offset, byte size), and then names the region in an input's or output's parameters
 (`shared_memory_region`, `shared_memory_offset`, `shared_memory_byte_size`) instead of sending the
-data. The front door reads such an input into a numpy tensor straight from the mapping, and
-writes such an output into it; the data plane sees ordinary tensors.
+data. The front door copies such an input out of the object with one read, and writes such an
+output into it with one write; the data plane sees ordinary tensors.
 
-What the gateway will map: only objects directly in the shared-memory folder (a key is one name,
+Why reads and writes, not a mapping: a mapping read past its object's end raises SIGBUS, which
+kills the process, and a client can shrink its object at any moment, also after any check of its
+size. A read of a shrunk object comes back short and is refused; a write past its end grows it
+again. So no client can crash the gateway through its object, and a request in flight keeps the
+input it was sent, whatever the client writes to the region afterwards. The read copies the input
+once, as decoding raw contents does. Up to GIL_HELD_MAX_BYTES the read and the write keep the GIL
+(ctypes.PyDLL): giving it up around a system call of a few µs costs tens of µs under load, waiting
+to get it back.
+
+What the gateway will open: only objects directly in the shared-memory folder (a key is one name,
 never a path), regular files, never through a symbolic link, and only what a client registered;
-every offset and size is checked against the region, and the region against the object's size,
-which is checked again at each use (a client that shrinks its object must not crash the gateway).
+every offset and size is checked against the region, and the region against the object's size
+when it is registered.
 Registration is off unless `MODELYARD_ALLOW_CLIENT_SHM` is on, as Triton's `--allow-client-shm`:
 a client that may register can make the gateway read and write the shared memory of any process
 of its user.
@@ -24,9 +33,7 @@ a clear error; its status lists nothing and its unregister has nothing to do.
 
 from __future__ import annotations
 
-import contextlib
-import math
-import mmap
+import ctypes
 import os
 import stat
 from collections.abc import Mapping
@@ -41,7 +48,7 @@ from gateway.errors import RegionExists, RegionNotFound, SharedMemoryError, Unsu
 from gateway.types import Datatype, Tensor, numpy_dtype, quoted
 
 SHM_ROOT = Path("/dev/shm")
-# Regions registered at once: each holds an open file and a mapping.
+# Regions registered at once: each holds an open file.
 MAX_REGIONS = 256
 _MAX_KEY = 255
 REGION = "shared_memory_region"
@@ -76,15 +83,64 @@ class TensorPlace:
     byte_size: int
 
 
+# Copies up to this size keep the GIL; a longer one gives it up and lets other threads run.
+GIL_HELD_MAX_BYTES = 1 << 20
+
+
+def _gil_held_calls() -> tuple[Any, Any]:
+    """libc's pread64 and pwrite64 called without giving up the GIL; (None, None) where the C
+    library has neither (os.preadv and os.pwrite serve instead)."""
+    try:
+        libc = ctypes.PyDLL(None)
+        calls = (libc.pread64, libc.pwrite64)
+    except (OSError, AttributeError):
+        return None, None
+    for call in calls:
+        call.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64)
+        call.restype = ctypes.c_ssize_t
+    return calls
+
+
+_PREAD, _PWRITE = _gil_held_calls()
+
+
+def read_at(fd: int, size: int, offset: int) -> np.ndarray[Any, Any]:
+    """`size` bytes of the file from `offset` (fewer where the file ends sooner), as uint8."""
+    buffer = np.empty(size, dtype=np.uint8)
+    got = -1
+    if _PREAD is not None and size <= GIL_HELD_MAX_BYTES:
+        got = _PREAD(fd, buffer.ctypes.data, size, offset)
+    if got < 0:  # not tried, or failed: os.preadv raises the error (and retries a signal's EINTR)
+        got = os.preadv(fd, [buffer.data], offset)
+    while 0 < got < size:  # a read that stopped short before the file's end: the rest
+        more = os.preadv(fd, [buffer[got:].data], offset + got)
+        if more == 0:
+            break
+        got += more
+    return buffer[:got]
+
+
+def write_at(fd: int, data: np.ndarray[Any, Any] | bytes, offset: int) -> None:
+    """All of `data` into the file at `offset`."""
+    view = (memoryview(data) if isinstance(data, bytes) else data.data).cast("B")
+    size = len(view)
+    done = -1
+    if _PWRITE is not None and size <= GIL_HELD_MAX_BYTES:
+        done = _PWRITE(fd, data.ctypes.data if isinstance(data, np.ndarray) else data, size, offset)
+    if done < 0:
+        done = os.pwrite(fd, view, offset)
+    while done < size:
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
 class _Region:
-    def __init__(self, status: RegionStatus, fd: int, mapping: mmap.mmap) -> None:
+    def __init__(self, status: RegionStatus, fd: int) -> None:
         self.status = status
         self.fd = fd
-        self.mapping = mapping
 
     def check(self, owner: str, place: TensorPlace) -> None:
         """`place` lies inside the region as registered (no system call: a request's decoding
-        checks each of its places with this; the object's own size is checked at each use)."""
+        checks each of its places with this)."""
         status = self.status
         if place.offset + place.byte_size > status.byte_size:
             # Triton tells an offset past the region's end from a place that runs past it.
@@ -94,23 +150,23 @@ class _Region:
                 f"{place.offset} and byte size {place.byte_size}, and the region has {status.byte_size} bytes"
             )
 
-    def view(self, owner: str, place: TensorPlace) -> memoryview:
-        """The bytes of `place`, once they lie inside the region and the object still holds them.
-        The object's size takes an fstat, which gives up the GIL: under load, each one can wait
-        tens of µs to get it back, so a request makes one per tensor."""
+    def read(self, owner: str, place: TensorPlace) -> np.ndarray[Any, Any]:
+        """A copy of the bytes of `place`, once they lie inside the region; refused where the
+        object no longer holds them all."""
         self.check(owner, place)
-        start = self.status.offset + place.offset
-        if os.fstat(self.fd).st_size < start + place.byte_size:
+        data = read_at(self.fd, place.byte_size, self.status.offset + place.offset)
+        if len(data) < place.byte_size:
             raise SharedMemoryError(
                 f"{owner}: the shared memory object of region {quoted(self.status.name)} is now smaller than the "
                 "region; register it again"
             )
-        return memoryview(self.mapping)[start : start + place.byte_size]
+        return data
+
+    def write(self, owner: str, place: TensorPlace, data: np.ndarray[Any, Any] | bytes) -> None:
+        self.check(owner, place)
+        write_at(self.fd, data, self.status.offset + place.offset)
 
     def close(self) -> None:
-        # A request still reading an input's array holds the mapping: it unmaps once that is done.
-        with contextlib.suppress(BufferError):
-            self.mapping.close()
         os.close(self.fd)
 
 
@@ -173,11 +229,10 @@ class SharedMemoryRegions:
                     f"{where}: invalid args: offset {offset} and byte size {byte_size} pass the end of "
                     f"{quoted(key)}, which has {info.st_size} bytes"
                 )
-            mapping = mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             raise
-        self._regions[name] = _Region(RegionStatus(name, key, offset, byte_size), fd, mapping)
+        self._regions[name] = _Region(RegionStatus(name, key, offset, byte_size), fd)
 
     def status(self, name: str | None = None) -> list[RegionStatus]:
         """Every region, or the one named (an error if there is none of that name)."""
@@ -241,31 +296,28 @@ class SharedMemoryRegions:
         place: TensorPlace,
         limits: InputLimits = DEFAULT_LIMITS,
     ) -> Tensor:
-        """An input's tensor from its place, without a copy (BYTES elements are copied out)."""
+        """An input's tensor from its place: a copy, which the client's later writes to the region
+        do not change."""
         owner = f"input {quoted(name)}"
-        view = self._get(place.region, owner).view(owner, place)
-        return tensor_from_buffer(name, datatype, shape, view, limits)
+        data = self._get(place.region, owner).read(owner, place)
+        return tensor_from_buffer(name, datatype, shape, data.data, limits)
 
     def write(self, tensor: Tensor, place: TensorPlace) -> int:
         """An output's tensor into its place; the bytes it took."""
         owner = f"output {quoted(tensor.name)}"
-        view = self._get(place.region, owner).view(owner, place)
+        region = self._get(place.region, owner)
+        data: np.ndarray[Any, Any] | bytes
         if tensor.datatype is Datatype.BYTES:
             data = serialize_bytes(tensor.data)
             size = len(data)
         else:
-            dtype = numpy_dtype(tensor.datatype)
-            size = math.prod(tensor.shape) * dtype.itemsize
+            data = np.ascontiguousarray(tensor.data, dtype=numpy_dtype(tensor.datatype))
+            size = data.nbytes
         if size > place.byte_size:
             raise SharedMemoryError(
                 f"{owner} needs {size} bytes, more than the {place.byte_size} its shared memory byte size gives"
             )
-        if tensor.datatype is Datatype.BYTES:
-            view[:size] = data
-        else:
-            np.frombuffer(view, dtype=dtype, count=math.prod(tensor.shape)).reshape(tensor.shape)[...] = (
-                tensor.data
-            )
+        region.write(owner, place, data)
         return size
 
 

@@ -1,0 +1,113 @@
+"""The gateway's shared-memory regions on real POSIX shared-memory objects: what a client that
+rewrites or shrinks its object while a request is in flight can and cannot do to the gateway."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.protocols import shared_memory
+from gateway.protocols.shared_memory import BYTE_SIZE, REGION, SHM_ROOT, SharedMemoryRegions
+from gateway.types import Datatype, Tensor
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def key(request: pytest.FixtureRequest) -> Iterator[str]:
+    name = f"modelyard_test_{os.getpid()}_{request.node.name[:40]}"
+    yield f"/{name}"
+    (SHM_ROOT / name).unlink(missing_ok=True)
+
+
+def _object(key: str, data: bytes) -> Path:
+    path = SHM_ROOT / key.lstrip("/")
+    path.write_bytes(data)
+    return path
+
+
+def _regions(key: str, size: int) -> SharedMemoryRegions:
+    regions = SharedMemoryRegions(enabled=True)
+    regions.register("r", key, 0, size)
+    return regions
+
+
+def test_an_input_read_from_a_region_survives_its_object_shrinking(key: str) -> None:
+    """The input is read out of the object: a client that truncates the object while the request
+    is in flight cannot make the gateway read past its end (SIGBUS, which would kill the process)."""
+    script = textwrap.dedent(
+        f"""
+        import os
+        import numpy as np
+        from gateway.protocols.shared_memory import BYTE_SIZE, REGION, SHM_ROOT, SharedMemoryRegions
+        from gateway.types import Datatype
+
+        x = np.arange(1024, dtype=np.float32)
+        path = SHM_ROOT / {key.lstrip("/")!r}
+        path.write_bytes(x.tobytes())
+        regions = SharedMemoryRegions(enabled=True)
+        regions.register("r", {key!r}, 0, x.nbytes)
+        place = regions.place("input 'x'", {{REGION: "r", BYTE_SIZE: x.nbytes}})
+        tensor = regions.read("x", Datatype.FP32, (1024,), place)
+        os.truncate(path, 0)
+        print(repr(float(tensor.data.sum())), flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert float(done.stdout.strip()) == float(np.arange(1024, dtype=np.float32).sum())
+
+
+def test_an_input_keeps_what_was_sent_when_the_client_rewrites_its_region(key: str) -> None:
+    x = np.arange(16, dtype=np.int32)
+    path = _object(key, x.tobytes())
+    regions = _regions(key, x.nbytes)
+    place = regions.place("input 'x'", {REGION: "r", BYTE_SIZE: x.nbytes})
+    assert place is not None
+    tensor = regions.read("x", Datatype.INT32, (16,), place)
+    path.write_bytes(np.zeros(16, dtype=np.int32).tobytes())
+    np.testing.assert_array_equal(tensor.data, x)
+
+
+def test_an_output_written_to_a_shrunk_object_lands_where_it_was_asked(key: str) -> None:
+    path = _object(key, bytes(64))
+    regions = _regions(key, 64)
+    os.truncate(path, 0)
+    y = np.arange(8, dtype=np.float32)
+    place = regions.place("output 'y'", {REGION: "r", BYTE_SIZE: 32, shared_memory.OFFSET: 32})
+    assert place is not None
+    assert regions.write(Tensor("y", Datatype.FP32, (8,), y), place) == 32
+    np.testing.assert_array_equal(np.frombuffer(path.read_bytes()[32:64], dtype=np.float32), y)
+
+
+@pytest.mark.parametrize("gil_held", [True, False], ids=["gil-held", "os-calls"])
+@pytest.mark.parametrize("size", [4096, 3 * shared_memory.GIL_HELD_MAX_BYTES + 4])
+def test_reads_and_writes_move_every_byte(
+    key: str, size: int, gil_held: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways of copying (libc's calls that keep the GIL, and os.preadv / os.pwrite, used for
+    large copies and where libc has no pread64) move the same bytes, at an offset."""
+    if not gil_held:
+        monkeypatch.setattr(shared_memory, "_PREAD", None)
+        monkeypatch.setattr(shared_memory, "_PWRITE", None)
+    elif shared_memory._PREAD is None:
+        pytest.skip("this C library has no pread64")
+    offset = 100
+    data = np.random.default_rng(3).integers(0, 255, size, dtype=np.uint8)
+    path = _object(key, bytes(offset) + data.tobytes())
+    regions = _regions(key, offset + size)
+    place = regions.place("input 'x'", {REGION: "r", BYTE_SIZE: size, shared_memory.OFFSET: offset})
+    assert place is not None
+    np.testing.assert_array_equal(regions.read("x", Datatype.UINT8, (size,), place).data, data)
+    reversed_data = data[::-1].copy()
+    regions.write(Tensor("y", Datatype.UINT8, (size,), reversed_data), place)
+    assert path.read_bytes()[offset:] == reversed_data.tobytes()
