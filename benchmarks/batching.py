@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -77,16 +78,18 @@ def batch_compute_ms(model: Path) -> float:
     return statistics.median(times)
 
 
-def batch_totals(base: str, model: str) -> tuple[float, float]:
-    """The (sum, count) of the gateway's modelyard_batch_size histogram for one model, now."""
+COMPUTE_HISTOGRAM = "modelyard_compute_duration_seconds"
+
+
+def histogram_totals(base: str, model: str, histogram: str = "modelyard_batch_size") -> tuple[float, float]:
+    """The (sum, count) of one of the gateway's histograms for one model, now (summed over the
+    model's series: one per version and backend)."""
     with urllib.request.urlopen(f"{base}/metrics", timeout=30) as response:
         metrics = response.read().decode()
 
     def value(series: str) -> float:
-        found = re.search(
-            rf'^modelyard_batch_size_{series}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', metrics, re.M
-        )
-        return float(found.group(1)) if found else 0.0
+        pattern = rf'^{histogram}_{series}{{[^}}]*model="{model}"[^}}]*}} (\S+)$'
+        return sum(float(found.group(1)) for found in re.finditer(pattern, metrics, re.M))
 
     return value("sum"), value("count")
 
@@ -114,8 +117,10 @@ def measure(
     expected: np.ndarray,
 ) -> tuple[Row, float]:
     """One row for one model over one protocol at `args.concurrency`, and the mean batch the
-    gateway formed during it."""
-    before = batch_totals(base, name)
+    gateway formed during it. The row's compute_ms is the mean time the gateway's backend call
+    took per request during it (its modelyard_compute_duration_seconds)."""
+    before = histogram_totals(base, name)
+    computed_before = histogram_totals(base, name, COMPUTE_HISTOGRAM)
     if protocol == "gRPC":
         row = grpc_row("modelyard", endpoint, args.concurrency, args, work, name, x=x, expected=expected)
     else:
@@ -126,8 +131,12 @@ def measure(
         if found is None:
             raise SystemExit("batching.py's REST rows need h2load or hey (make bench-tools)")
         row = found
-    after = batch_totals(base, name)
+    after = histogram_totals(base, name)
+    computed_after = histogram_totals(base, name, COMPUTE_HISTOGRAM)
     count = after[1] - before[1]
+    computed = computed_after[1] - computed_before[1]
+    if computed:
+        row = replace(row, compute_ms=(computed_after[0] - computed_before[0]) * 1000 / computed)
     return row, (after[0] - before[0]) / count if count else 1.0
 
 

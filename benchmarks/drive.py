@@ -78,6 +78,7 @@ class Row:
     batch: int = 1
     model: str = MODEL
     mean_batch: float | None = None  # the rows per batch the gateway's batching formed, where it batched
+    compute_ms: float | None = None  # the gateway's mean backend call per request, where measured
 
 
 @dataclass(frozen=True)

@@ -173,6 +173,12 @@ def _heavy(rows: Sequence[Row], key: str, model: str, protocol: str) -> Verdict:
         f"{ours.req_per_s:.0f} req/s vs in-process {limit.req_per_s:.0f} runs/s (c={limit.concurrency}) "
         f"= {share:.2f}{'x' if batched else ''} (goal >= {t:g}{'x' if batched else ''})"
     )
+    if not batched and ours.compute_ms and limit.req_per_s:
+        detail += (
+            f"; what holds it: each run of the model inside the gateway took {ours.compute_ms:.3f} ms "
+            f"against {1000 / limit.req_per_s:.3f} ms in-process alone, and runs took "
+            f"{ours.req_per_s * ours.compute_ms / 1000:.0%} of the server core's time"
+        )
     return _at_least(key, subject, share, t, detail, ours, limit)
 
 

@@ -109,6 +109,21 @@ def test_the_batch1_limit_is_the_fastest_in_process_row() -> None:
     assert subjects["heavy c=8 REST binary with batching vs the batch-1 limit"].met is True
 
 
+def test_an_unbatched_heavy_verdict_says_how_long_the_model_ran_inside_the_gateway() -> None:
+    rows = [r for r in passing_run() if not (r.model == goals.HEAVY and r.concurrency == 8)]
+    rows += [
+        replace(row(goals.MODELYARD, "gRPC", 8, 500, model=goals.HEAVY), compute_ms=1.6),
+        row(goals.MODELYARD, "REST binary", 8, 820, model=goals.HEAVY),
+    ]
+    subjects = by_subject(rows)
+    grpc = subjects["heavy c=8 gRPC vs the batch-1 limit"]
+    assert grpc.met is False
+    # 900 runs/s in-process is 1.111 ms a run; 500 req/s of 1.6 ms runs kept the core 80% busy.
+    assert "took 1.600 ms against 1.111 ms in-process alone" in grpc.detail
+    assert "runs took 80% of the server core's time" in grpc.detail
+    assert "what holds it" not in subjects["heavy c=8 REST binary vs the batch-1 limit"].detail
+
+
 @pytest.mark.parametrize("fault", [{"errors": 3}, {"check": "failed: output differs from onnxruntime"}])
 def test_a_faulty_row_never_meets_a_goal(fault: dict[str, object]) -> None:
     rows = [
