@@ -23,10 +23,11 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,6 +74,7 @@ from goals import (
     KSERVE,
     MLSERVER,
     MODELYARD,
+    OK_CHECKS,
     find,
     goal_table,
     verdicts,
@@ -85,6 +87,7 @@ TORCH_MODEL = "mlp_torch"  # model_repo/mlp_torch version 1: mlp's weights as To
 TORCH_VERSION = "1"
 BATCH_ROW = 8  # the batch-8 row's rows per request, at concurrency 8
 MLSERVER_DEFAULT = "MLServer (default: parallel_workers 1)"
+V2_PROTOCOLS = ("REST JSON", "REST binary", "gRPC")
 TARGETS = ("canned", "mlserver", "mlserver-default", "kserve", "heavy", "torchserve")
 # Dynamic batching for the heavy model at 8 clients: a batch is full when all 8 are in it.
 HEAVY_BATCHING_C8 = "batching: {max_batch_size: 8, max_queue_delay_us: 2000}"
@@ -123,14 +126,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels for the mlp rows")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per row")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds discarded before each row")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds the mlp rows are measured in, interleaved across targets (each round gets its share "
+        "of --duration)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peers.md")
     parser.add_argument(
         "--skip", default="", help=f"comma-separated targets to leave out: {','.join(TARGETS)}"
     )
     args = parser.parse_args(argv)
     args.levels = [int(level) for level in args.concurrency.split(",") if level.strip()]
-    if not args.levels or min(args.levels) < 1 or args.duration <= 0 or args.warmup < 0:
-        parser.error("concurrency levels must be >= 1, duration > 0, warmup >= 0")
+    if not args.levels or min(args.levels) < 1 or args.duration <= 0 or args.warmup < 0 or args.rounds < 1:
+        parser.error("concurrency levels must be >= 1, duration > 0, warmup >= 0, rounds >= 1")
     args.skipped = {name.strip() for name in args.skip.split(",") if name.strip()}
     unknown = args.skipped - set(TARGETS)
     if unknown:
@@ -144,47 +154,35 @@ def at(args: argparse.Namespace, concurrency: int) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "concurrency": concurrency})
 
 
-# --- the targets: each returns its rows --------------------------------------------------------
+# --- the v2 targets: all up at once, their rows interleaved round by round ----------------------
 
 
-def v2_rows(
-    target: str,
-    base: str,
-    endpoint: Endpoint,
-    args: argparse.Namespace,
-    payloads: Payloads,
-    expected: Any,
-    work: Path,
-    protocols: tuple[str, ...] = ("REST JSON", "REST binary", "gRPC"),
-) -> list[Row]:
-    """mlp at every level over each protocol, each protocol's answer checked before its rows."""
-    url = f"{base}/v2/models/{MODEL}/infer"
-    rows: list[Row] = []
-    if "REST JSON" in protocols:
-        check = check_rest(url, payloads.json.file.read_bytes(), expected)
-        for level in args.levels:
-            rows += present(rest_row(target, "REST JSON", url, level, args, payloads.json, check, work))
-    if "REST binary" in protocols:
-        check = check_v2_binary(url, payloads.binary, expected)
-        for level in args.levels:
-            rows += present(rest_row(target, "REST binary", url, level, args, payloads.binary, check, work))
-    if "gRPC" in protocols:
-        for level in args.levels:
-            rows.append(grpc_row(target, endpoint, level, args, work))
-    return rows
+@dataclass(frozen=True)
+class Served:
+    """A v2 target up and serving mlp: where, over which protocols, and its checked answers."""
+
+    target: str
+    base: str
+    endpoint: Endpoint
+    protocols: tuple[str, ...] = V2_PROTOCOLS
+    batch_row: bool = False  # also the batch-8 gRPC row (modelyard's)
 
 
-def gateway_target(args: argparse.Namespace, payloads: Payloads, expected: Any, work: Path) -> list[Row]:
+# One row of the table: (target, protocol, concurrency, rows per request).
+Cell = tuple[str, str, int, int]
+
+
+@contextlib.contextmanager
+def gateway_served(work: Path) -> Iterator[Served]:
     # A repository holding only mlp, so the gateway starts fast and serves exactly what the peers serve.
     repo = work / "repo"
     shutil.copytree(ROOT / "model_repo" / MODEL, repo / MODEL)
     with gateway(repo, f"/v2/models/{MODEL}/ready") as (base, endpoint, _):
-        rows = v2_rows(MODELYARD, base, endpoint, args, payloads, expected, work)
-        rows.append(grpc_row(MODELYARD, endpoint, BATCH_ROW, args, work, batch=BATCH_ROW))
-    return rows
+        yield Served(MODELYARD, base, endpoint, batch_row=True)
 
 
-def canned_target(args: argparse.Namespace, payloads: Payloads, expected: Any, work: Path) -> list[Row]:
+@contextlib.contextmanager
+def canned_served(work: Path, expected: Any) -> Iterator[Served]:
     answers = work / "canned"
     write_answers(answers, MODEL, "1", OUTPUT_NAME, expected)
     http_port, grpc_port = free_port(), free_port()
@@ -193,7 +191,7 @@ def canned_target(args: argparse.Namespace, payloads: Payloads, expected: Any, w
     base = f"http://127.0.0.1:{http_port}"
     endpoint = Endpoint(CANNED, f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
     with server("canned", pinned(0, command), f"{base}/v2/health/ready", ROOT, dict(os.environ)):
-        return v2_rows(CANNED, base, endpoint, args, payloads, expected, work)
+        yield Served(CANNED, base, endpoint)
 
 
 def mlserver_dir(work: Path, http_port: int, grpc_port: int, parallel_workers: int) -> Path:
@@ -219,14 +217,8 @@ def mlserver_dir(work: Path, http_port: int, grpc_port: int, parallel_workers: i
     return folder
 
 
-def mlserver_target(
-    args: argparse.Namespace,
-    payloads: Payloads,
-    expected: Any,
-    work: Path,
-    parallel_workers: int,
-    target: str,
-) -> list[Row]:
+@contextlib.contextmanager
+def mlserver_served(work: Path, parallel_workers: int, target: str) -> Iterator[Served]:
     venv = ensure_venv("mlserver")
     http_port, grpc_port = free_port(), free_port()
     folder = mlserver_dir(work, http_port, grpc_port, parallel_workers)
@@ -237,17 +229,116 @@ def mlserver_target(
     # rows drive it with the same request as modelyard's.
     endpoint = Endpoint(target, f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
     with server(target, command, f"{base}/v2/models/{MODEL}/ready", folder, env):
-        return v2_rows(target, base, endpoint, args, payloads, expected, work, ("REST JSON", "gRPC"))
+        yield Served(target, base, endpoint, ("REST JSON", "gRPC"))
 
 
-def kserve_target(args: argparse.Namespace, payloads: Payloads, expected: Any, work: Path) -> list[Row]:
+@contextlib.contextmanager
+def kserve_served(work: Path) -> Iterator[Served]:
     venv = ensure_venv("kserve")
     http_port, grpc_port = free_port(), free_port()
     command = kserve_command(venv, ONNX_MODEL, MODEL, http_port, grpc_port)
     base = f"http://127.0.0.1:{http_port}"
     endpoint = Endpoint(KSERVE, f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
     with server("kserve", pinned(0, command), f"{base}/v2/models/{MODEL}/ready", work, dict(os.environ)):
-        return v2_rows(KSERVE, base, endpoint, args, payloads, expected, work, ("REST JSON", "gRPC"))
+        yield Served(KSERVE, base, endpoint, ("REST JSON", "gRPC"))
+
+
+class V2Rows:
+    """The cells of the served targets, and one round of any of them. Each target's REST answers
+    are checked once, before its first round; gRPC rows check one answer before each round."""
+
+    def __init__(
+        self,
+        served: Sequence[Served],
+        args: argparse.Namespace,
+        payloads: Payloads,
+        expected: Any,
+        work: Path,
+    ) -> None:
+        self.served = {s.target: s for s in served}
+        self.args, self.payloads, self.expected, self.work = args, payloads, expected, work
+        self.checks: dict[tuple[str, str], str] = {}
+
+    def cells(self) -> list[Cell]:
+        """In the table's order: each target's protocols, each at every level."""
+        cells: list[Cell] = []
+        for s in self.served.values():
+            cells += [
+                (s.target, protocol, level, 1) for protocol in s.protocols for level in self.args.levels
+            ]
+            if s.batch_row:
+                cells.append((s.target, "gRPC", BATCH_ROW, BATCH_ROW))
+        return cells
+
+    def run(self, cell: Cell, args: argparse.Namespace) -> Row | None:
+        target, protocol, level, batch = cell
+        s = self.served[target]
+        if protocol == "gRPC":
+            return grpc_row(target, s.endpoint, level, args, self.work, batch=batch)
+        url = f"{s.base}/v2/models/{MODEL}/infer"
+        payload = self.payloads.json if protocol == "REST JSON" else self.payloads.binary
+        check = self.checks.get((target, protocol))
+        if check is None:
+            if protocol == "REST JSON":
+                check = check_rest(url, payload.file.read_bytes(), self.expected)
+            else:
+                check = check_v2_binary(url, payload, self.expected)
+            self.checks[target, protocol] = check
+        return rest_row(target, protocol, url, level, args, payload, check, self.work)
+
+
+def _median(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return statistics.median(kept) if kept else math.nan
+
+
+def merged(samples: Sequence[Row]) -> Row:
+    """One cell's rounds as one row: the medians of req/s, p50 and p99; requests and errors summed;
+    the first check that failed, if one did."""
+    first = samples[0]
+    return replace(
+        first,
+        req_per_s=_median([r.req_per_s for r in samples]),
+        p50_ms=_median([r.p50_ms for r in samples]),
+        p99_ms=_median([r.p99_ms for r in samples]),
+        requests=sum(r.requests for r in samples),
+        errors=sum(r.errors for r in samples),
+        check=next((r.check for r in samples if r.check not in OK_CHECKS), first.check),
+    )
+
+
+def round_args(args: argparse.Namespace, index: int) -> argparse.Namespace:
+    """A round measures its share of --duration; after the first, the servers are warm, so each
+    row's warm-up is its share of --warmup too."""
+    share = {"duration": args.duration / args.rounds}
+    share["warmup"] = args.warmup if index == 0 else args.warmup / args.rounds
+    return argparse.Namespace(**{**vars(args), **share})
+
+
+def interleaved(v2: V2Rows, failures: list[str]) -> list[Row]:
+    """Every cell, round after round. Within a round the targets of one (protocol, c, batch) run one
+    after another, their order turned by one each round, so the figures a verdict compares are
+    taken seconds apart, whatever the VM's speed does over the minutes of a run. A target that
+    fails is reported, and its other cells left out."""
+    cells = v2.cells()
+    samples: dict[Cell, list[Row]] = {cell: [] for cell in cells}
+    groups: dict[tuple[str, int, int], list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell[1:], []).append(cell)
+    failed: set[str] = set()
+    for index in range(v2.args.rounds):
+        args = round_args(v2.args, index)
+        for group in groups.values():
+            turn = index % len(group)
+            for cell in group[turn:] + group[:turn]:
+                if cell[0] in failed:
+                    continue
+                try:
+                    samples[cell] += present(v2.run(cell, args))
+                except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+                    failures.append(f"{cell[0]}: {str(exc)[:500]}")
+                    failed.add(cell[0])
+    return [merged(samples[cell]) for cell in cells if samples[cell] and cell[0] not in failed]
 
 
 def heavy_target(args: argparse.Namespace, work: Path) -> list[Row]:
@@ -385,6 +476,12 @@ def render(rows: list[Row], meta: dict[str, Any]) -> str:
         f"- {meta['duration']:g} s measured per row after {meta['warmup']:g} s warm-up; load from "
         f"{meta['generator']}, the same body every request (v2 JSON, v2 binary, a raw-contents "
         "ModelInferRequest, or TorchServe tensors); in-process from benchmarks/load.py",
+        f"- The mlp rows of the servers ran in {meta.get('rounds', 1)} rounds, all the servers up at once (each "
+        "idle but for its own rows): in each round the targets of one protocol and c ran one after another, "
+        "their order turned by one each round, each for its share of the measured time (the first round "
+        "after the full warm-up, later ones after their share of it). So the figures a verdict compares were "
+        "taken seconds apart, however the VM's speed moved over the run. req/s, p50 and p99 are the medians "
+        "of the rounds; requests and errors their sums. The heavy and TorchServe rows ran once each, after.",
         f"- Versions: Python {meta['python']}, onnxruntime {meta['onnxruntime']} (all servers), "
         f"MLServer {meta.get('mlserver', '-')}, KServe {meta.get('kserve', '-')}, TorchServe "
         f"{meta['torchserve']} with torch {meta['torch']}",
@@ -488,6 +585,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else "none (taskset or a second CPU missing)",
         "duration": args.duration,
         "warmup": args.warmup,
+        "rounds": args.rounds,
         "generator": generator(),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
@@ -503,22 +601,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         payloads = write_payloads(work, x)
         rows += [load_py_row(INPROCESS, "inprocess", level, args, None) for level in args.levels]
         rows.append(load_py_row(INPROCESS, "inprocess", BATCH_ROW, args, None, batch=BATCH_ROW))
-        targets = (
-            ("canned", lambda: canned_target(args, payloads, expected, work)),
-            ("modelyard", lambda: gateway_target(args, payloads, expected, work)),
-            ("mlserver", lambda: mlserver_target(args, payloads, expected, work, 0, MLSERVER)),
-            (
-                "mlserver-default",
-                lambda: mlserver_target(args, payloads, expected, work, 1, MLSERVER_DEFAULT),
-            ),
-            ("kserve", lambda: kserve_target(args, payloads, expected, work)),
+        v2_starts = (
+            ("canned", lambda: canned_served(work, expected)),
+            ("modelyard", lambda: gateway_served(work)),
+            ("mlserver", lambda: mlserver_served(work, 0, MLSERVER)),
+            ("mlserver-default", lambda: mlserver_served(work, 1, MLSERVER_DEFAULT)),
+            ("kserve", lambda: kserve_served(work)),
+        )
+        with contextlib.ExitStack() as stack:
+            served = []
+            for name, start in v2_starts:
+                if name in args.skipped:
+                    continue
+                # A target that fails to install or start is reported under the table; the others still run.
+                try:
+                    served.append(stack.enter_context(start()))
+                except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+                    meta["failures"].append(f"{name}: {str(exc)[:500]}")
+            rows += interleaved(V2Rows(served, args, payloads, expected, work), meta["failures"])
+        others = (
             ("heavy", lambda: heavy_target(args, work)),
             ("torchserve", lambda: torchserve_target(args, payloads, expected, work)),
         )
-        for name, target in targets:
+        for name, target in others:
             if name in args.skipped:
                 continue
-            # A target that fails to install or start is reported under the table; the others still run.
             try:
                 rows += target()
             except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
