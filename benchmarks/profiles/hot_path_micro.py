@@ -4,8 +4,8 @@ repeats (the least disturbed by other work on a shared machine).
     python benchmarks/profiles/hot_path_micro.py [--repeat 7] [--number 20000]
 
 The pieces are the gateway's own functions, called on mlp's batch-1 request as the bench sends
-it: the metadata dict, decode, the data plane (with onnxruntime, and with a backend that answers
-at once), the metric `.labels()` lookups a request makes, the error interceptor's per-call work,
+it: the metadata dict, decode, the request context, the data plane (with onnxruntime, and with a backend that answers
+at once), the metric `.labels()` lookups a request makes, the error guard's per-call work,
 and encode. Run from the repository root; it imports the checkout's gateway.
 """
 
@@ -20,7 +20,6 @@ import time
 import timeit
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -118,17 +117,24 @@ def main() -> None:
             best_us(lambda: {k: v for k, v in METADATA if isinstance(v, str)}, args),
         )
     )
-    results.append(
-        ("decode_infer_request", best_us(lambda: decode_infer_request(request, None, limits), args))
-    )
+    results.append(("decode_infer_request", best_us(lambda: decode_infer_request(request, limits), args)))
 
     def fresh() -> InferRequest:
-        decoded = decode_infer_request(request, None, limits)
-        decoded.headers = {}
-        decoded.request_id = "bench"
-        return decoded
+        return decode_infer_request(request, limits)
 
-    decode_us = best_us(fresh, args)
+    contexts = gateway.contexts
+    metadata = dict(METADATA)
+    results.append(
+        (
+            "the request context (ContextBuilder.build)",
+            best_us(lambda: contexts.build("grpc", metadata, {}, transport_deadline=None), args),
+        )
+    )
+
+    def infer() -> Any:
+        return dataplane.infer(fresh(), contexts.build("grpc", metadata, {}, transport_deadline=None))
+
+    decode_us = best_us(lambda: (fresh(), contexts.build("grpc", metadata, {})), args)
     number = args.number // 4
     loaded = dataplane.registry.get("mlp").versions[1]
     adapter: Any = loaded.adapter
@@ -147,8 +153,8 @@ def main() -> None:
 
     for label, setup in (("inline", inline_on), ("thread pool", through_pool)):
         setup()
-        total = async_best_us(loop, lambda: dataplane.infer(fresh()), args, number, setup) - decode_us
-        results.append((f"DataPlane.infer, onnxruntime {label} (decode subtracted)", total))
+        total = async_best_us(loop, infer, args, number, setup) - decode_us
+        results.append((f"DataPlane.infer, onnxruntime {label} (decode and context subtracted)", total))
     x = fresh().inputs[0].data
     for label, setup in (("inline", inline_on), ("thread pool", through_pool)):
         setup()
@@ -165,53 +171,45 @@ def main() -> None:
     inline_on()
     answer = loop.run_until_complete(adapter.infer({"input": x}, ["logits"]))
     loaded.adapter = FixedAdapter(answer)  # type: ignore[assignment]
-    fixed = async_best_us(loop, lambda: dataplane.infer(fresh()), args, number) - decode_us
-    results.append(("DataPlane.infer, backend answering at once (decode subtracted)", fixed))
+    fixed = async_best_us(loop, infer, args, number) - decode_us
+    results.append(("DataPlane.infer, backend answering at once (decode and context subtracted)", fixed))
     loaded.adapter = adapter
 
     metrics = gateway.metrics
     labels = ("mlp", "1", "onnxruntime", "grpc")
 
-    def lookups() -> None:
-        # The .labels() calls one request makes in the data plane (dataplane.py's _infer and _count).
-        metrics.queued.labels("mlp")
-        metrics.queued.labels("mlp")
-        metrics.queue_duration.labels(*labels)
-        metrics.inflight.labels("mlp")
-        metrics.inflight.labels("mlp")
-        metrics.compute_duration.labels(*labels)
-        metrics.requests.labels(*labels, "200")
-        metrics.request_duration.labels(*labels)
-
-    results.append(("the 8 metric .labels() lookups of one request", best_us(lookups, args)))
-    children = [metrics.requests.labels(*labels, "200"), metrics.request_duration.labels(*labels)]
-    results.append(("one cached child's inc() (no lookup)", best_us(children[0].inc, args)))
+    # A request's metric children come cached per (model, version, backend, protocol).
     results.append(
-        ("one cached histogram child's observe()", best_us(lambda: children[1].observe(0.0005), args))
+        (
+            "the version's cached metric series (Metrics.series)",
+            best_us(lambda: metrics.series(*labels), args),
+        )
+    )
+    series = metrics.series(*labels)
+    results.append(("one cached counter child's inc()", best_us(series.count_child("200").inc, args)))
+    results.append(
+        ("one cached histogram child's observe()", best_us(lambda: series.duration.observe(0.0005), args))
     )
 
-    response = loop.run_until_complete(dataplane.infer(fresh()))
+    response = loop.run_until_complete(infer())
     results.append(("encode_infer_response", best_us(lambda: encode_infer_response(response), args)))
     encoded = encode_infer_response(response)
     results.append(("ModelInferResponse.SerializeToString", best_us(encoded.SerializeToString, args)))
 
+    async def answer(request: Any, context: Any) -> None:
+        return None
+
     handler = grpc.unary_unary_rpc_method_handler(
-        lambda request, context: None,
+        answer,
         request_deserializer=service_pb2.ModelInferRequest.FromString,
         response_serializer=service_pb2.ModelInferResponse.SerializeToString,
     )
-    interceptor = ErrorInterceptor(None)
-    details = SimpleNamespace(
-        method="/inference.GRPCInferenceService/ModelInfer", invocation_metadata=METADATA
-    )
-
-    async def continuation(_: Any) -> Any:
-        return handler
-
+    guarded = ErrorInterceptor(None).wrap("/inference.GRPCInferenceService/ModelInfer", handler).unary_unary
     results.append(
         (
-            "ErrorInterceptor.intercept_service per call (new closure and handler)",
-            async_best_us(loop, lambda: interceptor.intercept_service(continuation, details), args, number),
+            "the error guard around a unary handler, per call (ErrorInterceptor.wrap's)",
+            async_best_us(loop, lambda: guarded(request, None), args, number)
+            - async_best_us(loop, lambda: answer(request, None), args, number),
         )
     )
     loop.run_until_complete(gateway.registry.aclose())
