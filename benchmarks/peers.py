@@ -4,8 +4,9 @@ the floor (a canned-answer server on the gateway's own stack) and the hot path's
 Serves model_repo/mlp/1/model.onnx from each server (MLServer and KServe in their own pinned venvs
 under benchmarks/peers/, with the minimal runtimes in benchmarks/peer_runtimes/; MLServer in its
 best setting for one core and in its default one), next to a canned-answer server
-(benchmarks/canned.py), and drives every target with the same load: h2load for REST (HTTP/1.1)
-and gRPC, benchmarks/load.py for the in-process onnxruntime limit. Then the heavy MLP
+(benchmarks/canned.py), all up at once, and drives every target with the same load, in rounds
+that interleave the targets (so the figures a verdict compares are taken seconds apart): h2load
+for REST (HTTP/1.1) and gRPC, benchmarks/load.py for the in-process onnxruntime limit. Then the heavy MLP
 (1024 -> 2048 -> 2048 -> 10, built from fixed seeds) with the gateway's dynamic batching off and
 on, and mlp's weights as TorchScript on a TorchServe the gateway manages. Servers run on CPU 0,
 the load generator on CPU 1. Prints the table and every goal's verdict (benchmarks/goals.py), and
