@@ -34,6 +34,7 @@ a clear error; its status lists nothing and its unregister has nothing to do.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import stat
 from collections.abc import Mapping
@@ -43,8 +44,15 @@ from typing import Any
 
 import numpy as np
 
-from gateway.codec import DEFAULT_LIMITS, InputLimits, serialize_bytes, tensor_from_buffer
-from gateway.errors import RegionExists, RegionNotFound, SharedMemoryError, Unsupported
+from gateway.codec import DEFAULT_LIMITS, InputLimits, check_shape, serialize_bytes, tensor_from_buffer
+from gateway.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    RegionExists,
+    RegionNotFound,
+    SharedMemoryError,
+    Unsupported,
+)
 from gateway.types import Datatype, Tensor, numpy_dtype, quoted
 
 SHM_ROOT = Path("/dev/shm")
@@ -168,6 +176,25 @@ class _Region:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+class RequestReads:
+    """What one request's inputs may copy out of shared memory in all: what one binary body may
+    carry (MODELYARD_MAX_REQUEST_BODY_MB). A request's tensors in shared memory are then held to
+    the same bound as the same tensors sent in its body."""
+
+    __slots__ = ("left", "limit")
+
+    def __init__(self, limits: InputLimits = DEFAULT_LIMITS) -> None:
+        self.limit = self.left = limits.max_body_bytes
+
+    def take(self, owner: str, size: int) -> None:
+        if size > self.left:
+            raise PayloadTooLarge(
+                f"{owner}: its {size} bytes in shared memory take the request's inputs over the limit of "
+                f"{self.limit} bytes (MODELYARD_MAX_REQUEST_BODY_MB)"
+            )
+        self.left -= size
 
 
 class SharedMemoryRegions:
@@ -295,12 +322,23 @@ class SharedMemoryRegions:
         shape: tuple[int, ...],
         place: TensorPlace,
         limits: InputLimits = DEFAULT_LIMITS,
+        reads: RequestReads | None = None,
     ) -> Tensor:
         """An input's tensor from its place: a copy, which the client's later writes to the region
-        do not change."""
+        do not change. Before a byte is copied, a numeric input's byte size must be what its shape
+        needs, and every input's must fit what the request may still read (`reads`: the request's
+        own account; without one, this input alone is held to a body's limit)."""
         owner = f"input {quoted(name)}"
-        data = self._get(place.region, owner).read(owner, place)
-        return tensor_from_buffer(name, datatype, shape, data.data, limits)
+        region = self._get(place.region, owner)
+        if datatype is not Datatype.BYTES:
+            needed = math.prod(check_shape(name, shape, limits)) * numpy_dtype(datatype).itemsize
+            if place.byte_size != needed:
+                raise InvalidInput(
+                    f"{owner}: shape {list(shape)} of {datatype} needs {needed} bytes, and its "
+                    f"{BYTE_SIZE} is {place.byte_size}"
+                )
+        (reads if reads is not None else RequestReads(limits)).take(owner, place.byte_size)
+        return tensor_from_buffer(name, datatype, shape, region.read(owner, place).data, limits)
 
     def write(self, tensor: Tensor, place: TensorPlace) -> int:
         """An output's tensor into its place; the bytes it took."""

@@ -30,7 +30,7 @@ from gateway.context import REQUEST_ID_HEADER, ContextBuilder, deadline_after, r
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidInput, MalformedRequest, Unsupported
 from gateway.protocols.grpc_guard import ErrorInterceptor, GuardedServer, method_action, model_of
-from gateway.protocols.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegions
+from gateway.protocols.shared_memory import NO_SHARED_MEMORY, RequestReads, SharedMemoryRegions
 from gateway.protocols.triton import load_parameters
 from gateway.protocols.triton import model_config as triton_model_config
 from gateway.protocols.v2_shm_grpc import SharedMemoryServicer
@@ -262,6 +262,7 @@ def decode_infer_request(
         )
     inputs = []
     next_raw = 0
+    reads = RequestReads(limits) if shared else None
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
         if not name:
@@ -273,7 +274,7 @@ def decode_infer_request(
         if place is not None:
             if tensor.HasField("contents"):
                 raise MalformedRequest(f"input {quoted(name)} is in shared memory: send no contents for it")
-            decoded = regions.read(name, datatype, shape, place, limits)
+            decoded = regions.read(name, datatype, shape, place, limits, reads)
         elif raw:
             if tensor.HasField("contents"):
                 # As Triton refuses it, in Triton's words: which of the two would the model get?

@@ -26,7 +26,14 @@ from gateway.codec import (
     tensor_to_values,
 )
 from gateway.errors import MalformedRequest, PayloadTooLarge, Unsupported
-from gateway.protocols.shared_memory import BYTE_SIZE, NO_SHARED_MEMORY, OFFSET, REGION, SharedMemoryRegions
+from gateway.protocols.shared_memory import (
+    BYTE_SIZE,
+    NO_SHARED_MEMORY,
+    OFFSET,
+    REGION,
+    RequestReads,
+    SharedMemoryRegions,
+)
 from gateway.protocols.v2_json import is_placeholder, json_object, split_data_arrays
 from gateway.types import InferRequest, InferResponse, RequestedOutput, Tensor, quoted
 
@@ -130,8 +137,9 @@ def _decode(
     pending = None if arrays is None else dict(arrays)
     inputs: list[Tensor] = []
     offset = 0
+    reads = RequestReads(limits)
     for index, raw in enumerate(raw_inputs):
-        decoded = _decode_input(index, raw, binary, offset, limits, pending, regions)
+        decoded = _decode_input(index, raw, binary, offset, limits, pending, regions, reads)
         if decoded is None:
             return None
         tensor, offset = decoded
@@ -168,6 +176,7 @@ def _decode_input(
     limits: InputLimits,
     arrays: dict[str, JsonArray] | None,
     regions: SharedMemoryRegions,
+    reads: RequestReads,
 ) -> tuple[Tensor, int] | None:
     if not isinstance(raw, dict):
         raise MalformedRequest(f"inputs[{index}] must be an object")
@@ -184,7 +193,7 @@ def _decode_input(
             raise MalformedRequest(
                 f"input {quoted(name)} is in shared memory: send no data or binary data for it"
             )
-        tensor = regions.read(name, datatype, shape, place, limits)
+        tensor = regions.read(name, datatype, shape, place, limits, reads)
     elif size is None:
         if "data" not in raw:
             raise MalformedRequest(

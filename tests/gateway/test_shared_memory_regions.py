@@ -12,9 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tritonclient.grpc import service_pb2
 
+from gateway.codec import InputLimits
+from gateway.errors import InvalidInput, PayloadTooLarge
 from gateway.protocols import shared_memory
 from gateway.protocols.shared_memory import BYTE_SIZE, REGION, SHM_ROOT, SharedMemoryRegions
+from gateway.protocols.v2_grpc import decode_infer_request
 from gateway.types import Datatype, Tensor
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,3 +115,63 @@ def test_reads_and_writes_move_every_byte(
     reversed_data = data[::-1].copy()
     regions.write(Tensor("y", Datatype.UINT8, (size,), reversed_data), place)
     assert path.read_bytes()[offset:] == reversed_data.tobytes()
+
+
+def _no_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records every read of an object's bytes (none should happen in the tests that use it)."""
+    sizes: list[int] = []
+    real = shared_memory.read_at
+
+    def read_at(fd: int, size: int, offset: int) -> np.ndarray:
+        sizes.append(size)
+        return real(fd, size, offset)
+
+    monkeypatch.setattr(shared_memory, "read_at", read_at)
+    return sizes
+
+
+def test_a_numeric_input_whose_byte_size_is_not_its_shapes_is_refused_before_a_read(
+    key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sparse object can be registered far larger than the machine's memory: a byte size the
+    shape does not need must be refused before the gateway allocates and copies it."""
+    path = SHM_ROOT / key.lstrip("/")
+    path.touch()
+    os.truncate(path, 8 << 30)  # sparse: no memory behind it
+    regions = _regions(key, 8 << 30)
+    reads = _no_reads(monkeypatch)
+    place = regions.place("input 'x'", {REGION: "r", BYTE_SIZE: 4 << 30})
+    assert place is not None
+    with pytest.raises(InvalidInput, match=r"shape \[1, 16\] of INT32 needs 64 bytes"):
+        regions.read("x", Datatype.INT32, (1, 16), place)
+    assert reads == []
+
+
+def test_a_bytes_input_over_the_body_limit_is_refused_before_a_read(
+    key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _object(key, bytes(4096))
+    regions = _regions(key, 4096)
+    reads = _no_reads(monkeypatch)
+    place = regions.place("input 'x'", {REGION: "r", BYTE_SIZE: 4096})
+    assert place is not None
+    with pytest.raises(PayloadTooLarge, match="MODELYARD_MAX_REQUEST_BODY_MB"):
+        regions.read("x", Datatype.BYTES, (1,), place, InputLimits(max_body_bytes=1024))
+    assert reads == []
+
+
+def test_a_requests_inputs_in_shared_memory_are_held_to_one_bodys_limit_in_all(key: str) -> None:
+    """Each input fits the limit; the two together do not, as the same tensors in one body would not."""
+    x = np.arange(256, dtype=np.float32)  # 1 KiB
+    _object(key, x.tobytes() * 2)
+    regions = _regions(key, 2 * x.nbytes)
+    request = service_pb2.ModelInferRequest(model_name="m")
+    for index, name in enumerate(("a", "b")):
+        tensor = request.inputs.add(name=name, datatype="FP32", shape=[256])
+        tensor.parameters[REGION].string_param = "r"
+        tensor.parameters[BYTE_SIZE].int64_param = x.nbytes
+        tensor.parameters[shared_memory.OFFSET].int64_param = index * x.nbytes
+    alone = decode_infer_request(request, InputLimits(max_body_bytes=2 * x.nbytes), regions)
+    np.testing.assert_array_equal(alone.inputs[1].data, x)
+    with pytest.raises(PayloadTooLarge, match="input 'b'"):
+        decode_infer_request(request, InputLimits(max_body_bytes=2 * x.nbytes - 1), regions)
