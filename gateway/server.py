@@ -123,7 +123,7 @@ class Gateway:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         # The system shared-memory regions clients register, one namespace for REST and gRPC.
-        self.shared_memory = SharedMemoryRegions(settings.allow_client_shm)
+        self.shared_memory = SharedMemoryRegions(settings.allow_client_shm, budget=self.body_budget)
         self.app = create_app(
             self.dataplane,
             self.metrics,

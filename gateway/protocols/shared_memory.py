@@ -37,6 +37,7 @@ import ctypes
 import math
 import os
 import stat
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +48,14 @@ import numpy as np
 from gateway.codec import DEFAULT_LIMITS, InputLimits, check_shape, serialize_bytes, tensor_from_buffer
 from gateway.errors import (
     InvalidInput,
+    Overloaded,
     PayloadTooLarge,
     RegionExists,
     RegionNotFound,
     SharedMemoryError,
     Unsupported,
 )
+from gateway.limits import BodyBudget
 from gateway.types import Datatype, Tensor, numpy_dtype, quoted
 
 SHM_ROOT = Path("/dev/shm")
@@ -125,7 +128,7 @@ def read_at(fd: int, size: int, offset: int) -> np.ndarray[Any, Any]:
         if more == 0:
             break
         got += more
-    return buffer[:got]
+    return buffer if got == size else buffer[:got]
 
 
 def write_at(fd: int, data: np.ndarray[Any, Any] | bytes, offset: int) -> None:
@@ -201,10 +204,19 @@ class SharedMemoryRegions:
     """The system shared-memory regions clients registered, by name; one per gateway, shared by
     the REST and gRPC front doors (one namespace, as Triton's)."""
 
-    def __init__(self, enabled: bool = False, root: Path = SHM_ROOT, max_regions: int = MAX_REGIONS) -> None:
+    def __init__(
+        self,
+        enabled: bool = False,
+        root: Path = SHM_ROOT,
+        max_regions: int = MAX_REGIONS,
+        budget: BodyBudget | None = None,
+    ) -> None:
         self.enabled = enabled
         self.root = root
         self.max_regions = max_regions
+        # The gateway's budget of request bytes in flight (MODELYARD_MAX_INFLIGHT_BODY_MB): each
+        # input copied out of shared memory holds its bytes of it for as long as its copy lives.
+        self.budget = budget
         self._regions: dict[str, _Region] = {}
 
     def _allowed(self) -> None:
@@ -338,7 +350,26 @@ class SharedMemoryRegions:
                     f"{BYTE_SIZE} is {place.byte_size}"
                 )
         (reads if reads is not None else RequestReads(limits)).take(owner, place.byte_size)
-        return tensor_from_buffer(name, datatype, shape, region.read(owner, place).data, limits)
+        budget, size = self.budget, place.byte_size
+        if budget is None:
+            return tensor_from_buffer(name, datatype, shape, region.read(owner, place).data, limits)
+        try:
+            budget.reserve(size)
+        except Overloaded:
+            raise Overloaded(
+                f"{owner}: its {size} bytes from shared memory would take the request data in flight past "
+                f"{budget.max_bytes} bytes (MODELYARD_MAX_INFLIGHT_BODY_MB); retry shortly",
+                limit="memory",
+            ) from None
+        try:
+            data = region.read(owner, place)
+        except BaseException:
+            budget.release(size)
+            raise
+        # Released once the copy is gone: the request done, and whatever kept its inputs (a
+        # payload log, a recording) done with them.
+        weakref.finalize(data, budget.release, size)
+        return tensor_from_buffer(name, datatype, shape, data.data, limits)
 
     def write(self, tensor: Tensor, place: TensorPlace) -> int:
         """An output's tensor into its place; the bytes it took."""

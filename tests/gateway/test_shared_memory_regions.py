@@ -3,6 +3,7 @@ rewrites or shrinks its object while a request is in flight can and cannot do to
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from gateway.codec import InputLimits
-from gateway.errors import InvalidInput, PayloadTooLarge
+from gateway.errors import InvalidInput, Overloaded, PayloadTooLarge, SharedMemoryError
+from gateway.limits import BodyBudget
 from gateway.protocols import shared_memory
 from gateway.protocols.shared_memory import BYTE_SIZE, REGION, SHM_ROOT, SharedMemoryRegions
 from gateway.protocols.v2_grpc import decode_infer_request
@@ -175,3 +177,38 @@ def test_a_requests_inputs_in_shared_memory_are_held_to_one_bodys_limit_in_all(k
     np.testing.assert_array_equal(alone.inputs[1].data, x)
     with pytest.raises(PayloadTooLarge, match="input 'b'"):
         decode_infer_request(request, InputLimits(max_body_bytes=2 * x.nbytes - 1), regions)
+
+
+def test_inputs_copied_from_shared_memory_hold_the_in_flight_budget_while_they_live(key: str) -> None:
+    """The copies count against the gateway's budget of request bytes in flight, as request bodies
+    do; each gives its bytes back once no one holds it."""
+    x = np.arange(1024, dtype=np.float32)  # 4 KiB
+    _object(key, x.tobytes())
+    budget = BodyBudget(2 * x.nbytes)
+    regions = SharedMemoryRegions(enabled=True, budget=budget)
+    regions.register("r", key, 0, x.nbytes)
+    place = regions.place("input 'x'", {REGION: "r", BYTE_SIZE: x.nbytes})
+    assert place is not None
+    held = [regions.read("x", Datatype.FP32, (1024,), place) for _ in range(2)]
+    assert budget.in_flight == 2 * x.nbytes
+    with pytest.raises(Overloaded, match="MODELYARD_MAX_INFLIGHT_BODY_MB"):
+        regions.read("x", Datatype.FP32, (1024,), place)
+    assert budget.in_flight == 2 * x.nbytes
+    np.testing.assert_array_equal(held[0].data, x)
+    del held
+    gc.collect()
+    assert budget.in_flight == 0
+    np.testing.assert_array_equal(regions.read("x", Datatype.FP32, (1024,), place).data, x)
+
+
+def test_a_refused_read_gives_its_budget_back(key: str) -> None:
+    path = _object(key, bytes(64))
+    budget = BodyBudget(1 << 20)
+    regions = SharedMemoryRegions(enabled=True, budget=budget)
+    regions.register("r", key, 0, 64)
+    os.truncate(path, 16)
+    place = regions.place("input 'x'", {REGION: "r", BYTE_SIZE: 64})
+    assert place is not None
+    with pytest.raises(SharedMemoryError, match="smaller than the region"):
+        regions.read("x", Datatype.INT32, (16,), place)
+    assert budget.in_flight == 0
