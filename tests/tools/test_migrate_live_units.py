@@ -13,7 +13,9 @@ from gateway.config import ModelConfig
 from gateway.metrics import LATENCY_BUCKETS, Metrics
 from gateway.status import histogram_quantile
 from gateway.tools.migrate import config_edit
+from gateway.tools.migrate import promote as promote_module
 from gateway.tools.migrate.figures import (
+    Side,
     Snapshot,
     bucket_quantile,
     highest_bucket,
@@ -22,6 +24,7 @@ from gateway.tools.migrate.figures import (
     side,
     window_buckets,
 )
+from gateway.tools.migrate.promote import PromoteOptions
 from gateway.tools.migrate.shadow import FAIL, NOT_ENOUGH_DATA, PASS, Criteria, judge
 from gateway.tools.migrate.state import MigrationError
 
@@ -205,7 +208,7 @@ def test_bucket_quantile_matches_the_status_page_on_latency_bounds() -> None:
 
 
 def _figures(matches: int, mismatches: int, errors: int, source_p99: float, new_p99: float) -> object:
-    from gateway.tools.migrate.figures import ShadowFigures, Side
+    from gateway.tools.migrate.figures import ShadowFigures
 
     return ShadowFigures(
         compared=matches + mismatches + errors, matches=matches, mismatches=mismatches,
@@ -313,3 +316,20 @@ def test_status_after_promote_reached_100_keeps_the_shadow_verdict(tmp_path: Pat
     with pytest.raises(MigrationError, match="ended when promote reached 100%"):
         status("mlp", tmp_path, tmp_path, "http://127.0.0.1:1", StatusOptions())
     assert load(tmp_path, "mlp").steps["status"] == {"verdict": PASS}
+
+
+def test_a_step_of_few_answers_is_judged_by_its_p90_not_by_one_slow_answer() -> None:
+    """In 30 answers the 99th percentile is the slowest one: one slow answer must not roll a good
+    deployment back, while a slowdown of most answers still does."""
+    options = PromoteOptions(max_p99_ratio=5, min_requests_per_step=20)
+    source = Side(900, 0, 0.3, 0.5, 0.4)
+    one_slow = Side(30, 0, 0.3, 3.0, 0.45)
+    assert promote_module._regression(one_slow, source, options) is None
+    slowed = Side(30, 0, 30.0, 31.0, 30.5)
+    why = promote_module._regression(slowed, source, options)
+    assert why is not None and why.startswith("p90 latency 30.500 ms vs the source's 0.400 ms")
+    assert "fewer than 100" in why
+    # With enough answers the p99 itself is judged.
+    many = Side(500, 0, 0.3, 3.0, 0.45)
+    why = promote_module._regression(many, source, options)
+    assert why is not None and why.startswith("p99 latency 3.000 ms vs the source's 0.500 ms")

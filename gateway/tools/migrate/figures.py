@@ -118,6 +118,8 @@ class Side:
     errors: int
     p50_ms: float | None
     p99_ms: float | None
+    # The tail that a window of fewer than P99_MIN_ANSWERS answers is judged by (gateway.tools.migrate.promote).
+    p90_ms: float | None = None
 
     @property
     def error_rate(self) -> float:
@@ -138,7 +140,8 @@ def side(before: Snapshot, after: Snapshot, model: str, protocol: Any) -> Side:
     # The latency histogram's bounds are the gateway's LATENCY_BUCKETS, the ones status.py reads.
     p50 = histogram_quantile(0.50, counts) if counts else None
     p99 = histogram_quantile(0.99, counts) if counts else None
-    return Side(int(requests), int(requests - ok), p50, p99)
+    p90 = histogram_quantile(0.90, counts) if counts else None
+    return Side(int(requests), int(requests - ok), p50, p99, p90)
 
 
 def window_buckets(before: dict[float, float], after: dict[float, float]) -> list[tuple[float, float]]:

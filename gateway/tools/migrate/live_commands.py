@@ -114,7 +114,10 @@ def promote(
         float, typer.Option(help="How far the new deployment's error rate may exceed the source's.")
     ] = 0.01,
     max_p99_ratio: Annotated[
-        float, typer.Option(help="The new deployment's p99 over the source's, at most.")
+        float,
+        typer.Option(
+            help="The new deployment's p99 over the source's, at most (p90 in a step of fewer than 100 answers)."
+        ),
     ] = 1.2,
     skip_status: Annotated[bool, typer.Option(help="Start without the shadow's PASS.")] = False,
     gateway: GatewayUrl = DEFAULT_GATEWAY,

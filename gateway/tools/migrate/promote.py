@@ -6,7 +6,10 @@ the dwell (longer, up to max_dwell_s, until the new deployment answered min_requ
 and compares the two deployments' answers to clients (shadow copies are left out) over that
 window: the new one's error rate may exceed the source's by at most max_error_rate, and its p99
 may be at most max_p99_ratio times the source's (at 100% the source answers nobody, so the last
-step's source figures stand in). A regression writes the split of the last good step back (none,
+step's source figures stand in). A step in which the new deployment answered fewer than
+P99_MIN_ANSWERS requests compares the two p90s instead: in so few answers the 99th percentile is
+the slowest one, and one slow answer (a collection, a preempted run) would roll back a good
+deployment, while a real slowdown moves the p90 as well. A regression writes the split of the last good step back (none,
 for the first), counts the rollback and stops. At 100% the shadow entry goes; the split stays.
 Run again, it goes on from the split the config states.
 """
@@ -29,6 +32,8 @@ from gateway.tools.migrate.state import Migration, MigrationError
 log = logging.getLogger("modelyard.migrate")
 
 DEFAULT_STEPS = (1.0, 10.0, 50.0, 100.0)
+# The fewest answers whose 99th percentile is not simply the slowest answer.
+P99_MIN_ANSWERS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +65,8 @@ class StepResult:
 
     def as_json(self) -> dict[str, Any]:
         def part(s: Side) -> dict[str, Any]:
-            return {"requests": s.requests, "errors": s.errors, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms}
+            return {"requests": s.requests, "errors": s.errors, "p50_ms": s.p50_ms, "p90_ms": s.p90_ms,
+                    "p99_ms": s.p99_ms}  # fmt: skip
 
         return {"percent": self.percent, "new": part(self.new), "source": part(self.source),
                 "reference": part(self.reference), "regression": self.regression}  # fmt: skip
@@ -165,7 +171,9 @@ def _last_source(migration: Migration) -> Side | None:
     for event in reversed(migration.history):
         source = event.get("source") if event.get("step") == "promote" else None
         if source and source.get("requests"):
-            return Side(source["requests"], source["errors"], source["p50_ms"], source["p99_ms"])
+            return Side(
+                source["requests"], source["errors"], source["p50_ms"], source["p99_ms"], source.get("p90_ms")
+            )
     return None
 
 
@@ -207,12 +215,19 @@ def _regression(new: Side, reference: Side, options: PromoteOptions) -> str | No
             f"error rate {new.error_rate:.2%} ({new.errors} of {new.requests}) vs the source's "
             f"{reference.error_rate:.2%}, more than --max-error-rate {options.max_error_rate:g} above it"
         )
-    if new.p99_ms is not None and reference.p99_ms is not None and reference.p99_ms > 0:
-        ratio = new.p99_ms / reference.p99_ms
+    few = new.requests < P99_MIN_ANSWERS
+    tail, ours, theirs = (
+        ("p90", new.p90_ms, reference.p90_ms) if few else ("p99", new.p99_ms, reference.p99_ms)
+    )
+    if ours is not None and theirs is not None and theirs > 0:
+        ratio = ours / theirs
         if ratio > options.max_p99_ratio:
+            why = (
+                f" (the step saw {new.requests} answers, fewer than {P99_MIN_ANSWERS}: p90 stands in for p99)"
+            )
             return (
-                f"p99 latency {new.p99_ms:.3f} ms vs the source's {reference.p99_ms:.3f} ms, "
-                f"{ratio:.2f}x > --max-p99-ratio {options.max_p99_ratio:g}"
+                f"{tail} latency {ours:.3f} ms vs the source's {theirs:.3f} ms, "
+                f"{ratio:.2f}x > --max-p99-ratio {options.max_p99_ratio:g}{why if few else ''}"
             )
     return None
 
