@@ -29,11 +29,11 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 import gateway
 from gateway.auth import FULL_ACCESS, Access
+from gateway.workers import WorkerMetricFiles
 
 # Counters carry no `_created` series: they double every counter's cardinality for a timestamp
 # no dashboard reads.
@@ -135,7 +135,7 @@ class Metrics:
             ProcessCollector(registry=self.registry)
         else:
             self._exposed = CollectorRegistry()
-            MultiProcessCollector(self._exposed, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
+            WorkerMetricFiles(self._exposed, path=str(multiprocess_dir))
         PlatformCollector(registry=self._exposed)
         self._load_gauges: _LoadGauges | None = None
         self.build_info = Gauge(

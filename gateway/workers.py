@@ -8,11 +8,16 @@ values (prometheus-client's multiprocess mode) and `workers.json` the table, rew
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+from prometheus_client.multiprocess import MultiProcessCollector
 
 TABLE_FILE = "workers.json"
 METRICS_DIR = "metrics"
@@ -86,3 +91,26 @@ def reuse_port_socket(host: str, port: int, *, share: bool = True) -> socket.soc
         sock.close()
         raise
     return sock
+
+
+class WorkerMetricFiles(MultiProcessCollector):
+    """Every worker's metric files, read as prometheus-client does, less the files a worker has
+    just created and not yet sized: prometheus-client opens a value file (empty) before it
+    sizes it, and reading an empty one raises, so a scrape or a status read that came in that
+    moment, as a worker started or restarted, failed whole."""
+
+    def __init__(self, registry: Any, path: str) -> None:
+        super().__init__(registry, path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterable[Any]:
+        files = [f for f in glob.glob(os.path.join(self._path, "*.db")) if _sized(f)]
+        merged: Iterable[Any] = self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        return merged
+
+
+def _sized(path: str) -> bool:
+    # A file is empty only between its creation and its sizing, which never shrinks it back.
+    try:
+        return os.path.getsize(path) > 0
+    except FileNotFoundError:  # a dead worker's, removed by the supervisor
+        return False

@@ -4,12 +4,15 @@ names mint no series; the process and build series are there, and no `_created` 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from gateway.metrics import Metrics
 from tests.support import Protocol, RunningGateway
 
 
@@ -56,3 +59,12 @@ def test_process_and_build_series_and_no_created_ones(gateway: RunningGateway) -
     names = {name for name, _ in samples(gateway)}
     assert {"process_resident_memory_bytes", "process_cpu_seconds_total", "modelyard_build_info"} <= names
     assert not [name for name in names if name.endswith("_created")]
+
+
+def test_a_worker_metric_file_not_yet_sized_does_not_fail_a_scrape(tmp_path: Path) -> None:
+    """prometheus-client creates a worker's value file empty, then sizes it: a scrape (or a status
+    read) in between read the empty file and failed whole, as a worker started or restarted."""
+    (tmp_path / "counter_4242.db").touch()
+    text = Metrics(multiprocess_dir=tmp_path).render().decode()
+    # The render went through: the platform collector's family is there beside the workers' files.
+    assert text.startswith("# HELP python_info")
