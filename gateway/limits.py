@@ -117,12 +117,12 @@ class BodyBudget:
         self.max_bytes = max_bytes
         self.in_flight = 0
 
-    def reserve(self, size: int) -> None:
-        """Takes `size` bytes of the budget, or raises Overloaded when they do not fit."""
+    def reserve(self, size: int, what: str = "request bodies in flight") -> None:
+        """Takes `size` bytes of the budget, or raises Overloaded when they do not fit; `what`
+        names what would pass it, for the error."""
         if self.in_flight + size > self.max_bytes:
             raise Overloaded(
-                f"request bodies in flight would pass {self.max_bytes} bytes "
-                "(MODELYARD_MAX_INFLIGHT_BODY_MB); retry shortly",
+                f"{what} would pass {self.max_bytes} bytes (MODELYARD_MAX_INFLIGHT_BODY_MB); retry shortly",
                 limit="memory",
             )
         self.in_flight += size

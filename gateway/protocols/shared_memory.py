@@ -48,7 +48,6 @@ import numpy as np
 from gateway.codec import DEFAULT_LIMITS, InputLimits, check_shape, serialize_bytes, tensor_from_buffer
 from gateway.errors import (
     InvalidInput,
-    Overloaded,
     PayloadTooLarge,
     RegionExists,
     RegionNotFound,
@@ -353,14 +352,9 @@ class SharedMemoryRegions:
         budget, size = self.budget, place.byte_size
         if budget is None:
             return tensor_from_buffer(name, datatype, shape, region.read(owner, place).data, limits)
-        try:
-            budget.reserve(size)
-        except Overloaded:
-            raise Overloaded(
-                f"{owner}: its {size} bytes from shared memory would take the request data in flight past "
-                f"{budget.max_bytes} bytes (MODELYARD_MAX_INFLIGHT_BODY_MB); retry shortly",
-                limit="memory",
-            ) from None
+        budget.reserve(
+            size, f"{owner}: its {size} bytes from shared memory, with the request data in flight,"
+        )
         try:
             data = region.read(owner, place)
         except BaseException:

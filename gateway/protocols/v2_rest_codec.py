@@ -137,7 +137,8 @@ def _decode(
     pending = None if arrays is None else dict(arrays)
     inputs: list[Tensor] = []
     offset = 0
-    reads = RequestReads(limits)
+    # The request's account of shared-memory reads, only where a region can be registered at all.
+    reads = RequestReads(limits) if regions.enabled else None
     for index, raw in enumerate(raw_inputs):
         decoded = _decode_input(index, raw, binary, offset, limits, pending, regions, reads)
         if decoded is None:
@@ -176,7 +177,7 @@ def _decode_input(
     limits: InputLimits,
     arrays: dict[str, JsonArray] | None,
     regions: SharedMemoryRegions,
-    reads: RequestReads,
+    reads: RequestReads | None,
 ) -> tuple[Tensor, int] | None:
     if not isinstance(raw, dict):
         raise MalformedRequest(f"inputs[{index}] must be an object")
