@@ -50,6 +50,8 @@ from gateway.tools.lab.machine import cpu_model
 from scripts.build_models import _save, build_mlp
 
 MODEL = "heavy"
+# The layer sizes of each model --model names; both take and give the same tensors.
+MODELS = {"heavy": SIZES, "thin": (SIZES[0], SIZES[-1])}
 INPUT_SEED = 20240601
 
 
@@ -161,6 +163,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--modes", default="raw,shm,raw,shm", help="run in this order")
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="heavy",
+        help="thin: the same tensors as heavy's through one 1024 -> 10 layer, so the transport's share shows",
+    )
     args = parser.parse_args()
     modes = args.modes.split(",")
     if set(modes) - {"raw", "shm"}:
@@ -169,7 +177,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         repo = Path(folder) / "repo"
         model = repo / MODEL / "1" / "model.onnx"
-        _save(build_mlp(SIZES, seed=11, name=MODEL), model)
+        sizes = MODELS[args.model]
+        _save(build_mlp(sizes, seed=11, name=MODEL), model)
         workload = build_workload(model, args.batch)
         with gateway(repo, "/v2/health/ready") as (_, endpoint, running):
             if (os.cpu_count() or 1) >= 2:
@@ -179,7 +188,7 @@ def main() -> None:
     cpu = cpu_model()
     print(f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(
-        f"heavy MLP {' -> '.join(map(str, SIZES))}, batch {args.batch} ({workload.inputs[0].nbytes} bytes in), "
+        f"{args.model} MLP {' -> '.join(map(str, sizes))}, batch {args.batch} ({workload.inputs[0].nbytes} bytes in), "
         f"concurrency {args.concurrency}, {args.duration:g} s per run"
     )
     print(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -74,16 +74,32 @@ class ErrorInterceptor:
     handler and builds a new one each time, which costs each request more than the wrapper does.
     """
 
-    def __init__(self, authorizer: Authorizer | None = None) -> None:
+    def __init__(
+        self,
+        authorizer: Authorizer | None = None,
+        deserializers: Mapping[str, Callable[[bytes], Any]] | None = None,
+    ) -> None:
         self._authorizer = authorizer if authorizer is not None and authorizer.enabled else None
+        # A method's own request parser, in place of its generated one (`/package.Service/Method`).
+        self._deserializers = dict(deserializers or {})
 
     def guarding(self, server: grpc.aio.Server) -> GuardedServer:
         """`server`, to register services on: their unary handlers arrive wrapped."""
         return GuardedServer(server, self)
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """The handler of `method` (`/package.Service/Method`), its unary-unary call guarded."""
-        if handler is None or handler.unary_unary is None:
+        """The handler of `method` (`/package.Service/Method`), its unary-unary call guarded, and
+        its requests read by the method's own deserializer where one was given."""
+        if handler is None:
+            return handler
+        deserializer = self._deserializers.get(method, handler.request_deserializer)
+        if handler.stream_stream is not None and method in self._deserializers:
+            return grpc.stream_stream_rpc_method_handler(
+                handler.stream_stream,
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
         authorizer = self._authorizer
@@ -115,7 +131,7 @@ class ErrorInterceptor:
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 

@@ -33,6 +33,7 @@ from gateway.protocols.grpc_guard import ErrorInterceptor, GuardedServer, method
 from gateway.protocols.shared_memory import NO_SHARED_MEMORY, RequestReads, SharedMemoryRegions
 from gateway.protocols.triton import load_parameters
 from gateway.protocols.triton import model_config as triton_model_config
+from gateway.protocols.v2_grpc_wire import parse_infer_request
 from gateway.protocols.v2_shm_grpc import SharedMemoryServicer
 from gateway.protocols.v2_stream_grpc import DEFAULT_STREAM_CONCURRENCY, StreamInfer
 from gateway.timing import SERVER_TIMING, timing_asked
@@ -49,6 +50,7 @@ from gateway.types import (
 )
 
 __all__ = [
+    "INFER_DESERIALIZERS",
     "SERVICE_NAME",
     "ErrorInterceptor",
     "GuardedServer",
@@ -58,6 +60,12 @@ __all__ = [
 ]
 
 SERVICE_NAME: str = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# Infer requests are read by the gateway's own parser: a large one's raw contents stay views of
+# the bytes received, not a copy per read (gateway/protocols/v2_grpc_wire.py).
+INFER_DESERIALIZERS = {
+    f"/{SERVICE_NAME}/ModelInfer": parse_infer_request,
+    f"/{SERVICE_NAME}/ModelStreamInfer": parse_infer_request,
+}
 _UNSUPPORTED_PARAMETERS = ("classification",)
 
 
