@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2_grpc
 
 from adapters import SharedResources, create_adapter
+from gateway.allocator import tune_malloc
 from gateway.auth import Authorizer
 from gateway.breaker import Breakers, guard_observer
 from gateway.codec import InputLimits
@@ -33,7 +34,13 @@ from gateway.protocols import tfserving_grpc
 from gateway.protocols.connections import ConnectionGuard, ConnectionLimits
 from gateway.protocols.http import create_app
 from gateway.protocols.shared_memory import SharedMemoryRegions
-from gateway.protocols.v2_grpc import SERVICE_NAME, ErrorInterceptor, GuardedServer, InferenceServicer
+from gateway.protocols.v2_grpc import (
+    INFER_DESERIALIZERS,
+    SERVICE_NAME,
+    ErrorInterceptor,
+    GuardedServer,
+    InferenceServicer,
+)
 from gateway.recording import Recorder
 from gateway.registry import AdapterFactory, Registry
 from gateway.residency import Residency
@@ -206,7 +213,7 @@ class Gateway:
     async def _start_grpc(self) -> None:
         server = grpc.aio.server(options=self._grpc_options())
         # The unary services register through the guard, which maps errors and checks access.
-        guarded = ErrorInterceptor(self.authorizer).guarding(server)
+        guarded = ErrorInterceptor(self.authorizer, INFER_DESERIALIZERS).guarding(server)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(
                 self.dataplane,
@@ -396,6 +403,9 @@ def run(settings: Settings) -> None:
 
 
 def run_loop(main: Coroutine[Any, Any, None], settings: Settings) -> None:
+    """`main` on the event loop the settings name, in a process that serves (a worker, or the one
+    gateway), its allocator set for per-request tensor buffers first."""
+    tune_malloc(settings.malloc_mmap_threshold_mb)
     use_uvloop = settings.event_loop != "asyncio"
     if use_uvloop:
         try:

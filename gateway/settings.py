@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     # The header (gRPC: metadata key) that names a request's priority: high, normal or low.
     priority_header: str = "x-priority"
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    # Allocations up to this many MiB come from malloc's heap, not a fresh mapping each
+    # (gateway/allocator.py); 0: glibc's own threshold.
+    malloc_mmap_threshold_mb: int = Field(default=8, ge=0, le=32)
     # Seconds between scans of the repository for new, changed or removed models; None: never,
     # and models change only through the repository API.
     poll_interval_s: float | None = Field(default=None, gt=0)
