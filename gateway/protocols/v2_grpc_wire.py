@@ -17,6 +17,9 @@ from tritonclient.grpc import service_pb2
 # Below this, protobuf parses the whole message: copying its raw contents costs less than the walk.
 LARGE_BYTES = 64 * 1024
 
+# The most top-level fields walked in Python: past it, protobuf parses the whole message, so a
+# message of many small fields costs the loop no more than it did.
+MAX_FIELDS = 256
 _RAW_INPUT_CONTENTS = 7
 _LENGTH_DELIMITED = 2
 _parse = service_pb2.ModelInferRequest.FromString
@@ -37,7 +40,8 @@ class LargeInferRequest:
 
 
 class _NotWire(Exception):
-    """The bytes are not a protobuf message: protobuf's own parser says what is wrong."""
+    """Not for the walk: not a protobuf message (protobuf's own parser says what is wrong), or one
+    of more fields than it takes."""
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -68,7 +72,11 @@ def _split(data: bytes) -> LargeInferRequest:
     raw: list[memoryview] = []
     message = service_pb2.ModelInferRequest()
     pos, end, rest = 0, len(data), 0  # rest: where the fields not yet parsed begin
+    fields = 0
     while pos < end:
+        fields += 1
+        if fields > MAX_FIELDS:
+            raise _NotWire
         start = pos
         tag, pos = _varint(data, pos)
         wire = tag & 7

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
 from gateway.protocols.v2_grpc import decode_infer_request
-from gateway.protocols.v2_grpc_wire import LARGE_BYTES, LargeInferRequest, parse_infer_request
+from gateway.protocols.v2_grpc_wire import LARGE_BYTES, MAX_FIELDS, LargeInferRequest, parse_infer_request
 from tests.gateway.test_infer import RNG_SEED, reference
 from tests.gateway.test_stream_infer import Stream
 from tests.support import RunningGateway, start_gateway
@@ -95,6 +95,26 @@ def test_a_broken_request_is_refused_where_protobuf_refuses_it(cut: int, junk: b
         return
     _same(parse_infer_request(broken), broken)
     assert expected is not None
+
+
+def test_a_large_request_of_many_small_fields_is_left_to_protobuf() -> None:
+    # A hostile client could pack a MiB with two-byte fields: the walk stops at MAX_FIELDS, and
+    # protobuf parses the message as it always did.
+    tensor = service_pb2.ModelInferRequest()
+    tensor.inputs.add(name="in0", datatype="FP32", shape=[1000, 64])
+    raw = np.zeros((1000, 64), np.float32).tobytes()
+    unknown = b"\x88\x01\x01" * (MAX_FIELDS + 1)  # field 17, a varint: unknown, kept by protobuf
+    data = (
+        unknown
+        + tensor.SerializeToString()
+        + service_pb2.ModelInferRequest(raw_input_contents=[raw]).SerializeToString()
+    )
+    got = parse_infer_request(data)
+    assert not isinstance(got, LargeInferRequest)
+    _same(got, data)
+    # Under the bound, the same message is walked.
+    walked = parse_infer_request(unknown[: 3 * (MAX_FIELDS - 2)] + data[len(unknown) :])
+    assert isinstance(walked, LargeInferRequest)
 
 
 def test_a_large_input_is_a_view_of_the_received_bytes_not_a_copy() -> None:
