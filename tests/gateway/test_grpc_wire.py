@@ -88,13 +88,12 @@ def test_a_broken_request_is_refused_where_protobuf_refuses_it(cut: int, junk: b
     # Cut near the end or the start, and append whatever: truncated fields, bad tags, bad varints.
     broken = (data[: len(data) - cut] if cut % 2 else data[cut:]) + junk
     try:
-        expected: Any = service_pb2.ModelInferRequest.FromString(broken)
+        service_pb2.ModelInferRequest.FromString(broken)
     except DecodeError:
         with pytest.raises(DecodeError):
             parse_infer_request(broken)
         return
     _same(parse_infer_request(broken), broken)
-    assert expected is not None
 
 
 def test_a_large_request_of_many_small_fields_is_left_to_protobuf() -> None:
