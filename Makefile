@@ -49,8 +49,18 @@ lint: dev
 typecheck: dev
 	$(BIN)/mypy
 
+# The gRPC tests run once more on the native gRPC server (MODELYARD_GRPC_SERVER=native).
+NATIVE_GRPC_TESTS := tests/gateway/test_infer.py tests/gateway/test_errors.py \
+	tests/gateway/test_error_table.py tests/gateway/test_stream_infer.py tests/gateway/test_grpc_wire.py \
+	tests/gateway/test_front_doors.py tests/gateway/test_health_metadata.py \
+	tests/gateway/test_shared_memory.py tests/gateway/test_workers.py \
+	tests/gateway/test_tfserving_front_door.py tests/reliability/test_connections.py \
+	tests/reliability/test_drain.py tests/reliability/test_auth.py tests/reliability/test_overload.py \
+	tests/adapters/test_v2.py
+
 pytest: dev deploy-tools browser-tools
 	$(BIN)/python -m pytest
+	MODELYARD_GRPC_SERVER=native $(BIN)/python -m pytest $(NATIVE_GRPC_TESTS)
 
 # The documentation site (mkdocs.yml, docs/): a broken link, a page missing from the nav or a
 # missing anchor fails the build. The site goes to site/ (ignored by git).

@@ -169,7 +169,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def gateway(
-    repo: Path, ready_path: str, source: Path = ROOT, extra: tuple[str, ...] = ()
+    repo: Path,
+    ready_path: str,
+    source: Path = ROOT,
+    extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, Endpoint, Running]]:
     """The gateway of `source` (a checkout) serving `repo`, pinned to the server CPU.
 
@@ -181,7 +185,8 @@ def gateway(
     command += ["--log-level", "info", *extra]
     base = f"http://127.0.0.1:{http_port}"
     endpoint = Endpoint("modelyard", f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
-    with server("modelyard", pinned(0, command), f"{base}{ready_path}", source, dict(os.environ)) as running:
+    environment = {**os.environ, **(env or {})}
+    with server("modelyard", pinned(0, command), f"{base}{ready_path}", source, environment) as running:
         yield base, endpoint, running
 
 

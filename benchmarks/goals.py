@@ -16,6 +16,9 @@ from drive import MODEL, Row
 
 # Target names the verdicts look for; peers.py names its rows with these.
 MODELYARD = "modelyard"
+# The gateway on its native gRPC server (MODELYARD_GRPC_SERVER=native): gRPC rows only, with verdicts
+# of their own for the gRPC goals on the mlp model.
+MODELYARD_NATIVE = "modelyard (native gRPC)"
 CANNED = "canned answer"
 MLSERVER = "MLServer"
 KSERVE = "KServe"
@@ -106,33 +109,37 @@ def _at_least(goal: str, subject: str, value: float, bound: float, detail: str, 
     return Verdict(goal, subject, not math.isnan(value) and value >= bound, detail)
 
 
-def _peer_throughput(rows: Sequence[Row], key: str, protocol: str) -> Verdict:
-    subject = f"mlp c=8 {protocol}"
-    ours = find(rows, MODELYARD, protocol, 8)
+def _subject(text: str, target: str) -> str:
+    return text if target == MODELYARD else f"{text} [{target}]"
+
+
+def _peer_throughput(rows: Sequence[Row], key: str, protocol: str, target: str = MODELYARD) -> Verdict:
+    subject = _subject(f"mlp c=8 {protocol}", target)
+    ours = find(rows, target, protocol, 8)
     peers = [row for name in PEERS if (row := find(rows, name, protocol, 8)) is not None]
     if ours is None or not peers:
-        return _missing(key, subject, f"modelyard or peer {protocol} c=8")
+        return _missing(key, subject, f"{target} or peer {protocol} c=8")
     best = max(peers, key=lambda row: row.req_per_s)
     speedup = ours.req_per_s / best.req_per_s if best.req_per_s else math.nan
     t = THRESHOLD[key]
     detail = (
-        f"modelyard {ours.req_per_s:.0f} req/s vs {best.target} {best.req_per_s:.0f} req/s "
+        f"{target} {ours.req_per_s:.0f} req/s vs {best.target} {best.req_per_s:.0f} req/s "
         f"(the faster peer) = {speedup:.2f}x (goal >= {t:g}x)"
     )
     return _at_least(key, subject, speedup, t, detail, ours, best)
 
 
-def _peer_p99(rows: Sequence[Row], protocol: str) -> Verdict:
-    subject = f"mlp c=8 {protocol} p99"
-    ours = find(rows, MODELYARD, protocol, 8)
+def _peer_p99(rows: Sequence[Row], protocol: str, target: str = MODELYARD) -> Verdict:
+    subject = _subject(f"mlp c=8 {protocol} p99", target)
+    ours = find(rows, target, protocol, 8)
     peers = [row for name in PEERS if (row := find(rows, name, protocol, 8)) is not None]
     if ours is None or not peers:
-        return _missing("c", subject, f"modelyard or peer {protocol} c=8")
+        return _missing("c", subject, f"{target} or peer {protocol} c=8")
     best = min(peers, key=lambda row: row.p99_ms)
     share = ours.p99_ms / best.p99_ms if best.p99_ms else math.nan
     t = THRESHOLD["c"]
     detail = (
-        f"modelyard {ours.p99_ms:.2f} ms vs {best.target} {best.p99_ms:.2f} ms (the better peer) "
+        f"{target} {ours.p99_ms:.2f} ms vs {best.target} {best.p99_ms:.2f} ms (the better peer) "
         f"= {share:.2f} of it (goal <= {t:g})"
     )
     fault = _fault(ours, best)
@@ -141,14 +148,16 @@ def _peer_p99(rows: Sequence[Row], protocol: str) -> Verdict:
     return Verdict("c", subject, not math.isnan(share) and share <= t, detail)
 
 
-def _overhead(rows: Sequence[Row], key: str, protocol: str) -> Verdict:
-    subject = f"mlp c=1 {protocol} p50 over the canned answer"
-    ours, floor = find(rows, MODELYARD, protocol, 1), find(rows, CANNED, protocol, 1)
+def _overhead(rows: Sequence[Row], key: str, protocol: str, target: str = MODELYARD) -> Verdict:
+    subject = _subject(f"mlp c=1 {protocol} p50 over the canned answer", target)
+    ours, floor = find(rows, target, protocol, 1), find(rows, CANNED, protocol, 1)
     if ours is None or floor is None:
-        return _missing(key, subject, f"modelyard or canned {protocol} c=1")
+        return _missing(key, subject, f"{target} or canned {protocol} c=1")
     added = ours.p50_ms - floor.p50_ms
     t = THRESHOLD[key]
-    detail = f"modelyard {ours.p50_ms:.3f} ms vs canned {floor.p50_ms:.3f} ms = +{added:.3f} ms (goal <= +{t:g} ms)"
+    detail = (
+        f"{target} {ours.p50_ms:.3f} ms vs canned {floor.p50_ms:.3f} ms = +{added:.3f} ms (goal <= +{t:g} ms)"
+    )
     fault = _fault(ours, floor)
     if fault is not None:
         return Verdict(key, subject, False, f"{detail}; {fault}")
@@ -209,6 +218,19 @@ def verdicts(rows: Sequence[Row]) -> list[Verdict]:
         _heavy(rows, "f", HEAVY_BATCHED_C8, "gRPC"),
         _heavy(rows, "f", HEAVY_BATCHED_C8, "REST binary"),
         _batching_speedup(rows),
+        *_native_verdicts(rows),
+    ]
+
+
+def _native_verdicts(rows: Sequence[Row]) -> list[Verdict]:
+    """The gRPC goals on the mlp model again, for the native gRPC server's rows, where the run has
+    them. The canned answer stays grpc.aio's: the floor a Python gRPC server stands on."""
+    if not any(row.target == MODELYARD_NATIVE for row in rows):
+        return []
+    return [
+        _peer_throughput(rows, "a", "gRPC", MODELYARD_NATIVE),
+        _peer_p99(rows, "gRPC", MODELYARD_NATIVE),
+        _overhead(rows, "d-grpc", "gRPC", MODELYARD_NATIVE),
     ]
 
 

@@ -75,6 +75,7 @@ from goals import (
     KSERVE,
     MLSERVER,
     MODELYARD,
+    MODELYARD_NATIVE,
     OK_CHECKS,
     find,
     goal_table,
@@ -89,7 +90,7 @@ TORCH_VERSION = "1"
 BATCH_ROW = 8  # the batch-8 row's rows per request, at concurrency 8
 MLSERVER_DEFAULT = "MLServer (default: parallel_workers 1)"
 V2_PROTOCOLS = ("REST JSON", "REST binary", "gRPC")
-TARGETS = ("canned", "mlserver", "mlserver-default", "kserve", "heavy", "torchserve")
+TARGETS = ("canned", "modelyard-native", "mlserver", "mlserver-default", "kserve", "heavy", "torchserve")
 # Dynamic batching for the heavy model at 8 clients: a batch is full when all 8 are in it.
 HEAVY_BATCHING_C8 = "batching: {max_batch_size: 8, max_queue_delay_us: 2000}"
 HEAVY_CONFIGS = {
@@ -109,6 +110,8 @@ SETTINGS = {
     "uvloop (its default), no log line per request (`enable_latency_logging=False`, its loggers at "
     "WARNING through a log config); gRPC is KServe's own GRPCServer, servicer and interceptors, bound "
     "to 127.0.0.1 instead of the `[::]` it hard-codes (peer_runtimes/kserve_server.py)",
+    MODELYARD_NATIVE: "the same gateway with `MODELYARD_GRPC_SERVER=native`: pygrpc-native, whose HTTP/2 and "
+    "gRPC work runs in Rust threads outside the GIL, under the same services and guard; gRPC rows only",
     CANNED: "benchmarks/canned.py: a bare ASGI app on uvicorn+httptools and grpc.aio with tritonclient's "
     "generated GRPCInferenceService, on one uvloop loop as the gateway runs them, returning prebuilt "
     "bytes of the correct answer: the floor of the stack",
@@ -174,12 +177,16 @@ Cell = tuple[str, str, int, int]
 
 
 @contextlib.contextmanager
-def gateway_served(work: Path) -> Iterator[Served]:
+def gateway_served(work: Path, native: bool = False) -> Iterator[Served]:
     # A repository holding only mlp, so the gateway starts fast and serves exactly what the peers serve.
-    repo = work / "repo"
+    repo = work / ("repo-native" if native else "repo")
     shutil.copytree(ROOT / "model_repo" / MODEL, repo / MODEL)
-    with gateway(repo, f"/v2/models/{MODEL}/ready") as (base, endpoint, _):
-        yield Served(MODELYARD, base, endpoint, batch_row=True)
+    env = {"MODELYARD_GRPC_SERVER": "native" if native else "grpcio"}
+    with gateway(repo, f"/v2/models/{MODEL}/ready", env=env) as (base, endpoint, _):
+        if native:  # its REST side is the other row's
+            yield Served(MODELYARD_NATIVE, base, endpoint, ("gRPC",))
+        else:
+            yield Served(MODELYARD, base, endpoint, batch_row=True)
 
 
 @contextlib.contextmanager
@@ -490,6 +497,7 @@ def render(rows: list[Row], meta: dict[str, Any]) -> str:
         f"- {MLSERVER_DEFAULT}: {SETTINGS[MLSERVER_DEFAULT]}",
         f"- {KSERVE} (0.21): {SETTINGS[KSERVE]}",
         f"- {CANNED}: {SETTINGS[CANNED]}",
+        f"- {MODELYARD_NATIVE} (pygrpc-native {package_version('pygrpc-native')}): {SETTINGS[MODELYARD_NATIVE]}",
         f"- modelyard: `python -m gateway serve` on a repository of mlp alone (heavy: of the three heavy "
         f"deployments, with `{HEAVY_BATCHING_C8}` for c=8 and batching.py's config for c=16); TorchServe "
         "rows: model_repo/mlp_torch on the gateway's managed TorchServe (1 worker, TorchServe batching up "
@@ -605,6 +613,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         v2_starts = (
             ("canned", lambda: canned_served(work, expected)),
             ("modelyard", lambda: gateway_served(work)),
+            ("modelyard-native", lambda: gateway_served(work, native=True)),
             ("mlserver", lambda: mlserver_served(work, 0, MLSERVER)),
             ("mlserver-default", lambda: mlserver_served(work, 1, MLSERVER_DEFAULT)),
             ("kserve", lambda: kserve_served(work)),

@@ -140,9 +140,16 @@ def priority(headers: Mapping[str, str], header_name: str, parameters: Mapping[s
     return Priority.LOW if level >= 3 else Priority.NORMAL
 
 
+# The longest timeout gRPC's wire can carry (`grpc-timeout: 99999999H`); a server that has no
+# deadline to report may report more (pygrpc-native: sys.maxsize seconds), which is none.
+GRPC_MAX_TIMEOUT_S = 99_999_999 * 3600
+
+
 def deadline_after(seconds: float | None) -> float | None:
     """A transport's time remaining (gRPC's) as an absolute time.monotonic() deadline."""
-    return None if seconds is None else time.monotonic() + seconds
+    if seconds is None or seconds > GRPC_MAX_TIMEOUT_S:
+        return None
+    return time.monotonic() + seconds
 
 
 class ContextBuilder:

@@ -26,6 +26,7 @@ from gateway.breaker import Breakers, guard_observer
 from gateway.codec import InputLimits
 from gateway.context import ContextBuilder
 from gateway.dataplane import DataPlane
+from gateway.grpc_native import ConnectionWatch, native_server
 from gateway.limits import BodyBudget, Limiter
 from gateway.metrics import Metrics
 from gateway.native_logs import quiet_start
@@ -143,6 +144,9 @@ class Gateway:
         )
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
+        # The native gRPC server's connection limits, and the task that keeps them.
+        self._watch: ConnectionWatch | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._http: _UvicornServer | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -210,10 +214,28 @@ class Gateway:
             ("grpc.so_reuseport", 1),
         ]
 
+    def _grpc_server(self) -> grpc.aio.Server:
+        if self.settings.grpc_server == "grpcio":
+            return grpc.aio.server(options=self._grpc_options())
+        try:
+            server = native_server(self._grpc_options())
+        except ImportError as exc:
+            raise StartupError(str(exc)) from exc
+        settings = self.settings
+        self._watch = ConnectionWatch(
+            settings.grpc_max_connections,
+            settings.grpc_handshake_timeout_s,
+            settings.grpc_max_connection_idle_s,
+        )
+        return server
+
     async def _start_grpc(self) -> None:
-        server = grpc.aio.server(options=self._grpc_options())
+        server = self._grpc_server()
+        watch = self._watch
         # The unary services register through the guard, which maps errors and checks access.
-        guarded = ErrorInterceptor(self.authorizer, INFER_DESERIALIZERS).guarding(server)
+        guarded = ErrorInterceptor(
+            self.authorizer, INFER_DESERIALIZERS, admission=None if watch is None else watch.admit
+        ).guarding(server)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(
                 self.dataplane,
@@ -242,13 +264,16 @@ class Gateway:
         try:
             credentials = self._grpc_credentials()
             if credentials is None:
-                server.add_insecure_port(address)
+                port = server.add_insecure_port(address)
             else:
-                server.add_secure_port(address, credentials)
-        except RuntimeError as exc:
+                port = server.add_secure_port(address, credentials)
+        except (RuntimeError, OSError) as exc:
             raise StartupError(f"cannot listen for gRPC on {address}: {exc}") from exc
         await server.start()
         self._grpc = server
+        if watch is not None:
+            watch.port = port
+            self._watch_task = asyncio.create_task(watch.run())
 
     def _grpc_credentials(self) -> grpc.ServerCredentials | None:
         certfile, keyfile = self.settings.tls_certfile, self.settings.tls_keyfile
@@ -338,6 +363,8 @@ class Gateway:
             self._http.should_exit = True
         if self._grpc is not None:
             await self._grpc.stop(SEND_GRACE_S)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         if self._http_task is not None:
             with contextlib.suppress(asyncio.TimeoutError, SystemExit):
                 await asyncio.wait_for(self._http_task, SEND_GRACE_S + 1)

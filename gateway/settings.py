@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     # gRPC: connections past the cap are refused; metadata over its size is refused; a connection
     # that has not finished its handshake in time, or is idle this long, is closed; streams per
     # connection are capped.
+    # The gRPC server: grpcio's (grpc.aio), or "native": pygrpc-native, whose HTTP/2 work runs in
+    # Rust outside the GIL (the grpc-native extra; no TLS), with the connection cap, handshake
+    # timeout and idle close kept by the gateway from its sockets (gateway/grpc_native.py).
+    grpc_server: Literal["grpcio", "native"] = "grpcio"
     grpc_max_connections: int = Field(default=1000, ge=1)
     grpc_max_metadata_kb: int = Field(default=16, ge=1)
     grpc_handshake_timeout_s: float = Field(default=10, gt=0)
@@ -133,6 +137,8 @@ class Settings(BaseSettings):
     def _tls_pair(self) -> Settings:
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("TLS needs both tls_certfile and tls_keyfile")
+        if self.tls_certfile is not None and self.grpc_server == "native":
+            raise ValueError("the native gRPC server has no TLS: serve TLS with grpc_server grpcio")
         return self
 
     @field_validator("model_memory_budget")

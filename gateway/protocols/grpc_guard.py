@@ -78,8 +78,12 @@ class ErrorInterceptor:
         self,
         authorizer: Authorizer | None = None,
         deserializers: Mapping[str, Callable[[bytes], Any]] | None = None,
+        admission: Callable[[str], None] | None = None,
     ) -> None:
         self._authorizer = authorizer if authorizer is not None and authorizer.enabled else None
+        # Given the call's peer, raises where its connection is past a limit the server does not
+        # keep itself (gateway.grpc_native.ConnectionWatch.admit).
+        self._admission = admission
         # A method's own request parser, in place of its generated one (`/package.Service/Method`).
         self._deserializers = dict(deserializers or {})
 
@@ -102,11 +106,13 @@ class ErrorInterceptor:
         if handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
-        authorizer = self._authorizer
+        authorizer, admission = self._authorizer, self._admission
         action = method_action(method)
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
+                if admission is not None:
+                    admission(context.peer())
                 if authorizer is not None:
                     request_access.set(authorizer.check(_credentials(context), action, model_of(request)))
                 return await inner(request, context)

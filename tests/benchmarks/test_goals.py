@@ -137,3 +137,19 @@ def test_a_missing_row_is_not_measured() -> None:
     rows = [r for r in passing_run() if r.model != goals.HEAVY_BATCHED]
     verdict = by_subject(rows)["heavy c=16 gRPC, batching on vs off"]
     assert verdict.met is None and "not measured" in verdict.line()
+
+
+def test_the_native_grpc_rows_get_verdicts_of_their_own() -> None:
+    assert not any(goals.MODELYARD_NATIVE in v.subject for v in goals.verdicts(passing_run()))
+    rows = [
+        *passing_run(),
+        row(goals.MODELYARD_NATIVE, "gRPC", 8, 2000, p99=2.0),  # 1.82x KServe's 1100: not met
+        row(goals.MODELYARD_NATIVE, "gRPC", 1, 2500, p50=0.55),
+    ]
+    found = by_subject(rows)
+    native = found[f"mlp c=8 gRPC [{goals.MODELYARD_NATIVE}]"]
+    assert native.met is False and "2000 req/s" in native.detail and "1.82x" in native.detail
+    assert found[f"mlp c=8 gRPC p99 [{goals.MODELYARD_NATIVE}]"].met is True
+    assert found[f"mlp c=1 gRPC p50 over the canned answer [{goals.MODELYARD_NATIVE}]"].met is True
+    # The grpcio rows keep their own verdicts.
+    assert found["mlp c=8 gRPC"].met is True

@@ -14,6 +14,7 @@ from tests.support.gateways import (
     STARTUP_TIMEOUT_S,
     InProcessGateway,
     RunningGateway,
+    grpc_server,
     start_gateway,
 )
 from tests.support.torchserve import StandaloneTorchServe, archive_for_torchserve, torchserve_missing
@@ -35,6 +36,7 @@ __all__ = [
     "archive_for_torchserve",
     "float_tensor_proto",
     "free_port",
+    "grpc_server",
     "start_gateway",
     "torchserve_missing",
 ]

@@ -22,6 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 STARTUP_TIMEOUT_S = 180  # generous: a loaded 2-core machine starts TorchServe and TensorFlow slowly
 
 
+def grpc_server() -> str:
+    """The gRPC server the gateways under test run (MODELYARD_GRPC_SERVER: `make pytest` runs the
+    gRPC tests once more with "native")."""
+    return os.environ.get("MODELYARD_GRPC_SERVER", "grpcio")
+
+
 @dataclass
 class RunningGateway:
     process: subprocess.Popen[bytes]

@@ -1,0 +1,142 @@
+"""The gRPC connection limits on both servers, and the native server's watch on its own: an idle
+connection is closed, the cap keeps the oldest connections and shuts the newest, a connection that
+sends no HTTP/2 preface is shut at the handshake timeout, and the native server refuses TLS."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from gateway.context import deadline_after
+from gateway.grpc_native import HANDSHAKE_BYTES, ConnectionWatch
+from gateway.settings import Settings
+from tests.support import start_gateway
+
+# The client's connection preface, then an empty SETTINGS frame: a handshake and nothing more.
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+IDLE_S = 1.0
+
+
+def closed_within(sock: socket.socket, limit_s: float) -> float | None:
+    """Seconds until the peer closed `sock` (what it sends read and dropped), or None."""
+    started = time.monotonic()
+    sock.settimeout(0.2)
+    while time.monotonic() - started < limit_s:
+        try:
+            if sock.recv(65536) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return time.monotonic() - started
+    return None
+
+
+@pytest.mark.parametrize("server", ["grpcio", "native"])
+def test_an_idle_grpc_connection_is_closed(small_repo: Path, tmp_path: Path, server: str) -> None:
+    running = start_gateway(
+        small_repo,
+        tmp_path / "gateway.log",
+        env={"MODELYARD_GRPC_SERVER": server, "MODELYARD_GRPC_MAX_CONNECTION_IDLE_S": str(IDLE_S)},
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", running.grpc_port), timeout=10) as sock:
+            sock.sendall(PREFACE)
+            waited = closed_within(sock, IDLE_S + 8)
+        assert waited is not None and IDLE_S - 0.2 <= waited < IDLE_S + 4, waited
+    finally:
+        assert running.stop() == 0
+
+
+def test_the_native_server_refuses_tls(tmp_path: Path) -> None:
+    pem = tmp_path / "x.pem"
+    pem.write_text("")
+    with pytest.raises(ValidationError, match="native gRPC server has no TLS"):
+        Settings(grpc_server="native", tls_certfile=pem, tls_keyfile=pem)
+
+
+def test_no_deadline_from_a_server_reads_as_none() -> None:
+    # pygrpc-native reports sys.maxsize seconds where a call has no deadline.
+    assert deadline_after(float(2**63 - 1)) is None
+    deadline = deadline_after(5.0)
+    assert deadline is not None and 4.9 < deadline - time.monotonic() <= 5.0
+
+
+# The watch, on sockets of this process --------------------------------------------------------
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        yield sock
+
+
+def connect(listener: socket.socket, greeting: bytes) -> tuple[socket.socket, socket.socket]:
+    """(client, accepted) of one connection that has sent `greeting`."""
+    client = socket.create_connection(listener.getsockname(), timeout=5)
+    accepted, _ = listener.accept()
+    if greeting:
+        client.sendall(greeting)
+    return client, accepted
+
+
+def is_shut(client: socket.socket) -> bool:
+    return closed_within(client, 1.0) is not None
+
+
+def test_the_watch_keeps_the_oldest_connections_up_to_the_cap(listener: socket.socket) -> None:
+    watch = ConnectionWatch(max_connections=2, handshake_timeout_s=60, idle_s=60)
+    watch.port = listener.getsockname()[1]
+    pairs = [connect(listener, PREFACE) for _ in range(2)]
+    watch.sweep()
+    late = connect(listener, PREFACE)
+    pairs.append(late)
+    try:
+        watch.sweep()
+        assert [is_shut(client) for client, _ in pairs] == [False, False, True]
+        assert watch.closed["cap"] == 1 and watch.open_connections == 2
+        # A call on a held connection is admitted; one from the shut connection is refused.
+        watch.admit(f"ipv4:127.0.0.1:{pairs[0][0].getsockname()[1]}")
+        with pytest.raises(Exception, match="holds its 2 gRPC connections"):
+            watch.admit(f"ipv4:127.0.0.1:{late[0].getsockname()[1]}")
+    finally:
+        for client, accepted in pairs:
+            client.close()
+            accepted.close()
+
+
+def test_the_watch_shuts_a_connection_without_a_handshake(listener: socket.socket) -> None:
+    watch = ConnectionWatch(max_connections=10, handshake_timeout_s=0.5, idle_s=60)
+    watch.port = listener.getsockname()[1]
+    greeted = connect(listener, PREFACE)
+    half = connect(listener, PREFACE[: HANDSHAKE_BYTES - 10])
+    try:
+        watch.sweep()
+        assert watch.closed["handshake"] == 0  # not yet: the timeout has not passed
+        time.sleep(0.6)
+        watch.sweep()
+        assert (is_shut(greeted[0]), is_shut(half[0])) == (False, True)
+        assert watch.closed == {"cap": 0, "handshake": 1, "idle": 0}
+    finally:
+        for client, accepted in (greeted, half):
+            client.close()
+            accepted.close()
+
+
+def test_the_watch_leaves_other_sockets_alone(listener: socket.socket) -> None:
+    """Sockets on another port, and those the process opened itself, are not the watch's."""
+    watch = ConnectionWatch(max_connections=1, handshake_timeout_s=0, idle_s=0)
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        watch.port = listener.getsockname()[1]
+        client, accepted = connect(other, b"")
+        try:
+            watch.sweep()
+            assert watch.open_connections == 0 and not is_shut(client)
+        finally:
+            client.close()
+            accepted.close()
