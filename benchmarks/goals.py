@@ -170,12 +170,14 @@ def batch1_limit(rows: Sequence[Row]) -> Row | None:
     return max(limits, key=lambda r: r.req_per_s, default=None)
 
 
-def _heavy(rows: Sequence[Row], key: str, model: str, protocol: str) -> Verdict:
+def _heavy(rows: Sequence[Row], key: str, model: str, protocol: str, target: str = MODELYARD) -> Verdict:
     batched = model != HEAVY
-    subject = f"heavy c=8 {protocol}{' with batching' if batched else ''} vs the batch-1 limit"
-    limit, ours = batch1_limit(rows), find(rows, MODELYARD, protocol, 8, model=model)
+    subject = _subject(
+        f"heavy c=8 {protocol}{' with batching' if batched else ''} vs the batch-1 limit", target
+    )
+    limit, ours = batch1_limit(rows), find(rows, target, protocol, 8, model=model)
     if limit is None or ours is None:
-        return _missing(key, subject, f"in-process heavy or modelyard {model} {protocol} c=8")
+        return _missing(key, subject, f"in-process heavy or {target} {model} {protocol} c=8")
     share = ours.req_per_s / limit.req_per_s if limit.req_per_s else math.nan
     t = THRESHOLD[key]
     detail = (
@@ -191,10 +193,10 @@ def _heavy(rows: Sequence[Row], key: str, model: str, protocol: str) -> Verdict:
     return _at_least(key, subject, share, t, detail, ours, limit)
 
 
-def _batching_speedup(rows: Sequence[Row]) -> Verdict:
-    subject = "heavy c=16 gRPC, batching on vs off"
-    on = find(rows, MODELYARD, "gRPC", 16, model=HEAVY_BATCHED)
-    off = find(rows, MODELYARD, "gRPC", 16, model=HEAVY)
+def _batching_speedup(rows: Sequence[Row], target: str = MODELYARD) -> Verdict:
+    subject = _subject("heavy c=16 gRPC, batching on vs off", target)
+    on = find(rows, target, "gRPC", 16, model=HEAVY_BATCHED)
+    off = find(rows, target, "gRPC", 16, model=HEAVY)
     if on is None or off is None:
         return _missing("g", subject, "heavy gRPC c=16 (batching on and off)")
     speedup = on.req_per_s / off.req_per_s if off.req_per_s else math.nan
@@ -223,14 +225,17 @@ def verdicts(rows: Sequence[Row]) -> list[Verdict]:
 
 
 def _native_verdicts(rows: Sequence[Row]) -> list[Verdict]:
-    """The gRPC goals on the mlp model again, for the native gRPC server's rows, where the run has
-    them. The canned answer stays grpc.aio's: the floor a Python gRPC server stands on."""
+    """The gRPC goals again, for the native gRPC server's rows, where the run has them. The canned
+    answer stays grpc.aio's: the floor a Python gRPC server stands on."""
     if not any(row.target == MODELYARD_NATIVE for row in rows):
         return []
     return [
         _peer_throughput(rows, "a", "gRPC", MODELYARD_NATIVE),
         _peer_p99(rows, "gRPC", MODELYARD_NATIVE),
         _overhead(rows, "d-grpc", "gRPC", MODELYARD_NATIVE),
+        _heavy(rows, "e", HEAVY, "gRPC", MODELYARD_NATIVE),
+        _heavy(rows, "f", HEAVY_BATCHED_C8, "gRPC", MODELYARD_NATIVE),
+        _batching_speedup(rows, MODELYARD_NATIVE),
     ]
 
 

@@ -369,6 +369,19 @@ def heavy_target(args: argparse.Namespace, work: Path) -> list[Row]:
                 model, protocol, at(args, concurrency), base, endpoint, work, x, expected
             )
             rows.append(replace(row, mean_batch=mean_batch if model != HEAVY else None))
+    if "modelyard-native" in args.skipped:
+        return rows
+    # The gRPC rows again, on the native gRPC server.
+    native = {"MODELYARD_GRPC_SERVER": "native"}
+    with gateway(repo, "/v2/health/ready", env=native) as (base, endpoint, _):
+        for concurrency, model, protocol in plan:
+            if protocol != "gRPC":
+                continue
+            row, mean_batch = measure(
+                model, protocol, at(args, concurrency), base, endpoint, work, x, expected
+            )
+            batch = mean_batch if model != HEAVY else None
+            rows.append(replace(row, target=MODELYARD_NATIVE, mean_batch=batch))
     return rows
 
 

@@ -64,14 +64,11 @@ def native_server(options: Sequence[tuple[str, Any]]) -> grpc.aio.Server:
 
 
 def peer_name(address: Any, family: int) -> str | None:
-    """A socket's peer address as gRPC writes it in `context.peer()`."""
+    """A socket's peer address as pygrpc-native writes it in `context.peer()`."""
     if family == socket.AF_INET:
         return f"ipv4:{address[0]}:{address[1]}"
-    if family == socket.AF_INET6:
-        host = address[0]
-        if host.startswith("::ffff:") and "." in host:  # an IPv4 client of a dual-stack listener
-            return f"ipv4:{host.removeprefix('::ffff:')}:{address[1]}"
-        return f"ipv6:[{host}]:{address[1]}"
+    if family == socket.AF_INET6:  # an IPv4 client of a dual-stack listener too: [::ffff:a.b.c.d]
+        return f"ipv6:[{address[0]}]:{address[1]}"
     return None
 
 

@@ -1,21 +1,29 @@
 """The gRPC connection limits on both servers, and the native server's watch on its own: an idle
 connection is closed, the cap keeps the oldest connections and shuts the newest, a connection that
-sends no HTTP/2 preface is shut at the handshake timeout, and the native server refuses TLS."""
+sends no HTTP/2 preface is shut at the handshake timeout, and the native server refuses TLS and
+says what to install where pygrpc-native is missing."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
+import pygrpc_native.aio
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
 from gateway.context import deadline_after
-from gateway.grpc_native import HANDSHAKE_BYTES, ConnectionWatch
+from gateway.grpc_native import HANDSHAKE_BYTES, MISSING, ConnectionWatch
 from gateway.settings import Settings
-from tests.support import start_gateway
+from tests.support import ROOT, free_port, start_gateway
 
 # The client's connection preface, then an empty SETTINGS frame: a handshake and nothing more.
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
@@ -58,6 +66,27 @@ def test_the_native_server_refuses_tls(tmp_path: Path) -> None:
     pem.write_text("")
     with pytest.raises(ValidationError, match="native gRPC server has no TLS"):
         Settings(grpc_server="native", tls_certfile=pem, tls_keyfile=pem)
+
+
+def test_without_pygrpc_native_the_gateway_says_what_to_install(small_repo: Path, tmp_path: Path) -> None:
+    shim = tmp_path / "shim" / "pygrpc_native"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'pygrpc_native'\")\n")
+    command = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--model-repo",
+        str(small_repo),
+        "--host",
+        "127.0.0.1",
+    ]
+    command += ["--http-port", str(free_port()), "--grpc-port", str(free_port())]
+    env = {**os.environ, "PYTHONPATH": str(shim.parent), "MODELYARD_GRPC_SERVER": "native"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert MISSING in done.stderr + done.stdout, (done.stderr + done.stdout)[-2000:]
 
 
 def test_no_deadline_from_a_server_reads_as_none() -> None:
@@ -140,3 +169,38 @@ def test_the_watch_leaves_other_sockets_alone(listener: socket.socket) -> None:
         finally:
             client.close()
             accepted.close()
+
+
+class _Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """Health checks that note each call's peer as the native server reports it."""
+
+    def __init__(self) -> None:
+        self.peers: list[str] = []
+
+    async def Check(self, request: Any, context: Any) -> Any:
+        self.peers.append(context.peer())
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::]"])
+async def test_the_watch_names_peers_as_the_native_server_does(host: str) -> None:
+    """Admission matches a call's `context.peer()` against the sockets' peers, on IPv4 and on a
+    dual-stack listener (where an IPv4 client is a mapped IPv6 address)."""
+    health = _Health()
+    server = pygrpc_native.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    watch = ConnectionWatch(max_connections=1, handshake_timeout_s=60, idle_s=60)
+    watch.port = server.add_insecure_port(f"{host}:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{watch.port}") as channel:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            watch.sweep()
+            assert watch.open_connections == 1
+            watch.admit(health.peers[0])  # held: admitted
+            watch.admit(health.peers[0])
+    finally:
+        await server.stop(0)
+    assert len(health.peers) == 1 and health.peers[0].startswith(
+        "ipv6:[::ffff:" if host == "[::]" else "ipv4:"
+    )
