@@ -204,3 +204,43 @@ async def test_the_watch_names_peers_as_the_native_server_does(host: str) -> Non
     assert len(health.peers) == 1 and health.peers[0].startswith(
         "ipv6:[::ffff:" if host == "[::]" else "ipv4:"
     )
+
+
+SILENT = 300
+
+
+@pytest.mark.parametrize("server", ["grpcio", "native"])
+def test_hundreds_of_silent_connections_are_closed_and_calls_go_on(
+    small_repo: Path, tmp_path: Path, server: str
+) -> None:
+    """300 connections that never send a byte: each is closed at the handshake timeout (the native
+    server's watch sees them all in one sweep), while calls on a real channel are answered."""
+    timeout_s = 2.0
+    running = start_gateway(
+        small_repo,
+        tmp_path / "gateway.log",
+        env={"MODELYARD_GRPC_SERVER": server, "MODELYARD_GRPC_HANDSHAKE_TIMEOUT_S": str(timeout_s)},
+    )
+    silent: list[socket.socket] = []
+    try:
+        silent = [
+            socket.create_connection(("127.0.0.1", running.grpc_port), timeout=10) for _ in range(SILENT)
+        ]
+        opened = time.monotonic()
+        with grpc.insecure_channel(running.grpc) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            answered = 0
+            while time.monotonic() - opened < timeout_s + 1:
+                answered += stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+                time.sleep(0.05)
+        assert answered > 20
+        # Each server sends its SETTINGS first; then the connection must end.
+        held = sum(
+            closed_within(sock, max(0.2, opened + timeout_s + 4 - time.monotonic())) is None
+            for sock in silent
+        )
+        assert held == 0 and time.monotonic() - opened < timeout_s + 4.5
+    finally:
+        for sock in silent:
+            sock.close()
+        assert running.stop() == 0
