@@ -49,6 +49,7 @@ _LAST_DATA_SENT = struct.Struct("=I"), 44
 _LAST_DATA_RECV = struct.Struct("=I"), 52
 _BYTES_RECEIVED = struct.Struct("=Q"), 128
 _TCP_INFO_SIZE = 136
+IDLE_CHECK_S = 1.0
 
 
 def native_server(options: Sequence[tuple[str, Any]]) -> grpc.aio.Server:
@@ -79,6 +80,7 @@ class _Connection:
     peer: str
     seen: float
     greeted: bool = False
+    idle_checked: float = 0.0
 
 
 class ConnectionWatch:
@@ -189,8 +191,11 @@ class ConnectionWatch:
 
     def _limit_passed(self, connection: _Connection, now: float) -> str | None:
         checks_handshake = not connection.greeted and now - connection.seen >= self.handshake_timeout_s
-        if not checks_handshake and now - connection.seen < self.idle_s:
-            return None
+        if not checks_handshake:
+            # Idle time is read at most once a second per connection, and not before it could pass.
+            if now - connection.seen < self.idle_s or now - connection.idle_checked < IDLE_CHECK_S:
+                return None
+            connection.idle_checked = now
         info = self._tcp_info(connection.fd)
         if info is None:
             return None

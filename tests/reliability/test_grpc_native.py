@@ -157,6 +157,24 @@ def test_the_watch_shuts_a_connection_without_a_handshake(listener: socket.socke
             accepted.close()
 
 
+def test_the_watch_shuts_a_quiet_connection_and_keeps_a_busy_one(listener: socket.socket) -> None:
+    watch = ConnectionWatch(max_connections=10, handshake_timeout_s=60, idle_s=0.5)
+    watch.port = listener.getsockname()[1]
+    quiet, busy = connect(listener, PREFACE), connect(listener, PREFACE)
+    try:
+        watch.sweep()
+        for _ in range(4):
+            time.sleep(0.2)
+            busy[0].sendall(b"\0")  # any bytes count as activity
+        watch.sweep()
+        assert (is_shut(quiet[0]), is_shut(busy[0])) == (True, False)
+        assert watch.closed == {"cap": 0, "handshake": 0, "idle": 1}
+    finally:
+        for client, accepted in (quiet, busy):
+            client.close()
+            accepted.close()
+
+
 def test_the_watch_leaves_other_sockets_alone(listener: socket.socket) -> None:
     """Sockets on another port, and those the process opened itself, are not the watch's."""
     watch = ConnectionWatch(max_connections=1, handshake_timeout_s=0, idle_s=0)
