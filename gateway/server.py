@@ -120,6 +120,7 @@ class Gateway:
             self.metrics,
             settings.enable_repository_api,
             worker_table=worker.table if worker is not None else None,
+            grpc_server=settings.grpc_server,
         )
         self.limits = InputLimits.from_settings(settings)
         self.connections = ConnectionGuard(ConnectionLimits.from_settings(settings))

@@ -250,6 +250,7 @@ class GatewayStatus:
     version: str
     uptime_s: float
     repository_api: bool
+    grpc_server: str  # "grpcio" or "native" (settings.grpc_server)
     models: list[ModelStatus]
     processes: list[ProcessStatus]
     index: list[IndexRow]
@@ -271,6 +272,7 @@ class StatusReader:
         metrics: Metrics,
         repository_api: bool = False,
         worker_table: Path | None = None,
+        grpc_server: str = "grpcio",
     ) -> None:
         """`worker_table`: the supervisor's table of workers, where this is one of `--workers N`."""
         self.dataplane = dataplane
@@ -279,6 +281,7 @@ class StatusReader:
         self._started = time.monotonic()
         self._started_at = time.time()
         self._worker_table = worker_table
+        self.grpc_server = grpc_server
 
     async def read(self, access: Access = FULL_ACCESS) -> GatewayStatus:
         """The status as `access` may see it: its models only, and the processes (pids, memory)
@@ -332,6 +335,7 @@ class StatusReader:
             version=gateway.__version__,
             uptime_s=round(time.monotonic() - self._started, 1),
             repository_api=self.repository_api,
+            grpc_server=self.grpc_server,
             models=models,
             processes=[_process(pid, serves) for pid, serves in served_by.items()] if access.admin else [],
             index=index,

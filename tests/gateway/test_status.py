@@ -99,6 +99,7 @@ def test_status_json_names_models_backends_and_memory(gateway: RunningGateway) -
         assert status["worker_count"] == 1 and status["supervisor_pid"] is None
         assert (worker["pid"], worker["restarts"], worker["ready"]) == (gateway.process.pid, 0, True)
         assert status["repository_api"]  # the session gateway turns it on
+        assert status["grpc_server"] == "grpcio"
         index = {(e["name"], e["version"]): e for e in status["index"]}
         assert index[("broken_artifact", "1")]["state"] == "UNAVAILABLE"
 

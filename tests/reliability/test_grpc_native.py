@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pygrpc_native.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -57,6 +58,9 @@ def test_an_idle_grpc_connection_is_closed(small_repo: Path, tmp_path: Path, ser
             sock.sendall(PREFACE)
             waited = closed_within(sock, IDLE_S + 8)
         assert waited is not None and IDLE_S - 0.2 <= waited < IDLE_S + 4, waited
+        # The status says which server runs, in its JSON and on its page.
+        assert httpx.get(f"{running.url}/status", timeout=10).json()["grpc_server"] == server
+        assert f"gRPC on {server}" in httpx.get(f"{running.url}/", timeout=10).text
     finally:
         assert running.stop() == 0
 
