@@ -3,14 +3,15 @@
 REST is a bare ASGI app on uvicorn with httptools, through the gateway's own connection protocol
 (its connection guard, and one socket write per answer), gRPC is grpc.aio serving tritonclient's
 generated `inference.GRPCInferenceService` with the gRPC core experiments the gateway sets, both in
-one uvloop event loop, as `gateway/server.py` runs them.
+one uvloop event loop, as `gateway/server.py` runs them. With `--grpc-server native` its gRPC side is
+pygrpc-native instead, as the gateway's `MODELYARD_GRPC_SERVER=native` runs it: the floor of that stack.
 Every infer request is read in full and answered with the same bytes, prepared before the server
 starts: the v2 answer to the bench's fixed mlp input (JSON, or Triton's binary extension when the
 request uses it) and the same answer as a ModelInferResponse. Nothing is decoded or computed per
 request, so a row against this server is what the client, the HTTP or gRPC library and the event
 loop cost by themselves.
 
-    python benchmarks/canned.py --answers DIR --http-port P --grpc-port Q
+    python benchmarks/canned.py --answers DIR --http-port P --grpc-port Q [--grpc-server grpcio|native]
 
 DIR holds what `write_answers` puts there (benchmarks/peers.py calls it with onnxruntime's answer):
 answer.json, answer.bin (with its JSON header's length in answer.bin.header) and answer.pb.
@@ -37,6 +38,7 @@ import uvicorn
 import uvloop
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from gateway.grpc_native import native_server
 from gateway.protocols.connections import ConnectionGuard, ConnectionLimits
 
 BINARY_HEADER = b"inference-header-content-length"
@@ -48,6 +50,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--answers", type=Path, required=True)
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--grpc-port", type=int, required=True)
+    parser.add_argument(
+        "--grpc-server",
+        choices=("grpcio", "native"),
+        default="grpcio",
+        help="the gRPC server library, as the gateway's MODELYARD_GRPC_SERVER picks it",
+    )
     return parser.parse_args()
 
 
@@ -134,9 +142,8 @@ class _Server(uvicorn.Server):
 async def serve(args: argparse.Namespace) -> None:
     # The message limits the gateway sets by default (grpc_max_message_mb: 256).
     limit = 256 * 1024 * 1024
-    grpc_server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
-    )
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    grpc_server = native_server(options) if args.grpc_server == "native" else grpc.aio.server(options=options)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(CannedGrpc(args.answers), grpc_server)
     grpc_server.add_insecure_port(f"127.0.0.1:{args.grpc_port}")
     await grpc_server.start()

@@ -68,6 +68,7 @@ from drive import (
 )
 from goals import (
     CANNED,
+    CANNED_NATIVE,
     HEAVY,
     HEAVY_BATCHED,
     HEAVY_BATCHED_C8,
@@ -78,6 +79,7 @@ from goals import (
     MODELYARD_NATIVE,
     OK_CHECKS,
     find,
+    floor_of,
     goal_table,
     verdicts,
 )
@@ -115,6 +117,8 @@ SETTINGS = {
     CANNED: "benchmarks/canned.py: a bare ASGI app on uvicorn+httptools and grpc.aio with tritonclient's "
     "generated GRPCInferenceService, on one uvloop loop as the gateway runs them, returning prebuilt "
     "bytes of the correct answer: the floor of the stack",
+    CANNED_NATIVE: "the same canned answer served by pygrpc-native (`canned.py --grpc-server native`): the "
+    "floor of the native gRPC server's stack, against which its rows are compared; gRPC rows only",
 }
 
 
@@ -190,16 +194,20 @@ def gateway_served(work: Path, native: bool = False) -> Iterator[Served]:
 
 
 @contextlib.contextmanager
-def canned_served(work: Path, expected: Any) -> Iterator[Served]:
-    answers = work / "canned"
+def canned_served(work: Path, expected: Any, native: bool = False) -> Iterator[Served]:
+    """The canned answer on grpc.aio (all three protocols), or on pygrpc-native (its gRPC rows)."""
+    answers = work / ("canned-native" if native else "canned")
     write_answers(answers, MODEL, "1", OUTPUT_NAME, expected)
     http_port, grpc_port = free_port(), free_port()
     command = [sys.executable, str(ROOT / "benchmarks" / "canned.py"), "--answers", str(answers)]
     command += ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+    command += ["--grpc-server", "native" if native else "grpcio"]
     base = f"http://127.0.0.1:{http_port}"
-    endpoint = Endpoint(CANNED, f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
-    with server("canned", pinned(0, command), f"{base}/v2/health/ready", ROOT, dict(os.environ)):
-        yield Served(CANNED, base, endpoint)
+    target = CANNED_NATIVE if native else CANNED
+    endpoint = Endpoint(target, f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
+    name = "canned-native" if native else "canned"
+    with server(name, pinned(0, command), f"{base}/v2/health/ready", ROOT, dict(os.environ)):
+        yield Served(target, base, endpoint, ("gRPC",) if native else V2_PROTOCOLS)
 
 
 def mlserver_dir(work: Path, http_port: int, grpc_port: int, parallel_workers: int) -> Path:
@@ -510,6 +518,7 @@ def render(rows: list[Row], meta: dict[str, Any]) -> str:
         f"- {MLSERVER_DEFAULT}: {SETTINGS[MLSERVER_DEFAULT]}",
         f"- {KSERVE} (0.21): {SETTINGS[KSERVE]}",
         f"- {CANNED}: {SETTINGS[CANNED]}",
+        f"- {CANNED_NATIVE}: {SETTINGS[CANNED_NATIVE]}",
         f"- {MODELYARD_NATIVE} (pygrpc-native {package_version('pygrpc-native')}): {SETTINGS[MODELYARD_NATIVE]}",
         f"- modelyard: `python -m gateway serve` on a repository of mlp alone (heavy: of the three heavy "
         f"deployments, with `{HEAVY_BATCHING_C8}` for c=8 and batching.py's config for c=16); TorchServe "
@@ -524,7 +533,11 @@ def render(rows: list[Row], meta: dict[str, Any]) -> str:
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
-        floor = find(rows, CANNED, row.protocol, row.concurrency, row.batch) if row.model == MODEL else None
+        floor = (
+            find(rows, floor_of(row.target), row.protocol, row.concurrency, row.batch)
+            if row.model == MODEL
+            else None
+        )
         lines.append(
             f"| {row.target} | {row.model} | {row.protocol} | {row.generator} | {row.batch} | {row.concurrency} | "
             f"{fmt(row.req_per_s, 0)} | {fmt(row.p50_ms, 3)} | {fmt(row.p99_ms)} | {row.requests} | "
@@ -623,18 +636,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         payloads = write_payloads(work, x)
         rows += [load_py_row(INPROCESS, "inprocess", level, args, None) for level in args.levels]
         rows.append(load_py_row(INPROCESS, "inprocess", BATCH_ROW, args, None, batch=BATCH_ROW))
+        # (name, the targets it needs, none of them skipped, its start)
         v2_starts = (
-            ("canned", lambda: canned_served(work, expected)),
-            ("modelyard", lambda: gateway_served(work)),
-            ("modelyard-native", lambda: gateway_served(work, native=True)),
-            ("mlserver", lambda: mlserver_served(work, 0, MLSERVER)),
-            ("mlserver-default", lambda: mlserver_served(work, 1, MLSERVER_DEFAULT)),
-            ("kserve", lambda: kserve_served(work)),
+            ("canned", ("canned",), lambda: canned_served(work, expected)),
+            (
+                "canned-native",
+                ("canned", "modelyard-native"),
+                lambda: canned_served(work, expected, native=True),
+            ),
+            ("modelyard", (), lambda: gateway_served(work)),
+            ("modelyard-native", ("modelyard-native",), lambda: gateway_served(work, native=True)),
+            ("mlserver", ("mlserver",), lambda: mlserver_served(work, 0, MLSERVER)),
+            ("mlserver-default", ("mlserver-default",), lambda: mlserver_served(work, 1, MLSERVER_DEFAULT)),
+            ("kserve", ("kserve",), lambda: kserve_served(work)),
         )
         with contextlib.ExitStack() as stack:
             served = []
-            for name, start in v2_starts:
-                if name in args.skipped:
+            for name, needs, start in v2_starts:
+                if any(need in args.skipped for need in needs):
                     continue
                 # A target that fails to install or start is reported under the table; the others still run.
                 try:
