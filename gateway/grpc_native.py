@@ -23,7 +23,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +97,7 @@ class ConnectionWatch:
         idle_s: float,
         interval_s: float = 0.25,
         fd_dir: str = "/proc/self/fd",
+        on_close: Callable[[str], None] | None = None,
     ) -> None:
         self.max_connections = max_connections
         self.handshake_timeout_s = handshake_timeout_s
@@ -108,6 +109,8 @@ class ConnectionWatch:
         self._others: dict[int, str] = {}  # every other socket's inode, so it is looked at once
         self._admitted: set[str] = set()
         self.closed: dict[str, int] = {"cap": 0, "handshake": 0, "idle": 0}
+        # Told the reason of each connection shut (the connections-closed metric).
+        self._on_close = on_close
 
     @property
     def open_connections(self) -> int:
@@ -221,6 +224,8 @@ class ConnectionWatch:
             if os.readlink(f"{self._fd_dir}/{connection.fd}") == connection.inode:
                 sock.shutdown(socket.SHUT_RDWR)
                 self.closed[reason] += 1
+                if self._on_close is not None:
+                    self._on_close(reason)
                 log.info("event=grpc_connection_closed reason=%s peer=%s", reason, connection.peer)
 
 

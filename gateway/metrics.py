@@ -312,6 +312,15 @@ class Metrics:
             ("model", "reason"),
             registry=self.registry,
         )
+        self.connections_closed = Counter(
+            "modelyard_connections_closed",
+            "Client connections the gateway shut for a limit, by front door and reason. http: cap "
+            "(answered 503), headers_too_large (431), header_timeout (408, or closed where nothing came), "
+            "malformed (400). grpc, on the native server, whose limits the gateway keeps: cap, "
+            "handshake, idle. grpcio keeps the gRPC limits in its core and does not report them.",
+            ("protocol", "reason"),
+            registry=self.registry,
+        )
         self.timeouts = Counter(
             "modelyard_deadline_exceeded",
             "Requests whose deadline passed, by stage: load, queue, batch_queue, backend.",

@@ -123,7 +123,9 @@ class Gateway:
             grpc_server=settings.grpc_server,
         )
         self.limits = InputLimits.from_settings(settings)
-        self.connections = ConnectionGuard(ConnectionLimits.from_settings(settings))
+        self.connections = ConnectionGuard(
+            ConnectionLimits.from_settings(settings), on_close=self._count_closed("http")
+        )
         self.body_budget = BodyBudget(settings.max_inflight_body_bytes)
         # Every front door builds its requests' contexts with this one builder.
         self.contexts = ContextBuilder(settings.priority_header)
@@ -215,6 +217,15 @@ class Gateway:
             ("grpc.so_reuseport", 1),
         ]
 
+    def _count_closed(self, protocol: str) -> Callable[[str], None]:
+        """What a front door's connection limits call with the reason of each connection they shut."""
+        counter = self.metrics.connections_closed
+
+        def count(reason: str) -> None:
+            counter.labels(protocol, reason).inc()
+
+        return count
+
     def _grpc_server(self) -> grpc.aio.Server:
         if self.settings.grpc_server == "grpcio":
             return grpc.aio.server(options=self._grpc_options())
@@ -227,6 +238,7 @@ class Gateway:
             settings.grpc_max_connections,
             settings.grpc_handshake_timeout_s,
             settings.grpc_max_connection_idle_s,
+            on_close=self._count_closed("grpc"),
         )
         return server
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,8 +67,10 @@ class ConnectionLimits:
 class ConnectionGuard:
     """The limits every connection is held to, and the drain they all follow."""
 
-    def __init__(self, limits: ConnectionLimits) -> None:
+    def __init__(self, limits: ConnectionLimits, on_close: Callable[[str], None] | None = None) -> None:
         self.limits = limits
+        # Told the reason each time a limit shuts a connection (the connections-closed metric).
+        self.on_close = on_close or _ignore
         self.draining = False
         self._connections: set[Any] | None = None
 
@@ -87,6 +90,10 @@ class ConnectionGuard:
         self.draining = True
         for connection in list(self._connections or ()):
             connection.stop_keeping_alive()
+
+
+def _ignore(reason: str) -> None:
+    pass
 
 
 def _answer(error: GatewayError) -> bytes:
@@ -125,7 +132,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 ConnectionsExhausted(
                     f"the gateway holds {limits.max_connections} connections, its limit "
                     "(MODELYARD_HTTP_MAX_CONNECTIONS); retry shortly"
-                )
+                ),
+                "cap",
             )
             return
         self._head_started = self.loop.time()
@@ -155,10 +163,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if not self._refused:
                 message = "Invalid HTTP request received."
                 self.logger.warning(message)
+                self.guard.on_close("malformed")
                 self.send_400_response(message)
             return
         if self._reading_head and self._head_bytes > self.guard.limits.max_header_bytes:
-            self._refuse(self._too_large())
+            self._refuse(self._too_large(), "headers_too_large")
 
     def _too_large(self) -> HeadersTooLarge:
         limits = self.guard.limits
@@ -183,7 +192,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.url
         ) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if too_large or len(self.headers) > limits.max_headers:
-            self._refuse(self._too_large())
+            self._refuse(self._too_large(), "headers_too_large")
             raise _Refused
         self._reading_head = False
         self._head_bytes = 0
@@ -206,12 +215,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         for cycle, _ in self.pipeline:
             cycle.keep_alive = False
 
-    def _refuse(self, error: GatewayError) -> None:
+    def _refuse(self, error: GatewayError, reason: str) -> None:
         """Answers with `error` and closes, after a moment in which what the client still sends
-        is read and dropped, so that it reads the answer rather than a reset."""
+        is read and dropped, so that it reads the answer rather than a reset. `reason` is what
+        the connections-closed metric counts it under."""
         if self._refused:
             return
         self._refused = True
+        self.guard.on_close(reason)
         self._cancel_head_timer()
         if self.cycle is not None and not self.cycle.response_complete:
             # A pipelined request's answer is still being written: close after it, say no more.
@@ -244,10 +255,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._arm_head_timer(timeout - waited)
             return
         if self._head_bytes == 0 and self.cycle is None:
+            self.guard.on_close("header_timeout")
             self.transport.close()  # opened and never sent a byte
             return
         self._refuse(
             HeaderTimeout(
                 f"the request's header block did not arrive within {timeout:g} s (MODELYARD_HTTP_HEADER_TIMEOUT_S)"
-            )
+            ),
+            "header_timeout",
         )

@@ -82,6 +82,14 @@ def closed_within(sock: socket.socket, seconds: float) -> float | None:
     return time.monotonic() - started
 
 
+CLOSED = "modelyard_connections_closed_total"
+
+
+def closed_count(gateway: RunningGateway, protocol: str, reason: str) -> float:
+    """How many connections the gateway says it shut on `protocol` for `reason`."""
+    return gateway.metric(CLOSED, protocol=protocol, reason=reason)
+
+
 def assert_still_serving(gateway: RunningGateway) -> None:
     with httpx.Client(base_url=gateway.url, timeout=30) as client:
         assert client.post("/v2/models/affine/infer", json=GOOD).status_code == 200
@@ -94,6 +102,7 @@ def assert_still_serving(gateway: RunningGateway) -> None:
     ids=["1 MB header", "8 MB header", "10000 headers"],
 )  # fmt: skip
 def test_a_header_block_over_its_cap_is_431(guarded: RunningGateway, header: bytes) -> None:
+    counted = closed_count(guarded, "http", "headers_too_large")
     sock = connect(guarded)
     with sock:
         sender = threading.Thread(
@@ -107,6 +116,7 @@ def test_a_header_block_over_its_cap_is_431(guarded: RunningGateway, header: byt
     assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large", answer[:300]
     assert b"connection: close" in rest.lower()
     assert b"MODELYARD_HTTP_MAX_HEADER" in rest
+    assert closed_count(guarded, "http", "headers_too_large") == counted + 1
     assert_still_serving(guarded)
 
 
@@ -119,6 +129,7 @@ def test_a_header_block_under_the_cap_is_served(guarded: RunningGateway) -> None
 
 
 def test_a_connection_that_does_not_finish_its_headers_is_closed(guarded: RunningGateway) -> None:
+    counted = closed_count(guarded, "http", "header_timeout")
     silent = connect(guarded)
     trickling = connect(guarded)
     with silent, trickling:
@@ -141,6 +152,8 @@ def test_a_connection_that_does_not_finish_its_headers_is_closed(guarded: Runnin
         assert closed is not None and closed < HEADER_TIMEOUT_S + 2, closed
         # The one that sent nothing at all is closed too.
         assert closed_within(silent, 3) is not None
+    # Both are counted, under the limit that shut them.
+    assert closed_count(guarded, "http", "header_timeout") == counted + 2
     assert_still_serving(guarded)
 
 
@@ -154,6 +167,7 @@ def test_an_idle_kept_alive_connection_is_closed_after_keep_alive(guarded: Runni
 
 
 def test_connections_past_the_cap_are_answered_503_at_once(guarded: RunningGateway) -> None:
+    counted = closed_count(guarded, "http", "cap")
     held = [connect(guarded) for _ in range(MAX_CONNECTIONS)]
     try:
         for sock in held:
@@ -170,6 +184,8 @@ def test_connections_past_the_cap_are_answered_503_at_once(guarded: RunningGatew
         for sock in held:
             sock.close()
     time.sleep(0.2)
+    # Read with the held connections gone: the metrics' own request would be over the cap.
+    assert closed_count(guarded, "http", "cap") == counted + 1
     assert_still_serving(guarded)
 
 
@@ -231,6 +247,9 @@ def test_grpc_connections_past_the_cap_are_refused_and_the_held_ones_serve_on(
         extra, outcome = grpc_live(running.grpc)
         channels.append(extra)
         assert outcome == "UNAVAILABLE"
+        # The native server's cap is the gateway's own, and counted; grpcio's core keeps its own.
+        shut = closed_count(running, "grpc", "cap")
+        assert shut >= 1 if grpc_server() == "native" else shut == 0
         # The connections held still serve, and the gateway's REST side never noticed.
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channels[0])
         assert stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=5).live
