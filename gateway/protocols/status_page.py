@@ -58,7 +58,7 @@ def render_panel(status: GatewayStatus) -> str:
     return "\n".join(
         [
             f'<p class="meta">modelyard {escape(status.version)}, up {status.uptime_s:.0f} s, '
-            f"gRPC on {escape(status.grpc_server)}; traffic over the last {_window(status)}</p>",
+            f"gRPC server {escape(status.grpc_server)}; traffic over the last {_window(status)}</p>",
             "<h2>Models</h2>",
             _models_table(status),
             _repository_note(status),

@@ -60,7 +60,7 @@ def test_an_idle_grpc_connection_is_closed(small_repo: Path, tmp_path: Path, ser
         assert waited is not None and IDLE_S - 0.2 <= waited < IDLE_S + 4, waited
         # The status says which server runs, in its JSON and on its page.
         assert httpx.get(f"{running.url}/status", timeout=10).json()["grpc_server"] == server
-        assert f"gRPC on {server}" in httpx.get(f"{running.url}/", timeout=10).text
+        assert f"gRPC server {server}" in httpx.get(f"{running.url}/", timeout=10).text
         # The native server's closes are the gateway's own, and counted; grpcio's core keeps its own.
         idle = running.metric("modelyard_connections_closed_total", protocol="grpc", reason="idle")
         assert idle == (1 if server == "native" else 0)
