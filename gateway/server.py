@@ -393,6 +393,8 @@ class Gateway:
         if self.tracer is not None:
             # Flushes the spans still queued for export.
             await asyncio.to_thread(self.tracer.shutdown)
+        # The last requests' held observations: under --workers, into the files the others read.
+        self.metrics.flush()
         log.info("modelyard stopped")
 
 

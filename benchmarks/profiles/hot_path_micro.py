@@ -186,10 +186,23 @@ def main() -> None:
         )
     )
     series = metrics.series(*labels)
-    results.append(("one cached counter child's inc()", best_us(series.count_child("200").inc, args)))
+
+    def in_loop_us(fn: Callable[[], object]) -> float:
+        """µs per call of `fn` inside the running event loop, where the series hold observations."""
+
+        async def run() -> float:
+            started = time.perf_counter()
+            for _ in range(args.number):
+                fn()
+            return time.perf_counter() - started
+
+        return min(loop.run_until_complete(run()) for _ in range(args.repeat)) / args.number * 1e6
+
+    results.append(("one cached counter child's inc() (held)", in_loop_us(series.count_child("200").inc)))
     results.append(
-        ("one cached histogram child's observe()", best_us(lambda: series.duration.observe(0.0005), args))
+        ("one cached histogram child's observe() (held)", in_loop_us(lambda: series.duration.observe(0.0005)))
     )
+    metrics.flush()
 
     response = loop.run_until_complete(infer())
     results.append(("encode_infer_response", best_us(lambda: encode_infer_response(response), args)))

@@ -4,6 +4,7 @@ names mint no series; the process and build series are there, and no `_created` 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -12,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from gateway import metrics as metrics_module
 from gateway.metrics import Metrics
 from tests.support import Protocol, RunningGateway
 
@@ -68,3 +70,76 @@ def test_a_worker_metric_file_not_yet_sized_does_not_fail_a_scrape(tmp_path: Pat
     text = Metrics(multiprocess_dir=tmp_path).render().decode()
     # The render went through: the platform collector's family is there beside the workers' files.
     assert text.startswith("# HELP python_info")
+
+
+# The per-request series hold their observations and add them in bulk ----------------------------
+
+LABELS = ("m", "1", "onnxruntime", "rest")
+
+
+def histogram_samples(metrics: Metrics, name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = metrics.render().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith(name)
+    }
+
+
+async def test_held_observations_land_in_the_buckets_observe_would_pick() -> None:
+    """Values on, between, under and over the bounds: the bulk add gives what prometheus-client's
+    own observe() gives, bucket by bucket, with the same sum and count."""
+    bounds = metrics_module.LATENCY_BUCKETS
+    values = [*bounds, *(b * 0.999 for b in bounds), *(b * 1.001 for b in bounds), 0.0, 1e-9, 99.0]
+    values += list(np.random.default_rng(7).exponential(0.01, 500))
+    held, direct = Metrics(), Metrics()
+    series = held.series(*LABELS)
+    for value in values:
+        series.duration.observe(value)
+        direct.request_duration.labels(*LABELS).observe(value)
+    got = histogram_samples(held, "modelyard_request_duration_seconds")
+    assert got == histogram_samples(direct, "modelyard_request_duration_seconds")
+    counts = [value for (name, _), value in got.items() if name.endswith("_count")]
+    assert counts == [len(values)]
+
+
+async def test_held_observations_are_written_within_the_flush_interval() -> None:
+    """Inside the event loop a request's observations wait in the series; a scrape of the process
+    writes them at once, and the timer writes them within FLUSH_S for the other workers' scrapes."""
+    metrics = Metrics()
+    series = metrics.series(*LABELS)
+    child = metrics.requests.labels(*LABELS, "200")
+    series.count("200")
+    series.count("200")
+    assert child._value.get() == 0  # held
+    await asyncio.sleep(metrics_module.FLUSH_S * 3)
+    assert child._value.get() == 2  # the timer wrote them
+    series.count("200")
+    assert requests_in(metrics.render()) == 3  # a scrape writes what is held first
+
+
+async def test_a_series_holds_at_most_buffer_max_observations() -> None:
+    metrics = Metrics()
+    series = metrics.series(*LABELS)
+    child = metrics.request_duration.labels(*LABELS)
+    for _ in range(metrics_module.BUFFER_MAX):
+        series.duration.observe(0.001)
+    assert child._sum.get() == pytest.approx(0.001 * metrics_module.BUFFER_MAX)
+    series.duration.observe(0.001)
+    assert child._sum.get() == pytest.approx(0.001 * metrics_module.BUFFER_MAX)  # the next one is held
+
+
+def test_outside_the_event_loop_observations_are_written_at_once() -> None:
+    metrics = Metrics()
+    metrics.series(*LABELS).count("200")
+    assert metrics.requests.labels(*LABELS, "200")._value.get() == 1
+
+
+def requests_in(text: bytes) -> float:
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+        if s.name == "modelyard_requests_total"
+    )

@@ -23,6 +23,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
+from gateway.metrics import FLUSH_S
 from gateway.native_logs import is_noise
 from scripts.build_models import _save, build_affine
 from tests.reliability.test_drain import (
@@ -190,8 +191,13 @@ def test_two_workers_serve_rest_and_grpc_and_metrics_count_both(workers_gateway:
                 sent += 1
             grpc_client_.close()
 
-    # Any worker's /metrics counts every worker's requests: the sum is all that were sent.
-    assert metric(gateway, "modelyard_requests_total", model="affine") - base == sent
+    # Any worker's /metrics counts every worker's requests: the sum is all that were sent, once
+    # each worker has written its last ones (at most FLUSH_S after they were answered).
+    deadline = time.monotonic() + 10 * FLUSH_S
+    while (counted := metric(gateway, "modelyard_requests_total", model="affine") - base) < sent:
+        assert time.monotonic() < deadline, (counted, sent)
+        time.sleep(FLUSH_S / 4)
+    assert counted == sent
     assert metric(gateway, "modelyard_model_ready", model="affine") == 1
     page = httpx.get(f"{gateway.url}/").text
     assert 'id="workers"' in page and all(f"<td>{pid}</td>" in page for pid in pids)
