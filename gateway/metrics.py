@@ -79,7 +79,7 @@ VERSION_LABELS = ("model", "version", "backend")
 # The longest a per-request observation waits before it is in prometheus-client's values.
 FLUSH_S = 0.1
 # The most observations one series holds before it adds them at once.
-BUFFER_MAX = 4096
+BUFFER_MAX = 64
 
 
 class _Flusher:

@@ -99,7 +99,11 @@ async def test_held_observations_land_in_the_buckets_observe_would_pick() -> Non
         series.duration.observe(value)
         direct.request_duration.labels(*LABELS).observe(value)
     got = histogram_samples(held, "modelyard_request_duration_seconds")
-    assert got == histogram_samples(direct, "modelyard_request_duration_seconds")
+    want = histogram_samples(direct, "modelyard_request_duration_seconds")
+    # The sum is added in parts, so it may differ in its last bits; the buckets and count not at all.
+    assert got.keys() == want.keys()
+    for key, value in got.items():
+        assert value == (pytest.approx(want[key], rel=1e-12) if key[0].endswith("_sum") else want[key]), key
     counts = [value for (name, _), value in got.items() if name.endswith("_count")]
     assert counts == [len(values)]
 
