@@ -30,11 +30,12 @@ from gateway.errors import (
 )
 from gateway.limits import Limiter, acquire_all, release_all, release_late
 from gateway.loaded import LoadedModel, LoadedVersion, State
-from gateway.metrics import Metrics, RequestSeries
+from gateway.metrics import Metrics
 from gateway.outcomes import GRPC_PROTOCOLS, Outcomes, Served, code_of
 from gateway.payload_log import PayloadLogs
 from gateway.recording import Recorder
 from gateway.registry import Registry
+from gateway.request_series import RequestSeries
 from gateway.rollouts import SHADOW_PROTOCOL, Rollouts
 from gateway.routing import Route, Router
 from gateway.timing import RequestTiming, current_timing

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gateway.metrics import RequestSeries
+    from gateway.request_series import RequestSeries
 
 # The phases as the histogram's `phase` label and Server-Timing's metric names, in request order.
 PHASES = ("decode", "load", "queue", "batch", "backend", "encode")

@@ -13,8 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from gateway import metrics as metrics_module
-from gateway.metrics import Metrics
+from gateway import request_series
+from gateway.metrics import LATENCY_BUCKETS, Metrics
 from tests.support import Protocol, RunningGateway
 
 
@@ -90,7 +90,7 @@ def histogram_samples(metrics: Metrics, name: str) -> dict[tuple[str, tuple[tupl
 async def test_held_observations_land_in_the_buckets_observe_would_pick() -> None:
     """Values on, between, under and over the bounds: the bulk add gives what prometheus-client's
     own observe() gives, bucket by bucket, with the same sum and count."""
-    bounds = metrics_module.LATENCY_BUCKETS
+    bounds = LATENCY_BUCKETS
     values = [*bounds, *(b * 0.999 for b in bounds), *(b * 1.001 for b in bounds), 0.0, 1e-9, 99.0]
     values += list(np.random.default_rng(7).exponential(0.01, 500))
     held, direct = Metrics(), Metrics()
@@ -117,7 +117,7 @@ async def test_held_observations_are_written_within_the_flush_interval() -> None
     series.count("200")
     series.count("200")
     assert child._value.get() == 0  # held
-    await asyncio.sleep(metrics_module.FLUSH_S * 3)
+    await asyncio.sleep(request_series.FLUSH_S * 3)
     assert child._value.get() == 2  # the timer wrote them
     series.count("200")
     assert requests_in(metrics.render()) == 3  # a scrape writes what is held first
@@ -127,11 +127,11 @@ async def test_a_series_holds_at_most_buffer_max_observations() -> None:
     metrics = Metrics()
     series = metrics.series(*LABELS)
     child = metrics.request_duration.labels(*LABELS)
-    for _ in range(metrics_module.BUFFER_MAX):
+    for _ in range(request_series.BUFFER_MAX):
         series.duration.observe(0.001)
-    assert child._sum.get() == pytest.approx(0.001 * metrics_module.BUFFER_MAX)
+    assert child._sum.get() == pytest.approx(0.001 * request_series.BUFFER_MAX)
     series.duration.observe(0.001)
-    assert child._sum.get() == pytest.approx(0.001 * metrics_module.BUFFER_MAX)  # the next one is held
+    assert child._sum.get() == pytest.approx(0.001 * request_series.BUFFER_MAX)  # the next one is held
 
 
 def test_outside_the_event_loop_observations_are_written_at_once() -> None:

@@ -23,8 +23,8 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from gateway.metrics import FLUSH_S
 from gateway.native_logs import is_noise
+from gateway.request_series import FLUSH_S
 from scripts.build_models import _save, build_affine
 from tests.reliability.test_drain import (
     GRPC_CLIENTS,
