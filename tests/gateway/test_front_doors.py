@@ -26,7 +26,10 @@ from tests.support import RunningGateway
 X = np.ones((1, 4), np.float32)
 # An n x n product: about 0.6 s at n=3000 on this project's machines, far past a 50 ms deadline;
 # the priority test's holder runs about 1.8 s (n=4096), time enough to queue two requests behind it.
-LONG_N, HOLD_N, QUEUED_N, SHORT_N = 3000, 4096, 600, 2
+# spin's run: about 0.3 ms at SHORT_N, 19 ms at QUEUED_N, 135 ms at LONG_N, 315 ms at HOLD_N. The
+# low request's run is long enough that the order in which the gateway served low and high shows in
+# the clients' finish times (at 600, 1.7 ms, the two answers came within a millisecond).
+LONG_N, HOLD_N, QUEUED_N, SHORT_N = 3000, 4096, 1500, 2
 DOORS = ["v2-rest", "v2-grpc", "tfserving-rest", "tfserving-grpc"]
 # The `protocol` label of the request metrics for each door.
 METRIC_PROTOCOL = {

@@ -22,7 +22,7 @@ from gateway.protocols.v2_grpc import decode_infer_request
 from gateway.protocols.v2_grpc_wire import LARGE_BYTES, MAX_FIELDS, LargeInferRequest, parse_infer_request
 from tests.gateway.test_infer import RNG_SEED, reference
 from tests.gateway.test_stream_infer import Stream
-from tests.support import RunningGateway, start_gateway
+from tests.support import RunningGateway, grpc_server, start_gateway
 
 
 def _pieces(rows: int, inputs: int, seed: int) -> list[bytes]:
@@ -190,6 +190,8 @@ def test_a_gateway_answers_large_requests_without_faulting_their_buffers_in_afre
     # Both on grpcio, whichever server the run tests: the setting is the subject here. On the
     # native server the request buffers come from its Rust threads' arenas, and glibc's own figure
     # swings too far to bound (31 - 146 faults per request in four runs, 7 - 11 with the setting).
+    if grpc_server() == "native":
+        pytest.skip("its gateways run on grpcio: the main pass runs this very test")
     repo = tmp_path / "repo"
     shutil.copytree(test_repo / "mlp", repo / "mlp")
     faults = {}
