@@ -340,8 +340,9 @@ class DataPlane:
         adapter = loaded.adapter
         assert adapter is not None
         checked = time.perf_counter_ns()
-        inputs = route.signature.check_inputs(route.label, tensors)
-        output_names = route.signature.check_outputs(route.label, request.outputs)
+        label = route.label
+        inputs = route.signature.check_inputs(label, tensors)
+        output_names = route.signature.check_outputs(label, request.outputs)
         queued = time.perf_counter_ns()
         stats.compute_input.add(queued - checked)
         # The version's response cache, where its config has one; shadow copies never touch it.

@@ -27,9 +27,10 @@ from gateway.types import ModelSignature
 _NO_KEYS: Mapping[str, str] = {}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Route:
-    """Where one request runs: its model and the ready version routing chose, chosen once."""
+    """Where one request runs: its model and the ready version routing chose, chosen once (not a
+    frozen dataclass, for the same reason as RequestContext)."""
 
     model: LoadedModel
     loaded: LoadedVersion

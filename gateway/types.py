@@ -63,6 +63,9 @@ def numpy_dtype(datatype: Datatype) -> np.dtype[Any]:
 
 def datatype_of(dtype: np.dtype[Any]) -> Datatype:
     """The v2 datatype of a numpy dtype; strings map to BYTES."""
+    found = _DATATYPE_OF.get(dtype)  # a native dtype, as a backend's outputs are: no new dtype made
+    if found is not None:
+        return found
     if dtype.kind in "OSU":
         return Datatype.BYTES
     try:
@@ -71,10 +74,14 @@ def datatype_of(dtype: np.dtype[Any]) -> Datatype:
         raise ValueError(f"numpy dtype {dtype} has no v2 datatype") from None
 
 
+# By value, for a plain dict lookup per tensor (Datatype(name) goes through the enum's machinery).
+_DATATYPE_NAMED = {datatype.value: datatype for datatype in Datatype}
+
+
 def parse_datatype(name: str) -> Datatype:
     try:
-        return Datatype(name)
-    except ValueError:
+        return _DATATYPE_NAMED[name]
+    except (KeyError, TypeError):
         raise ValueError(
             f"unknown datatype {name!r}; expected one of {', '.join(d.value for d in Datatype)}"
         ) from None

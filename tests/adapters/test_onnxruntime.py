@@ -235,6 +235,10 @@ async def test_a_preempted_inline_run_does_not_move_a_small_model_off_the_loop(a
     async with OnnxRuntimeAdapter(spec_for(affine_path, config)) as adapter:
         await adapter.infer({"x": x}, ["y"])  # measured in the pool
         assert adapter._session is not None and adapter._inline
+        # A cold first run (the test alone in its process) can put the estimate over the bound, and
+        # every run in the pool; this test is about how slow inline runs are judged.
+        assert adapter._element_us is not None
+        adapter._element_us = min(adapter._element_us, 1.0)
         estimate = adapter._element_us
         preempted = Preempted(adapter._session)
         adapter._session = preempted  # type: ignore[assignment]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -19,6 +20,22 @@ def test_request_id_prefers_the_header_then_the_body_then_makes_one() -> None:
     # An id that could split a header, or one too long to log, is replaced.
     assert request_id("a\r\nSet-Cookie: x") not in ("a\r\nSet-Cookie: x",)
     assert len(request_id("x" * 1000)) == 16
+
+
+def test_a_forked_worker_makes_other_ids_than_its_parent() -> None:
+    # Ids come from the random module's generator, which a forked child seeds afresh: two workers
+    # forked from one supervisor must not hand out the same ids.
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(write, request_id(None).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read, "rb") as pipe:
+        childs = pipe.read().decode()
+    assert len(childs) == 16 and int(childs, 16) >= 0
+    assert childs != request_id(None)
 
 
 def test_client_deadline_from_header_or_triton_parameter() -> None:
