@@ -168,7 +168,7 @@ def _tensor_spec(node: Any, label: str) -> TensorSpec:
 
 def _to_ort(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     # ONNX Runtime takes strings as str objects; the gateway carries BYTES as bytes.
-    if array.dtype == object:
+    if array.dtype.kind == "O":
         try:
             return np.array([v.decode("utf-8") for v in array.ravel()], dtype=object).reshape(array.shape)
         except UnicodeDecodeError as exc:

@@ -4,6 +4,7 @@ stream in its `server_timing` parameter when the stream asks; the phases are in 
 
 from __future__ import annotations
 
+import itertools
 import queue
 import re
 import time
@@ -18,6 +19,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from gateway.timing import PHASES, RequestTiming
 from scripts.build_models import _save, build_affine, build_mlp
 from tests.support import RunningGateway, float_tensor_proto, start_gateway
 from tests.support.model_builders import MLP_BATCHED
@@ -33,6 +35,25 @@ def phases(value: str) -> dict[str, float]:
         assert match, f"not a Server-Timing entry: {entry!r} in {value!r}"
         found[match["name"]] = float(match["ms"])
     return found
+
+
+@pytest.mark.parametrize("present", list(itertools.product([False, True], repeat=7)))
+def test_the_value_names_each_phase_gone_through_in_order(present: tuple[bool, ...]) -> None:
+    # Every mix of phases, the usual one (no load, no batch) included, which has its own format.
+    fields = [*(f"{phase}_ns" for phase in PHASES), "total_ns"]
+    values = {
+        field: 1_234_567 * (i + 1)
+        for i, (field, there) in enumerate(zip(fields, present, strict=True))
+        if there
+    }
+    value = RequestTiming(**values).header()
+    names = [field.removesuffix("_ns") for field in fields if field in values]
+    if not names:
+        assert value == ""
+        return
+    assert list(phases(value)) == names
+    for name, ms in phases(value).items():
+        assert ms == round(values[f"{name}_ns"] / 1e6, 3)
 
 
 def rest_infer(url: str, model: str, name: str, rows: int, width: int) -> httpx.Response:

@@ -192,3 +192,29 @@ def test_bodies_past_the_in_flight_budget_are_429(budgeted: RunningGateway) -> N
     finally:
         for sock in slow:
             sock.close()
+
+
+def test_a_chunked_body_past_the_in_flight_budget_is_429_as_it_arrives(budgeted: RunningGateway) -> None:
+    """No Content-Length to refuse it by: the budget is taken as the chunks arrive, the body is
+    refused once it would pass it, and all of it is given back."""
+    header = json.dumps(
+        {"inputs": [{"name": "input", "shape": [3 * 4096, 64], "datatype": "FP32",
+                     "parameters": {"binary_data_size": 3 * 2**20}}]}
+    ).encode()  # fmt: skip
+
+    def chunks() -> Iterator[bytes]:
+        yield header
+        for _ in range(48):
+            yield bytes(64 * 1024)
+
+    with httpx.Client(base_url=budgeted.url, timeout=60) as client:
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(header)),
+        }
+        refused = client.post("/v2/models/mlp/infer", content=chunks(), headers=headers)
+        assert refused.status_code == 429, refused.text
+        assert "MODELYARD_MAX_INFLIGHT_BODY_MB" in refused.json()["error"]
+        # Given back: a body of 1.5 MiB, three quarters of the budget, fits again.
+        body, body_headers = binary_body(6 * 1024)
+        assert client.post("/v2/models/mlp/infer", content=body, headers=body_headers).status_code == 200
