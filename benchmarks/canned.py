@@ -153,6 +153,7 @@ async def serve(args: argparse.Namespace) -> None:
         port=args.http_port,
         access_log=False,
         proxy_headers=False,  # as the gateway runs uvicorn
+        server_header=False,
         lifespan="off",
         loop="none",
         http=ConnectionGuard(ConnectionLimits()).protocol_class(),

@@ -28,7 +28,7 @@ from gateway.errors import (
     PermissionDenied,
     without_server_paths,
 )
-from gateway.limits import Limiter, acquire_all, release_all, release_late
+from gateway.limits import Limiter, acquire_all, release_all, release_late, take_free
 from gateway.loaded import LoadedModel, LoadedVersion, State
 from gateway.metrics import Metrics
 from gateway.outcomes import GRPC_PROTOCOLS, Outcomes, Served, code_of
@@ -362,7 +362,8 @@ class DataPlane:
             queued = looked
 
         slots = (model.limiter,) if self._global_limiter is None else (model.limiter, self._global_limiter)
-        await acquire_all(slots, deadline, context.priority)
+        if not take_free(slots):
+            await acquire_all(slots, deadline, context.priority)
         timing.batch_ns = None  # only this call's batch wait (a warmup at an on-demand load sets one)
         computing = time.perf_counter_ns()
         stats.queue.add(computing - queued)

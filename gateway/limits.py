@@ -85,6 +85,17 @@ class Limiter:
         self.inflight -= 1
 
 
+def take_free(limiters: tuple[Limiter, ...]) -> bool:
+    """A slot of each limiter at once, where every one has a slot free and no one queued (what
+    acquire_all would do without waiting, minus its coroutines); False, and none taken, else."""
+    for limiter in limiters:
+        if limiter.inflight >= limiter.max_inflight or limiter._queued:
+            return False
+    for limiter in limiters:
+        limiter.inflight += 1
+    return True
+
+
 async def acquire_all(limiters: tuple[Limiter, ...], deadline: float | None, priority: Priority) -> None:
     """A slot of each limiter in turn (the model's, then the gateway's); on any refusal, none."""
     taken: list[Limiter] = []

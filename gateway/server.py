@@ -318,6 +318,9 @@ class Gateway:
             # Nothing in the gateway reads the client's address, so uvicorn's X-Forwarded-For
             # middleware would only be a layer every request passes through.
             proxy_headers=False,
+            # No `server: uvicorn` on every answer: it names the stack to a scanner, and each
+            # header an answer carries is checked and lowered by uvicorn per request.
+            server_header=False,
             lifespan="off",
             loop="none",
             http=self.connections.protocol_class(),

@@ -186,9 +186,16 @@ def _decode_input(
         raise MalformedRequest(f"inputs[{index}] needs a 'name' string")
     datatype = parse_datatype_field(name, raw.get("datatype"))
     shape = parse_shape(name, raw.get("shape"), limits)
-    parameters = _parameters(f"input {quoted(name)}", raw.get("parameters"))
+    raw_parameters = raw.get("parameters")
+    if raw_parameters is None:
+        # Most inputs: no parameters to check, and no error message to name the input in.
+        parameters: dict[str, Any] = {}
+        place = None
+    else:
+        owner = f"input {quoted(name)}"
+        parameters = _parameters(owner, raw_parameters)
+        place = regions.place(owner, parameters)
     size = parameters.get("binary_data_size")
-    place = regions.place(f"input {quoted(name)}", parameters)
     if place is not None:
         if size is not None or "data" in raw:
             raise MalformedRequest(

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from gateway.errors import DeadlineExceeded, Overloaded
-from gateway.limits import Limiter, Priority
+from gateway.limits import Limiter, Priority, release_all, take_free
 
 
 async def test_admits_up_to_the_cap_then_queues_in_order() -> None:
@@ -97,3 +97,24 @@ async def test_low_priority_fills_only_half_the_queue() -> None:
     limiter.release()
     limiter.release()
     await asyncio.gather(first, second)
+
+
+async def test_take_free_takes_every_slot_or_none_and_never_passes_a_queue() -> None:
+    model = Limiter(max_inflight=1, max_queue=2, label="model 'm'")
+    gateway = Limiter(max_inflight=2, max_queue=2, label="the gateway", scope="gateway")
+    assert take_free((model, gateway))
+    assert (model.inflight, gateway.inflight) == (1, 1)
+    # The model's one slot is taken: nothing is taken from the gateway's either.
+    assert not take_free((model, gateway))
+    assert (model.inflight, gateway.inflight) == (1, 1)
+    # A request queued on the model keeps its turn: it is handed the slot released, and a
+    # request that finds a queue (even beside a free slot) waits behind it.
+    queued = asyncio.create_task(model.acquire(None))
+    await asyncio.sleep(0)
+    assert model.queued == 1
+    model.max_inflight = 2
+    assert not take_free((model,))
+    release_all((model, gateway))
+    await queued
+    assert (model.inflight, model.queued, gateway.inflight) == (1, 0, 0)
+    assert take_free((model, gateway)) and (model.inflight, gateway.inflight) == (2, 1)

@@ -103,6 +103,14 @@ def test_a_rest_answer_says_where_its_time_went(timing_gateway: RunningGateway) 
     check_phases(phases(response.headers["Server-Timing"]), {"decode", "queue", "backend", "encode"})
 
 
+def test_a_rest_answer_names_no_server_stack(timing_gateway: RunningGateway) -> None:
+    # No `server: uvicorn`, on the infer fast path or elsewhere; the Date an origin server owes stays.
+    answers = [rest_infer(timing_gateway.url, "affine", "x", 2, 4), httpx.get(f"{timing_gateway.url}/v2")]
+    for response in answers:
+        assert response.status_code == 200
+        assert "server" not in response.headers and "date" in response.headers
+
+
 def test_a_batched_request_has_its_batch_wait(timing_gateway: RunningGateway) -> None:
     """mlp_batched waits up to 2 ms for company: its answers have a batch phase, others none."""
     response = rest_infer(timing_gateway.url, "mlp_batched", "input", 1, 64)
