@@ -284,7 +284,7 @@ class DataPlane:
                 current_trace.set(None)
                 trace.end_backend_call(time.perf_counter_ns(), failed=True)
         self._observe(stats, series, arrived, ok=True)
-        timing.observe("load", "queue", "batch", "backend")
+        timing.observe_backend()
         response.timing = timing
         if model is not source:
             # Answered by the deployment the split drew: under the name the client asked for.

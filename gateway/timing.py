@@ -54,23 +54,32 @@ class RequestTiming:
     # The series of the version that answered, for the front door's own phases.
     series: RequestSeries | None = None
 
-    def observe(self, *phases: str) -> None:
-        """Each of `phases` that the request went through, into the version's phase histogram."""
+    def observe_backend(self) -> None:
+        """The data plane's phases (load, queue, batch, backend) that the request went through,
+        into the version's phase histogram."""
         series = self.series
         if series is None:
             return
-        for phase in phases:
-            ns = getattr(self, _FIELDS[phase])
-            if ns is not None:
-                series.phase(phase).observe(ns / 1e9)
+        phase = series.phase
+        if self.load_ns is not None:
+            phase("load").observe(self.load_ns / 1e9)
+        if self.queue_ns is not None:
+            phase("queue").observe(self.queue_ns / 1e9)
+        if self.batch_ns is not None:
+            phase("batch").observe(self.batch_ns / 1e9)
+        if self.backend_ns is not None:
+            phase("backend").observe(self.backend_ns / 1e9)
 
     def transport(self, started_ns: int, decoded_ns: int, encoding_ns: int, ended_ns: int) -> None:
         """The front door's own phases, from its perf_counter_ns() readings: before decoding, after
-        it, before encoding and after it."""
-        self.decode_ns = decoded_ns - started_ns
-        self.encode_ns = ended_ns - encoding_ns
+        it, before encoding and after it; decode and encode go into the phase histogram."""
+        self.decode_ns = decode = decoded_ns - started_ns
+        self.encode_ns = encode = ended_ns - encoding_ns
         self.total_ns = ended_ns - started_ns
-        self.observe("decode", "encode")
+        series = self.series
+        if series is not None:
+            series.phase("decode").observe(decode / 1e9)
+            series.phase("encode").observe(encode / 1e9)
 
     def header(self) -> str:
         """The Server-Timing value: each phase gone through, `dur` in milliseconds, then `total`,
