@@ -26,8 +26,6 @@ PHASES = ("decode", "load", "queue", "batch", "backend", "encode")
 # Each phase's attribute on RequestTiming, named once rather than formatted per request.
 _FIELDS = {phase: f"{phase}_ns" for phase in PHASES}
 SERVER_TIMING = "server-timing"
-# The value of a request that went through every phase but load and batch, as header() writes it.
-_USUAL = "decode;dur=%.3f, queue;dur=%.3f, backend;dur=%.3f, encode;dur=%.3f, total;dur=%.3f"
 # A gRPC call whose metadata has this key set to one of _YES gets Server-Timing in its trailing
 # metadata (REST answers always carry the header: a header costs a REST answer next to nothing).
 TIMING_REQUEST = "x-server-timing"
@@ -85,24 +83,6 @@ class RequestTiming:
         """The Server-Timing value: each phase gone through, `dur` in milliseconds, then `total`,
         the gateway's time from the start of decoding to the end of encoding (the phases and the
         steps between them: routing, the input checks)."""
-        decode, queue, backend, encode, total = (
-            self.decode_ns,
-            self.queue_ns,
-            self.backend_ns,
-            self.encode_ns,
-            self.total_ns,
-        )
-        if (
-            self.load_ns is None
-            and self.batch_ns is None
-            and decode is not None
-            and queue is not None
-            and backend is not None
-            and encode is not None
-            and total is not None
-        ):
-            # Most requests: no load, no batch. One format instead of a part per phase.
-            return _USUAL % (decode / 1e6, queue / 1e6, backend / 1e6, encode / 1e6, total / 1e6)
         parts = []
         for phase, field in _FIELDS.items():
             ns = getattr(self, field)
