@@ -1,11 +1,13 @@
 """A/B of the gateway's hot path: server CPU time per request, variant against variant.
 
     python benchmarks/ab.py --variant base=. --variant candidate=/tmp/checkout [--canned canned=.] \
-        [--protocol grpc|rest-json|rest-binary] [--concurrency 8] [--requests 20000] [--rounds 5]
+        [--protocol grpc|rest-json|rest-binary] [--model mlp|heavy] [--concurrency 8] \
+        [--requests 20000] [--rounds 5]
 
 Each variant is a checkout of this repository; its gateway (`python -m gateway serve` from that
-checkout's root, so that its own code is imported) serves that checkout's model_repo/mlp alone,
-pinned to CPU 0. `--canned` adds a checkout's benchmarks/canned.py, the floor. The variants are all started first, then driven in turn,
+checkout's root, so that its own code is imported) serves that checkout's model_repo/mlp alone
+(`--model heavy`: the peers bench's heavy MLP, 1024 -> 2048 -> 2048 -> 10, built here by
+benchmarks/batching.py and served with batching off), pinned to CPU 0. `--canned` adds a checkout's benchmarks/canned.py, the floor. The variants are all started first, then driven in turn,
 round after round, by h2load pinned to CPU 1 with the same fixed number of requests, so that a
 slow spell of the shared machine lands on every variant alike.
 
@@ -35,10 +37,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from batching import CONFIGS as HEAVY_CONFIGS
+from batching import SIZES as HEAVY_SIZES
+from batching import build_repo
 from canned import write_answers
 from drive import (
     H2LOAD,
     MODEL,
+    ONNX_MODEL,
     OUTPUT_NAME,
     binary_payload,
     free_port,
@@ -54,6 +61,8 @@ from drive import (
 )
 
 PROTOCOLS = ("grpc", "rest-json", "rest-binary")
+HEAVY = "heavy"
+MODELS = (MODEL, HEAVY)
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,7 @@ def parse_args() -> argparse.Namespace:
         help="NAME=CHECKOUT: that checkout's benchmarks/canned.py; repeat",
     )
     parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
+    parser.add_argument("--model", choices=MODELS, default=MODEL, help="mlp, or the heavy MLP")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=20000, help="requests per variant per round")
     parser.add_argument("--rounds", type=int, default=5)
@@ -135,7 +145,7 @@ def h2load(target: Target, args: argparse.Namespace, request: Request, requests:
     if args.protocol == "grpc":
         url = f"http://{target.grpc}/inference.GRPCInferenceService/ModelInfer"
     else:
-        url = f"http://{target.http}/v2/models/{MODEL}/infer"
+        url = f"http://{target.http}/v2/models/{args.model}/infer"
     command = [H2LOAD, "-n", str(requests), "-c", str(args.concurrency), "-m", "1", "-d", str(request.body)]
     result = subprocess.run(
         pinned(1, [*command, *request.options, url]), capture_output=True, text=True, timeout=600, check=True
@@ -174,11 +184,16 @@ def sample(target: Target, args: argparse.Namespace, request: Request) -> Sample
     return Sample(spent * 1e6 / answered, rate, other, switched / answered)
 
 
-def write_request(work: Path, protocol: str) -> Request:
-    x = make_input()
+def model_input(model: str) -> np.ndarray:
+    """The input every request carries: one row of the model's width."""
+    return make_input(1, HEAVY_SIZES[0]) if model == HEAVY else make_input()
+
+
+def write_request(work: Path, protocol: str, model: str) -> Request:
+    x = model_input(model)
     if protocol == "grpc":
         body = work / "body.grpc"
-        body.write_bytes(grpc_frame(grpc_infer_request(MODEL, "", x)))
+        body.write_bytes(grpc_frame(grpc_infer_request(model, "", x)))
         return Request(body, ("-H", "content-type: application/grpc", "-H", "te: trailers"))
     if protocol == "rest-json":
         body = work / "body.json"
@@ -202,16 +217,23 @@ def checkouts(specs: list[str]) -> list[tuple[str, Path]]:
 def targets(args: argparse.Namespace, work: Path) -> Iterator[list[Target]]:
     with contextlib.ExitStack() as stack:
         started = []
+        onnx = ONNX_MODEL
         for name, source in checkouts(args.variant):
-            # Each variant serves its own checkout's mlp, config.yaml included.
+            # Each variant serves its own checkout's mlp, config.yaml included; or the heavy MLP.
             repo = work / f"repo-{name}"
-            shutil.copytree(source / "model_repo" / MODEL, repo / MODEL)
-            _, endpoint, running = stack.enter_context(gateway(repo, f"/v2/models/{MODEL}/ready", source))
+            if args.model == HEAVY:
+                onnx = build_repo(repo, {HEAVY: HEAVY_CONFIGS[HEAVY]})
+            else:
+                shutil.copytree(source / "model_repo" / MODEL, repo / MODEL)
+            ready = f"/v2/models/{args.model}/ready"
+            _, endpoint, running = stack.enter_context(gateway(repo, ready, source))
             assert endpoint.grpc is not None
             started.append(Target(name, running.pid, endpoint.http, endpoint.grpc, running.log))
         for name, source in checkouts(args.canned):
             answers = work / f"canned-{name}"
-            write_answers(answers, MODEL, "1", OUTPUT_NAME, reference(make_input()))
+            if args.model == HEAVY and onnx == ONNX_MODEL:
+                onnx = build_repo(work / "repo-canned", {HEAVY: HEAVY_CONFIGS[HEAVY]})
+            write_answers(answers, args.model, "1", OUTPUT_NAME, reference(model_input(args.model), onnx))
             http_port, grpc_port = free_port(), free_port()
             command = [sys.executable, str(source / "benchmarks" / "canned.py"), "--answers", str(answers)]
             command += ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
@@ -234,7 +256,7 @@ def main() -> None:
         raise SystemExit("ab.py needs h2load: apt-get install nghttp2-client (make bench-tools)")
     with tempfile.TemporaryDirectory(prefix="modelyard-ab-") as tmp:
         work = Path(tmp)
-        request = write_request(work, args.protocol)
+        request = write_request(work, args.protocol, args.model)
         with targets(args, work) as started:
             for target in started:  # warm-up: a quarter round each, not counted
                 h2load(target, args, request, max(1, args.requests // 4))
@@ -244,7 +266,7 @@ def main() -> None:
                     samples[target.name].append(sample(target, args, request))
                 print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr)
     print(
-        f"{args.protocol}, c={args.concurrency}, {args.requests} requests x {args.rounds} rounds per target "
+        f"{args.model}, {args.protocol}, c={args.concurrency}, {args.requests} requests x {args.rounds} rounds per target "
         f"(server on CPU 0, h2load on CPU 1), rounds with other work over {args.max_other:.0%} run again\n"
     )
     print(
