@@ -49,8 +49,9 @@ lint: dev
 typecheck: dev
 	$(BIN)/mypy
 
-# The gRPC tests run once more on the native gRPC server (MODELYARD_GRPC_SERVER=native).
-NATIVE_GRPC_TESTS := tests/gateway/test_infer.py tests/gateway/test_errors.py \
+# The gRPC tests run once more on grpcio's server (MODELYARD_GRPC_SERVER=grpcio: the one a gateway
+# with TLS runs), after the whole suite on the default (auto: the native server).
+GRPCIO_TESTS := tests/gateway/test_infer.py tests/gateway/test_errors.py \
 	tests/gateway/test_error_table.py tests/gateway/test_stream_infer.py tests/gateway/test_grpc_wire.py \
 	tests/gateway/test_front_doors.py tests/gateway/test_health_metadata.py \
 	tests/gateway/test_shared_memory.py tests/gateway/test_workers.py \
@@ -60,7 +61,7 @@ NATIVE_GRPC_TESTS := tests/gateway/test_infer.py tests/gateway/test_errors.py \
 
 pytest: dev deploy-tools browser-tools
 	$(BIN)/python -m pytest
-	MODELYARD_GRPC_SERVER=native $(BIN)/python -m pytest $(NATIVE_GRPC_TESTS)
+	MODELYARD_GRPC_SERVER=grpcio $(BIN)/python -m pytest $(GRPCIO_TESTS)
 
 # The documentation site (mkdocs.yml, docs/): a broken link, a page missing from the nav or a
 # missing anchor fails the build. The site goes to site/ (ignored by git).

@@ -33,7 +33,7 @@ from gateway.errors import ConnectionsExhausted
 
 log = logging.getLogger("modelyard.grpc")
 
-MISSING = "the native gRPC server needs pygrpc-native: pip install 'modelyard[grpc-native]'"
+MISSING = "the native gRPC server needs pygrpc-native (a dependency of modelyard): pip install pygrpc-native"
 # The options pygrpc-native refuses (the limits the watch keeps) or ignores.
 WATCHED_OPTIONS = frozenset(
     {

@@ -12,6 +12,15 @@ from gateway.config import MODEL_NAME, LoadMode
 from gateway.residency import parse_budget
 
 
+def _native_grpc_installed() -> bool:
+    """Whether pygrpc-native imports here (a wheel exists for this platform and is installed)."""
+    try:
+        import pygrpc_native.aio  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODELYARD_", protected_namespaces=(), extra="ignore")
 
@@ -84,10 +93,11 @@ class Settings(BaseSettings):
     # gRPC: connections past the cap are refused; metadata over its size is refused; a connection
     # that has not finished its handshake in time, or is idle this long, is closed; streams per
     # connection are capped.
-    # The gRPC server: grpcio's (grpc.aio), or "native": pygrpc-native, whose HTTP/2 work runs in
-    # Rust outside the GIL (the grpc-native extra; no TLS), with the connection cap, handshake
-    # timeout and idle close kept by the gateway from its sockets (gateway/grpc_native.py).
-    grpc_server: Literal["grpcio", "native"] = "grpcio"
+    # The gRPC server: "native", pygrpc-native, whose HTTP/2 work runs in Rust outside the GIL (no
+    # TLS), with the connection cap, handshake timeout and idle close kept by the gateway from its
+    # sockets (gateway/grpc_native.py); or grpcio's (grpc.aio). "auto" becomes "native" where
+    # pygrpc-native is installed and TLS is off, and "grpcio" otherwise.
+    grpc_server: Literal["auto", "grpcio", "native"] = "auto"
     grpc_max_connections: int = Field(default=1000, ge=1)
     grpc_max_metadata_kb: int = Field(default=16, ge=1)
     grpc_handshake_timeout_s: float = Field(default=10, gt=0)
@@ -134,11 +144,14 @@ class Settings(BaseSettings):
     )
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> Settings:
+    def _tls_and_grpc_server(self) -> Settings:
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("TLS needs both tls_certfile and tls_keyfile")
         if self.tls_certfile is not None and self.grpc_server == "native":
             raise ValueError("the native gRPC server has no TLS: serve TLS with grpc_server grpcio")
+        if self.grpc_server == "auto":
+            native = self.tls_certfile is None and _native_grpc_installed()
+            self.grpc_server = "native" if native else "grpcio"
         return self
 
     @field_validator("model_memory_budget")

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.metrics import LATENCY_BUCKETS, Metrics
 from gateway.status import MetricsWindow, histogram_quantile
-from tests.support import RunningGateway, start_gateway
+from tests.support import RunningGateway, grpc_server, start_gateway
 
 LABELS = ("affine", "1", "onnxruntime", "rest")
 
@@ -99,7 +99,7 @@ def test_status_json_names_models_backends_and_memory(gateway: RunningGateway) -
         assert status["worker_count"] == 1 and status["supervisor_pid"] is None
         assert (worker["pid"], worker["restarts"], worker["ready"]) == (gateway.process.pid, 0, True)
         assert status["repository_api"]  # the session gateway turns it on
-        assert status["grpc_server"] == "grpcio"
+        assert status["grpc_server"] == grpc_server()
         index = {(e["name"], e["version"]): e for e in status["index"]}
         assert index[("broken_artifact", "1")]["state"] == "UNAVAILABLE"
 

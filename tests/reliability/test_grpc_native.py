@@ -1,7 +1,8 @@
 """The gRPC connection limits on both servers, and the native server's watch on its own: an idle
 connection is closed, the cap keeps the oldest connections and shuts the newest, a connection that
 sends no HTTP/2 preface is shut at the handshake timeout, and the native server refuses TLS and
-says what to install where pygrpc-native is missing."""
+says what to install where pygrpc-native is missing; `auto` picks it unless TLS is on or it is
+missing."""
 
 from __future__ import annotations
 
@@ -75,10 +76,35 @@ def test_the_native_server_refuses_tls(tmp_path: Path) -> None:
         Settings(grpc_server="native", tls_certfile=pem, tls_keyfile=pem)
 
 
-def test_without_pygrpc_native_the_gateway_says_what_to_install(small_repo: Path, tmp_path: Path) -> None:
+def test_auto_is_the_native_server_unless_tls_is_on(tmp_path: Path) -> None:
+    assert Settings(grpc_server="auto").grpc_server == "native"
+    pem = tmp_path / "x.pem"
+    pem.write_text("")
+    assert Settings(grpc_server="auto", tls_certfile=pem, tls_keyfile=pem).grpc_server == "grpcio"
+    assert Settings(grpc_server="grpcio").grpc_server == "grpcio"
+
+
+def without_pygrpc_native(tmp_path: Path) -> dict[str, str]:
+    """An environment in which `import pygrpc_native` fails, as where no wheel was installed."""
     shim = tmp_path / "shim" / "pygrpc_native"
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'pygrpc_native'\")\n")
+    return {"PYTHONPATH": str(shim.parent)}
+
+
+def test_without_pygrpc_native_auto_serves_grpc_on_grpcio(small_repo: Path, tmp_path: Path) -> None:
+    env = {**without_pygrpc_native(tmp_path), "MODELYARD_GRPC_SERVER": "auto"}
+    running = start_gateway(small_repo, tmp_path / "gateway.log", env=env)
+    try:
+        assert httpx.get(f"{running.url}/status", timeout=10).json()["grpc_server"] == "grpcio"
+        with grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}") as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        assert running.stop() == 0
+
+
+def test_without_pygrpc_native_the_gateway_says_what_to_install(small_repo: Path, tmp_path: Path) -> None:
     command = [
         sys.executable,
         "-m",
@@ -90,7 +116,7 @@ def test_without_pygrpc_native_the_gateway_says_what_to_install(small_repo: Path
         "127.0.0.1",
     ]
     command += ["--http-port", str(free_port()), "--grpc-port", str(free_port())]
-    env = {**os.environ, "PYTHONPATH": str(shim.parent), "MODELYARD_GRPC_SERVER": "native"}
+    env = {**os.environ, **without_pygrpc_native(tmp_path), "MODELYARD_GRPC_SERVER": "native"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert MISSING in done.stderr + done.stdout, (done.stderr + done.stdout)[-2000:]

@@ -23,9 +23,12 @@ STARTUP_TIMEOUT_S = 180  # generous: a loaded 2-core machine starts TorchServe a
 
 
 def grpc_server() -> str:
-    """The gRPC server the gateways under test run (MODELYARD_GRPC_SERVER: `make pytest` runs the
-    gRPC tests once more with "native")."""
-    return os.environ.get("MODELYARD_GRPC_SERVER", "grpcio")
+    """The gRPC server the gateways under test run: MODELYARD_GRPC_SERVER's, resolved as the gateway
+    resolves it (`auto`, the default, is "native" here; `make pytest` runs the gRPC tests once more
+    with "grpcio")."""
+    from gateway.settings import Settings
+
+    return Settings().grpc_server
 
 
 @dataclass
