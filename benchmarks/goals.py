@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from drive import MODEL, Row
 
 # Target names the verdicts look for; peers.py names its rows with these.
+# The gateway as it starts by default: its gRPC on the native gRPC server (TLS off).
 MODELYARD = "modelyard"
-# The gateway on its native gRPC server (MODELYARD_GRPC_SERVER=native): gRPC rows only, with verdicts
-# of their own for the gRPC goals on the mlp model.
-MODELYARD_NATIVE = "modelyard (native gRPC)"
+# The gateway on grpcio's gRPC server (MODELYARD_GRPC_SERVER=grpcio, what it runs with TLS on): gRPC
+# rows only, with verdicts of their own for the gRPC goals.
+MODELYARD_GRPCIO = "modelyard (grpcio)"
 CANNED = "canned answer"
-# The canned answer on the native gRPC server's stack: the floor of the native gateway's gRPC rows.
+# The canned answer on the native gRPC server's stack: the floor of the default gateway's gRPC rows.
 CANNED_NATIVE = "canned answer (native gRPC)"
 MLSERVER = "MLServer"
 KSERVE = "KServe"
@@ -150,14 +151,14 @@ def _peer_p99(rows: Sequence[Row], protocol: str, target: str = MODELYARD) -> Ve
     return Verdict("c", subject, not math.isnan(share) and share <= t, detail)
 
 
-def floor_of(target: str) -> str:
-    """The canned answer on the same stack as `target`'s rows."""
-    return CANNED_NATIVE if target == MODELYARD_NATIVE else CANNED
+def floor_of(target: str, protocol: str) -> str:
+    """The canned answer on the same stack as `target`'s rows of `protocol`."""
+    return CANNED_NATIVE if target == MODELYARD and protocol == "gRPC" else CANNED
 
 
 def _overhead(rows: Sequence[Row], key: str, protocol: str, target: str = MODELYARD) -> Verdict:
     subject = _subject(f"mlp c=1 {protocol} p50 over the canned answer", target)
-    floor_target = floor_of(target)
+    floor_target = floor_of(target, protocol)
     ours, floor = find(rows, target, protocol, 1), find(rows, floor_target, protocol, 1)
     if ours is None or floor is None:
         return _missing(key, subject, f"{target} or {floor_target} {protocol} c=1")
@@ -229,22 +230,22 @@ def verdicts(rows: Sequence[Row]) -> list[Verdict]:
         _heavy(rows, "f", HEAVY_BATCHED_C8, "gRPC"),
         _heavy(rows, "f", HEAVY_BATCHED_C8, "REST binary"),
         _batching_speedup(rows),
-        *_native_verdicts(rows),
+        *_grpcio_verdicts(rows),
     ]
 
 
-def _native_verdicts(rows: Sequence[Row]) -> list[Verdict]:
-    """The gRPC goals again, for the native gRPC server's rows, where the run has them. Their
-    overhead is measured against the canned answer on the same native stack."""
-    if not any(row.target == MODELYARD_NATIVE for row in rows):
+def _grpcio_verdicts(rows: Sequence[Row]) -> list[Verdict]:
+    """The gRPC goals again, for the rows of grpcio's gRPC server, where the run has them. Their
+    overhead is measured against the canned answer on the same grpc.aio stack."""
+    if not any(row.target == MODELYARD_GRPCIO for row in rows):
         return []
     return [
-        _peer_throughput(rows, "a", "gRPC", MODELYARD_NATIVE),
-        _peer_p99(rows, "gRPC", MODELYARD_NATIVE),
-        _overhead(rows, "d-grpc", "gRPC", MODELYARD_NATIVE),
-        _heavy(rows, "e", HEAVY, "gRPC", MODELYARD_NATIVE),
-        _heavy(rows, "f", HEAVY_BATCHED_C8, "gRPC", MODELYARD_NATIVE),
-        _batching_speedup(rows, MODELYARD_NATIVE),
+        _peer_throughput(rows, "a", "gRPC", MODELYARD_GRPCIO),
+        _peer_p99(rows, "gRPC", MODELYARD_GRPCIO),
+        _overhead(rows, "d-grpc", "gRPC", MODELYARD_GRPCIO),
+        _heavy(rows, "e", HEAVY, "gRPC", MODELYARD_GRPCIO),
+        _heavy(rows, "f", HEAVY_BATCHED_C8, "gRPC", MODELYARD_GRPCIO),
+        _batching_speedup(rows, MODELYARD_GRPCIO),
     ]
 
 

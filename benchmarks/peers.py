@@ -76,7 +76,7 @@ from goals import (
     KSERVE,
     MLSERVER,
     MODELYARD,
-    MODELYARD_NATIVE,
+    MODELYARD_GRPCIO,
     OK_CHECKS,
     find,
     floor_of,
@@ -92,7 +92,7 @@ TORCH_VERSION = "1"
 BATCH_ROW = 8  # the batch-8 row's rows per request, at concurrency 8
 MLSERVER_DEFAULT = "MLServer (default: parallel_workers 1)"
 V2_PROTOCOLS = ("REST JSON", "REST binary", "gRPC")
-TARGETS = ("canned", "modelyard-native", "mlserver", "mlserver-default", "kserve", "heavy", "torchserve")
+TARGETS = ("canned", "modelyard-grpcio", "mlserver", "mlserver-default", "kserve", "heavy", "torchserve")
 # Dynamic batching for the heavy model at 8 clients: a batch is full when all 8 are in it.
 HEAVY_BATCHING_C8 = "batching: {max_batch_size: 8, max_queue_delay_us: 2000}"
 HEAVY_CONFIGS = {
@@ -112,13 +112,14 @@ SETTINGS = {
     "uvloop (its default), no log line per request (`enable_latency_logging=False`, its loggers at "
     "WARNING through a log config); gRPC is KServe's own GRPCServer, servicer and interceptors, bound "
     "to 127.0.0.1 instead of the `[::]` it hard-codes (peer_runtimes/kserve_server.py)",
-    MODELYARD_NATIVE: "the same gateway with `MODELYARD_GRPC_SERVER=native`: pygrpc-native, whose HTTP/2 and "
-    "gRPC work runs in Rust threads outside the GIL, under the same services and guard; gRPC rows only",
+    MODELYARD_GRPCIO: "the same gateway on grpcio's gRPC server (`MODELYARD_GRPC_SERVER=grpcio`: what it "
+    "runs with TLS on), grpc.aio as MLServer and KServe run it; gRPC rows only",
     CANNED: "benchmarks/canned.py: a bare ASGI app on uvicorn+httptools and grpc.aio with tritonclient's "
     "generated GRPCInferenceService, on one uvloop loop as the gateway runs them, returning prebuilt "
     "bytes of the correct answer: the floor of the stack",
     CANNED_NATIVE: "the same canned answer served by pygrpc-native (`canned.py --grpc-server native`): the "
-    "floor of the native gRPC server's stack, against which its rows are compared; gRPC rows only",
+    "floor of the native gRPC server's stack, against which the default gateway's gRPC rows are compared; "
+    "gRPC rows only",
 }
 
 
@@ -181,16 +182,21 @@ Cell = tuple[str, str, int, int]
 
 
 @contextlib.contextmanager
-def gateway_served(work: Path, native: bool = False) -> Iterator[Served]:
+def gateway_served(work: Path, grpcio: bool = False) -> Iterator[Served]:
     # A repository holding only mlp, so the gateway starts fast and serves exactly what the peers serve.
-    repo = work / ("repo-native" if native else "repo")
+    repo = work / ("repo-grpcio" if grpcio else "repo")
     shutil.copytree(ROOT / "model_repo" / MODEL, repo / MODEL)
-    env = {"MODELYARD_GRPC_SERVER": "native" if native else "grpcio"}
-    with gateway(repo, f"/v2/models/{MODEL}/ready", env=env) as (base, endpoint, _):
-        if native:  # its REST side is the other row's
-            yield Served(MODELYARD_NATIVE, base, endpoint, ("gRPC",))
+    with gateway(repo, f"/v2/models/{MODEL}/ready", env=grpc_server_env(grpcio)) as (base, endpoint, _):
+        if grpcio:  # its REST side is the other row's
+            yield Served(MODELYARD_GRPCIO, base, endpoint, ("gRPC",))
         else:
             yield Served(MODELYARD, base, endpoint, batch_row=True)
+
+
+def grpc_server_env(grpcio: bool) -> dict[str, str]:
+    """The gateway's default gRPC server (`auto`, which is the native one with TLS off), or grpcio's;
+    set either way, whatever the bench's own environment says."""
+    return {"MODELYARD_GRPC_SERVER": "grpcio" if grpcio else "auto"}
 
 
 @contextlib.contextmanager
@@ -371,17 +377,16 @@ def heavy_target(args: argparse.Namespace, work: Path) -> list[Row]:
         (8, model, protocol) for model in (HEAVY, HEAVY_BATCHED_C8) for protocol in ("gRPC", "REST binary")
     ]
     plan += [(16, model, "gRPC") for model in (HEAVY, HEAVY_BATCHED)]
-    with gateway(repo, "/v2/health/ready") as (base, endpoint, _):
+    with gateway(repo, "/v2/health/ready", env=grpc_server_env(grpcio=False)) as (base, endpoint, _):
         for concurrency, model, protocol in plan:
             row, mean_batch = measure(
                 model, protocol, at(args, concurrency), base, endpoint, work, x, expected
             )
             rows.append(replace(row, mean_batch=mean_batch if model != HEAVY else None))
-    if "modelyard-native" in args.skipped:
+    if "modelyard-grpcio" in args.skipped:
         return rows
-    # The gRPC rows again, on the native gRPC server.
-    native = {"MODELYARD_GRPC_SERVER": "native"}
-    with gateway(repo, "/v2/health/ready", env=native) as (base, endpoint, _):
+    # The gRPC rows again, on grpcio's gRPC server.
+    with gateway(repo, "/v2/health/ready", env=grpc_server_env(grpcio=True)) as (base, endpoint, _):
         for concurrency, model, protocol in plan:
             if protocol != "gRPC":
                 continue
@@ -389,7 +394,7 @@ def heavy_target(args: argparse.Namespace, work: Path) -> list[Row]:
                 model, protocol, at(args, concurrency), base, endpoint, work, x, expected
             )
             batch = mean_batch if model != HEAVY else None
-            rows.append(replace(row, target=MODELYARD_NATIVE, mean_batch=batch))
+            rows.append(replace(row, target=MODELYARD_GRPCIO, mean_batch=batch))
     return rows
 
 
@@ -519,8 +524,12 @@ def render(rows: list[Row], meta: dict[str, Any]) -> str:
         f"- {KSERVE} (0.21): {SETTINGS[KSERVE]}",
         f"- {CANNED}: {SETTINGS[CANNED]}",
         f"- {CANNED_NATIVE}: {SETTINGS[CANNED_NATIVE]}",
-        f"- {MODELYARD_NATIVE} (pygrpc-native {package_version('pygrpc-native')}): {SETTINGS[MODELYARD_NATIVE]}",
-        f"- modelyard: `python -m gateway serve` on a repository of mlp alone (heavy: of the three heavy "
+        f"- {MODELYARD_GRPCIO} (grpcio {package_version('grpcio')}): {SETTINGS[MODELYARD_GRPCIO]}",
+        "- modelyard: `python -m gateway serve` on a repository of mlp alone, as it starts by default: "
+        f"gRPC on the native gRPC server (pygrpc-native {package_version('pygrpc-native')}, "
+        "`MODELYARD_GRPC_SERVER=auto` with TLS off), whose HTTP/2 and gRPC work runs in Rust threads "
+        "outside the GIL "
+        "(heavy: of the three heavy "
         f"deployments, with `{HEAVY_BATCHING_C8}` for c=8 and batching.py's config for c=16); TorchServe "
         "rows: model_repo/mlp_torch on the gateway's managed TorchServe (1 worker, TorchServe batching up "
         f"to 8 with 2 ms delay), the `modelyard+batching` rows add `{GATEWAY_BATCHING}` on a second start",
@@ -534,7 +543,7 @@ def render(rows: list[Row], meta: dict[str, Any]) -> str:
     ]
     for row in rows:
         floor = (
-            find(rows, floor_of(row.target), row.protocol, row.concurrency, row.batch)
+            find(rows, floor_of(row.target, row.protocol), row.protocol, row.concurrency, row.batch)
             if row.model == MODEL
             else None
         )
@@ -639,13 +648,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         # (name, the targets it needs, none of them skipped, its start)
         v2_starts = (
             ("canned", ("canned",), lambda: canned_served(work, expected)),
-            (
-                "canned-native",
-                ("canned", "modelyard-native"),
-                lambda: canned_served(work, expected, native=True),
-            ),
+            ("canned-native", ("canned",), lambda: canned_served(work, expected, native=True)),
             ("modelyard", (), lambda: gateway_served(work)),
-            ("modelyard-native", ("modelyard-native",), lambda: gateway_served(work, native=True)),
+            ("modelyard-grpcio", ("modelyard-grpcio",), lambda: gateway_served(work, grpcio=True)),
             ("mlserver", ("mlserver",), lambda: mlserver_served(work, 0, MLSERVER)),
             ("mlserver-default", ("mlserver-default",), lambda: mlserver_served(work, 1, MLSERVER_DEFAULT)),
             ("kserve", ("kserve",), lambda: kserve_served(work)),
