@@ -59,9 +59,9 @@ from drive import (
     stop_servers_on_sigterm,
     v2_body,
 )
+from goals import HEAVY
 
 PROTOCOLS = ("grpc", "rest-json", "rest-binary")
-HEAVY = "heavy"
 MODELS = (MODEL, HEAVY)
 
 
@@ -217,22 +217,20 @@ def checkouts(specs: list[str]) -> list[tuple[str, Path]]:
 def targets(args: argparse.Namespace, work: Path) -> Iterator[list[Target]]:
     with contextlib.ExitStack() as stack:
         started = []
-        onnx = ONNX_MODEL
+        # The heavy MLP is built once, here; each variant serves a copy of it.
+        heavy = work / "heavy"
+        onnx = build_repo(heavy, {HEAVY: HEAVY_CONFIGS[HEAVY]}) if args.model == HEAVY else ONNX_MODEL
         for name, source in checkouts(args.variant):
             # Each variant serves its own checkout's mlp, config.yaml included; or the heavy MLP.
             repo = work / f"repo-{name}"
-            if args.model == HEAVY:
-                onnx = build_repo(repo, {HEAVY: HEAVY_CONFIGS[HEAVY]})
-            else:
-                shutil.copytree(source / "model_repo" / MODEL, repo / MODEL)
+            model_dir = heavy / HEAVY if args.model == HEAVY else source / "model_repo" / MODEL
+            shutil.copytree(model_dir, repo / args.model)
             ready = f"/v2/models/{args.model}/ready"
             _, endpoint, running = stack.enter_context(gateway(repo, ready, source))
             assert endpoint.grpc is not None
             started.append(Target(name, running.pid, endpoint.http, endpoint.grpc, running.log))
         for name, source in checkouts(args.canned):
             answers = work / f"canned-{name}"
-            if args.model == HEAVY and onnx == ONNX_MODEL:
-                onnx = build_repo(work / "repo-canned", {HEAVY: HEAVY_CONFIGS[HEAVY]})
             write_answers(answers, args.model, "1", OUTPUT_NAME, reference(model_input(args.model), onnx))
             http_port, grpc_port = free_port(), free_port()
             command = [sys.executable, str(source / "benchmarks" / "canned.py"), "--answers", str(answers)]
